@@ -1,0 +1,347 @@
+"""Aspect-ratio buckets and the batch schedule.
+
+Bucket grid: every (width, height) whose sides are multiples of `step`, whose area lies in
+[min_area_ratio × resolution², resolution²] and whose aspect lies in [1/max_aspect, max_aspect].
+Letting the area vary a little (instead of keeping only the largest area per width) makes the
+aspects dense, so images lose only a sliver when they are resized to cover their bucket and
+centre-cropped.
+
+Assignment: an image goes to the bucket nearest in log aspect ratio among those it covers
+without upscaling (ties: the larger area); it is resized to cover that bucket and centre-cropped.
+
+Batch schedule: batches hold one bucket only. An epoch's plan is a pure function of (seed, epoch,
+batch size, world size); each bucket's remainder carries into the next epoch; rank r takes
+slice r of every global batch, so all ranks train the same shape at every step. State is
+(epoch, index) and resuming continues with exactly the next batch.
+
+Run `python bucketing.py --dataset DIR --resolution 256 [--json]` for the bucket table and the
+crop statistics of a folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one image becomes a training crop: resize to `resized`, then crop `crop`."""
+
+    bucket: int  # index into the bucket list
+    resized: tuple[int, int]  # (width, height) after resizing to cover the bucket
+    crop: tuple[int, int, int, int]  # (left, top, right, bottom) in resized pixels
+
+    @property
+    def crop_loss(self) -> float:
+        """Fraction of the resized image's pixels that the crop cuts away."""
+        left, top, right, bottom = self.crop
+        return 1.0 - (right - left) * (bottom - top) / (self.resized[0] * self.resized[1])
+
+
+def make_buckets(resolution: int, step: int = 16, min_area_ratio: float = 0.8,
+                 max_aspect: float = 4.0) -> list[tuple[int, int]]:
+    """All (width, height) buckets of the grid, sorted by aspect ratio (width / height)."""
+    if resolution < step or step < 1:
+        raise ValueError(f"resolution {resolution} must be at least step {step}")
+    if not 0 < min_area_ratio <= 1 or max_aspect < 1:
+        raise ValueError("need 0 < min_area_ratio <= 1 and max_aspect >= 1")
+    max_area = resolution * resolution
+    min_area = min_area_ratio * max_area
+    buckets = []
+    for w in range(step, max_area // step + 1, step):
+        for h in range(step, max_area // w + 1, step):
+            if w * h >= min_area and 1 / max_aspect <= w / h <= max_aspect:
+                buckets.append((w, h))
+    if not buckets:  # e.g. resolution == step: keep the square at least
+        buckets.append((resolution // step * step,) * 2)
+    return sorted(buckets, key=lambda b: (b[0] / b[1], b[0] * b[1]))
+
+
+def place(width: int, height: int, bucket_w: int, bucket_h: int, index: int) -> Placement:
+    """Resize (width, height) to cover (bucket_w, bucket_h) and centre-crop it."""
+    scale = max(bucket_w / width, bucket_h / height)
+    rw = max(bucket_w, round(width * scale))
+    rh = max(bucket_h, round(height * scale))
+    left, top = (rw - bucket_w) // 2, (rh - bucket_h) // 2
+    return Placement(index, (rw, rh), (left, top, left + bucket_w, top + bucket_h))
+
+
+def assign(width: int, height: int, buckets: Sequence[tuple[int, int]],
+           allow_upscale: bool = False,
+           allowed: Sequence[int] | None = None) -> Placement | None:
+    """Place an image in its nearest bucket (log aspect; ties: larger area), or None if too small.
+
+    Only buckets the image covers without upscaling are candidates unless `allow_upscale`;
+    `allowed` restricts the candidates to those bucket indices.
+    """
+    grid = np.asarray(buckets)  # (N, 2) of (width, height)
+    idx = np.arange(len(grid)) if allowed is None else np.asarray(allowed, dtype=np.int64)
+    if not allow_upscale:
+        idx = idx[(grid[idx, 0] <= width) & (grid[idx, 1] <= height)]
+    if len(idx) == 0:
+        return None
+    bw, bh = grid[idx, 0], grid[idx, 1]
+    error = np.round(np.abs(np.log(bw / bh) - math.log(width / height)), 12)
+    best = int(idx[np.lexsort((-(bw * bh), error))[0]])  # smallest error, then largest area
+    return place(width, height, int(grid[best, 0]), int(grid[best, 1]), best)
+
+
+def merge_small_buckets(sizes: Sequence[tuple[int, int]], placements: list[Placement | None],
+                        buckets: Sequence[tuple[int, int]], min_count: int,
+                        allow_upscale: bool = False) -> list[Placement | None]:
+    """Move the images of buckets holding fewer than `min_count` into their nearest neighbours.
+
+    Buckets are emptied smallest first; each image moves to the nearest bucket (in log aspect)
+    among those still in use that it fits. An image that fits none stays where it was.
+    """
+    placements = list(placements)
+    counts = Counter(p.bucket for p in placements if p is not None)
+    emptied: set[int] = set()
+    while True:
+        small = [b for b, n in counts.items() if 0 < n < min_count and b not in emptied]
+        if not small or len([b for b, n in counts.items() if n > 0]) < 2:
+            return placements
+        victim = min(small, key=lambda b: (counts[b], b))
+        emptied.add(victim)
+        others = [b for b, n in counts.items() if n > 0 and b != victim]
+        for i, p in enumerate(placements):
+            if p is not None and p.bucket == victim:
+                moved = assign(*sizes[i], buckets, allow_upscale, allowed=others)
+                if moved is not None:
+                    placements[i] = moved
+                    counts[victim] -= 1
+                    counts[moved.bucket] += 1
+
+
+@dataclass
+class BucketStats:
+    """Crop and aspect statistics of one assignment."""
+
+    images: int
+    crop_loss_mean: float
+    crop_loss_max: float
+    aspect_error_mean: float  # mean |log(bucket aspect / image aspect)|
+    aspect_error_max: float
+
+
+def bucket_stats(sizes: Sequence[tuple[int, int]], placements: Sequence[Placement | None],
+                 buckets: Sequence[tuple[int, int]]) -> BucketStats:
+    """Statistics over the placed images (None entries are ignored)."""
+    losses, errors = [], []
+    for (w, h), p in zip(sizes, placements):
+        if p is not None:
+            bw, bh = buckets[p.bucket]
+            losses.append(p.crop_loss)
+            errors.append(abs(math.log((bw / bh) / (w / h))))
+    if not losses:
+        return BucketStats(0, 0.0, 0.0, 0.0, 0.0)
+    return BucketStats(len(losses), float(np.mean(losses)), float(np.max(losses)),
+                       float(np.mean(errors)), float(np.max(errors)))
+
+
+class BatchSchedule:
+    """Seeded, resumable plan of single-bucket global batches.
+
+    `bucket_of[i]` is the bucket of sample i. Each epoch, every bucket's pool is its remainder
+    carried from the previous epoch followed by a fresh permutation of its other members; the pool
+    is cut into global batches of `batch_size × world_size` and the rest carries on. The order of
+    all batches is then shuffled. No sample is dropped, and none is used twice within an epoch.
+    Buckets smaller than a global batch never fill one: merge them first (`merge_small_buckets`).
+    """
+
+    def __init__(self, bucket_of: Sequence[int], batch_size: int, world_size: int = 1,
+                 seed: int = 0) -> None:
+        if batch_size < 1 or world_size < 1:
+            raise ValueError("batch_size and world_size must be positive")
+        self.batch_size, self.world_size, self.seed = batch_size, world_size, seed
+        self.global_batch = batch_size * world_size
+        bucket_of = np.asarray(bucket_of, dtype=np.int64)
+        self.buckets = sorted(set(bucket_of.tolist()))
+        self.members = {b: np.flatnonzero(bucket_of == b) for b in self.buckets}
+        self._carry_epoch = 0  # epoch whose incoming carry is in self._carry
+        self._carry = {b: np.zeros(0, dtype=np.int64) for b in self.buckets}
+
+    def unused_samples(self) -> int:
+        """Samples in buckets too small to ever fill a global batch."""
+        return sum(len(m) for m in self.members.values() if len(m) < self.global_batch)
+
+    def _plan_with_carry(self, epoch: int, carry: dict[int, np.ndarray]
+                         ) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+        batches, next_carry = [], {}
+        for b in self.buckets:
+            rng = np.random.default_rng([self.seed, epoch, b])
+            rest = np.setdiff1d(self.members[b], carry[b], assume_unique=True)
+            pool = np.concatenate([carry[b], rng.permutation(rest)])
+            full = len(pool) // self.global_batch * self.global_batch
+            batches += list(pool[:full].reshape(-1, self.global_batch))
+            next_carry[b] = pool[full:]
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(batches))
+        return [batches[i] for i in order], next_carry
+
+    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        """The global batches of `epoch` (arrays of sample indices, one bucket each)."""
+        if epoch < self._carry_epoch:  # replay from the start; plans are pure functions
+            self._carry_epoch = 0
+            self._carry = {b: np.zeros(0, dtype=np.int64) for b in self.buckets}
+        while self._carry_epoch < epoch:
+            _, self._carry = self._plan_with_carry(self._carry_epoch, self._carry)
+            self._carry_epoch += 1
+        return self._plan_with_carry(epoch, self._carry)[0]
+
+    def carry_after(self, epoch: int) -> np.ndarray:
+        """Samples left over at the end of `epoch` (they open the next epoch)."""
+        self.epoch_plan(epoch)
+        _, carry = self._plan_with_carry(epoch, self._carry)
+        return np.concatenate([carry[b] for b in self.buckets]) if carry else np.zeros(0)
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        """Number of global batches in `epoch`."""
+        return len(self.epoch_plan(epoch))
+
+    def iterate(self, rank: int = 0, epoch: int = 0, index: int = 0
+                ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield (epoch, index, local batch) forever, starting at batch `index` of `epoch`.
+
+        The local batch is slice `rank` of the global batch. After consuming a batch yielded
+        with (e, i), the state to save for resuming is (e, i + 1).
+        """
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world size {self.world_size}")
+        if not any(len(m) >= self.global_batch for m in self.members.values()):
+            raise ValueError(f"no bucket holds a full global batch of {self.global_batch} "
+                             "samples; lower the batch size or merge small buckets")
+        lo, hi = rank * self.batch_size, (rank + 1) * self.batch_size
+        while True:
+            plan = self.epoch_plan(epoch)
+            for i in range(index, len(plan)):
+                yield epoch, i, plan[i][lo:hi]
+            epoch, index = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def bucket_dataset(cfg_data, batch_size: int | None = None, world_size: int = 1,
+                   progress: bool = False):
+    """Scan `cfg_data.dataset`, assign buckets (merging small ones when a batch size is given).
+
+    Returns (scan, buckets, placements) where `placements[i]` belongs to `scan.records[i]`;
+    images too small for any bucket are moved from the records to `scan.skipped`.
+    """
+    from training.data import SkippedFile, resolve_dataset, scan_folder
+
+    root = resolve_dataset(cfg_data.dataset)
+    scan = scan_folder(root, use_classes=cfg_data.use_classes,
+                       max_pixels=cfg_data.max_image_pixels, num_workers=cfg_data.num_workers,
+                       progress=progress)
+    buckets = make_buckets(cfg_data.resolution, cfg_data.step, cfg_data.min_area_ratio,
+                           cfg_data.max_aspect)
+    grid = np.asarray(buckets)
+    records, placements = [], []
+    smallest = min(buckets, key=lambda b: b[0] * b[1])
+    for rec in scan.records:
+        p = assign(rec.width, rec.height, grid, cfg_data.allow_upscale)
+        if p is None:
+            scan.skipped.append(SkippedFile(rec.path, f"too small: {rec.width}x{rec.height} "
+                                            f"covers no bucket (smallest area {smallest[0]}x"
+                                            f"{smallest[1]}); allow upscaling to keep it"))
+        else:
+            records.append(rec)
+            placements.append(p)
+    scan.records = records
+    scan.skipped.sort(key=lambda s: s.path)
+    if cfg_data.merge_small_buckets and batch_size:
+        sizes = [(r.width, r.height) for r in records]
+        placements = merge_small_buckets(sizes, placements, grid, batch_size * world_size,
+                                         cfg_data.allow_upscale)
+    return scan, buckets, placements
+
+
+def report(scan, buckets, placements) -> dict:
+    """The machine-readable summary printed by `--json`."""
+    sizes = [(r.width, r.height) for r in scan.records]
+    stats = bucket_stats(sizes, placements, buckets)
+    counts = Counter(p.bucket for p in placements)
+    return {
+        "root": scan.root,
+        "images": stats.images,
+        "buckets": [{"width": buckets[b][0], "height": buckets[b][1], "count": counts[b]}
+                    for b in sorted(counts, key=lambda b: buckets[b][0] / buckets[b][1])],
+        "grid_size": len(buckets),
+        "crop_loss_mean": stats.crop_loss_mean,
+        "crop_loss_max": stats.crop_loss_max,
+        "aspect_error_mean": stats.aspect_error_mean,
+        "aspect_error_max": stats.aspect_error_max,
+        "classes": scan.class_names,
+        "skipped": [{"path": s.path, "reason": s.reason} for s in scan.skipped],
+    }
+
+
+def format_report(rep: dict) -> str:
+    """Human-readable table of `report`'s dict."""
+    lines = [f"{rep['root']}: {rep['images']} images in {len(rep['buckets'])} buckets "
+             f"(grid of {rep['grid_size']})",
+             f"{'width':>6} {'height':>6} {'aspect':>7} {'count':>7}"]
+    for b in rep["buckets"]:
+        lines.append(f"{b['width']:>6} {b['height']:>6} {b['width'] / b['height']:>7.3f} "
+                     f"{b['count']:>7}")
+    lines.append(f"crop loss: mean {rep['crop_loss_mean']:.2%}, max {rep['crop_loss_max']:.2%}; "
+                 f"aspect error: mean {rep['aspect_error_mean']:.4f}, "
+                 f"max {rep['aspect_error_max']:.4f}")
+    lines.append(f"skipped {len(rep['skipped'])} file(s)")
+    lines += [f"  {s['path']}: {s['reason']}" for s in rep["skipped"]]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from training.config import DataConfig
+    from dotenv import load_dotenv
+    from training.config import REPO_ROOT
+    import os
+
+    load_dotenv(REPO_ROOT / ".env")
+    d = DataConfig()
+    parser = argparse.ArgumentParser(description="Show the aspect-ratio buckets of a folder.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", default=os.environ.get("LDM_DATASET", d.dataset),
+                        help="image folder, or synthetic[:N]")
+    parser.add_argument("--resolution", type=int, default=d.resolution)
+    parser.add_argument("--step", type=int, default=d.step, help="bucket sides are multiples")
+    parser.add_argument("--min-area-ratio", type=float, default=d.min_area_ratio)
+    parser.add_argument("--max-aspect", type=float, default=d.max_aspect)
+    parser.add_argument("--classes", action="store_true", help="label = first sub-folder")
+    parser.add_argument("--allow-upscale", action="store_true",
+                        help="keep images smaller than every bucket by upscaling them")
+    parser.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="merge buckets smaller than this into their neighbours")
+    parser.add_argument("--num-workers", type=int, default=d.num_workers)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    cfg = DataConfig(dataset=args.dataset, resolution=args.resolution, step=args.step,
+                     min_area_ratio=args.min_area_ratio, max_aspect=args.max_aspect,
+                     use_classes=args.classes, allow_upscale=args.allow_upscale,
+                     max_image_pixels=args.max_image_pixels,
+                     merge_small_buckets=args.batch_size is not None,
+                     num_workers=args.num_workers)
+    try:
+        scan, buckets, placements = bucket_dataset(cfg, args.batch_size)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rep = report(scan, buckets, placements)
+    print(json.dumps(rep) if args.json else format_report(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

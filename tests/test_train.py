@@ -1,0 +1,59 @@
+"""The train.py command line: help, dry run, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+
+
+def test_train_help_lists_every_flag_with_default() -> None:
+    out = _train("--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for flag in ("--config", "--stage", "--dataset", "--run-dir", "--resolution", "--batch-size",
+                 "--seed", "--num-workers", "--classes", "--dry-run"):
+        assert flag in text
+    assert text.count("default:") >= 10
+
+
+def test_train_dry_run_prints_buckets_and_plan(tmp_path: Path) -> None:
+    out = _train("--dataset", "synthetic:24", "--resolution", "128", "--batch-size", "4",
+                 "--classes", "--dry-run", "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    assert "24 usable image(s)" in out.stdout
+    assert "4 classes" in out.stdout
+    assert "crop loss" in out.stdout and "epoch 0:" in out.stdout
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_train_unknown_config_key_fails_with_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "typo.json"
+    cfg.write_text(json.dumps({"description": "x", "batchsize": 4}))
+    out = _train("--config", str(cfg), "--dry-run")
+    assert out.returncode == 2
+    assert "batchsize" in out.stderr and "typo.json" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_train_missing_dataset_fails_with_one_line(tmp_path: Path) -> None:
+    out = _train("--dataset", str(tmp_path / "nowhere"), "--dry-run")
+    assert out.returncode == 2
+    assert "nowhere" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_train_dataset_without_usable_images_fails(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jpg").write_text("not a picture")
+    out = _train("--dataset", str(tmp_path / "data"), "--dry-run")
+    assert out.returncode == 2
+    assert "no usable image" in out.stderr
+    assert "a.jpg" in out.stdout  # the skip list names the file and the reason

@@ -1,0 +1,63 @@
+"""Typed configs: JSON round trip, unknown keys, overrides, portable paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.config import (REPO_ROOT, Config, ConfigError, apply_overrides, from_dict,
+                             load_config, portable_path, resolve_path, save_config, to_dict)
+
+
+def test_config_round_trips_through_json(tmp_path: Path) -> None:
+    cfg = from_dict(Config, {"seed": 3, "data": {"resolution": 128, "min_area_ratio": 1}})
+    assert cfg.data.min_area_ratio == 1.0 and isinstance(cfg.data.min_area_ratio, float)
+    save_config(cfg, tmp_path / "c.json")
+    assert load_config(tmp_path / "c.json") == cfg
+    assert json.loads((tmp_path / "c.json").read_text()) == to_dict(cfg)
+
+
+def test_config_unknown_keys_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"sede": 1, "data": {"resolutoin": 64}}))
+    with pytest.raises(ConfigError, match="sede"):
+        load_config(path)
+    path.write_text(json.dumps({"data": {"resolutoin": 64}}))
+    with pytest.raises(ConfigError, match=r"bad.json.*data\.resolutoin"):
+        load_config(path)
+
+
+def test_config_wrong_types_and_bad_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.resolution"):
+        from_dict(Config, {"data": {"resolution": "big"}})
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match="broken.json"):
+        load_config(tmp_path / "broken.json")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.json")
+
+
+def test_config_overrides_apply_dotted_keys() -> None:
+    cfg = apply_overrides(Config(), {"data.resolution": 64, "seed": None, "batch_size": 2})
+    assert cfg.data.resolution == 64 and cfg.seed == 0 and cfg.batch_size == 2
+    with pytest.raises(ConfigError, match="data.nope"):
+        apply_overrides(Config(), {"data.nope": 1})
+
+
+def test_config_every_shipped_config_loads() -> None:
+    files = sorted((REPO_ROOT / "configs").glob("*.json"))
+    assert files
+    for path in files:
+        cfg = load_config(path)
+        assert cfg.description, f"{path} needs a description"
+
+
+def test_config_portable_paths(tmp_path: Path) -> None:
+    assert portable_path(REPO_ROOT / "runs" / "x") == "runs/x"
+    assert portable_path(tmp_path / "y", root=tmp_path) == "y"
+    outside = portable_path(tmp_path / "z")
+    assert Path(outside).is_absolute()
+    assert resolve_path("runs/x") == REPO_ROOT / "runs" / "x"
+    assert resolve_path(outside) == Path(outside)

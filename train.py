@@ -1,0 +1,118 @@
+"""Train a KL-VAE or a diffusion transformer: parse flags, resolve the config, hand over.
+
+    UV_CACHE_DIR=.uv-cache uv run python train.py --dataset synthetic --dry-run
+    UV_CACHE_DIR=.uv-cache uv run python train.py --config configs/default.json --dataset DIR
+
+Flags override the JSON config (`configs/`); the resolved config is saved in the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from dotenv import load_dotenv
+
+from training.config import (REPO_ROOT, Config, ConfigError, apply_overrides, from_dict,
+                             load_config)
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.json"
+
+# flag -> (dotted config key, type, help). Defaults come from the config file.
+FLAGS: dict[str, tuple[str, type, str]] = {
+    "--stage": ("stage", str, "training stage: vae or dit"),
+    "--dataset": ("data.dataset", str, "image folder, or synthetic[:N] (env LDM_DATASET)"),
+    "--run-dir": ("run_dir", str, "output folder of this run (env LDM_RUNS_DIR sets the parent)"),
+    "--resolution": ("data.resolution", int, "bucket area is at most resolution²"),
+    "--step": ("data.step", int, "bucket sides are multiples of this"),
+    "--batch-size": ("batch_size", int, "batch per process"),
+    "--seed": ("seed", int, "seed of the schedule, model init and noise"),
+    "--num-workers": ("data.num_workers", int, "data worker processes"),
+}
+
+
+def _config_default(cfg: Config, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def build_parser(defaults: Config) -> argparse.ArgumentParser:
+    """Every flag, with the value it takes when not given (from the default config)."""
+    parser = argparse.ArgumentParser(
+        description="Train a KL-VAE (--stage vae) or a diffusion transformer (--stage dit).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG.relative_to(REPO_ROOT)),
+                        help="JSON config in configs/ (default: %(default)s)")
+    for flag, (key, tp, text) in FLAGS.items():
+        parser.add_argument(flag, type=tp, default=None,
+                            help=f"{text} (config {key}; default: {_config_default(defaults, key)})")
+    parser.add_argument("--classes", action="store_const", const=True, default=None,
+                        help="label = first-level sub-folder name (config data.use_classes; "
+                             f"default: {defaults.data.use_classes})")
+    parser.add_argument("--allow-upscale", action="store_const", const=True, default=None,
+                        help="upscale images smaller than their bucket instead of skipping them "
+                             f"(config data.allow_upscale; default: {defaults.data.allow_upscale})")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="scan the data, build buckets and the batch plan, print and exit "
+                             "(default: off)")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Load the config file named by the flags and apply the flags on top."""
+    cfg = load_config(args.config)
+    overrides = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in
+                 FLAGS.items()}
+    overrides["data.use_classes"] = args.classes
+    overrides["data.allow_upscale"] = args.allow_upscale
+    if args.dataset is None and os.environ.get("LDM_DATASET"):
+        overrides["data.dataset"] = os.environ["LDM_DATASET"]
+    if args.run_dir is None and os.environ.get("LDM_RUNS_DIR"):
+        overrides["run_dir"] = str(Path(os.environ["LDM_RUNS_DIR"]) / Path(args.config).stem)
+    cfg = apply_overrides(cfg, overrides)
+    if cfg.stage not in ("vae", "dit"):
+        raise ConfigError(f"stage must be 'vae' or 'dit', got {cfg.stage!r}")
+    return cfg
+
+
+def dry_run(cfg: Config) -> None:
+    """Scan, bucket and plan; print what training would see."""
+    from bucketing import BatchSchedule, bucket_dataset, format_report, report
+
+    scan, buckets, placements = bucket_dataset(cfg.data, cfg.batch_size, progress=True)
+    print(scan.summary())
+    print(format_report(report(scan, buckets, placements)))
+    if not placements:
+        raise ValueError(f"{scan.root}: no usable image")
+    schedule = BatchSchedule([p.bucket for p in placements], cfg.batch_size, seed=cfg.seed)
+    plan = schedule.epoch_plan(0)
+    shapes = Counter(buckets[int(placements[b[0]].bucket)] for b in plan)
+    print(f"epoch 0: {len(plan)} batches of {cfg.batch_size}; "
+          f"{schedule.unused_samples()} image(s) in buckets smaller than one batch")
+    for (w, h), n in sorted(shapes.items()):
+        print(f"  {w}x{h}: {n} batch(es)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    load_dotenv(REPO_ROOT / ".env")
+    parser = build_parser(from_dict(Config, {}))
+    args = parser.parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        if args.dry_run:
+            dry_run(cfg)
+            return 0
+        raise ConfigError(f"stage {cfg.stage!r}: training is not available yet; use --dry-run")
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Image folders: scan, robust loading, and the synthetic placeholder set.
+
+`scan_folder` walks a folder once, reads every image's header and checks that it decodes, and
+returns one `ImageRecord` per usable file plus a `SkippedFile` (path and reason) for every bad
+one. Results are cached by (path, size, mtime), so rescanning an unchanged folder only stats the
+files. `load_image` turns any supported file into an RGB uint8 image with correct colours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps
+
+from training.config import REPO_ROOT
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+SCAN_CACHE_VERSION = 1
+SYNTHETIC_VERSION = 1
+SYNTHETIC_CLASSES = ("discs", "stripes", "checkers", "clouds")
+_ORIENTATION_TAG = 0x0112
+_SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 or 270 degrees
+
+
+class ImageLoadError(ValueError):
+    """An image file that cannot be turned into pixels; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable image. `width` and `height` are after EXIF orientation."""
+
+    path: str  # absolute path
+    rel: str  # path relative to the dataset root, POSIX separators
+    width: int
+    height: int
+    label: int  # class index, or -1 when the data set is unlabelled
+    sha256: str  # content hash of the file's bytes
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that was not used, and why (one line)."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class ScanResult:
+    """Everything a scan found under `root`."""
+
+    root: str
+    records: list[ImageRecord]
+    skipped: list[SkippedFile]
+    class_names: list[str]  # empty when the data set is unlabelled
+
+    def summary(self) -> str:
+        """One paragraph: usable count and skipped count by reason."""
+        lines = [f"{self.root}: {len(self.records)} usable image(s), {len(self.skipped)} skipped"]
+        kinds = Counter(s.reason.split(":")[0] for s in self.skipped)
+        lines += [f"  skipped, {kind}: {n}" for kind, n in sorted(kinds.items())]
+        if self.class_names:
+            lines.append(f"  {len(self.class_names)} classes: {', '.join(self.class_names[:10])}"
+                         + (" ..." if len(self.class_names) > 10 else ""))
+        return "\n".join(lines)
+
+    def write_skip_list(self, path: str | os.PathLike[str]) -> None:
+        """Write every skipped file with its reason as a JSON list."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([asdict(s) for s in self.skipped], indent=1) + "\n")
+
+
+def default_cache_dir() -> Path:
+    """Folder for the scan cache, synthetic data and latents: $LDM_CACHE_DIR or `.cache/`."""
+    return Path(os.environ.get("LDM_CACHE_DIR") or REPO_ROOT / ".cache")
+
+
+# ----------------------------------------------------------------------------------------------
+# Opening and converting images
+
+
+def _open(data: bytes | str | os.PathLike[str]) -> Image.Image:
+    """Open without Pillow's own bomb check: callers apply the configured pixel limit instead."""
+    Image.MAX_IMAGE_PIXELS = None  # our limit is `max_image_pixels`, checked on the header
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Palette images with transparency ..."
+        return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed, i.e. after the EXIF orientation is applied."""
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # a broken EXIF block must not make the image unusable
+        orientation = 1
+    return (h, w) if orientation in _SWAPPED_ORIENTATIONS else (w, h)
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _srgb_from_icc(img: Image.Image) -> Image.Image | None:
+    """Convert RGB/CMYK pixels with an embedded ICC profile to sRGB; None if not applicable."""
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "CMYK"):
+        return None
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"),
+                                         outputMode="RGB")
+    except Exception:  # unusable profile: fall back to Pillow's plain conversion
+        return None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow image (first frame, orientation applied) to 8-bit RGB.
+
+    Transparency is composited on white; 16-bit and 32-bit integer greyscale are scaled from
+    0..65535; float images are taken as 0..1 when they lie in that range; colour profiles are
+    converted to sRGB when present.
+    """
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode in ("RGB", "CMYK"):
+        return _srgb_from_icc(img) or img.convert("RGB")
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float64)  # (H, W), 0..65535
+        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img).astype(np.float64)
+        if arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.nan_to_num(np.rint(arr)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if mode == "P" and "transparency" in img.info or mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        return _composite_on_white(img)
+    return img.convert("RGB")  # 1, L, P, YCbCr, LAB, HSV, RGBX ...
+
+
+def load_image(path: str | os.PathLike[str], max_pixels: int = 100_000_000,
+               min_size: tuple[int, int] | None = None) -> Image.Image:
+    """Load an image file as RGB uint8 (first frame, EXIF orientation applied).
+
+    `min_size` (width, height after orientation), when given, lets JPEGs decode at a reduced
+    scale that is still at least that large (Pillow's draft mode), which is much faster for
+    big photographs that are resized down anyway. Raises `ImageLoadError` naming the file.
+    """
+    try:
+        with _open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageLoadError(f"{path}: decompression bomb: {w}x{h} pixels exceeds the "
+                                     f"limit of {max_pixels}")
+            if min_size is not None and img.format == "JPEG":
+                want = min_size if _oriented_size(img) == (w, h) else min_size[::-1]
+                img.draft("RGB", want)
+            img.load()
+            return to_rgb(img)
+    except ImageLoadError:
+        raise
+    except Exception as exc:  # Pillow raises many types for bad files
+        raise ImageLoadError(f"{path}: cannot decode: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Scanning
+
+
+def _probe(path: str, max_pixels: int) -> dict:
+    """Hash a file and check that it is a decodable image. Runs in worker processes."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return {"error": f"unreadable: {exc.strerror or exc}"}
+    if not data:
+        return {"error": "empty file: zero bytes"}
+    info: dict = {"sha256": hashlib.sha256(data).hexdigest()}
+    try:
+        img = _open(data)
+    except Exception:
+        return {**info, "error": "not an image: content is not a known image format"}
+    try:
+        with img:
+            info["width"], info["height"] = _oriented_size(img)
+            if img.size[0] * img.size[1] > max_pixels:
+                info["verified"] = False  # too large to decode safely; see `scan_folder`
+                return info
+            if img.format == "JPEG":  # a reduced-scale decode still reads every byte
+                img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+            img.load()
+    except Exception as exc:
+        text = str(exc)
+        kind = "truncated" if "truncat" in text.lower() else "corrupt"
+        return {**info, "error": f"{kind}: {text}"}
+    info["verified"] = True
+    return info
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """Every image file under `root`, following symlinks without loops, in sorted order.
+
+    Hidden files and folders (names starting with '.') are ignored.
+    """
+    found: list[Path] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def _scan_cache_path(root: Path, cache_dir: Path) -> Path:
+    key = hashlib.sha1(str(root).encode()).hexdigest()[:16]
+    return cache_dir / "scan" / f"{key}.json"
+
+
+def scan_folder(root: str | os.PathLike[str], *, use_classes: bool = False,
+                max_pixels: int = 100_000_000, num_workers: int = 2,
+                cache_dir: str | os.PathLike[str] | None = None,
+                progress: bool = False) -> ScanResult:
+    """Scan `root` recursively for images; see the module docstring.
+
+    With `use_classes`, the label is the index of the first-level sub-folder's name in the
+    sorted list of such names; files directly under `root` are then skipped.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found")
+    cache_path = _scan_cache_path(root, Path(cache_dir) if cache_dir else default_cache_dir())
+    try:
+        cached = json.loads(cache_path.read_text())
+        if cached.get("version") != SCAN_CACHE_VERSION:
+            cached = {}
+    except (OSError, ValueError):
+        cached = {}
+    old = cached.get("files", {})
+
+    paths = _walk_images(root)
+    entries: dict[str, dict] = {}
+    todo: list[tuple[str, str]] = []  # (rel, stamp)
+    for path in paths:
+        rel = path.relative_to(root).as_posix()
+        try:
+            st = path.stat()
+        except OSError as exc:  # e.g. a dangling symlink
+            entries[rel] = {"error": f"unreadable: {exc.strerror or exc}"}
+            continue
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        prev = old.get(rel)
+        if prev and prev.get("stamp") == stamp and (
+                prev.get("verified", True) or prev["width"] * prev["height"] > max_pixels):
+            entries[rel] = prev
+        else:
+            todo.append((rel, stamp))
+
+    if todo:
+        files = [str(root / rel) for rel, _ in todo]
+        if num_workers > 1 and len(todo) > 32:
+            with ProcessPoolExecutor(num_workers) as pool:
+                results = list(pool.map(_probe, files, [max_pixels] * len(files), chunksize=16))
+        else:
+            results = [_probe(f, max_pixels) for f in files]
+        for (rel, stamp), info in zip(todo, results):
+            entries[rel] = {**info, "stamp": stamp}
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": SCAN_CACHE_VERSION, "root": str(root),
+                                   "files": entries}))
+        os.replace(tmp, cache_path)
+
+    class_names: list[str] = []
+    if use_classes:
+        class_names = sorted({rel.split("/")[0] for rel in entries if "/" in rel})
+    class_index = {name: i for i, name in enumerate(class_names)}
+    records: list[ImageRecord] = []
+    skipped: list[SkippedFile] = []
+    for rel in sorted(entries):
+        info, path = entries[rel], str(root / rel)
+        if "error" in info:
+            skipped.append(SkippedFile(path, info["error"]))
+        elif info["width"] * info["height"] > max_pixels:
+            skipped.append(SkippedFile(path, f"decompression bomb: {info['width']}x"
+                                             f"{info['height']} exceeds {max_pixels} pixels"))
+        elif use_classes and "/" not in rel:
+            skipped.append(SkippedFile(path, "no class: not inside a class sub-folder"))
+        else:
+            label = class_index[rel.split("/")[0]] if use_classes else -1
+            records.append(ImageRecord(path, rel, info["width"], info["height"], label,
+                                       info["sha256"]))
+    return ScanResult(str(root), records, skipped, class_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic data
+
+
+def _synthetic_image(index: int, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """One smooth, structured picture of class `kind`, shape (H, W, 3) uint8."""
+    aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))  # width / height
+    area = rng.uniform(300, 400) ** 2
+    w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = rng.uniform(0, 255, size=3)
+    tint = rng.uniform(0, 255, size=3)
+    gradient = (xx / w * rng.uniform(-1, 1) + yy / h * rng.uniform(-1, 1))[..., None]
+    img = base + 60 * gradient  # (H, W, 3)
+    if kind == "discs":
+        for _ in range(rng.integers(3, 8)):
+            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(15, 80)
+            mask = np.clip(r - np.hypot(xx - cx, yy - cy), 0, 1)[..., None]
+            img = img * (1 - mask) + rng.uniform(0, 255, size=3) * mask
+    elif kind == "stripes":
+        angle, period = rng.uniform(0, math.pi), rng.uniform(12, 48)
+        wave = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
+        img = img * 0.5 + tint * (0.5 + 0.5 * wave[..., None]) * 0.5
+    elif kind == "checkers":
+        cell = rng.uniform(16, 56)
+        board = ((xx // cell + yy // cell) % 2)[..., None]
+        img = img * (1 - board) + tint * board
+    else:  # clouds: smooth noise, bilinearly upsampled from a coarse grid
+        coarse = rng.uniform(0, 255, size=(max(2, h // 40), max(2, w // 40), 3)).astype(np.uint8)
+        img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
+    noise = rng.normal(0, 3, size=img.shape)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+def make_synthetic(root: str | os.PathLike[str], count: int, seed: int = 0) -> Path:
+    """Write `count` deterministic PNG/JPEG files of varied shapes in class sub-folders.
+
+    Aspect ratios spread log-uniformly over 1:3..3:1 and areas over 300²..400² pixels; classes
+    (discs, stripes, checkers, clouds) look distinct. The folder is built in a temporary
+    sibling and renamed into place, so an interrupted build is never mistaken for a finished one.
+    """
+    root = Path(root)
+    if (root / "DONE").exists():
+        return root
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    for i in range(count):
+        kind = SYNTHETIC_CLASSES[i % len(SYNTHETIC_CLASSES)]
+        rng = np.random.default_rng([seed, i])
+        pixels = _synthetic_image(i, kind, rng)
+        folder = tmp / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        if i % 2:
+            Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=95)
+        else:
+            Image.fromarray(pixels).save(folder / f"{i:05d}.png", compress_level=1)
+    (tmp / "DONE").write_text(f"{count} images, seed {seed}\n")
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished first
+        if not (root / "DONE").exists():
+            raise
+    return root
+
+
+def resolve_dataset(spec: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Turn a `--dataset` value into a folder: a path, or `synthetic` / `synthetic:N`."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        count = int(spec.split(":", 1)[1]) if ":" in spec else 256
+        if count < 1:
+            raise ValueError(f"{spec}: synthetic image count must be positive")
+        base = Path(cache_dir) if cache_dir else default_cache_dir()
+        return make_synthetic(base / "synthetic" / f"v{SYNTHETIC_VERSION}_n{count}", count)
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{spec}: dataset folder not found")
+    return path
