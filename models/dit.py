@@ -1,0 +1,238 @@
+"""Diffusion transformer on latents: patchify, adaLN-Zero blocks with 2D RoPE attention, unpatchify.
+
+The model predicts the rectified-flow velocity v = noise - x0 (see `training/flow.py`). Tokens are
+patches of the latent in row-major order; positions enter only through the rotary tables, so any
+latent whose sides are multiples of the patch size runs with the same weights.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.attention import ROPE_BASE, Attention, rope_2d
+
+TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
+TIMESTEP_SCALE = 1000.0  # t in [0, 1] is scaled to [0, 1000] before the sinusoid
+
+
+@dataclass(kw_only=True)
+class DiTConfig:
+    """Architecture of a DiT. `num_classes = 0` is unconditional (only the null class exists)."""
+
+    hidden_size: int
+    depth: int
+    num_heads: int
+    in_channels: int = 4  # latent channels
+    patch_size: int = 2  # latent pixels per token side
+    mlp_ratio: float = 4.0  # MLP hidden width / hidden_size
+    num_classes: int = 0  # real classes; index num_classes is the null class for CFG
+    rope_base: float = ROPE_BASE  # frequency base of the 2D rotary embedding
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(
+                f"DiTConfig: hidden_size {self.hidden_size} / num_heads {self.num_heads} must be "
+                "a head dimension divisible by 4 (2D RoPE)"
+            )
+        if min(self.depth, self.in_channels, self.patch_size) < 1 or self.num_classes < 0:
+            raise ValueError(f"DiTConfig: depth, in_channels, patch_size must be >= 1: {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DiTConfig":
+        """Inverse of `to_dict`; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"DiTConfig: unknown keys {unknown}; expected a subset of {sorted(known)}"
+            )
+        return cls(**data)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift, with shift and scale (B, 1, hidden) broadcast over tokens."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t * 1000 followed by a two-layer MLP."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(TIMESTEP_FREQ_DIM, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Embed t (B,) in [0, 1] as (B, hidden)."""
+        half = TIMESTEP_FREQ_DIM // 2
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )
+        angles = (t.float() * TIMESTEP_SCALE)[:, None] * freqs  # (B, half)
+        return self.mlp(torch.cat((angles.cos(), angles.sin()), dim=-1))  # (B, hidden)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block; adaLN-Zero gives shift, scale and gate for attention and MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_hidden, hidden_size),
+        )
+        self.modulation = nn.Linear(hidden_size, 6 * hidden_size)  # applied to SiLU(c)
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """x (B, N, hidden), c = SiLU(conditioning) (B, hidden), cos/sin (N, head_dim)."""
+        mods = self.modulation(c).unsqueeze(1).chunk(6, dim=-1)  # 6 x (B, 1, hidden)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
+        attn = self.attn(modulate(self.norm1(x), shift_a, scale_a), (cos, sin))  # (B, N, hidden)
+        x = torch.addcmul(x, gate_a, attn)  # x + gate * attn
+        mlp = self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (B, N, hidden)
+        x = torch.addcmul(x, gate_m, mlp)
+        return x  # (B, N, hidden)
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm, then a linear map from each token to its p x p x C patch."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(hidden_size, 2 * hidden_size)  # applied to SiLU(c)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x (B, N, hidden), c = SiLU(conditioning) (B, hidden) -> (B, N, p*p*C)."""
+        shift, scale = self.modulation(c).unsqueeze(1).chunk(2, dim=-1)  # 2 x (B, 1, hidden)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Class-conditional diffusion transformer: `forward(x, t, y) -> v` on latents (B, C, H, W)."""
+
+    def __init__(self, config: DiTConfig, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        hidden, p = config.hidden_size, config.patch_size
+        self.head_dim = hidden // config.num_heads
+        self.gradient_checkpointing = gradient_checkpointing  # recompute blocks in backward
+        self.x_embed = nn.Conv2d(config.in_channels, hidden, kernel_size=p, stride=p)
+        self.t_embed = TimestepEmbedder(hidden)
+        self.y_embed = nn.Embedding(config.num_classes + 1, hidden)  # last row: null class
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.final = FinalLayer(hidden, p, config.in_channels)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reset_parameters()
+
+    @property
+    def null_class(self) -> int:
+        """Label index of the null (unconditional) class."""
+        return self.config.num_classes
+
+    def reset_parameters(self) -> None:
+        """DiT initialisation; adaLN modulations and the output layer start at zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.x_embed.weight.view(self.config.hidden_size, -1))
+        nn.init.zeros_(self.x_embed.bias)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        for layer in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for layer in [block.modulation for block in self.blocks] + [
+            self.final.modulation,
+            self.final.linear,
+        ]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _rope(
+        self, h: int, w: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables for an h x w token grid, built once per (h, w, device, dtype)."""
+        key = (h, w, device, dtype)
+        if key not in self._rope_cache:
+            base = self.config.rope_base
+            self._rope_cache[key] = rope_2d(h, w, self.head_dim, device, dtype, base)
+        return self._rope_cache[key]
+
+    def _check_size(self, height: int, width: int) -> tuple[int, int]:
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(f"DiT: latent size {height}x{width} is not a multiple of patch {p}")
+        return height // p, width // p
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Velocity for latents x (B, C, H, W) at times t (B,) in [0, 1] with labels y (B,).
+
+        `y=None` means the null class for every sample (unconditional).
+        """
+        B, C, H, W = x.shape
+        h, w = self._check_size(H, W)
+        p = self.config.patch_size
+        tokens = self.x_embed(x).flatten(2).transpose(1, 2)  # (B, N, hidden) view, N = h*w
+        # A contiguous residual stream (else every LayerNorm copies its input), kept in the
+        # parameters' dtype (fp32 under autocast, where the patch conv returns bf16).
+        tokens = tokens.contiguous().to(self.x_embed.weight.dtype)
+        if t.ndim == 0:
+            t = t.expand(B)
+        if y is None:
+            y = torch.full((B,), self.null_class, dtype=torch.long, device=x.device)
+        c = F.silu(self.t_embed(t) + self.y_embed(y))  # (B, hidden), SiLU shared by all adaLNs
+        # Tables in the dtype q and k will have: the autocast dtype, else the parameters' dtype.
+        device = tokens.device
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else tokens.dtype
+        cos, sin = self._rope(h, w, device, dtype)  # each (N, head_dim)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, c, cos, sin, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, cos, sin)
+        out = self.final(tokens, c)  # (B, N, p*p*C)
+        out = out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        return out.reshape(B, C, H, W)
+
+    def flops_per_sample(self, height: int, width: int) -> int:
+        """Forward FLOPs for one latent of height x width: 2 x multiply-adds of every matmul.
+
+        Counts the patch embedding, timestep MLP, adaLN modulations, qkv, QK^T, AV, output
+        projection, MLP and final layer; elementwise work (norms, RoPE, softmax) is left out.
+        A training step (forward + backward) costs about three times this.
+        """
+        h, w = self._check_size(height, width)
+        cfg = self.config
+        n, d, patch_dim = h * w, cfg.hidden_size, cfg.patch_size**2 * cfg.in_channels
+        mlp = int(d * cfg.mlp_ratio)
+        macs = n * patch_dim * d + TIMESTEP_FREQ_DIM * d + d * d  # patch embed, timestep MLP
+        block = 6 * d * d + n * (3 * d * d + d * d + 2 * d * mlp) + 2 * n * n * d  # attn: QK^T, AV
+        macs += cfg.depth * block
+        macs += 2 * d * d + n * d * patch_dim  # final adaLN and linear
+        return 2 * macs

@@ -1,0 +1,127 @@
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.dit import DiT, DiTConfig
+from models.registry import MODEL_NAMES, build_dit, dit_config
+
+
+def perturbed(model: DiT, std: float = 0.05) -> DiT:
+    """Move every weight off its init so zero-initialised paths carry signal."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model
+
+
+@pytest.fixture
+def tiny() -> DiT:
+    torch.manual_seed(0)
+    return build_dit("dit-t/2", in_channels=4, num_classes=10)
+
+
+@pytest.mark.parametrize("hw", [(8, 12), (12, 4), (6, 16), (2, 2)])
+def test_dit_output_shape_matches_input(tiny, hw):
+    x = torch.randn(2, 4, *hw)
+    v = tiny(x, torch.rand(2), torch.tensor([1, 10]))
+    assert v.shape == x.shape
+
+
+def test_dit_rejects_size_not_multiple_of_patch(tiny):
+    with pytest.raises(ValueError, match="multiple of patch 2"):
+        tiny(torch.randn(1, 4, 8, 7), torch.rand(1), None)
+
+
+def test_dit_fresh_model_outputs_zero(tiny):
+    v = tiny(torch.randn(3, 4, 8, 6), torch.rand(3), torch.tensor([0, 5, 10]))
+    assert torch.equal(v, torch.zeros_like(v))
+
+
+def test_dit_output_depends_on_t_and_y(tiny):
+    model = perturbed(tiny)
+    x = torch.randn(1, 4, 8, 8)
+    t, y = torch.tensor([0.3]), torch.tensor([2])
+    v = model(x, t, y)
+    assert v.abs().max() > 1e-3
+    assert not torch.allclose(model(x, torch.tensor([0.7]), y), v)
+    assert not torch.allclose(model(x, t, torch.tensor([3])), v)
+    assert not torch.allclose(model(x, t, None), v)  # None is the null class
+
+
+def test_dit_unconditional_accepts_no_labels():
+    torch.manual_seed(0)
+    model = perturbed(build_dit("dit-t/2", in_channels=4, num_classes=0))
+    assert model.y_embed.num_embeddings == 1
+    x = torch.randn(2, 4, 4, 8)
+    v = model(x, torch.rand(2), None)
+    assert v.shape == x.shape
+    scalar_t = model(x, torch.tensor(0.5), None)  # a 0-d t applies to the whole batch
+    torch.testing.assert_close(scalar_t, model(x, torch.full((2,), 0.5), None))
+
+
+def test_dit_bf16_autocast_and_inference_mode_cache():
+    torch.manual_seed(0)
+    model = perturbed(build_dit("dit-t/2", in_channels=4, num_classes=3))
+    x, t, y = torch.randn(2, 4, 6, 8), torch.rand(2), torch.tensor([0, 3])
+    with torch.inference_mode():
+        model(x, t, y)  # fills the rotary cache while in inference mode
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = model(x, t, y)
+    assert v.dtype == torch.bfloat16 and torch.isfinite(v).all()
+    model(x, t, y).square().mean().backward()  # cached tables are usable in autograd
+    torch.testing.assert_close(v.float(), model(x, t, y), rtol=0.1, atol=0.05)
+
+
+def test_dit_config_round_trips_through_json():
+    config = dit_config("dit-s/2", in_channels=16, num_classes=7)
+    again = DiTConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    with pytest.raises(ValueError, match="unknown keys \\['learn_sigma'\\]"):
+        DiTConfig.from_dict({**config.to_dict(), "learn_sigma": True})
+    with pytest.raises(ValueError, match="divisible by 4"):
+        DiTConfig(hidden_size=60, depth=1, num_heads=6)
+
+
+def test_dit_registry_builds_every_name():
+    for name in MODEL_NAMES:
+        with torch.device("meta"):  # no memory, no init cost
+            model = build_dit(name, in_channels=4, num_classes=1000)
+        assert isinstance(model, DiT)
+        assert name.endswith(f"/{model.config.patch_size}")
+    tiny = build_dit("dit-t/2", in_channels=4, num_classes=0)
+    assert sum(p.numel() for p in tiny.parameters()) < 200_000
+    with pytest.raises(ValueError, match="dit-s/2"):
+        build_dit("dit-q/2")
+
+
+def test_dit_s2_matches_published_size_and_flops():
+    with torch.device("meta"):
+        model = build_dit("dit-s/2", in_channels=4, num_classes=1000)
+    params = sum(p.numel() for p in model.parameters())
+    assert 32.5e6 < params < 33.5e6  # DiT paper: 33.0M (its output also has sigma channels)
+    flops = model.flops_per_sample(32, 32)
+    assert 11.9e9 < flops < 12.3e9  # DiT paper: 6.06 G multiply-adds
+
+
+def test_dit_flop_count_matches_torch_flop_counter(tiny):
+    model = perturbed(tiny)
+    x = torch.randn(3, 4, 8, 12)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, torch.rand(3), torch.tensor([0, 1, 10]))
+    assert counter.get_total_flops() == 3 * model.flops_per_sample(8, 12)
+
+
+def test_dit_gradient_checkpointing_gives_same_gradients(tiny):
+    model = perturbed(tiny)
+    x, t, y = torch.randn(2, 4, 6, 8), torch.rand(2), torch.tensor([4, 10])
+
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        model(x, t, y).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for plain, recomputed in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(recomputed, plain)

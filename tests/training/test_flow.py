@@ -1,0 +1,97 @@
+import math
+
+import torch
+
+from models.registry import build_dit
+from training.flow import RectifiedFlow, shifted_timesteps, time_shift
+
+
+def test_flow_shift_is_identity_at_one_monotone_and_fixes_endpoints():
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    torch.testing.assert_close(time_shift(t, 1.0), t)
+    for s in (0.5, 2.0, 4.0):
+        shifted = time_shift(t, s)
+        assert (shifted.diff() > 0).all()
+        assert shifted[0] == 0 and shifted[-1] == 1
+        assert ((shifted[1:-1] > t[1:-1]) == (s > 1)).all()  # s > 1 moves t towards noise
+    flow = RectifiedFlow(patch_size=2, base_tokens=256)
+    assert flow.shift_for(32, 32) == 1.0
+    assert flow.shift_for(64, 64) == 2.0
+    assert math.isclose(flow.shift_for(32, 64), math.sqrt(2))
+
+
+def test_flow_sampling_schedule_runs_from_one_to_zero():
+    ts = shifted_timesteps(10, shift=3.0)
+    assert ts.shape == (11,) and ts[0] == 1 and ts[-1] == 0
+    assert (ts.diff() < 0).all()
+    torch.testing.assert_close(ts, time_shift(torch.linspace(1, 0, 11), 3.0))
+
+
+def test_flow_timesteps_are_logit_normal_and_seeded():
+    flow = RectifiedFlow()
+    t = flow.sample_t(20_000, 1.0, generator=torch.Generator().manual_seed(0))
+    assert ((t > 0) & (t < 1)).all()
+    logits = torch.logit(t.double())
+    assert abs(logits.mean()) < 0.03 and abs(logits.std() - 1) < 0.03
+    again = flow.sample_t(20_000, 1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, again)
+    shifted = flow.sample_t(20_000, 2.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(shifted, time_shift(t, 2.0))
+
+
+def test_flow_label_dropout_rate_is_about_ten_percent():
+    flow = RectifiedFlow(num_classes=10)
+    y = torch.arange(100_000) % 10
+    dropped = flow.drop_labels(y, torch.Generator().manual_seed(0))
+    is_null = dropped == 10
+    assert abs(is_null.float().mean().item() - 0.1) < 0.005
+    assert torch.equal(dropped[~is_null], y[~is_null])
+
+
+def test_flow_validation_bins_are_deterministic_given_seed():
+    torch.manual_seed(0)
+    model = build_dit("dit-t/2", in_channels=4, num_classes=0)
+    with torch.no_grad():
+        model.final.linear.bias.normal_()
+    flow = RectifiedFlow()
+    x0 = torch.randn(2, 4, 8, 8)
+    first = flow.validation_losses(model, x0, bins=8, seed=3)
+    assert first.shape == (8,)
+    assert torch.equal(first, flow.validation_losses(model, x0, bins=8, seed=3))
+    assert not torch.equal(first, flow.validation_losses(model, x0, bins=8, seed=4))
+
+
+def test_flow_loss_decreases_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    model = build_dit("dit-t/2", in_channels=4, num_classes=5)
+    flow = RectifiedFlow(num_classes=5)
+    # One colour per latent: learnable in a few steps. (A RoPE-only DiT knows no absolute
+    # positions, so memorising arbitrary per-pixel latents from pure noise takes far longer.)
+    x0 = torch.randn(4, 4, 1, 1).expand(4, 4, 8, 8).contiguous()
+    y = torch.tensor([0, 1, 2, 3])
+    before = flow.validation_losses(model, x0, y).mean()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        per_sample = flow.loss(model, x0, y, generator)
+        assert per_sample.shape == (4,) and torch.isfinite(per_sample).all()
+        optimizer.zero_grad()
+        per_sample.mean().backward()
+        optimizer.step()
+    after = flow.validation_losses(model, x0, y).mean()
+    assert after < 0.5 * before
+
+
+def test_flow_euler_with_oracle_velocity_recovers_the_data_point():
+    # Data is one point x0: given x_t = (1 - t) x0 + t eps, the exact velocity is
+    # v = eps - x0 = (x_t - x0) / t, and Euler steps along this straight line are exact.
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 4, 6, 10)
+    flow = RectifiedFlow()
+
+    def oracle(x_t, t, y):
+        return (x_t - x0) / t.view(-1, 1, 1, 1)
+
+    for shift in (1.0, 3.0):
+        sample = flow.sample(oracle, torch.randn(2, 4, 6, 10), steps=7, shift=shift)
+        torch.testing.assert_close(sample, x0, rtol=1e-5, atol=1e-5)

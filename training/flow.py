@@ -1,0 +1,137 @@
+"""Rectified flow: x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0.
+
+Training draws t from a logit-normal and shifts it towards noise for larger latents,
+t' = s t / (1 + (s - 1) t) with s = sqrt(tokens / base_tokens) (SD3). Sampling integrates
+dx/dt = v from t = 1 to 0 on the same shifted schedule.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# model(x_t (B, C, H, W), t (B,), y (B,) or None) -> v (B, C, H, W)
+VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Map t in [0, 1] to s t / (1 + (s - 1) t): monotone, fixes 0 and 1, identity for s = 1."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def shifted_timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Sampling schedule (steps + 1,) from t = 1 down to t = 0, shifted like training."""
+    return time_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
+
+
+@dataclass
+class RectifiedFlow:
+    """The training objective and its helpers; holds settings only, no state."""
+
+    num_classes: int = 0  # the null class for label dropout is index num_classes
+    patch_size: int = 2  # the DiT's patch size, for counting tokens
+    base_tokens: int = 256  # token count with no shift (a 32x32 latent at patch 2)
+    logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2)) before the shift
+    logit_std: float = 1.0
+    label_dropout: float = 0.1  # probability of replacing a label by the null class
+
+    def shift_for(self, height: int, width: int) -> float:
+        """Shift s = sqrt(tokens / base_tokens) for a latent of height x width."""
+        tokens = (height // self.patch_size) * (width // self.patch_size)
+        return math.sqrt(tokens / self.base_tokens)
+
+    def sample_t(
+        self,
+        n: int,
+        shift: float,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """n training timesteps (n,): logit-normal, then shifted."""
+        z = torch.randn(n, device=device, generator=generator)
+        return time_shift(torch.sigmoid(self.logit_mean + self.logit_std * z), shift)
+
+    def drop_labels(
+        self, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Replace each label (B,) by the null class with probability `label_dropout`."""
+        drop = torch.rand(y.shape, device=y.device, generator=generator) < self.label_dropout
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def loss(
+        self,
+        model: VelocityModel,
+        x0: torch.Tensor,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Per-sample training loss (B,) for clean latents x0 (B, C, H, W); `.mean()` to train.
+
+        Draws t and noise, and drops labels for classifier-free guidance.
+        """
+        B = x0.shape[0]
+        t = self.sample_t(B, self.shift_for(*x0.shape[-2:]), x0.device, generator)  # (B,)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        if y is not None:
+            y = self.drop_labels(y, generator)
+        return self._mse(model, x0, noise, t, y)
+
+    @staticmethod
+    def _mse(
+        model: VelocityModel,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per-sample MSE (B,) between the model's velocity at x_t and noise - x0."""
+        t_ = t.to(x0.dtype).view(-1, 1, 1, 1)
+        x_t = (1 - t_) * x0 + t_ * noise  # (B, C, H, W)
+        v = model(x_t, t, y)
+        return (v.float() - (noise - x0).float()).square().mean(dim=(1, 2, 3))  # (B,)
+
+    @torch.no_grad()
+    def validation_losses(
+        self,
+        model: VelocityModel,
+        x0: torch.Tensor,
+        y: torch.Tensor | None = None,
+        bins: int = 8,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """Mean loss (bins,) at the midpoints of `bins` equal t-bins, with seeded noise.
+
+        No shift and no label dropout, so numbers compare across runs and latent sizes. The
+        noise depends only on (seed, x0's shape), drawn on the CPU for any device.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        losses = []
+        for i in range(bins):
+            noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+            t = torch.full((x0.shape[0],), (i + 0.5) / bins, device=x0.device)
+            losses.append(self._mse(model, x0, noise, t, y).mean())
+        return torch.stack(losses)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: VelocityModel,
+        noise: torch.Tensor,
+        y: torch.Tensor | None = None,
+        steps: int = 50,
+        shift: float | None = None,
+    ) -> torch.Tensor:
+        """Euler integration of dx/dt = v from noise (t = 1) to a sample (t = 0).
+
+        `shift` defaults to the training shift for noise's latent size. No guidance here; the
+        samplers in `inference/samplers.py` add CFG and higher-order steps.
+        """
+        if shift is None:
+            shift = self.shift_for(*noise.shape[-2:])
+        x = noise
+        ts = shifted_timesteps(steps, shift).tolist()
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            t_batch = torch.full((x.shape[0],), t, device=x.device)
+            x = x + (t_next - t) * model(x, t_batch, y)
+        return x
