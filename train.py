@@ -17,8 +17,8 @@ from typing import Sequence
 
 from dotenv import load_dotenv
 
-from training.config import (REPO_ROOT, Config, ConfigError, apply_overrides, from_dict,
-                             load_config)
+from training.config import (REPO_ROOT, Config, ConfigError, TrainingAborted, apply_overrides,
+                             from_dict, load_config)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.json"
 
@@ -32,6 +32,19 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--batch-size": ("batch_size", int, "batch per process"),
     "--seed": ("seed", int, "seed of the schedule, model init and noise"),
     "--num-workers": ("data.num_workers", int, "data worker processes"),
+    "--model": ("dit.model", str, "DiT size from models/registry.py"),
+    "--vae": ("dit.vae", str, "VAE (folder, config.json or file) whose latents the DiT learns"),
+    "--lr": ("train.lr", float, "peak learning rate"),
+    "--max-steps": ("train.max_steps", int, "optimizer steps to train for"),
+    "--precision": ("train.precision", str, "auto (bf16 where supported), bf16 or fp32"),
+    "--device": ("train.device", str, "auto, cpu or cuda"),
+    "--ckpt-every": ("train.ckpt_every", int, "steps between checkpoints"),
+    "--keep-last": ("train.keep_last", int, "complete checkpoints to keep"),
+    "--eval-every": ("train.eval_every", int, "steps between validation passes"),
+    "--sample-every": ("train.sample_every", int, "steps between image grids"),
+    "--log-every": ("train.log_every", int, "steps between TensorBoard scalars"),
+    "--eval-dataset": ("data.eval_dataset", str, "folder of validation images"),
+    "--holdout": ("data.holdout", int, "images held out of training for validation"),
 }
 
 
@@ -58,6 +71,14 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
     parser.add_argument("--allow-upscale", action="store_const", const=True, default=None,
                         help="upscale images smaller than their bucket instead of skipping them "
                              f"(config data.allow_upscale; default: {defaults.data.allow_upscale})")
+    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                        help="continue from a checkpoint: a run folder, a checkpoint folder, or "
+                             "nothing for the newest complete one of --run-dir (default: off)")
+    parser.add_argument("--export", metavar="RUN", default=None,
+                        help="export inference weights from a run folder or checkpoint and exit "
+                             "(default: off)")
+    parser.add_argument("--out", default=None,
+                        help="where --export writes (default: RUN/vae for a VAE run)")
     parser.add_argument("--dry-run", action="store_true",
                         help="scan the data, build buckets and the batch plan, print and exit "
                              "(default: off)")
@@ -104,12 +125,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(from_dict(Config, {}))
     args = parser.parse_args(argv)
     try:
+        if args.export:
+            from training.vae_stage import export_checkpoint
+
+            print(f"exported to {export_checkpoint(args.export, args.out)}")
+            return 0
         cfg = resolve_config(args)
         if args.dry_run:
             dry_run(cfg)
             return 0
-        raise ConfigError(f"stage {cfg.stage!r}: training is not available yet; use --dry-run")
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        if cfg.stage == "vae":
+            from training.vae_stage import train_vae
+
+            run_dir = train_vae(cfg, args.resume)
+        else:
+            from training.dit_stage import train_dit
+
+            run_dir = train_dit(cfg, args.resume)
+        print(f"run folder: {run_dir}")
+    except (ConfigError, FileNotFoundError, ValueError, TrainingAborted) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

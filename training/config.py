@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A config file or override that does not match the dataclasses."""
 
 
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
 @dataclass
 class DataConfig:
     """Where images come from and how they are bucketed."""
@@ -38,7 +42,83 @@ class DataConfig:
     max_image_pixels: int = 100_000_000  # larger images are skipped as decompression bombs
     merge_small_buckets: bool = True  # fold buckets smaller than a global batch into neighbours
     holdout: int = 0  # images kept out of training for validation (taken deterministically)
+    eval_dataset: str = ""  # separate folder of validation images (replaces `holdout`)
+    random_crop: bool = False  # VAE stage: random crops at random scale instead of cover + centre
+    flip: bool = True  # random horizontal flips (the latent cache stores both orientations)
     num_workers: int = 2  # DataLoader / scan worker processes
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping shared by both stages."""
+
+    max_steps: int = 1000
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # "constant" or "cosine" (to 10% at max_steps), after warmup
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+    ema_decay: float = 0.999
+    precision: str = "auto"  # "auto" (bf16 where supported), "bf16" or "fp32"
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 500
+    ckpt_every: int = 1000
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one lands
+    sample_every: int = 1000  # image grids (VAE reconstructions, DiT samples)
+    max_nonfinite: int = 5  # abort after this many non-finite steps in a row
+
+
+@dataclass
+class VAEStageConfig:
+    """KL-VAE training: architecture, loss weights and the adversarial schedule."""
+
+    init: str = ""  # start from these weights (folder, config.json or file) instead of scratch
+    latent_channels: int = 16
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    mid_block_add_attention: bool = False
+    use_quant_conv: bool = False
+    sample_size: int = 256  # tile size for tiled encode/decode
+    rec_loss: str = "l1"  # "l1" or "l2"
+    kl_weight: float = 1e-6  # KL summed over latent elements, averaged over the batch
+    perceptual_weight: float = 1.0  # used only when both LPIPS files are given
+    lpips_vgg: str = ""  # local torchvision vgg16 state dict (.pth)
+    lpips_lin: str = ""  # local LPIPS linear-layer weights (lpips package's vgg.pth)
+    disc_start: int = 5000  # step at which the adversarial term enters the generator loss
+    disc_warmup: int = 500  # the discriminator trains alone this many steps before disc_start
+    disc_ramp: int = 1000  # the adversarial weight ramps linearly from 0 over these steps
+    disc_weight: float = 0.5  # multiplies the adaptive weight
+    disc_lr: float = 1e-4
+    disc_channels: int = 64
+    disc_layers: int = 3
+    eval_crop: int = 256  # validation PSNR/SSIM on centre and side crops of this size
+    eval_images: int = 16  # at most this many validation images
+    scale_images: int = 64  # images encoded to measure scaling/shift factors at export
+
+
+@dataclass
+class DiTStageConfig:
+    """Diffusion transformer on cached latents: model, VAE, objective, sampling previews."""
+
+    model: str = "dit-s/2"  # a name from models/registry.py
+    vae: str = "vae"  # VAE folder, config.json or single file used to build the latent cache
+    cache_dir: str = ""  # latent cache folder (default: $LDM_CACHE_DIR/latents)
+    label_dropout: float = 0.1  # labels replaced by the null class, for classifier-free guidance
+    base_tokens: int = 256  # token count at which the timestep shift is 1
+    logit_mean: float = 0.0  # training timesteps: sigmoid(N(logit_mean, logit_std²)), shifted
+    logit_std: float = 1.0
+    adam_beta2: float = 0.95
+    val_bins: int = 8  # validation loss is reported per timestep bin
+    val_images: int = 64  # at most this many held-out images for the validation loss
+    sample_sizes: list[str] = field(default_factory=lambda: ["256x256", "320x192", "192x320"])
+    sample_steps: int = 28
+    cfg_scale: float = 4.0
+    num_samples: int = 4  # images per sample grid
 
 
 @dataclass
@@ -51,6 +131,9 @@ class Config:
     seed: int = 0
     batch_size: int = 8  # per process; the global batch is batch_size × world size
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    vae: VAEStageConfig = field(default_factory=VAEStageConfig)
+    dit: DiTStageConfig = field(default_factory=DiTStageConfig)
 
 
 def _is_dataclass_type(tp: Any) -> bool:

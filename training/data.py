@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageCms, ImageOps
 
 from training.config import REPO_ROOT
@@ -390,3 +391,101 @@ def resolve_dataset(spec: str, cache_dir: str | os.PathLike[str] | None = None) 
     if not path.is_dir():
         raise FileNotFoundError(f"{spec}: dataset folder not found")
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel batches for training
+
+
+def crop_to_bucket(img: Image.Image, resized: tuple[int, int],
+                   crop: tuple[int, int, int, int], flip: bool = False) -> np.ndarray:
+    """Resize `img` to `resized` (w, h), cut `crop` (l, t, r, b), optionally mirror: (H, W, 3)."""
+    if img.size != resized:
+        # Pillow's reducing_gap resamples large downscales in two cheap stages, nearly losslessly
+        img = img.resize(resized, Image.BICUBIC, reducing_gap=3.0)
+    out = np.array(img.crop(crop))  # a writable copy, (H, W, 3)
+    return np.ascontiguousarray(out[:, ::-1]) if flip else out
+
+
+def random_crop_box(width: int, height: int, bucket: tuple[int, int], rng: np.random.Generator
+                    ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """A random bucket-sized crop at a random scale between 'cover' and native resolution.
+
+    Returns (resized size, crop box). Images smaller than the bucket are upscaled to cover it.
+    """
+    bw, bh = bucket
+    cover = max(bw / width, bh / height)
+    scale = cover if cover >= 1 else math.exp(rng.uniform(math.log(cover), 0.0))
+    rw, rh = max(bw, round(width * scale)), max(bh, round(height * scale))
+    left, top = int(rng.integers(0, rw - bw + 1)), int(rng.integers(0, rh - bh + 1))
+    return (rw, rh), (left, top, left + bw, top + bh)
+
+
+class PixelDataset:
+    """Bucket-cropped RGB images as uint8 tensors, addressed by (sample index, augment seed).
+
+    Used through a DataLoader whose batch sampler yields lists of such pairs (see
+    `ScheduleSampler`), so every random choice (flip, random crop) is fixed by the schedule
+    and a resumed run sees exactly the same pixels. A file that fails to load is reported and
+    replaced by another image of the same bucket, so a batch never changes shape.
+    """
+
+    def __init__(self, records: list[ImageRecord], placements: list, buckets: list,
+                 flip: bool = False, random_crop: bool = False,
+                 max_pixels: int = 100_000_000) -> None:
+        self.records, self.placements, self.buckets = records, placements, buckets
+        self.flip, self.random_crop, self.max_pixels = flip, random_crop, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _pixels(self, index: int, seed: int) -> np.ndarray:
+        rec, place = self.records[index], self.placements[index]
+        rng = np.random.default_rng(seed)
+        flip = self.flip and bool(rng.integers(2))
+        if self.random_crop:
+            resized, box = random_crop_box(rec.width, rec.height,
+                                           tuple(self.buckets[place.bucket]), rng)
+        else:
+            resized, box = place.resized, place.crop
+        img = load_image(rec.path, self.max_pixels, min_size=resized)
+        return crop_to_bucket(img, resized, box, flip)
+
+    def __getitem__(self, item: tuple[int, ...]) -> dict:
+        index, seed, *position = item  # position: (epoch, batch index) from ScheduleSampler
+        try:
+            pixels = self._pixels(index, seed)
+        except ImageLoadError as exc:
+            bucket = self.placements[index].bucket
+            same = [i for i, p in enumerate(self.placements) if p.bucket == bucket and i != index]
+            if not same:
+                raise
+            print(f"warning: {exc}; using another image of the same bucket", flush=True)
+            return {**self[(same[seed % len(same)], seed, *position)], "index": index}
+        out = {"pixels": torch.from_numpy(pixels).permute(2, 0, 1),  # (3, H, W) uint8
+               "label": self.records[index].label, "index": index}
+        if position:
+            out["epoch"], out["batch_index"] = position
+        return out
+
+
+class ScheduleSampler:
+    """Batch sampler over a `BatchSchedule` for one rank, starting at (epoch, index).
+
+    Yields lists of (sample index, augment seed, epoch, batch index); after a batch from
+    (epoch, i) is consumed, the schedule state to save is (epoch, i + 1).
+    """
+
+    def __init__(self, schedule, rank: int, seed: int, epoch: int = 0, index: int = 0) -> None:
+        self.schedule, self.rank, self.seed = schedule, rank, seed
+        self.start = (epoch, index)
+
+    def __iter__(self):
+        for epoch, index, batch in self.schedule.iterate(self.rank, *self.start):
+            yield [(int(i), int(np.random.SeedSequence([self.seed, epoch, int(i)])
+                                 .generate_state(1)[0]), epoch, index) for i in batch]
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1]."""
+    return pixels.float().div_(127.5).sub_(1.0)

@@ -1,0 +1,388 @@
+"""Tests for models/vae.py against diffusers AutoencoderKL: small random models, CPU, no network."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from safetensors.torch import save_file
+
+from models.vae import (
+    AutoencoderKL,
+    DiagonalGaussian,
+    Upsample,
+    VAEConfig,
+    _infer_config,
+    _ldm_key_to_diffusers,
+    _run_tiled,
+    _to_diffusers_layout,
+    load_vae,
+    save_vae,
+    vae_fingerprint,
+)
+
+# Widths are multiples of 32 so that the GroupNorm count inferred for single files (32) is right.
+SD_LIKE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, sample_size=32)
+FLUX_LIKE = VAEConfig(
+    latent_channels=16,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=32,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+)
+NO_ATTENTION = VAEConfig(
+    block_out_channels=(32, 32, 64),
+    layers_per_block=1,
+    sample_size=64,
+    mid_block_add_attention=False,
+)
+SINGLE_FILE_CONFIGS = [SD_LIKE, FLUX_LIKE, NO_ATTENTION]
+# Diffusers folders carry their config, so any GroupNorm count works there.
+GROUPS_4 = VAEConfig(
+    block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, sample_size=32
+)
+FOLDER_CONFIGS = [*SINGLE_FILE_CONFIGS, GROUPS_4]
+IDS = ["sd-like", "flux-like", "no-attention", "groups-4"]
+
+ARCHITECTURE_FIELDS = [
+    "in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
+    "norm_num_groups", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention",
+]
+
+
+def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
+    """Give every GroupNorm a non-trivial affine transform (init is weight 1, bias 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
+
+
+def _diffusers_kwargs(config: VAEConfig) -> dict:
+    return {k: v for k, v in config.to_diffusers_dict().items() if not k.startswith("_")}
+
+
+def _diffusers_vae(config: VAEConfig, seed: int = 0) -> DiffusersAutoencoderKL:
+    torch.manual_seed(seed)
+    model = DiffusersAutoencoderKL(**_diffusers_kwargs(config)).eval()
+    _perturb_norms(model, seed)
+    return model
+
+
+def _our_vae(config: VAEConfig, seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    model = AutoencoderKL(config).eval()
+    _perturb_norms(model, seed)
+    return model
+
+
+def _images(config: VAEConfig, seed: int = 1, batch: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, config.in_channels, 32, 32, generator=gen)  # (B, 3, 32, 32)
+
+
+@torch.no_grad()
+def _assert_same_outputs(ours: AutoencoderKL, peer: DiffusersAutoencoderKL) -> None:
+    x = _images(ours.config)
+    posterior = ours.encode(x)
+    expected = peer.encode(x).latent_dist
+    torch.testing.assert_close(posterior.mean, expected.mean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(posterior.logvar, expected.logvar, atol=1e-4, rtol=0)
+    decoded = ours.decode(posterior.mean)
+    torch.testing.assert_close(decoded, peer.decode(expected.mean).sample, atol=1e-4, rtol=0)
+
+
+def _ldm_key(key: str, levels: int) -> str:
+    """Inverse of the loader's renaming: diffusers name -> original LDM name."""
+    match = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.", key)
+    if match:
+        inner = f"block.{match.group(3)}." if match.group(3) else "upsample."
+        key = f"decoder.up.{levels - 1 - int(match.group(1))}.{inner}{key[match.end():]}"
+    for pattern, replacement in [
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+        (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+        (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+        (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
+        (r"\.mid_block\.attentions\.0\.to_([qkv])\.", r".mid.attn_1.\1."),
+        (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
+        (r"\.conv_shortcut\.", ".nin_shortcut."),
+        (r"\.conv_norm_out\.", ".norm_out."),
+    ]:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _ldm_state_dict(peer: DiffusersAutoencoderKL, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The peer's weights in the original layout, attention linears as 1x1 conv weights."""
+    levels = len(peer.config.block_out_channels)
+    state = {}
+    for key, value in peer.state_dict().items():  # meta tensors work too
+        new_key = _ldm_key(key, levels)
+        if ".attn_1." in new_key and new_key.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # (C, C) -> (C, C, 1, 1)
+        state[prefix + new_key] = value.clone()
+    return state
+
+
+def test_vae_sd_layout_matches_diffusers_names_and_shapes():
+    with torch.device("meta"):  # full SD size, no memory
+        ours = AutoencoderKL(VAEConfig())
+        peer = DiffusersAutoencoderKL(**_diffusers_kwargs(VAEConfig()))
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert len(shapes) == 248
+    assert shapes == {k: v.shape for k, v in peer.state_dict().items()}
+    # All 248 keys survive the trip to the LDM layout and back; the SD config is inferred.
+    converted = _to_diffusers_layout(_ldm_state_dict(peer), Path("sd.safetensors"))
+    assert {k: v.shape for k, v in converted.items()} == shapes
+    assert _infer_config(converted, Path("sd.safetensors")) == VAEConfig()
+
+
+def test_vae_ldm_key_names_match_reference_table():
+    # A few rows of the SD-layout mapping (LDM name -> diffusers name), four levels.
+    rows = {
+        "encoder.down.1.block.0.nin_shortcut.weight":
+            "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+        "encoder.down.2.downsample.conv.bias": "encoder.down_blocks.2.downsamplers.0.conv.bias",
+        "encoder.mid.attn_1.proj_out.weight": "encoder.mid_block.attentions.0.to_out.0.weight",
+        "decoder.mid.block_2.norm1.bias": "decoder.mid_block.resnets.1.norm1.bias",
+        "decoder.mid.attn_1.norm.weight": "decoder.mid_block.attentions.0.group_norm.weight",
+        "decoder.up.0.block.2.conv2.weight": "decoder.up_blocks.3.resnets.2.conv2.weight",
+        "decoder.up.3.upsample.conv.weight": "decoder.up_blocks.0.upsamplers.0.conv.weight",
+        "decoder.norm_out.bias": "decoder.conv_norm_out.bias",
+        "post_quant_conv.weight": "post_quant_conv.weight",
+    }
+    assert {k: _ldm_key_to_diffusers(k, 4) for k in rows} == rows
+
+
+@pytest.mark.parametrize("config", FOLDER_CONFIGS, ids=IDS)
+def test_vae_loads_diffusers_folder_with_same_outputs(tmp_path, config):
+    peer = _diffusers_vae(config)
+    peer.save_pretrained(tmp_path / "vae")
+    ours = load_vae(tmp_path / "vae")
+    assert ours.config == config
+    _assert_same_outputs(ours, peer)
+    from_config_file = load_vae(tmp_path / "vae" / "config.json")
+    assert vae_fingerprint(from_config_file) == vae_fingerprint(ours)
+
+
+@pytest.mark.parametrize("config", SINGLE_FILE_CONFIGS, ids=IDS[:3])
+def test_vae_loads_ldm_single_files_with_same_outputs(tmp_path, config):
+    peer = _diffusers_vae(config)
+    state = _ldm_state_dict(peer, prefix="first_stage_model.")
+    state["loss.logvar"] = torch.zeros(())
+    state["model.diffusion_model.out.weight"] = torch.zeros(4)  # another model in the checkpoint
+    save_file(state, tmp_path / "model.safetensors")
+    torch.save({"state_dict": state, "global_step": 7}, tmp_path / "model.ckpt")
+
+    for name in ("model.safetensors", "model.ckpt"):
+        ours = load_vae(tmp_path / name)
+        for field in ARCHITECTURE_FIELDS:
+            assert getattr(ours.config, field) == getattr(config, field), (name, field)
+        _assert_same_outputs(ours, peer)
+
+
+def test_vae_single_file_scale_and_shift_from_table_or_caller(tmp_path):
+    save_file(_ldm_state_dict(_diffusers_vae(SD_LIKE)), tmp_path / "sd.safetensors")
+    save_file(_ldm_state_dict(_diffusers_vae(FLUX_LIKE), "vae."), tmp_path / "flux.safetensors")
+    sd = load_vae(tmp_path / "sd.safetensors")
+    assert (sd.config.scaling_factor, sd.config.shift_factor) == (0.18215, None)
+    flux = load_vae(tmp_path / "flux.safetensors")
+    assert (flux.config.scaling_factor, flux.config.shift_factor) == (0.3611, 0.1159)
+    sd3 = load_vae(tmp_path / "flux.safetensors", scaling_factor=1.5305, shift_factor=0.0609)
+    assert (sd3.config.scaling_factor, sd3.config.shift_factor) == (1.5305, 0.0609)
+
+
+def test_vae_loads_old_attention_names_from_bin(tmp_path):
+    peer = _diffusers_vae(SD_LIKE)
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for key, value in peer.state_dict().items():
+        for new, old in old_names.items():
+            key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        state[key] = value
+    assert any(".query." in k for k in state)
+    (tmp_path / "config.json").write_text(json.dumps(SD_LIKE.to_diffusers_dict()))
+    torch.save(state, tmp_path / "diffusion_pytorch_model.bin")
+    _assert_same_outputs(load_vae(tmp_path), peer)
+
+
+@pytest.mark.parametrize("config", [SD_LIKE, FLUX_LIKE], ids=IDS[:2])
+def test_vae_save_vae_loads_in_diffusers(tmp_path, config):
+    ours = _our_vae(config)
+    save_vae(ours, tmp_path / "out")
+    peer = DiffusersAutoencoderKL.from_pretrained(tmp_path / "out").eval()
+    assert peer.config.scaling_factor == config.scaling_factor
+    assert peer.config.shift_factor == config.shift_factor
+    _assert_same_outputs(ours, peer)
+    with pytest.raises(FileExistsError, match="config.json"):
+        save_vae(ours, tmp_path / "out")
+    save_vae(ours, tmp_path / "out", overwrite=True)
+
+
+@torch.no_grad()
+def test_vae_tiled_equals_untiled_for_one_tile():
+    model = _our_vae(SD_LIKE)  # f = 2, tile: 32 px, 16 latent pixels
+    x = _images(SD_LIKE, batch=1)  # (1, 3, 32, 32)
+    assert torch.equal(model.encode_tiled(x).mean, model.encode(x).mean)
+    z = torch.randn(1, 4, 16, 12, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(model.decode_tiled(z), model.decode(z))
+
+
+def test_vae_tiling_blends_local_functions_exactly():
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 4, 13, 30, generator=gen)  # 2 x 4 tiles of 8 latent pixels
+
+    def upsample(t):  # a pixel-local stand-in for the decoder
+        return F.interpolate(t, scale_factor=4.0, mode="nearest") * 2 + 1
+
+    def pool(t):  # a pixel-local stand-in for the encoder
+        return F.avg_pool2d(t, 4) - 3
+
+    torch.testing.assert_close(_run_tiled(upsample, z, tile=8, out_scale=4), upsample(z))
+    x = torch.randn(1, 3, 52, 120, generator=gen)
+    torch.testing.assert_close(_run_tiled(pool, x, tile=8, in_scale=4), pool(x))
+
+
+@torch.no_grad()
+def test_vae_tiled_close_to_untiled_on_large_non_square_input():
+    # Tiles see only part of the image (GroupNorm statistics, attention), so tiling is not exact;
+    # the bar is diffusers' own tiling of the same weights at the same tile size.
+    peer = _diffusers_vae(SD_LIKE)
+    peer.enable_tiling()
+    model = AutoencoderKL(SD_LIKE).eval()
+    model.load_state_dict(peer.state_dict())  # f = 2: tiles of 32 px / 16 latent pixels
+    x = torch.randn(1, 3, 48, 80, generator=torch.Generator().manual_seed(4))  # 2 x 3 tiles
+
+    def error(out, ref):
+        return ((out - ref).abs().mean() / ref.std()).item()
+
+    full, tiled = model.encode(x).mean, model.encode_tiled(x).mean  # (1, 4, 24, 40)
+    assert tiled.shape == full.shape and tiled.isfinite().all()
+    assert error(tiled, full) < min(0.3, error(peer.encode(x).latent_dist.mean, full))
+    full_img, tiled_img = model.decode(full), model.decode_tiled(full)  # (1, 3, 48, 80)
+    assert tiled_img.shape == full_img.shape and tiled_img.isfinite().all()
+    assert error(tiled_img, full_img) < min(0.5, error(peer.decode(full).sample, full_img))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        model.encode_tiled(x[..., :47, :])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vae_force_upcast_computes_in_fp32_under_autocast(dtype):
+    model = _our_vae(SD_LIKE)
+    assert model.config.force_upcast
+    x = _images(SD_LIKE).to(dtype)
+    reference = model.encode(x.float())
+    with torch.autocast("cpu", dtype=dtype):
+        posterior = model.encode(x)
+        image = model.decode(posterior.mean)
+    assert posterior.mean.dtype == dtype and image.dtype == dtype
+    assert posterior.mean.isfinite().all() and image.isfinite().all()
+    assert torch.equal(posterior.mean, reference.mean.to(dtype))  # computed in fp32
+    assert torch.equal(image, model.decode(posterior.mean.float()).to(dtype))
+
+
+def test_vae_dtype_follows_force_upcast(tmp_path):
+    save_vae(_our_vae(SD_LIKE), tmp_path / "a")
+    assert load_vae(tmp_path / "a", dtype=torch.bfloat16).encoder.conv_in.weight.dtype == (
+        torch.float32
+    )
+    model = _our_vae(SD_LIKE).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="force_upcast"):
+        model.encode(_images(SD_LIKE))
+    model.config.force_upcast = False
+    with torch.no_grad():
+        assert model.encode(_images(SD_LIKE)).mean.dtype == torch.float32  # caller's dtype
+
+
+def test_vae_errors_name_the_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        load_vae(missing)
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps(SD_LIKE.to_diffusers_dict()))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(no_weights))):
+        load_vae(no_weights)
+
+    unrelated = tmp_path / "unrelated.safetensors"
+    save_file({"text_model.embeddings.weight": torch.zeros(2, 2)}, unrelated)
+    with pytest.raises(ValueError, match=re.escape(str(unrelated))):
+        load_vae(unrelated)
+
+    mismatched = tmp_path / "mismatched"
+    save_vae(_our_vae(SD_LIKE), mismatched)
+    (mismatched / "config.json").write_text(json.dumps(FLUX_LIKE.to_diffusers_dict()))
+    with pytest.raises(ValueError, match=re.escape(str(mismatched)) + ".*missing.*shape"):
+        load_vae(mismatched)
+
+
+def test_vae_config_accepts_diffusers_keys_and_rejects_unknown():
+    data = {**SD_LIKE.to_diffusers_dict(), "_diffusers_version": "0.30.0", "latents_mean": None}
+    assert VAEConfig.from_dict(data) == SD_LIKE
+    with pytest.raises(ValueError, match="unknown VAE config keys.*'colour'"):
+        VAEConfig.from_dict({**data, "colour": "blue"}, source="cfg.json")
+    with pytest.raises(ValueError, match="act_fn"):
+        VAEConfig.from_dict({**data, "act_fn": "gelu"})
+
+
+def test_vae_normalize_denormalize_round_trip_with_shift():
+    model = _our_vae(FLUX_LIKE)
+    latent = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(5))
+    normalized = model.normalize(latent)
+    torch.testing.assert_close(normalized, (latent - 0.1159) * 0.3611)
+    torch.testing.assert_close(model.denormalize(normalized), latent)
+    assert model.downsample_factor == 2
+
+
+@torch.no_grad()
+def test_vae_posterior_matches_diffusers():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    moments = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(6)) * 20
+    ours, theirs = DiagonalGaussian(moments), DiagonalGaussianDistribution(moments)
+    assert ours.logvar.min() >= -30 and ours.logvar.max() <= 20
+    torch.testing.assert_close(ours.std, theirs.std)
+    torch.testing.assert_close(ours.kl(), theirs.kl())
+    assert torch.equal(ours.mode(), ours.mean)
+    first = ours.sample(torch.Generator().manual_seed(7))
+    assert torch.equal(ours.sample(torch.Generator().manual_seed(7)), first)
+
+
+def test_vae_forward_reconstructs_through_posterior():
+    model = _our_vae(SD_LIKE)
+    recon, posterior = model(_images(SD_LIKE), generator=torch.Generator().manual_seed(8))
+    assert recon.shape == (2, 3, 32, 32) and posterior.mean.shape == (2, 4, 16, 16)
+
+
+def test_vae_fingerprint_changes_with_one_weight():
+    model = _our_vae(SD_LIKE)
+    before = vae_fingerprint(model)
+    assert vae_fingerprint(_our_vae(SD_LIKE)) == before
+    with torch.no_grad():
+        model.decoder.conv_out.bias[0] += 1e-3
+    assert vae_fingerprint(model) != before
+
+
+def test_vae_cpu_upsample_equals_nearest_then_conv_with_gradients():
+    torch.manual_seed(9)
+    upsample = Upsample(8)
+    x = torch.randn(2, 8, 5, 7, requires_grad=True)
+    fast = upsample(x)  # the CPU path: one folded 2x2 conv, phases interleaved
+    plain = upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    grad_out = torch.randn_like(plain)
+    fast_grads = torch.autograd.grad(fast, [x, upsample.conv.weight], grad_out)
+    plain_grads = torch.autograd.grad(plain, [x, upsample.conv.weight], grad_out)
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(fast_grad, plain_grad, atol=1e-4, rtol=0)

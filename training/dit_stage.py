@@ -1,0 +1,286 @@
+"""The DiT stage: a diffusion transformer trained with rectified flow on cached latents.
+
+One step: take this rank's slice of the next single-bucket global batch from the schedule,
+draw fresh latents `mean + σ·ε` from the memory-mapped cache, compute the flow loss under
+autocast, all-reduce gradients (DDP), check that loss and gradient norm are finite, step AdamW,
+update the EMA. Around it: validation loss per timestep bin on held-out latents, EMA sample
+grids at several bucket shapes, checkpoints, and a clean stop on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bucketing import BatchSchedule
+from cache import LatentReader, ensure_cache, flip_from_seed, step_generator
+from inference.pipelines import generate
+from models.dit import DiT
+from models.registry import MODEL_NAMES, build_dit
+from models.vae import AutoencoderKL, load_vae
+from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from training.config import Config, ConfigError, resolve_path
+from training.data import ScheduleSampler
+from training.distributed import DistInfo, setup, teardown
+from training.ema import EMA
+from training.flow import RectifiedFlow
+from training.logging import RunLogger
+from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, clip_and_check,
+                           lr_factor, plan_data, prepare_run_dir, seed_everything,
+                           state_for_json)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'384x256' -> (384, 256) as (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"size {text!r} is not WIDTHxHEIGHT") from None
+    return w, h
+
+
+def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
+    """The VAE named by `dit.vae`, in fp32 and eval mode; errors name the path."""
+    path = resolve_path(cfg.dit.vae)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: VAE not found (set --vae to a folder, config.json or "
+                                "weights file)")
+    return load_vae(path, device=device).float().eval().requires_grad_(False)
+
+
+def check_resume_compatible(cfg: Config, state: dict, num_classes: int, latent: int,
+                            path: Path) -> None:
+    """Refuse a checkpoint of another model, latent space or class set."""
+    saved = state.get("config", {})
+    problems = []
+    if saved.get("stage") != "dit":
+        problems.append(f"stage {saved.get('stage')!r}")
+    if saved.get("dit", {}).get("model") != cfg.dit.model:
+        problems.append(f"model {saved.get('dit', {}).get('model')!r} vs {cfg.dit.model!r}")
+    if state.get("num_classes") != num_classes:
+        problems.append(f"{state.get('num_classes')} classes vs {num_classes}")
+    if state.get("latent_channels") != latent:
+        problems.append(f"{state.get('latent_channels')} latent channels vs {latent}")
+    if problems:
+        raise ConfigError(f"{path}: checkpoint is of another model ({'; '.join(problems)})")
+
+
+def train_dit(cfg: Config, resume: str | None = None) -> Path:
+    """Run the DiT stage; returns the run folder."""
+    info = setup(cfg.train.device)
+    try:
+        return _train(cfg, resume, info)
+    finally:
+        teardown()
+
+
+def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
+    t, d = cfg.train, cfg.dit
+    device, main = info.device, info.is_main
+    if d.model not in MODEL_NAMES:
+        raise ConfigError(f"unknown model {d.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    seed_everything(cfg.seed)
+    resume_path = resolve_resume(resolve_path(resume or cfg.run_dir)) if resume is not None \
+        else None
+    vae = load_stage_vae(cfg, device)
+    run_dir = prepare_run_dir(cfg, resume_path is not None, info)
+    plan = plan_data(cfg, info, run_dir)
+    num_classes = len(plan.class_names)
+    model: DiT = build_dit(d.model, vae.config.latent_channels, num_classes).to(device)
+    step_px = vae.downsample_factor * model.config.patch_size
+    if cfg.data.step % step_px:
+        raise ConfigError(f"data.step {cfg.data.step} must be a multiple of VAE factor × patch "
+                          f"= {step_px}")
+
+    # Latent cache: build or update, then read from memory-mapped shards.
+    cache_dir = resolve_path(d.cache_dir) if d.cache_dir else None
+    build = dict(flip=cfg.data.flip, batch_size=max(cfg.batch_size, 8),
+                 num_workers=cfg.data.num_workers, dist_info=info,
+                 max_pixels=cfg.data.max_image_pixels, progress=main)
+    summary = ensure_cache(plan.records, plan.placements, plan.buckets, vae, cache_dir, **build)
+    if main:
+        print(summary.format(), flush=True)
+    keys = summary.keys
+    if summary.unusable:  # reported above; train on the rest
+        keep = sorted(set(range(len(plan.records))) - set(summary.unusable))
+        plan.records = [plan.records[i] for i in keep]
+        plan.placements = [plan.placements[i] for i in keep]
+        keys = [keys[i] for i in keep]
+        plan.schedule = BatchSchedule([p.bucket for p in plan.placements], cfg.batch_size,
+                                      info.world_size, cfg.seed)
+    reader = LatentReader(summary.cache_dir, keys, vae.config.scaling_factor,
+                          vae.config.shift_factor)
+    val_x, val_y = [], []
+    if plan.eval_records and main:
+        n = min(d.val_images, len(plan.eval_records))
+        val = ensure_cache(plan.eval_records[:n], plan.eval_placements[:n], plan.buckets, vae,
+                           cache_dir, **{**build, "flip": False, "dist_info": None})
+        val_reader = LatentReader(val.cache_dir, val.keys, vae.config.scaling_factor,
+                                  vae.config.shift_factor)
+        groups = defaultdict(list)
+        for i in range(n):
+            groups[plan.eval_placements[i].bucket].append(i)
+        for members in groups.values():
+            for j in range(0, len(members), 16):
+                chunk = members[j:j + 16]
+                mean, _ = val_reader.moments(chunk)  # the posterior mean: a fixed target
+                val_x.append(vae.normalize(mean))
+                val_y.append(torch.tensor([plan.eval_records[i].label for i in chunk]))
+        val_reader.close()
+
+    flow = RectifiedFlow(num_classes, model.config.patch_size, d.base_tokens, d.logit_mean,
+                         d.logit_std, d.label_dropout)
+    model.gradient_checkpointing = t.grad_checkpointing
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, d.adam_beta2),
+                            weight_decay=t.weight_decay, fused=device.type == "cuda")
+    ema = EMA(model, t.ema_decay)
+    step, epoch, index = 0, 0, 0
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path)
+        check_resume_compatible(cfg, ckpt.state, num_classes, vae.config.latent_channels,
+                                resume_path)
+        model.load_state_dict(ckpt.tensors["model"])
+        ema.load_state_dict(ckpt.tensors["ema"], ckpt.state["ema_updates"])
+        opt.load_state_dict(ckpt.torch_state["optimizer"])
+        step, epoch, index = ckpt.step, ckpt.state["epoch"], ckpt.state["index"]
+        if main:
+            print(f"resumed from {resume_path} at step {step}", flush=True)
+    if main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{d.model}: {n_params / 1e6:.2f}M parameters, {num_classes or 'no'} classes, "
+              f"{vae.config.latent_channels} latent channels", flush=True)
+
+    train_model = model
+    if info.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        train_model = torch.compile(train_model)
+    amp = autocast_dtype(t.precision, device)
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+    batches = iter(ScheduleSampler(plan.schedule, info.rank, cfg.seed, epoch, index))
+    logger = RunLogger(run_dir, main)
+    stop = StopSignal()
+    guard = NonFiniteGuard(t.max_nonfinite)
+    params = list(model.parameters())
+    bar = tqdm(total=t.max_steps, initial=step, disable=not main, dynamic_ncols=True)
+
+    def checkpoint() -> None:
+        if main:
+            extra = {"stage": "dit", "ema_updates": ema.num_updates,
+                     "num_classes": num_classes, "latent_channels": vae.config.latent_channels,
+                     "class_names": plan.class_names,
+                     "model_config": model.config.to_dict(),
+                     "vae": str(resolve_path(d.vae))}
+            save_checkpoint(run_dir, step, {"model": model.state_dict(),
+                                            "ema": ema.state_dict()},
+                            {"optimizer": opt.state_dict()},
+                            state_for_json(cfg, step, epoch, index, extra), keep_last=t.keep_last)
+
+    def previews() -> None:
+        ema.copy_to(ema_model)
+        samples_dir = run_dir / "samples"
+        samples_dir.mkdir(exist_ok=True)
+        import torchvision
+
+        for k, size in enumerate(d.sample_sizes):
+            w, h = parse_size(size)
+            w, h = max(step_px, w // step_px * step_px), max(step_px, h // step_px * step_px)
+            labels = [i % num_classes for i in range(d.num_samples)] if num_classes else None
+            images = generate(ema_model, vae, h, w, d.num_samples, labels, d.cfg_scale,
+                              d.sample_steps, seed=cfg.seed + k, base_tokens=d.base_tokens,
+                              autocast_dtype=amp)
+            grid = torchvision.utils.make_grid((images + 1) / 2, nrow=d.num_samples)
+            logger.image(f"samples/{w}x{h}", grid, step)
+            torchvision.utils.save_image(grid, samples_dir / f"step_{step:07d}_{w}x{h}.png")
+
+    def validate() -> None:
+        ema.copy_to(ema_model)
+        per_bin, count = torch.zeros(d.val_bins), 0
+        with autocast(device, amp):
+            for x0, y in zip(val_x, val_y):
+                losses = flow.validation_losses(ema_model, x0.to(device),
+                                                y.to(device) if num_classes else None,
+                                                d.val_bins, seed=cfg.seed)
+                per_bin += losses.float().cpu() * len(x0)
+                count += len(x0)
+        per_bin /= count
+        values = {f"val/loss_bin{i}": float(v) for i, v in enumerate(per_bin)}
+        values["val/loss"] = float(per_bin.mean())
+        logger.scalars(values, step)
+        bar.write(f"step {step}: validation loss {values['val/loss']:.4f}")
+
+    tick, waited = time.perf_counter(), 0.0
+    bucket_losses: dict[str, list[float]] = defaultdict(list)
+    while step < t.max_steps:
+        for group in opt.param_groups:
+            group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
+        total, files = torch.zeros((), device=device), []
+        for micro in range(t.grad_accum):
+            t_data = time.perf_counter()
+            items = next(batches)
+            indices = [i for i, _, _, _ in items]
+            epoch, index = items[0][2], items[0][3] + 1
+            noise = step_generator(cfg.seed, step * t.grad_accum + micro, info.rank)
+            flips = [flip_from_seed(s) for _, s, _, _ in items] if cfg.data.flip else None
+            x0 = reader.batch(indices, noise, flips).to(device, non_blocking=True)  # (B,C,h,w)
+            y = (torch.tensor([plan.records[i].label for i in indices], device=device)
+                 if num_classes else None)
+            waited += time.perf_counter() - t_data
+            files += [plan.records[i].path for i in indices]
+            gen = torch.Generator(device).manual_seed(int(noise.initial_seed() % 2 ** 63))
+            sync = micro == t.grad_accum - 1 or info.world_size == 1
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(device, amp):
+                per_sample = flow.loss(train_model, x0, y, generator=gen)  # (B,)
+                loss = per_sample.mean()
+            (loss / t.grad_accum).backward()
+            total += loss.detach() / t.grad_accum
+            bw, bh = x0.shape[-1] * vae.downsample_factor, x0.shape[-2] * vae.downsample_factor
+            bucket_losses[f"{bw}x{bh}"].append(loss.item())
+        grad_norm = clip_and_check(params, t.grad_clip)
+        if guard.ok(step, total, grad_norm, files):
+            opt.step()
+            ema.update(model)
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if main and (step % t.log_every == 0 or step == 1):
+            elapsed = time.perf_counter() - tick
+            steps_done = min(step, t.log_every)
+            values = {"train/loss": total.item(), "train/lr": opt.param_groups[0]["lr"],
+                      "train/grad_norm": grad_norm.item(),
+                      "train/samples_per_s": steps_done * t.grad_accum * cfg.batch_size
+                      * info.world_size / max(elapsed, 1e-9),
+                      "train/data_wait_fraction": waited / max(elapsed, 1e-9)}
+            values.update({f"loss_bucket/{k}": float(np.mean(v))
+                           for k, v in bucket_losses.items()})
+            logger.scalars(values, step)
+            bar.set_postfix(loss=f"{total.item():.4f}")
+            tick, waited = time.perf_counter(), 0.0
+            bucket_losses.clear()
+        if main and val_x and (step % t.eval_every == 0 or step == t.max_steps):
+            validate()
+        if main and (step % t.sample_every == 0 or step == t.max_steps):
+            previews()
+        if stop.received is not None or (t.ckpt_every and step % t.ckpt_every == 0):
+            checkpoint()
+            logger.flush()
+        if stop.received is not None:
+            bar.write(f"signal {stop.received}: saved step {step} and stopped")
+            break
+    else:
+        if not t.ckpt_every or step % t.ckpt_every:
+            checkpoint()
+    bar.close()
+    reader.close()
+    logger.close()
+    stop.restore()
+    return run_dir
+

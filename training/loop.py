@@ -1,0 +1,258 @@
+"""What both training stages share: run folder, data plan, precision, schedules, guarded steps.
+
+A stage (`training/vae_stage.py`, `training/dit_stage.py`) reads top to bottom as one loop and
+calls these helpers for everything that is not specific to its model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bucketing import BatchSchedule, assign, bucket_dataset
+from training.config import (Config, ConfigError, TrainingAborted, resolve_path, save_config,
+                             to_dict)
+from training.data import ImageRecord, PixelDataset, ScheduleSampler, resolve_dataset, scan_folder
+from training.distributed import DistInfo, barrier, broadcast_object
+
+
+@dataclass
+class DataPlan:
+    """Scanned, bucketed, split data and its batch schedule."""
+
+    records: list[ImageRecord]
+    placements: list
+    buckets: list[tuple[int, int]]
+    schedule: BatchSchedule
+    eval_records: list[ImageRecord]
+    eval_placements: list  # bucket placements of the validation images
+    class_names: list[str]
+    skipped: list
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` ("auto", "bf16", "fp32") on `device`, None for fp32.
+
+    "auto" picks bf16 on CUDA devices that support it and on CPUs with native bf16 matmuls
+    (AVX-512 BF16 / AMX), fp32 elsewhere.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {precision!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    cap = torch.backends.cpu.get_cpu_capability()
+    return torch.bfloat16 if cap in ("AVX512_BF16", "AMX") or _cpu_has_bf16() else None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`, or a no-op context for fp32 (dtype None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at `step`: linear warmup, then constant or cosine."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ConfigError(f"train.lr_schedule must be constant or cosine, got {schedule!r}")
+
+
+def clip_and_check(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip gradients (when max_norm > 0) and return the total norm before clipping."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+class NonFiniteGuard:
+    """Decides whether an optimizer step may touch the weights.
+
+    A non-finite loss or gradient norm skips the step, logs the step and the batch's files,
+    and after `limit` such steps in a row aborts the run with `TrainingAborted`.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row = limit, 0
+
+    def ok(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+           files: list[str]) -> bool:
+        if bool(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item()):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        print(f"step {step}: non-finite loss {loss.item()} or gradient norm {grad_norm.item()};"
+              f" optimizer step skipped; batch: {files}", flush=True)
+        if self.in_a_row >= self.limit:
+            raise TrainingAborted(f"{self.in_a_row} non-finite steps in a row at step {step}; "
+                                  "lower the learning rate or check the files listed above")
+        return False
+
+
+class StopSignal:
+    """Turns SIGTERM and SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def prepare_run_dir(cfg: Config, resuming: bool, dist: DistInfo) -> Path:
+    """Create the run folder and save the resolved config; refuse to overwrite another run."""
+    run_dir = resolve_path(cfg.run_dir)
+    if dist.is_main:
+        existing = run_dir / "checkpoints"
+        if not resuming and existing.is_dir() and any(existing.glob("step_*")):
+            raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue "
+                              "it or choose another --run-dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.json")
+    barrier()
+    return run_dir
+
+
+def plan_data(cfg: Config, dist: DistInfo, run_dir: Path | None = None) -> DataPlan:
+    """Scan and bucket the data (rank 0 first, so the others read its scan cache), split off
+    the validation images, and build the batch schedule for this world size."""
+    if not dist.is_main:
+        barrier()
+    scan, buckets, placements = bucket_dataset(cfg.data, cfg.batch_size, dist.world_size)
+    if dist.is_main:
+        barrier()
+        print(scan.summary(), flush=True)
+        if run_dir is not None:
+            scan.write_skip_list(run_dir / "skipped.json")
+    records = scan.records
+    if not records:
+        raise ConfigError(f"{scan.root}: no usable image (see the skip list above)")
+    eval_records: list[ImageRecord] = []
+    eval_placements: list = []
+    if cfg.data.eval_dataset:
+        eval_scan = scan_folder(resolve_dataset(cfg.data.eval_dataset),
+                                use_classes=cfg.data.use_classes,
+                                max_pixels=cfg.data.max_image_pixels, num_workers=1)
+        grid = np.asarray(buckets)
+        for rec in eval_scan.records:
+            p = assign(rec.width, rec.height, grid, cfg.data.allow_upscale)
+            if p is not None:
+                eval_records.append(rec)
+                eval_placements.append(p)
+    elif cfg.data.holdout > 0:
+        # The held-out images are those with the smallest content hashes: stable when files
+        # are added, renamed or reordered.
+        held = set(sorted(range(len(records)), key=lambda i: records[i].sha256)
+                   [:cfg.data.holdout])
+        eval_records = [records[i] for i in sorted(held)]
+        eval_placements = [placements[i] for i in sorted(held)]
+        keep = [i for i in range(len(records)) if i not in held]
+        records, placements = [records[i] for i in keep], [placements[i] for i in keep]
+        if not records:
+            raise ConfigError(f"data.holdout={cfg.data.holdout} leaves no training image")
+    schedule = BatchSchedule([p.bucket for p in placements], cfg.batch_size, dist.world_size,
+                             cfg.seed)
+    if schedule.batches_per_epoch() == 0:
+        raise ConfigError(f"no bucket holds a global batch of {schedule.global_batch} images; "
+                          "lower --batch-size")
+    if schedule.unused_samples() and dist.is_main:
+        print(f"warning: {schedule.unused_samples()} image(s) sit in buckets smaller than one "
+              "global batch and are never used", flush=True)
+    return DataPlan(records, placements, buckets, schedule, eval_records, eval_placements,
+                    scan.class_names, scan.skipped)
+
+
+def pixel_loader(cfg: Config, plan: DataPlan, dist: DistInfo, epoch: int, index: int,
+                 random_crop: bool = False) -> torch.utils.data.DataLoader:
+    """DataLoader of uint8 pixel batches following the schedule from (epoch, index)."""
+    dataset = PixelDataset(plan.records, plan.placements, plan.buckets, flip=cfg.data.flip,
+                           random_crop=random_crop, max_pixels=cfg.data.max_image_pixels)
+    sampler = ScheduleSampler(plan.schedule, dist.rank, cfg.seed, epoch, index)
+    workers = cfg.data.num_workers
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                       pin_memory=dist.device.type == "cuda",
+                                       persistent_workers=False,
+                                       prefetch_factor=4 if workers else None)
+
+
+def eval_crops(records: list[ImageRecord], crop: int, limit: int,
+               max_pixels: int = 100_000_000) -> torch.Tensor:
+    """Validation images: up to three crop×crop squares per image (start, centre, end of the
+    long side) at native scale, or the image resized to cover the square when smaller.
+
+    Returns uint8 (N, 3, crop, crop).
+    """
+    from training.data import crop_to_bucket, load_image
+
+    out = []
+    for rec in records[:limit]:
+        img = load_image(rec.path, max_pixels)
+        w, h = img.size
+        scale = max(1.0, crop / w, crop / h)
+        rw, rh = max(crop, round(w * scale)), max(crop, round(h * scale))
+        spots = [0.0, 0.5, 1.0] if max(rw, rh) >= 2 * crop else [0.5]
+        for f in spots:
+            left = int((rw - crop) * f) if rw >= rh else (rw - crop) // 2
+            top = int((rh - crop) * f) if rh > rw else (rh - crop) // 2
+            out.append(crop_to_bucket(img, (rw, rh), (left, top, left + crop, top + crop)))
+    if not out:
+        return torch.zeros(0, 3, crop, crop, dtype=torch.uint8)
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def state_for_json(cfg: Config, step: int, epoch: int, index: int, extra: dict) -> dict:
+    """The JSON part of a checkpoint."""
+    from training.checkpoint import capture_rng_state
+
+    return {"step": step, "epoch": epoch, "index": index, "config": to_dict(cfg),
+            "rng": capture_rng_state(), **extra}
+
+
+def broadcast_resume_path(path: Path | None) -> Path | None:
+    """Rank 0's choice of checkpoint, on every rank."""
+    chosen = broadcast_object(str(path) if path else None)
+    return Path(chosen) if chosen else None
+
+
+__all__ = ["DataPlan", "NonFiniteGuard", "TrainingAborted", "StopSignal", "autocast", "autocast_dtype",
+           "broadcast_resume_path", "clip_and_check", "eval_crops", "lr_factor", "pixel_loader",
+           "plan_data", "prepare_run_dir", "seed_everything", "state_for_json"]

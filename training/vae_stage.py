@@ -1,0 +1,317 @@
+"""The VAE stage: train a KL autoencoder on bucketed pixel batches.
+
+Loss per step (LDM recipe): reconstruction (L1 or L2) + optional LPIPS + kl_weight × KL, plus,
+from `disc_start`, a PatchGAN hinge term whose weight adapts to the ratio of gradient norms at
+the decoder's last layer and ramps in over `disc_ramp` steps. The discriminator itself starts
+`disc_warmup` steps earlier, so it is not a random judge when its verdict starts to count.
+At the end the EMA weights are exported to `RUN_DIR/vae/` in the diffusers layout, with
+`scaling_factor` and `shift_factor` measured so that normalised latents have unit variance.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from models.discriminator import PatchDiscriminator, generator_hinge_loss, hinge_d_loss
+from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
+from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from training.config import Config, ConfigError, resolve_path
+from training.data import to_unit_range
+from training.distributed import DistInfo, setup, teardown
+from training.ema import EMA
+from training.logging import RunLogger
+from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, clip_and_check,
+                           eval_crops, lr_factor, pixel_loader, plan_data, prepare_run_dir,
+                           seed_everything, state_for_json)
+from training.metrics import psnr, ssim
+
+ARCH_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
+             "mid_block_add_attention", "use_quant_conv")
+
+
+def build_vae(cfg: Config) -> AutoencoderKL:
+    """A fresh VAE from the config's architecture, or the weights named by `vae.init`."""
+    v = cfg.vae
+    if v.init:
+        return load_vae(resolve_path(v.init)).float()
+    return AutoencoderKL(VAEConfig(
+        latent_channels=v.latent_channels, block_out_channels=tuple(v.block_out_channels),
+        layers_per_block=v.layers_per_block, norm_num_groups=v.norm_num_groups,
+        mid_block_add_attention=v.mid_block_add_attention, use_quant_conv=v.use_quant_conv,
+        use_post_quant_conv=v.use_quant_conv, sample_size=v.sample_size, scaling_factor=1.0,
+        shift_factor=0.0, force_upcast=False))
+
+
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """‖∇nll‖ / (‖∇g‖ + 1e-4) at the decoder's last layer, clamped to [0, 1e4], detached."""
+    nll_grad = torch.autograd.grad(nll, last, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """All-reduce gradients to their mean over ranks (no-op in a single process)."""
+    if dist.is_initialized():
+        world = dist.get_world_size()
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
+@torch.no_grad()
+def evaluate(model: AutoencoderKL, images: torch.Tensor, device: torch.device,
+             batch: int = 8) -> tuple[float, float, torch.Tensor]:
+    """Mean PSNR and SSIM of posterior-mean reconstructions; also a grid-ready pair tensor."""
+    model.eval()
+    scores_p, scores_s, recs = [], [], []
+    for i in range(0, len(images), batch):
+        x = to_unit_range(images[i:i + batch]).to(device)
+        rec = model.decode(model.encode(x).mode()).clamp(-1, 1)
+        scores_p.append(psnr(rec, x))
+        scores_s.append(ssim(rec, x))
+        recs.append(rec.cpu())
+    model.train()
+    rec = torch.cat(recs)
+    pairs = torch.stack([to_unit_range(images[:4]), rec[:4]], 1).flatten(0, 1)  # (8, 3, H, W)
+    return float(torch.cat(scores_p).mean()), float(torch.cat(scores_s).mean()), pairs
+
+
+@torch.no_grad()
+def measure_latent_scale(model: AutoencoderKL, loader, device: torch.device,
+                         images: int) -> tuple[float, float]:
+    """(shift, scale) so that (latent − shift) × scale has zero mean and unit variance."""
+    model.eval()
+    total, total_sq, count = 0.0, 0.0, 0
+    for batch in loader:
+        z = model.encode(to_unit_range(batch["pixels"]).to(device)).sample().double()
+        total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), \
+            count + z.numel()
+        images -= len(z)
+        if images <= 0:
+            break
+    model.train()
+    mean = total / count
+    std = max((total_sq / count - mean ** 2) ** 0.5, 1e-6)
+    return mean, 1.0 / std
+
+
+def check_resume_compatible(cfg: Config, saved: dict, path: Path) -> None:
+    """Refuse a checkpoint whose VAE architecture differs from the config's."""
+    theirs = saved.get("vae", {})
+    diff = [k for k in ARCH_KEYS if theirs.get(k) != getattr(cfg.vae, k)]
+    if saved.get("stage") != "vae" or diff:
+        raise ConfigError(f"{path}: checkpoint is of another model (stage "
+                          f"{saved.get('stage')!r}, differing: {', '.join(diff) or '-'})")
+
+
+def train_vae(cfg: Config, resume: str | None = None) -> Path:
+    """Run the VAE stage; returns the run folder."""
+    info: DistInfo = setup(cfg.train.device)
+    try:
+        return _train(cfg, resume, info)
+    finally:
+        teardown()
+
+
+def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
+    t, v = cfg.train, cfg.vae
+    device, main = info.device, info.is_main
+    seed_everything(cfg.seed)
+    resume_path = None
+    if resume is not None:  # "" means the newest checkpoint of this run
+        resume_path = resolve_resume(resolve_path(resume or cfg.run_dir))
+    run_dir = prepare_run_dir(cfg, resume_path is not None, info)
+    plan = plan_data(cfg, info, run_dir)
+
+    vae = build_vae(cfg).to(device)
+    disc = PatchDiscriminator(3, v.disc_channels, v.disc_layers).to(device)
+    lpips = None
+    if v.lpips_vgg and v.lpips_lin:
+        from training.lpips import LPIPS
+        lpips = LPIPS.from_files(resolve_path(v.lpips_vgg), resolve_path(v.lpips_lin)).to(device)
+    opt_g = torch.optim.Adam(vae.parameters(), lr=t.lr, betas=(0.5, 0.9),
+                             weight_decay=t.weight_decay)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=v.disc_lr, betas=(0.5, 0.9))
+    ema = EMA(vae, t.ema_decay)
+    step, epoch, index = 0, 0, 0
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path)
+        check_resume_compatible(cfg, ckpt.state["config"], resume_path)
+        vae.load_state_dict(ckpt.tensors["model"])
+        disc.load_state_dict(ckpt.tensors["discriminator"])
+        ema.load_state_dict(ckpt.tensors["ema"], ckpt.state["ema_updates"])
+        opt_g.load_state_dict(ckpt.torch_state["opt_g"])
+        opt_d.load_state_dict(ckpt.torch_state["opt_d"])
+        step, epoch, index = ckpt.step, ckpt.state["epoch"], ckpt.state["index"]
+        if main:
+            print(f"resumed from {resume_path} at step {step}", flush=True)
+    if main:
+        n = sum(p.numel() for p in vae.parameters())
+        print(f"VAE: {n / 1e6:.2f}M parameters, downsampling {vae.downsample_factor}, "
+              f"{vae.config.latent_channels} latent channels", flush=True)
+
+    amp = autocast_dtype(t.precision, device)
+    loader = pixel_loader(cfg, plan, info, epoch, index, random_crop=cfg.data.random_crop)
+    eval_images = eval_crops(plan.eval_records, v.eval_crop, v.eval_images,
+                             cfg.data.max_image_pixels) if main else None
+    ema_model = copy.deepcopy(vae).eval()
+    logger = RunLogger(run_dir, main)
+    stop = StopSignal()
+    last_layer = vae.decoder.conv_out.weight
+    guard = NonFiniteGuard(t.max_nonfinite)
+    bar = tqdm(total=t.max_steps, initial=step, disable=not main, dynamic_ncols=True)
+    batches = iter(loader)
+
+    def checkpoint() -> None:
+        if main:
+            save_checkpoint(run_dir, step, {"model": vae.state_dict(), "ema": ema.state_dict(),
+                                            "discriminator": disc.state_dict()},
+                            {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()},
+                            state_for_json(cfg, step, epoch, index,
+                                           {"stage": "vae", "ema_updates": ema.num_updates}),
+                            keep_last=t.keep_last)
+
+    tick = time.perf_counter()
+    while step < t.max_steps:
+        t_wait = time.perf_counter()
+        batch = next(batches)
+        t_wait = time.perf_counter() - t_wait
+        x = to_unit_range(batch["pixels"]).to(device, non_blocking=True)  # (B, 3, H, W)
+        for group in opt_g.param_groups:
+            group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
+        gen_weight = 0.0 if step < v.disc_start else min(1.0, (step - v.disc_start + 1)
+                                                         / max(1, v.disc_ramp))
+        noise = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 97 + info.rank)
+
+        # Generator (autoencoder) step.
+        with autocast(device, amp):
+            posterior = vae.encode(x)
+            rec = vae.decode(posterior.sample(noise))  # (B, 3, H, W)
+            err = rec.float() - x
+            rec_loss = err.abs().mean() if v.rec_loss == "l1" else err.pow(2).mean()
+            p_loss = lpips(rec.float(), x).mean() if lpips is not None else rec_loss.new_zeros(())
+            nll = rec_loss + v.perceptual_weight * p_loss
+            kl = posterior.kl().mean()
+            loss = nll + v.kl_weight * kl
+            g_loss = d_weight = torch.zeros((), device=device)
+            if gen_weight > 0:
+                disc.requires_grad_(False)
+                g_loss = generator_hinge_loss(disc(rec))
+                disc.requires_grad_(True)
+                d_weight = adaptive_weight(nll, g_loss, last_layer) * v.disc_weight
+                loss = loss + gen_weight * d_weight * g_loss
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(list(vae.parameters()))
+        grad_norm = clip_and_check(list(vae.parameters()), t.grad_clip)
+        finite = guard.ok(step, loss, grad_norm, [plan.records[int(i)].path
+                                                  for i in batch["index"]])
+        if finite:
+            opt_g.step()
+            ema.update(vae)
+
+        # Discriminator step.
+        d_loss = logits_real = logits_fake = torch.zeros((), device=device)
+        if step >= v.disc_start - v.disc_warmup and finite:
+            with autocast(device, amp):
+                real, fake = disc(x), disc(rec.detach())
+                d_loss = hinge_d_loss(real, fake)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            average_gradients(list(disc.parameters()))
+            opt_d.step()
+            logits_real, logits_fake = real.detach().mean(), fake.detach().mean()
+
+        step += 1
+        epoch, index = int(batch["epoch"][0]), int(batch["batch_index"][0]) + 1
+        bar.update(1)
+        if main and (step % t.log_every == 0 or step == 1):
+            elapsed = time.perf_counter() - tick
+            tick = time.perf_counter()
+            logger.scalars({"loss/total": loss.item(), "loss/rec": rec_loss.item(),
+                            "loss/perceptual": p_loss.item(), "loss/kl": kl.item(),
+                            "loss/gan_generator": g_loss.item(), "loss/disc": d_loss.item(),
+                            "gan/adaptive_weight": d_weight.item(), "gan/ramp": gen_weight,
+                            "gan/logits_real": logits_real.item(),
+                            "gan/logits_fake": logits_fake.item(),
+                            "train/grad_norm": grad_norm.item(),
+                            "train/lr": opt_g.param_groups[0]["lr"],
+                            "train/data_wait_fraction": t_wait / max(1e-9, elapsed
+                                                                      / min(step, t.log_every)),
+                            "train/samples_per_s": x.shape[0] * info.world_size
+                            * min(step, t.log_every) / max(1e-9, elapsed)}, step)
+            bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.0f}")
+        if main and len(eval_images) and (step % t.eval_every == 0 or step == t.max_steps):
+            ema.copy_to(ema_model)
+            p, s, pairs = evaluate(ema_model, eval_images, device)
+            logger.scalars({"eval/psnr": p, "eval/ssim": s}, step)
+            if step % t.sample_every == 0 or step == t.max_steps:
+                import torchvision
+
+                grid = torchvision.utils.make_grid((pairs + 1) / 2, nrow=2)
+                logger.image("eval/reconstructions", grid, step)
+            bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
+        if stop.received is not None or (t.ckpt_every and step % t.ckpt_every == 0):
+            checkpoint()
+            logger.flush()
+        if stop.received is not None:
+            if main:
+                bar.write(f"signal {stop.received}: saved step {step} and stopped")
+            bar.close()
+            logger.close()
+            return run_dir
+    bar.close()
+    if not t.ckpt_every or step % t.ckpt_every:
+        checkpoint()
+    if main:
+        export_vae(vae, ema, ema_model, loader_for_scale(cfg, plan, info), device, run_dir / "vae",
+                   v.scale_images)
+    logger.close()
+    stop.restore()
+    return run_dir
+
+
+def loader_for_scale(cfg: Config, plan, info: DistInfo):
+    """Centre-cropped training batches for measuring the latent scale."""
+    return pixel_loader(cfg, plan, info, 0, 0, random_crop=False)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> Path:
+    """Export the EMA weights of a VAE checkpoint (or a run's newest) to `out` (default
+    `RUN_DIR/vae`), measuring the latent scale on the run's training data."""
+    from training.config import from_dict
+
+    path = resolve_resume(resolve_path(checkpoint))
+    ckpt = load_checkpoint(path)
+    cfg = from_dict(Config, ckpt.state["config"])
+    if cfg.stage != "vae":
+        raise ConfigError(f"{path}: not a VAE checkpoint (stage {cfg.stage!r})")
+    info = setup("cpu" if cfg.train.device == "auto" and not torch.cuda.is_available()
+                 else cfg.train.device)
+    plan = plan_data(cfg, info)
+    vae = build_vae(cfg).to(info.device)
+    vae.load_state_dict(ckpt.tensors["model"])
+    ema = EMA(vae, cfg.train.ema_decay)
+    ema.load_state_dict(ckpt.tensors["ema"], ckpt.state["ema_updates"])
+    folder = Path(out) if out else path.parent.parent / "vae"
+    return export_vae(vae, ema, copy.deepcopy(vae), loader_for_scale(cfg, plan, info),
+                      info.device, folder, cfg.vae.scale_images)
+
+
+def export_vae(vae: AutoencoderKL, ema: EMA, ema_model: AutoencoderKL, loader,
+               device: torch.device, folder: Path, images: int) -> Path:
+    """Write the EMA weights in the diffusers layout with measured scale and shift."""
+    ema.copy_to(ema_model)
+    shift, scale = measure_latent_scale(ema_model, loader, device, images)
+    ema_model.config.shift_factor = round(shift, 6)
+    ema_model.config.scaling_factor = round(scale, 6)
+    out = save_vae(ema_model, folder, overwrite=True)
+    print(f"exported {folder} (scaling_factor {scale:.4f}, shift_factor {shift:.4f})", flush=True)
+    return out
