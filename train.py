@@ -62,8 +62,11 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG.relative_to(REPO_ROOT)),
                         help="JSON config in configs/ (default: %(default)s)")
+    from models.registry import MODEL_NAMES
+
     for flag, (key, tp, text) in FLAGS.items():
         parser.add_argument(flag, type=tp, default=None,
+                            choices=MODEL_NAMES if flag == "--model" else None,
                             help=f"{text} (config {key}; default: {_config_default(defaults, key)})")
     parser.add_argument("--classes", action="store_const", const=True, default=None,
                         help="label = first-level sub-folder name (config data.use_classes; "

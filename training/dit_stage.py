@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -90,14 +91,18 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     resume_path = resolve_resume(resolve_path(resume or cfg.run_dir)) if resume is not None \
         else None
     vae = load_stage_vae(cfg, device)
-    run_dir = prepare_run_dir(cfg, resume_path is not None, info)
-    plan = plan_data(cfg, info, run_dir)
+    plan = plan_data(cfg, info)
     num_classes = len(plan.class_names)
     model: DiT = build_dit(d.model, vae.config.latent_channels, num_classes).to(device)
     step_px = vae.downsample_factor * model.config.patch_size
     if cfg.data.step % step_px:
         raise ConfigError(f"data.step {cfg.data.step} must be a multiple of VAE factor × patch "
                           f"= {step_px}")
+    if resume_path is not None:  # refuse another model before anything is written
+        state = json.loads((resume_path / "state.json").read_text())
+        check_resume_compatible(cfg, state, num_classes, vae.config.latent_channels,
+                                resume_path)
+    run_dir = prepare_run_dir(cfg, resume_path is not None, info, plan)
 
     # Latent cache: build or update, then read from memory-mapped shards.
     cache_dir = resolve_path(d.cache_dir) if d.cache_dir else None
@@ -144,8 +149,6 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     step, epoch, index = 0, 0, 0
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
-        check_resume_compatible(cfg, ckpt.state, num_classes, vae.config.latent_channels,
-                                resume_path)
         model.load_state_dict(ckpt.tensors["model"])
         ema.load_state_dict(ckpt.tensors["ema"], ckpt.state["ema_updates"])
         opt.load_state_dict(ckpt.torch_state["optimizer"])

@@ -7,6 +7,7 @@ calls these helpers for everything that is not specific to its model.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import signal
@@ -138,8 +139,10 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def prepare_run_dir(cfg: Config, resuming: bool, dist: DistInfo) -> Path:
-    """Create the run folder and save the resolved config; refuse to overwrite another run."""
+def prepare_run_dir(cfg: Config, resuming: bool, dist: DistInfo,
+                    plan: DataPlan) -> Path:
+    """Create the run folder, save the resolved config and the skip list; refuse to overwrite
+    another run. Called after everything that can fail on bad input has been checked."""
     run_dir = resolve_path(cfg.run_dir)
     if dist.is_main:
         existing = run_dir / "checkpoints"
@@ -148,11 +151,13 @@ def prepare_run_dir(cfg: Config, resuming: bool, dist: DistInfo) -> Path:
                               "it or choose another --run-dir")
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
+        (run_dir / "skipped.json").write_text(json.dumps(
+            [{"path": s.path, "reason": s.reason} for s in plan.skipped], indent=1) + "\n")
     barrier()
     return run_dir
 
 
-def plan_data(cfg: Config, dist: DistInfo, run_dir: Path | None = None) -> DataPlan:
+def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
     """Scan and bucket the data (rank 0 first, so the others read its scan cache), split off
     the validation images, and build the batch schedule for this world size."""
     if not dist.is_main:
@@ -161,8 +166,6 @@ def plan_data(cfg: Config, dist: DistInfo, run_dir: Path | None = None) -> DataP
     if dist.is_main:
         barrier()
         print(scan.summary(), flush=True)
-        if run_dir is not None:
-            scan.write_skip_list(run_dir / "skipped.json")
     records = scan.records
     if not records:
         raise ConfigError(f"{scan.root}: no usable image (see the skip list above)")

@@ -127,8 +127,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     resume_path = None
     if resume is not None:  # "" means the newest checkpoint of this run
         resume_path = resolve_resume(resolve_path(resume or cfg.run_dir))
-    run_dir = prepare_run_dir(cfg, resume_path is not None, info)
-    plan = plan_data(cfg, info, run_dir)
+    plan = plan_data(cfg, info)
+    run_dir = prepare_run_dir(cfg, resume_path is not None, info, plan)
 
     vae = build_vae(cfg).to(device)
     disc = PatchDiscriminator(3, v.disc_channels, v.disc_layers).to(device)

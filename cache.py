@@ -1,0 +1,991 @@
+"""The latent cache: encode every training crop once with the VAE, reuse it across runs.
+
+An entry holds the VAE posterior's mean and log-variance (fp16) of one bucket crop, so training
+draws a fresh latent `mean + exp(logvar / 2) · ε` at every step. Its key hashes the image's
+content (sha256 of the file), its bucket, resized size and crop box, the horizontal flip, and the
+VAE fingerprint (weights and config): a changed image, grid or VAE never meets a stale latent.
+
+Layout of a cache folder (default `$LDM_CACHE_DIR/latents`, shareable by runs and ranks):
+
+    index.sqlite    entries(key -> shard, row) and shards(name -> bytes, sha256, rows, ...)
+    shards/*.safetensors   tensors `mean` and `logvar`, (rows, C, h, w) fp16, one bucket each;
+                    names carry the writer's rank and a random token, so writers never collide
+    lock            flock: builders and readers hold it shared; cleanup and prune exclusive
+
+A shard is written to a temporary file, fsynced and renamed into place, and only then are its
+index rows committed, so a kill at any moment loses at most the shard being written. Each build
+checks the size and sha256 of every shard it reuses (once per build, never per read); a damaged
+or missing shard is reported, dropped and re-encoded.
+
+    UV_CACHE_DIR=.uv-cache uv run python cache.py --dataset DIR --vae vae/ --resolution 256 --json
+
+Under `torchrun` every rank encodes a disjoint share of the missing entries; the result equals
+the single-process cache. Training builds or updates the cache itself with `ensure_cache` and
+reads it with `LatentReader`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import secrets
+import sqlite3
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+from tqdm import tqdm
+
+from training.data import (ImageLoadError, ImageRecord, crop_to_bucket, default_cache_dir,
+                           load_image, to_unit_range)
+from training.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
+
+FORMAT_VERSION = 1  # bump when the key recipe, the pixel pipeline or the shard layout changes
+INDEX_NAME = "index.sqlite"
+SHARD_DIR = "shards"
+LOCK_NAME = "lock"
+SHARD_SUFFIX = ".safetensors"
+TMP_SUFFIX = ".tmp"
+TARGET_SHARD_BYTES = 64 << 20  # automatic shard size: about this many bytes per shard file
+BUSY_TIMEOUT_S = 600.0  # sqlite waits this long for another writer's lock
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shards (
+    name TEXT PRIMARY KEY, bytes INTEGER NOT NULL, sha256 TEXT NOT NULL, rows INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY, shard TEXT NOT NULL, row INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_by_shard ON entries (shard);
+"""
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_latent_dir() -> Path:
+    """Where the latent cache lives unless told otherwise: `$LDM_CACHE_DIR/latents`."""
+    return default_cache_dir() / "latents"
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys
+
+
+def entry_key(sha256: str, bucket: tuple[int, int], resized: tuple[int, int],
+              crop: tuple[int, int, int, int], flip: bool, fingerprint: str) -> str:
+    """Content address of one cache entry (64 hex digits)."""
+    (bw, bh), (rw, rh), (left, top, right, bottom) = bucket, resized, crop
+    text = (f"ldm-latent-cache/{FORMAT_VERSION}|{sha256}|{bw}x{bh}|{rw}x{rh}|"
+            f"{left},{top},{right},{bottom}|flip={int(flip)}|{fingerprint}")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def record_keys(records: Sequence[ImageRecord], placements: Sequence, buckets: Sequence,
+                fingerprint: str, flip: bool) -> list[tuple[str, ...]]:
+    """Per record: (key,) or, with `flip`, (key, key of the mirrored crop)."""
+    out = []
+    for rec, p in zip(records, placements):
+        bucket = tuple(buckets[p.bucket])
+        out.append(tuple(entry_key(rec.sha256, bucket, tuple(p.resized), tuple(p.crop), f,
+                                   fingerprint) for f in ((False, True) if flip else (False,))))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage: folder, lock, index, shard files
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[None]:
+    conn.execute(f"BEGIN {mode}")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header dict) of a safetensors file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        length = int.from_bytes(head, "little")
+        if length > 100 << 20:
+            raise ValueError(f"{path}: not a safetensors file (header length {length})")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            raise ValueError(f"{path}: damaged safetensors header") from None
+    return 8 + length, header
+
+
+def _map_shard(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map a shard: {"mean": (rows, C, h, w), "logvar": ...} fp16 views, one mmap."""
+    start, header = _read_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name in ("mean", "logvar"):
+        info = header.get(name)
+        if not info or info.get("dtype") != "F16":
+            raise ValueError(f"{path}: expected an F16 tensor {name!r} in the shard")
+        lo, hi = info["data_offsets"]
+        if start + hi > len(data):
+            raise ValueError(f"{path}: shard is shorter than its header says; rebuild the cache")
+        out[name] = data[start + lo:start + hi].view(np.float16).reshape(info["shape"])
+    return out
+
+
+class _Store:
+    """A cache folder: its sqlite index, shard files and lock."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.shard_dir = self.root / SHARD_DIR
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
+
+    # -- locking ----------------------------------------------------------------------------
+    def lock(self, exclusive: bool, blocking: bool = True) -> bool:
+        """Take (or convert to) the shared or exclusive lock; False if not free (non-blocking)."""
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking
+                                                                    else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(self._lock_fd, flags)
+        except BlockingIOError:
+            return False
+        return True
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- index ------------------------------------------------------------------------------
+    def connect(self) -> sqlite3.Connection:
+        """Open the index (creating it), waiting up to BUSY_TIMEOUT_S for other writers."""
+        conn = sqlite3.connect(self.root / INDEX_NAME, timeout=BUSY_TIMEOUT_S,
+                               isolation_level=None)
+        with _transaction(conn):
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)",
+                         (str(FORMAT_VERSION),))
+            (found,) = conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
+        if found != str(FORMAT_VERSION):
+            conn.close()
+            raise ValueError(f"{self.root}: latent cache format {found}, this code writes "
+                             f"{FORMAT_VERSION}; use another --cache-dir")
+        return conn
+
+    @staticmethod
+    def lookup(conn: sqlite3.Connection, keys: Iterable[str]) -> dict[str, tuple[str, int]]:
+        """key -> (shard name, row) for those of `keys` the index holds."""
+        with _transaction(conn, "DEFERRED"):
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (key TEXT PRIMARY KEY) "
+                         "WITHOUT ROWID")
+            conn.execute("DELETE FROM wanted")
+            conn.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((k,) for k in keys))
+            found = {k: (s, r) for k, s, r in conn.execute(
+                "SELECT e.key, e.shard, e.row FROM wanted w JOIN entries e ON e.key = w.key")}
+            conn.execute("DELETE FROM wanted")
+        return found
+
+    @staticmethod
+    def shard_rows(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, tuple]:
+        """name -> (bytes, sha256, rows, fingerprint, width, height) for the given shards."""
+        out = {}
+        names = list(names)
+        for i in range(0, len(names), 500):
+            part = names[i:i + 500]
+            marks = ",".join("?" * len(part))
+            for name, *info in conn.execute(
+                    "SELECT name, bytes, sha256, rows, fingerprint, width, height FROM shards "
+                    f"WHERE name IN ({marks})", part):
+                out[name] = tuple(info)
+        return out
+
+    def shard_path(self, name: str) -> Path:
+        return self.shard_dir / name
+
+    def check_shard(self, name: str, size: int, sha256: str) -> str | None:
+        """None when the shard file is whole, else what is wrong with it (one phrase)."""
+        path = self.shard_path(name)
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            return "file missing"
+        if actual != size:
+            return f"size {actual} bytes, expected {size}"
+        if _file_sha256(path) != sha256:
+            return "sha256 checksum mismatch"
+        return None
+
+    def drop_shards(self, conn: sqlite3.Connection, names: Iterable[str]) -> None:
+        """Forget shards and their entries, then delete their files."""
+        names = list(names)
+        with _transaction(conn):
+            for name in names:
+                conn.execute("DELETE FROM entries WHERE shard = ?", (name,))
+                conn.execute("DELETE FROM shards WHERE name = ?", (name,))
+        for name in names:
+            self.shard_path(name).unlink(missing_ok=True)
+
+    def write_shard(self, conn: sqlite3.Connection, name: str, mean: torch.Tensor,
+                    logvar: torch.Tensor, keys: Sequence[str], fingerprint: str) -> int:
+        """Write one shard atomically, then commit its index rows; returns its size in bytes.
+
+        mean, logvar: (rows, C, h, w) fp16 on the CPU.
+        """
+        data = safetensors_bytes({"mean": mean.contiguous(), "logvar": logvar.contiguous()},
+                                 metadata={"format": "ldm-latent-cache",
+                                           "version": str(FORMAT_VERSION),
+                                           "fingerprint": fingerprint,
+                                           "keys": json.dumps(list(keys))})
+        final = self.shard_path(name)
+        tmp = final.with_name(f".{name}{TMP_SUFFIX}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.shard_dir)
+        height, width = mean.shape[-2:]
+        with _transaction(conn):
+            conn.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (name, len(data), hashlib.sha256(data).hexdigest(), len(keys),
+                          fingerprint, int(width), int(height), time.time()))
+            conn.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?)",
+                             ((k, name, row) for row, k in enumerate(keys)))
+        return len(data)
+
+    def remove_leftovers(self, conn: sqlite3.Connection) -> int:
+        """Delete temporary files and shard files the index does not know (call only while
+        holding the exclusive lock: no other writer is then mid-shard)."""
+        known = {name for (name,) in conn.execute("SELECT name FROM shards")}
+        removed = 0
+        for path in self.shard_dir.iterdir():
+            if path.name.endswith(TMP_SUFFIX) or (path.name.endswith(SHARD_SUFFIX)
+                                                  and path.name not in known):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+class _ShardWriter:
+    """Collects encoded entries of one bucket at a time and writes them as shards."""
+
+    def __init__(self, store: _Store, conn: sqlite3.Connection, fingerprint: str, rank: int,
+                 shard_size: int) -> None:
+        self.store, self.conn, self.fingerprint = store, conn, fingerprint
+        self.shard_size = shard_size
+        self.prefix = f"{fingerprint[:12]}-r{rank}-{secrets.token_hex(4)}"
+        self.seq = 0
+        self.bucket: tuple[int, int] | None = None
+        self.keys: list[str] = []
+        self.means: list[torch.Tensor] = []
+        self.logvars: list[torch.Tensor] = []
+        self.bytes_written = 0
+        self.shards_written = 0
+
+    def add(self, bucket: tuple[int, int], key: str, mean: torch.Tensor,
+            logvar: torch.Tensor) -> None:
+        """Queue one entry; mean, logvar: (C, h, w) fp16."""
+        if bucket != self.bucket:
+            self.flush()
+            self.bucket = bucket
+        self.keys.append(key)
+        self.means.append(mean)
+        self.logvars.append(logvar)
+        capacity = self.shard_size or max(1, TARGET_SHARD_BYTES // (4 * mean.numel()))
+        if len(self.keys) >= capacity:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is queued as one shard."""
+        if not self.keys:
+            return
+        w, h = self.bucket
+        name = f"{self.prefix}-{w}x{h}-{self.seq:05d}{SHARD_SUFFIX}"
+        self.seq += 1
+        self.bytes_written += self.store.write_shard(
+            self.conn, name, torch.stack(self.means), torch.stack(self.logvars), self.keys,
+            self.fingerprint)  # (rows, C, h, w) each
+        self.shards_written += 1
+        self.keys, self.means, self.logvars = [], [], []
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+
+
+class _CropSource(torch.utils.data.Dataset):
+    """Bucket crops as uint8 (3, H, W), decoded in DataLoader workers.
+
+    The file is read once, checked against the scanned content hash (so an entry is never
+    stored under a hash its pixels do not have), then decoded from those bytes.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], placements: Sequence,
+                 max_pixels: int) -> None:
+        self.records, self.placements, self.max_pixels = records, placements, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        rec, place = self.records[index], self.placements[index]
+        try:
+            data = Path(rec.path).read_bytes()
+        except OSError as exc:
+            return index, None, f"{rec.path}: unreadable: {exc.strerror or exc}"
+        if hashlib.sha256(data).hexdigest() != rec.sha256:
+            return index, None, f"{rec.path}: changed since it was scanned; rerun to pick it up"
+        try:
+            img = load_image(io.BytesIO(data), self.max_pixels, min_size=tuple(place.resized))
+        except ImageLoadError as exc:
+            return index, None, f"{rec.path}: {str(exc).split(': ', 1)[-1]}"
+        pixels = crop_to_bucket(img, tuple(place.resized), tuple(place.crop))  # (H, W, 3)
+        return index, torch.from_numpy(pixels).permute(2, 0, 1), None  # (3, H, W) uint8
+
+
+def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    good = [(i, px) for i, px, err in items if err is None]
+    errors = [(i, err) for i, _, err in items if err is not None]
+    pixels = torch.stack([px for _, px in good]) if good else None  # (B, 3, H, W) uint8
+    return [i for i, _ in good], pixels, errors
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def encode_moments(encode: Callable, x: torch.Tensor, chunk: int,
+                   log: Callable[[str], None] = _warn
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Posterior moments of images x (N, 3, H, W) in [-1, 1], `chunk` images per call.
+
+    An out-of-memory error halves the chunk and retries (down to 1). Returns float32 CPU
+    (mean, logvar), each (N, C, h, w), and the chunk size that worked.
+    """
+    means, logvars = [], []
+    start = 0
+    while start < len(x):
+        try:
+            posterior = encode(x[start:start + chunk])
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            if not _is_out_of_memory(exc) or chunk == 1:
+                raise
+            chunk = max(1, chunk // 2)
+            log(f"warning: out of memory while encoding; retrying with batches of {chunk}")
+            if x.is_cuda:
+                torch.cuda.empty_cache()
+            continue
+        means.append(posterior.mean.float().cpu())
+        logvars.append(posterior.logvar.float().cpu())
+        start += len(means[-1])
+    return torch.cat(means), torch.cat(logvars), chunk
+
+
+@dataclass
+class _Plan:
+    pending: list[tuple[int, tuple[int, ...]]]  # (record index, orientations to encode)
+    reused: int
+    repaired: int
+    damaged: list[str]
+    reused_bytes: int
+    reused_shards: int
+    leftovers_removed: int
+
+
+def _plan(store: _Store, keys: list[tuple[str, ...]], progress: bool,
+          log: Callable[[str], None]) -> _Plan:
+    """Clean up after crashed writers (if alone), verify reused shards, list what is missing."""
+    conn = store.connect()
+    try:
+        leftovers = 0
+        if store.lock(exclusive=True, blocking=False):
+            leftovers = store.remove_leftovers(conn)
+            if leftovers:
+                log(f"removed {leftovers} leftover file(s) of an interrupted build")
+        store.lock(exclusive=False)
+        found = store.lookup(conn, (k for ks in keys for k in ks))
+        names = sorted({shard for shard, _ in found.values()})
+        info = store.shard_rows(conn, names)
+        damaged = {}
+        for name in tqdm(names, desc="verifying shards", unit="shard", disable=not progress,
+                         leave=False):
+            problem = ("not listed in the index" if name not in info
+                       else store.check_shard(name, info[name][0], info[name][1]))
+            if problem:
+                damaged[name] = problem
+                log(f"warning: {store.shard_path(name)}: damaged shard ({problem}); "
+                    "its entries are re-encoded")
+        store.drop_shards(conn, damaged)
+    finally:
+        conn.close()
+    pending, reused, repaired = [], 0, 0
+    for i, ks in enumerate(keys):
+        need = []
+        for orientation, key in enumerate(ks):
+            hit = found.get(key)
+            if hit is not None and hit[0] not in damaged:
+                reused += 1
+            else:
+                need.append(orientation)
+                repaired += hit is not None
+        if need:
+            pending.append((i, tuple(need)))
+    kept = [n for n in names if n not in damaged]
+    return _Plan(pending, reused, repaired, sorted(damaged), sum(info[n][0] for n in kept),
+                 len(kept), leftovers)
+
+
+def _encode_share(work: list[tuple[int, tuple[int, ...]]], records, placements, buckets,
+                  keys: list[tuple[str, ...]], vae, store: _Store, fingerprint: str, rank: int,
+                  batch_size: int, num_workers: int, shard_size: int, max_pixels: int,
+                  progress: bool, log: Callable[[str], None]) -> dict:
+    """Encode and store this rank's entries; returns counters for the summary."""
+    stats = {"encoded": 0, "skipped_files": [], "unusable": set(), "bytes": 0, "shards": 0,
+             "encode_seconds": 0.0}
+    if not work:
+        return stats
+
+    def bucket_of(i: int) -> tuple[int, int]:
+        return tuple(buckets[placements[i].bucket])
+
+    work = sorted(work, key=lambda w: (bucket_of(w[0]), w[0]))
+    batches: list[list[int]] = []
+    for i, _ in work:
+        if not batches or len(batches[-1]) >= batch_size or bucket_of(batches[-1][0]) != \
+                bucket_of(i):
+            batches.append([])
+        batches[-1].append(i)
+    orientations = dict(work)
+    device = next(vae.parameters()).device
+    loader = torch.utils.data.DataLoader(
+        _CropSource(records, placements, max_pixels), batch_sampler=batches,
+        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers else None)
+    batch_iter = iter(loader)  # fork the workers before opening the index connection
+    conn = store.connect()
+    writer = _ShardWriter(store, conn, fingerprint, rank, shard_size)
+    bar = tqdm(total=sum(len(o) for _, o in work), unit="img", desc=f"encoding (rank {rank})",
+               disable=not progress, dynamic_ncols=True)
+    chunk = batch_size
+    start = time.perf_counter()
+
+    def skip(i: int, reason: str, count: int) -> None:
+        stats["skipped_files"].append((records[i].path, reason))
+        stats["unusable"].add(i)
+        log(f"warning: {reason}; not cached")
+        bar.update(count)
+
+    try:
+        with torch.inference_mode():
+            for indices, pixels, errors in batch_iter:
+                for i, reason in errors:
+                    skip(i, reason, len(orientations[i]))
+                if pixels is None:
+                    continue
+                x = to_unit_range(pixels.to(device, non_blocking=True))  # (B, 3, H, W)
+                owners = [(i, o) for o in (0, 1) for i in indices if o in orientations[i]]
+                plain = [j for j, i in enumerate(indices) if 0 in orientations[i]]
+                mirrored = [j for j, i in enumerate(indices) if 1 in orientations[i]]
+                x = torch.cat([x[plain], x[mirrored].flip(-1)])  # (E, 3, H, W), E = entries
+                mean, logvar, chunk = encode_moments(vae.encode, x, chunk, log)
+                mean, logvar = mean.half(), logvar.half()  # (E, C, h, w)
+                finite = (torch.isfinite(mean).flatten(1).all(1)
+                          & torch.isfinite(logvar).flatten(1).all(1))  # (E,)
+                for e, (i, orientation) in enumerate(owners):
+                    if finite[e]:
+                        writer.add(bucket_of(i), keys[i][orientation], mean[e], logvar[e])
+                        stats["encoded"] += 1
+                        bar.update(1)
+                    else:
+                        side = " (mirrored)" if orientation else ""
+                        skip(i, f"{records[i].path}: the VAE gave a non-finite latent (NaN or "
+                                f"inf){side}", 1)
+            writer.flush()
+    finally:
+        bar.close()
+        conn.close()
+    stats["encode_seconds"] = time.perf_counter() - start
+    stats["bytes"], stats["shards"] = writer.bytes_written, writer.shards_written
+    return stats
+
+
+@dataclass
+class CacheSummary:
+    """What a build found and did. `total = reused + encoded + skipped`; `repaired` counts the
+    entries re-encoded because the shard holding them was damaged or missing."""
+
+    cache_dir: str
+    fingerprint: str
+    images: int
+    total: int
+    reused: int
+    encoded: int
+    repaired: int
+    skipped: int
+    bytes: int  # size of the shards holding this data's entries
+    shards: int
+    seconds: float
+    images_per_s: float  # encoded entries per second of encoding (all ranks)
+    damaged_shards: list[str] = field(default_factory=list)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    leftovers_removed: int = 0
+    keys: list[tuple[str, ...]] = field(default_factory=list, repr=False)  # per record
+    unusable: list[int] = field(default_factory=list)  # records lacking an entry
+
+    def to_json(self) -> dict:
+        """The machine-readable summary (without the per-record keys)."""
+        out = {k: v for k, v in vars(self).items() if k != "keys"}
+        out["skipped_files"] = [{"path": p, "reason": r} for p, r in self.skipped_files]
+        return out
+
+    def format(self) -> str:
+        """A few human-readable lines."""
+        lines = [f"{self.cache_dir}: {self.total} entries for {self.images} images "
+                 f"(VAE {self.fingerprint[:12]})",
+                 f"  reused {self.reused}, encoded {self.encoded} (repaired {self.repaired}), "
+                 f"skipped {self.skipped}; {self.bytes / 1e6:.1f} MB in {self.shards} shard(s); "
+                 f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s encoding"]
+        lines += [f"  damaged shard re-encoded: {name}" for name in self.damaged_shards]
+        lines += [f"  skipped: {reason}" for _, reason in self.skipped_files]
+        return "\n".join(lines)
+
+
+def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: Sequence,
+                 vae, cache_dir: str | os.PathLike[str] | None = None, flip: bool = False,
+                 batch_size: int = 8, num_workers: int = 2, dist_info: DistInfo | None = None,
+                 *, shard_size: int = 0, max_pixels: int = 100_000_000, progress: bool = True,
+                 log: Callable[[str], None] = _warn) -> CacheSummary:
+    """Build or update the cache so that every (record, orientation) has an entry.
+
+    `placements[i]` belongs to `records[i]`; `vae` sits on the device that encodes. With
+    `flip`, the mirrored crop is cached too. Under torchrun (`dist_info` with world_size > 1)
+    every rank must call this with the same arguments: rank 0 verifies and plans, each rank
+    encodes pending entries i with i % world_size == rank, and all ranks return the same
+    summary after a barrier. Without `dist_info` it runs alone, even inside a process group.
+    `shard_size` is entries per shard (0: about 64 MiB per shard). Images that fail to load or
+    encode to NaN/inf are reported, skipped and listed in `unusable` (record indices).
+    """
+    from models.vae import vae_fingerprint
+
+    start = time.perf_counter()
+    if len(records) != len(placements):
+        raise ValueError(f"{len(records)} records but {len(placements)} placements")
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+    # Collectives only with a dist_info: one rank may build a cache alone in a process group.
+    together = world > 1
+    gather = all_gather_objects if together else (lambda obj: [obj])
+    share = broadcast_object if together else (lambda obj: obj)
+    wait = barrier if together else (lambda: None)
+    factor = vae.downsample_factor
+    bad = sorted({tuple(buckets[p.bucket]) for p in placements
+                  if buckets[p.bucket][0] % factor or buckets[p.bucket][1] % factor})
+    if bad:
+        raise ValueError(f"buckets {bad} are not multiples of the VAE's downsampling factor "
+                         f"{factor}; choose a bucket step that is")
+    fingerprint = vae_fingerprint(vae)
+    if len(set(gather(fingerprint))) > 1:
+        raise RuntimeError("ranks hold different VAE weights; every rank must load the same VAE")
+    keys = record_keys(records, placements, buckets, fingerprint, flip)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_latent_dir()
+    store = _Store(cache_dir)
+    try:
+        # A failure on one rank is passed to all of them, so none waits forever on the others.
+        plan: _Plan | str | None = None
+        if rank == 0:
+            try:
+                plan = _plan(store, keys, progress, log)
+            except Exception as exc:
+                share(f"rank 0: {type(exc).__name__}: {exc}")
+                raise
+        plan = share(plan)
+        if isinstance(plan, str):
+            raise RuntimeError(f"latent cache planning failed on {plan}")
+        if rank != 0:
+            store.lock(exclusive=False)
+        error: Exception | None = None
+        try:
+            stats = _encode_share(plan.pending[rank::world], records, placements, buckets, keys,
+                                  vae, store, fingerprint, rank, batch_size, num_workers,
+                                  shard_size, max_pixels, progress, log)
+        except Exception as exc:
+            error, stats = exc, {"error": f"rank {rank}: {type(exc).__name__}: {exc}"}
+        wait()
+        every = gather(stats)
+    finally:
+        store.unlock()
+    if error is not None:
+        raise error
+    failed = [s["error"] for s in every if "error" in s]
+    if failed:
+        raise RuntimeError(f"latent cache building failed on {failed[0]}")
+    encoded = sum(s["encoded"] for s in every)
+    skipped_files = [item for s in every for item in s["skipped_files"]]
+    encode_seconds = max(s["encode_seconds"] for s in every)
+    return CacheSummary(
+        cache_dir=str(cache_dir), fingerprint=fingerprint, images=len(records),
+        total=sum(len(k) for k in keys), reused=plan.reused, encoded=encoded,
+        repaired=plan.repaired, skipped=sum(len(k) for k in keys) - plan.reused - encoded,
+        bytes=plan.reused_bytes + sum(s["bytes"] for s in every),
+        shards=plan.reused_shards + sum(s["shards"] for s in every),
+        seconds=time.perf_counter() - start,
+        images_per_s=encoded / encode_seconds if encode_seconds > 0 else 0.0,
+        damaged_shards=plan.damaged, skipped_files=sorted(skipped_files),
+        leftovers_removed=plan.leftovers_removed, keys=keys,
+        unusable=sorted({i for s in every for i in s["unusable"]}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Maintenance
+
+
+def verify_cache(cache_dir: str | os.PathLike[str]) -> list[str]:
+    """Check every shard (size, sha256, header) and every entry's row; returns the problems."""
+    store = _Store(cache_dir)
+    conn = store.connect()
+    problems = []
+    try:
+        shards = {name: info for name, *info in conn.execute(
+            "SELECT name, bytes, sha256, rows FROM shards")}
+        for name, (size, sha, rows) in sorted(shards.items()):
+            problem = store.check_shard(name, size, sha)
+            if problem:
+                problems.append(f"{name}: {problem}")
+                continue
+            _, header = _read_header(store.shard_path(name))
+            stored = json.loads(header["__metadata__"]["keys"])
+            if len(stored) != rows or header["mean"]["shape"][0] != rows:
+                problems.append(f"{name}: holds {len(stored)} rows, the index says {rows}")
+                continue
+            for key, row in conn.execute("SELECT key, row FROM entries WHERE shard = ?",
+                                         (name,)):
+                if row >= rows or stored[row] != key:
+                    problems.append(f"{name}: row {row} does not hold entry {key}")
+        for key, shard in conn.execute("SELECT key, shard FROM entries"):
+            if shard not in shards:
+                problems.append(f"entry {key}: shard {shard} is not in the index")
+    finally:
+        conn.close()
+    return problems
+
+
+def prune_cache(cache_dir: str | os.PathLike[str], keep: Iterable[str],
+                log: Callable[[str], None] = _warn) -> dict:
+    """Remove every entry not in `keep`, delete shards left empty and rewrite partly used ones.
+
+    Needs the cache to itself (no build or reader running). Returns counts and bytes freed.
+    """
+    store = _Store(cache_dir)
+    if not store.lock(exclusive=True, blocking=False):
+        raise RuntimeError(f"{cache_dir}: another process is using the latent cache; prune "
+                           "when it is done")
+    conn = store.connect()
+    result = {"entries_removed": 0, "shards_removed": 0, "shards_rewritten": 0,
+              "bytes_freed": 0, "leftovers_removed": 0}
+    try:
+        result["leftovers_removed"] = store.remove_leftovers(conn)
+        with _transaction(conn):
+            conn.execute("CREATE TEMP TABLE keep (key TEXT PRIMARY KEY) WITHOUT ROWID")
+            conn.executemany("INSERT OR IGNORE INTO keep VALUES (?)", ((k,) for k in keep))
+            result["entries_removed"] = conn.execute(
+                "DELETE FROM entries WHERE key NOT IN (SELECT key FROM keep)").rowcount
+            conn.execute("DROP TABLE keep")
+        usage = list(conn.execute(
+            "SELECT s.name, s.bytes, s.rows, s.fingerprint, s.width, s.height, COUNT(e.key) "
+            "FROM shards s LEFT JOIN entries e ON e.shard = s.name GROUP BY s.name"))
+        empty = [u[0] for u in usage if u[-1] == 0]
+        store.drop_shards(conn, empty)
+        result["shards_removed"] = len(empty)
+        result["bytes_freed"] = sum(u[1] for u in usage if u[-1] == 0)
+        prefix = f"prune-{secrets.token_hex(4)}"
+        for n, (name, size, rows, fingerprint, w, h, live) in enumerate(usage):
+            if 0 < live < rows:  # copy the live rows into a new shard, then drop the old one
+                arrays = _map_shard(store.shard_path(name))
+                live_rows = list(conn.execute(
+                    "SELECT key, row FROM entries WHERE shard = ? ORDER BY row", (name,)))
+                picks = [row for _, row in live_rows]
+                mean = torch.from_numpy(np.ascontiguousarray(arrays["mean"][picks]))
+                logvar = torch.from_numpy(np.ascontiguousarray(arrays["logvar"][picks]))
+                del arrays
+                new = f"{fingerprint[:12]}-{prefix}-{w}x{h}-{n:05d}{SHARD_SUFFIX}"
+                written = store.write_shard(conn, new, mean, logvar,
+                                            [k for k, _ in live_rows], fingerprint)
+                store.drop_shards(conn, [name])
+                result["shards_rewritten"] += 1
+                result["bytes_freed"] += size - written
+        conn.execute("VACUUM")
+    finally:
+        conn.close()
+        store.unlock()
+    log(f"pruned {result['entries_removed']} entries: {result['shards_removed']} shard(s) "
+        f"removed, {result['shards_rewritten']} rewritten, {result['bytes_freed'] / 1e6:.1f} MB "
+        "freed")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """CPU generator for the latent noise of one training step on one rank (reproducible)."""
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def flip_from_seed(augment_seed: int) -> bool:
+    """The flip a sample's augment seed asks for (the rule `PixelDataset` uses)."""
+    return bool(np.random.default_rng(augment_seed).integers(2))
+
+
+class LatentReader:
+    """Serves training batches from memory-mapped shards.
+
+    `keys[i]` are sample i's entry keys: (plain,) or (plain, mirrored), e.g.
+    `CacheSummary.keys`. Each shard is mapped once (at most `max_open` stay open, least
+    recently used closed first); the index is read once, here. Holds the cache's shared lock
+    until `close`, so a prune cannot pull shards away underneath it.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str], keys: Sequence[Sequence[str]],
+                 scaling_factor: float = 1.0, shift_factor: float | None = None,
+                 max_open: int = 256) -> None:
+        self.store = _Store(cache_dir)
+        self.store.lock(exclusive=False)
+        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor or 0.0
+        self.max_open = max_open
+        flat = [k for ks in keys for k in ks]
+        conn = self.store.connect()
+        try:
+            found = self.store.lookup(conn, flat)
+        finally:
+            conn.close()
+        missing = [k for k in flat if k not in found]
+        if missing:
+            self.close()
+            raise KeyError(f"{len(missing)} of {len(flat)} entries are missing from "
+                           f"{cache_dir} (e.g. {missing[0]}); build the cache first")
+        names = sorted({shard for shard, _ in found.values()})
+        self._names = names
+        shard_id = {name: i for i, name in enumerate(names)}
+        self._slot = np.full((len(keys), 2), -1, dtype=np.int64)  # (N, orientation) -> entry
+        self._shard = np.empty(len(flat), dtype=np.int32)
+        self._row = np.empty(len(flat), dtype=np.int64)
+        pos = 0
+        for i, ks in enumerate(keys):
+            for orientation, key in enumerate(ks):
+                shard, row = found[key]
+                self._slot[i, orientation] = pos
+                self._shard[pos], self._row[pos] = shard_id[shard], row
+                pos += 1
+        self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def _arrays(self, shard: int) -> dict[str, np.ndarray]:
+        arrays = self._open.get(shard)
+        if arrays is None:
+            arrays = _map_shard(self.store.shard_path(self._names[shard]))
+            self._open[shard] = arrays
+            if len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(shard)
+        return arrays
+
+    def _gather(self, indices: Sequence[int], flip_flags: Sequence[bool] | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (mean, logvar) arrays (B, C, h, w) of samples `indices`."""
+        flips = np.zeros(len(indices), np.int64) if flip_flags is None else \
+            np.asarray(flip_flags, dtype=np.int64)
+        slots = self._slot[np.asarray(indices, dtype=np.int64), flips]  # (B,)
+        if (slots < 0).any():
+            raise ValueError("a mirrored latent was asked for, but the cache was built "
+                             "without flip")
+        means, logvars = [], []
+        for slot in slots:
+            arrays = self._arrays(int(self._shard[slot]))
+            row = int(self._row[slot])
+            means.append(arrays["mean"][row])
+            logvars.append(arrays["logvar"][row])
+        if len({m.shape for m in means}) > 1:
+            raise ValueError("samples of one batch must share a bucket; got latent shapes "
+                             f"{sorted({m.shape for m in means})}")
+        return np.stack(means).astype(np.float32), np.stack(logvars).astype(np.float32)
+
+    def moments(self, indices: Sequence[int], flip_flags: Sequence[bool] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored (mean, logvar) of samples `indices`, float32 (B, C, h, w) each."""
+        mean, logvar = self._gather(indices, flip_flags)
+        return torch.from_numpy(mean), torch.from_numpy(logvar)
+
+    def batch(self, indices: Sequence[int], generator: torch.Generator,
+              flip_flags: Sequence[bool] | None = None) -> torch.Tensor:
+        """Fresh normalised latents (B, C, h, w) float32: ((mean + exp(logvar / 2)·ε) − shift)
+        × scale, with ε drawn from `generator` (see `step_generator`)."""
+        mean, logvar = self._gather(indices, flip_flags)
+        noise = torch.randn(mean.shape, generator=generator).numpy()  # (B, C, h, w)
+        # NumPy for the arithmetic: single-threaded, so no thread-pool wake-ups per batch
+        latent = mean + np.exp(0.5 * logvar) * noise
+        latent -= np.float32(self.shift_factor)
+        latent *= np.float32(self.scaling_factor)
+        return torch.from_numpy(latent)
+
+    def close(self) -> None:
+        """Unmap the shards and release the lock."""
+        self._open = OrderedDict()
+        self.store.unlock()
+
+    def __enter__(self) -> LatentReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag with its default (read after .env is loaded)."""
+    from training.config import REPO_ROOT, Config, DataConfig
+
+    d = DataConfig()
+    parser = argparse.ArgumentParser(
+        description="Build or update the latent cache of an image folder and print a summary.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", default=os.environ.get("LDM_DATASET", d.dataset),
+                        help="image folder, or synthetic[:N] (env LDM_DATASET)")
+    parser.add_argument("--vae", default=str(REPO_ROOT / "vae"),
+                        help="VAE folder (config.json + safetensors) or single weights file")
+    parser.add_argument("--resolution", type=int, default=d.resolution,
+                        help="bucket area is at most resolution²")
+    parser.add_argument("--step", type=int, default=d.step, help="bucket sides are multiples")
+    parser.add_argument("--min-area-ratio", type=float, default=d.min_area_ratio,
+                        help="bucket area is at least this × resolution²")
+    parser.add_argument("--max-aspect", type=float, default=d.max_aspect,
+                        help="buckets range from 1:max-aspect to max-aspect:1")
+    parser.add_argument("--allow-upscale", action="store_true",
+                        help="keep images smaller than every bucket by upscaling them")
+    parser.add_argument("--classes", action="store_true", help="label = first sub-folder")
+    parser.add_argument("--global-batch", type=int, default=Config().batch_size,
+                        help="training's batch size × ranks: smaller buckets are merged into "
+                             "their neighbours exactly as training does (0: no merging)")
+    parser.add_argument("--cache-dir", default=str(default_latent_dir()),
+                        help="latent cache folder (env LDM_CACHE_DIR sets its parent)")
+    parser.add_argument("--flip", action="store_true", help="cache mirrored crops too")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
+    parser.add_argument("--num-workers", type=int, default=d.num_workers,
+                        help="decoding worker processes")
+    parser.add_argument("--shard-size", type=int, default=0,
+                        help="entries per shard file (0: about 64 MiB per shard)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--prune", action="store_true",
+                        help="then remove entries the current data and VAE do not use")
+    parser.add_argument("--json", action="store_true", help="end with one JSON object")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python cache.py`."""
+    from dotenv import load_dotenv
+
+    from bucketing import bucket_dataset
+    from models.vae import load_vae
+    from training.config import REPO_ROOT, DataConfig
+    from training.data import resolve_dataset
+    from training.distributed import setup, teardown
+
+    load_dotenv(REPO_ROOT / ".env")
+    args = build_parser().parse_args(argv)
+    try:
+        resolve_dataset(args.dataset)
+        if not Path(args.vae).exists():
+            raise FileNotFoundError(f"{args.vae}: VAE not found; expected a folder with "
+                                    "config.json and weights, or a weights file")
+        if args.batch_size < 1 or args.shard_size < 0:
+            raise ValueError("--batch-size must be positive and --shard-size not negative")
+        info = setup(None if args.device == "auto" else args.device)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        cfg = DataConfig(dataset=args.dataset, resolution=args.resolution, step=args.step,
+                         min_area_ratio=args.min_area_ratio, max_aspect=args.max_aspect,
+                         use_classes=args.classes, allow_upscale=args.allow_upscale,
+                         merge_small_buckets=args.global_batch > 0,
+                         num_workers=args.num_workers)
+        try:
+            if not info.is_main:
+                barrier()  # rank 0 scans first; the others then read its scan cache
+            scan, buckets, placements = bucket_dataset(cfg, args.global_batch or None)
+            if info.is_main:
+                barrier()
+            vae = load_vae(args.vae, device=info.device)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for s in scan.skipped if info.is_main else []:
+            _warn(f"skipped {s.path}: {s.reason}")
+        summary = ensure_cache(scan.records, placements, buckets, vae, args.cache_dir,
+                               flip=args.flip, batch_size=args.batch_size,
+                               num_workers=args.num_workers, dist_info=info,
+                               shard_size=args.shard_size, max_pixels=cfg.max_image_pixels)
+        pruned = None
+        if args.prune and info.is_main:
+            pruned = prune_cache(args.cache_dir, [k for ks in summary.keys for k in ks])
+        barrier()
+        if info.is_main:
+            print(summary.format())
+            if args.json:
+                out = summary.to_json()
+                if pruned is not None:
+                    out["pruned"] = pruned
+                print(json.dumps(out))
+        return 0
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

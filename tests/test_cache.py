@@ -1,0 +1,368 @@
+"""The latent cache: keys, reuse, repair, crash safety, ranks, reading and the command line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cache
+from bucketing import bucket_dataset
+from models.vae import AutoencoderKL, VAEConfig, save_vae
+from training.config import DataConfig
+from training.data import crop_to_bucket, load_image, to_unit_range
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESOLUTION = 32
+
+
+def _image(w: int, h: int, rng: np.random.Generator) -> Image.Image:
+    """A smooth random picture (a coarse random grid, bicubically upsampled)."""
+    coarse = rng.integers(0, 256, size=(h // 8 + 2, w // 8 + 2, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+
+
+def _write_images(root: Path, count: int, seed: int = 0) -> Path:
+    """`count` PNG/JPEG files of 34..60 px a side, plus one wide image (its own bucket)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        img = _image(int(rng.integers(34, 61)), int(rng.integers(34, 61)), rng)
+        img.save(root / f"img{i:02d}.png") if i % 2 else img.save(root / f"img{i:02d}.jpg",
+                                                                    quality=90)
+    _image(120, 32, rng).save(root / "wide.png")
+    return root
+
+
+def _vae(seed: int = 0, **overrides) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    cfg = VAEConfig(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4,
+                    layers_per_block=1, mid_block_add_attention=False, sample_size=32,
+                    use_quant_conv=False, use_post_quant_conv=False, **overrides)
+    return AutoencoderKL(cfg).eval()
+
+
+def _plan(root: Path, resolution: int = RESOLUTION):
+    cfg = DataConfig(dataset=str(root), resolution=resolution, step=16, num_workers=1,
+                     merge_small_buckets=False)
+    return bucket_dataset(cfg)
+
+
+def _build(root: Path, vae: AutoencoderKL, cache_dir: Path, flip: bool = False,
+           resolution: int = RESOLUTION, logs: list | None = None, **kwargs):
+    scan, buckets, placements = _plan(root, resolution)
+    return cache.ensure_cache(scan.records, placements, buckets, vae, cache_dir, flip=flip,
+                              batch_size=4, num_workers=0, progress=False,
+                              log=(logs.append if logs is not None else lambda m: None),
+                              **kwargs)
+
+
+def _index_keys(cache_dir: Path) -> list[str]:
+    with sqlite3.connect(cache_dir / cache.INDEX_NAME) as conn:
+        return sorted(k for (k,) in conn.execute("SELECT key FROM entries"))
+
+
+def _entries(cache_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every entry of a cache: key -> (mean, logvar)."""
+    keys = _index_keys(cache_dir)
+    reader = cache.LatentReader(cache_dir, [(k,) for k in keys])
+    try:
+        return {k: tuple(t[0] for t in reader.moments([i])) for i, k in enumerate(keys)}
+    finally:
+        reader.close()
+
+
+def _assert_same_entries(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:  # batch composition may move fp32 results by an fp16 ulp
+        torch.testing.assert_close(a[key][0], b[key][0], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(a[key][1], b[key][1], atol=2e-3, rtol=2e-3)
+
+
+def test_cache_rerun_reuses_everything(tmp_path: Path) -> None:
+    root, vae = _write_images(tmp_path / "img", 6), _vae()
+    first = _build(root, vae, tmp_path / "c", flip=True)
+    assert (first.total, first.encoded, first.reused, first.skipped) == (14, 14, 0, 0)
+    assert len(first.keys) == 7 and all(len(k) == 2 for k in first.keys)
+    again = _build(root, vae, tmp_path / "c", flip=True)
+    assert (again.total, again.encoded, again.reused, again.repaired) == (14, 0, 14, 0)
+    assert (again.bytes, again.shards, again.keys) == (first.bytes, first.shards, first.keys)
+    assert again.bytes == sum(p.stat().st_size for p in (tmp_path / "c" / "shards").iterdir())
+    assert cache.verify_cache(tmp_path / "c") == []
+
+
+def test_cache_edited_image_reencodes_only_it(tmp_path: Path) -> None:
+    root, vae = _write_images(tmp_path / "img", 6), _vae()
+    first = _build(root, vae, tmp_path / "c")
+    path = root / "img03.png"
+    pixels = np.asarray(Image.open(path)).copy()
+    pixels[:4, :4] = 255 - pixels[:4, :4]  # same size, same format, new content
+    Image.fromarray(pixels).save(path)
+    second = _build(root, vae, tmp_path / "c")
+    assert (second.encoded, second.reused) == (1, 6)
+    changed = [i for i, (a, b) in enumerate(zip(first.keys, second.keys)) if a != b]
+    assert changed == [3]
+
+
+def test_cache_other_vae_or_grid_reencodes(tmp_path: Path) -> None:
+    root = _write_images(tmp_path / "img", 5)
+    vae_a, vae_b = _vae(0), _vae(1)
+    first = _build(root, vae_a, tmp_path / "c")
+    other = _build(root, vae_b, tmp_path / "c")
+    assert (other.encoded, other.reused) == (6, 0)
+    assert other.fingerprint != first.fingerprint
+    assert _build(root, vae_a, tmp_path / "c").reused == 6  # both VAEs' entries coexist
+    bigger = _build(root, vae_a, tmp_path / "c", resolution=48)
+    assert bigger.total > 0 and (bigger.encoded, bigger.reused) == (bigger.total, 0)
+    assert not set(bigger.keys) & set(first.keys)
+
+
+def test_cache_damaged_shard_detected_and_repaired(tmp_path: Path) -> None:
+    root, vae = _write_images(tmp_path / "img", 8), _vae()
+    c = tmp_path / "c"
+    first = _build(root, vae, c, shard_size=2)
+    before = _entries(c)
+    shards = sorted((c / "shards").iterdir())
+    assert len(shards) >= 4
+    truncated, flipped, missing = shards[:3]
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    data = bytearray(flipped.read_bytes())
+    data[-3] ^= 0xFF  # same size, different bytes
+    flipped.write_bytes(bytes(data))
+    missing.unlink()
+    logs: list[str] = []
+    second = _build(root, vae, c, shard_size=2, logs=logs)
+    assert sorted(second.damaged_shards) == sorted(p.name for p in (truncated, flipped, missing))
+    assert second.repaired == second.encoded == 6 and second.reused == first.total - 6
+    for p, why in ((truncated, "size"), (flipped, "checksum"), (missing, "missing")):
+        assert any(p.name in m and why in m for m in logs), (p.name, logs)
+    assert cache.verify_cache(c) == []
+    _assert_same_entries(_entries(c), before)
+    assert _build(root, vae, c, shard_size=2).reused == first.total
+
+
+def _committed(cache_dir: Path) -> int:
+    """Entries in the index, or 0 while a (stopped) writer holds its lock."""
+    try:
+        with contextlib.closing(sqlite3.connect(cache_dir / cache.INDEX_NAME, timeout=0)) as c:
+            return c.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+    except sqlite3.OperationalError:  # locked, or the schema is not there yet
+        return 0
+
+
+def test_cache_killed_build_completes_on_rerun(tmp_path: Path) -> None:
+    root = _write_images(tmp_path / "img", 11)
+    save_vae(_vae(), tmp_path / "vae")
+    c = tmp_path / "c"
+    args = [sys.executable, "cache.py", "--dataset", str(root), "--vae", str(tmp_path / "vae"),
+            "--resolution", str(RESOLUTION), "--cache-dir", str(c), "--flip",
+            "--shard-size", "2", "--batch-size", "2", "--num-workers", "0",
+            "--global-batch", "0", "--device", "cpu", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "log", "wb") as log:
+        child = subprocess.Popen(args, cwd=REPO_ROOT, stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + 120
+        while not (c / cache.INDEX_NAME).exists():  # free run through imports and the scan
+            assert child.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "log").read_text()
+            time.sleep(0.01)
+        # Then single-step it: run 2 ms, stop, look. Once the first shard of 2 entries is
+        # committed, it is killed while stopped, so it cannot have finished.
+        while True:
+            os.kill(child.pid, signal.SIGSTOP)
+            os.waitpid(child.pid, os.WUNTRACED)
+            if _committed(c) >= 2:
+                break
+            assert child.poll() is None and time.monotonic() < deadline
+            os.kill(child.pid, signal.SIGCONT)
+            time.sleep(0.002)
+        child.kill()
+        assert child.wait() == -signal.SIGKILL
+    partial = _committed(c)
+    assert 2 <= partial < 24  # it died mid-way, after at least one shard
+    rerun = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                           env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["total"] == 24 and summary["reused"] == partial
+    assert summary["encoded"] == 24 - partial and summary["skipped"] == 0
+    assert cache.verify_cache(c) == []
+    indexed = {name for (name,) in sqlite3.connect(c / cache.INDEX_NAME).execute(
+        "SELECT name FROM shards")}
+    assert {p.name for p in (c / "shards").iterdir()} == indexed  # no leftovers
+    clean = _build(root, _vae(), tmp_path / "clean", flip=True)
+    assert clean.total == 24
+    _assert_same_entries(_entries(c), _entries(tmp_path / "clean"))
+
+
+def test_cache_two_ranks_match_one_process(tmp_path: Path, capsys) -> None:
+    root = _write_images(tmp_path / "img", 9)
+    save_vae(_vae(), tmp_path / "vae")
+    common = ["--dataset", str(root), "--vae", str(tmp_path / "vae"), "--resolution",
+              str(RESOLUTION), "--flip", "--shard-size", "3", "--num-workers", "0",
+              "--device", "cpu", "--json", "--global-batch", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "cache.py", *common,
+                          "--cache-dir", str(tmp_path / "two")],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (two["total"], two["encoded"], two["skipped"]) == (20, 20, 0)
+    names = [p.name for p in (tmp_path / "two" / "shards").iterdir()]
+    assert any("-r0-" in n for n in names) and any("-r1-" in n for n in names)
+    assert cache.main([*common, "--cache-dir", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert one["total"] == 20 and one["fingerprint"] == two["fingerprint"]
+    _assert_same_entries(_entries(tmp_path / "two"), _entries(tmp_path / "one"))
+
+
+def test_cache_samples_fresh_and_reproducible(tmp_path: Path) -> None:
+    root = _write_images(tmp_path / "img", 6)
+    vae = _vae(scaling_factor=0.5, shift_factor=0.2)
+    summary = _build(root, vae, tmp_path / "c", flip=True)
+    reader = cache.LatentReader(tmp_path / "c", summary.keys, 0.5, 0.2)
+    idx, flips = [0, 2, 4], [False, True, False]
+    a = reader.batch(idx, cache.step_generator(7, 10, 0), flips)
+    assert a.shape == (3, 4, 16, 16) and a.dtype == torch.float32
+    assert torch.equal(a, reader.batch(idx, cache.step_generator(7, 10, 0), flips))
+    assert not torch.allclose(a, reader.batch(idx, cache.step_generator(7, 11, 0), flips))
+    assert not torch.allclose(a, reader.batch(idx, cache.step_generator(7, 10, 1), flips))
+    mean, logvar = reader.moments(idx, flips)
+    n = 1000
+    draws = torch.stack([reader.batch(idx, cache.step_generator(7, s, 0), flips)
+                         for s in range(n)])  # (n, B, C, h, w)
+    std = (logvar / 2).exp() * 0.5  # of the normalised latent
+    assert ((draws.mean(0) - (mean - 0.2) * 0.5).abs() <= 6 * std / n ** 0.5 + 1e-5).all()
+    torch.testing.assert_close(draws.std(0).mean(), std.mean(), atol=0, rtol=0.05)
+    assert [cache.flip_from_seed(s) for s in range(8)] != [False] * 8
+    reader.close()
+
+
+def test_cache_reader_matches_vae_encoding(tmp_path: Path) -> None:
+    root, vae = _write_images(tmp_path / "img", 4), _vae()
+    scan, buckets, placements = _plan(root)
+    summary = cache.ensure_cache(scan.records, placements, buckets, vae, tmp_path / "c",
+                                 flip=True, batch_size=3, num_workers=1, progress=False)
+    reader = cache.LatentReader(tmp_path / "c", summary.keys)
+    for i, (rec, p) in enumerate(zip(scan.records, placements)):
+        for flip in (False, True):
+            img = load_image(rec.path, min_size=p.resized)
+            pixels = torch.from_numpy(crop_to_bucket(img, p.resized, p.crop, flip))
+            with torch.inference_mode():
+                post = vae.encode(to_unit_range(pixels.permute(2, 0, 1)[None]))
+            mean, logvar = reader.moments([i], [flip])
+            torch.testing.assert_close(mean, post.mean, atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(logvar, post.logvar, atol=2e-3, rtol=2e-3)
+    reader.close()
+    with pytest.raises(KeyError, match="missing"):
+        cache.LatentReader(tmp_path / "c", [("0" * 64,)])
+
+
+def test_cache_nonfinite_latent_skipped_and_named(tmp_path: Path) -> None:
+    root = tmp_path / "img"
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        pixels = np.asarray(_image(40, 40 + i, rng)).copy()
+        pixels[..., 0] = 0  # no red at all
+        Image.fromarray(pixels).save(root / f"clean{i}.png")
+    Image.new("RGB", (44, 40), (255, 0, 0)).save(root / "red.png")
+    vae = _vae()
+    with torch.no_grad():  # channel 0 of the first conv overflows to inf on saturated red
+        vae.encoder.conv_in.weight[0].zero_()
+        vae.encoder.conv_in.weight[0, 0, 1, 1] = 2e38
+        vae.encoder.conv_in.bias[0] = 2e38
+    logs: list[str] = []
+    summary = _build(root, vae, tmp_path / "c", flip=True, logs=logs)
+    red = str((root / "red.png").resolve())
+    assert (summary.total, summary.encoded, summary.skipped) == (10, 8, 2)
+    assert [p for p, _ in summary.skipped_files] == [red, red]
+    assert any(red in m and "non-finite" in m for m in logs)
+    records = _plan(root)[0].records
+    assert [records[i].path for i in summary.unusable] == [red]
+    assert len(_index_keys(tmp_path / "c")) == 8
+    again = _build(root, vae, tmp_path / "c", flip=True)
+    assert (again.reused, again.encoded, again.skipped) == (8, 0, 2)
+
+
+def test_cache_cli_json_fields_and_errors(tmp_path: Path, capsys) -> None:
+    root = _write_images(tmp_path / "img", 4)
+    save_vae(_vae(), tmp_path / "vae")
+    args = ["--dataset", str(root), "--vae", str(tmp_path / "vae"), "--resolution",
+            str(RESOLUTION), "--cache-dir", str(tmp_path / "c"), "--num-workers", "0",
+            "--device", "cpu", "--json", "--global-batch", "0"]
+    assert cache.main(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for field in ("total", "encoded", "reused", "skipped", "repaired", "bytes"):
+        assert isinstance(first[field], int), field
+    assert (first["total"], first["encoded"], first["reused"]) == (5, 5, 0)
+    assert first["bytes"] > 0 and first["skipped_files"] == []
+    assert cache.main(args) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (second["encoded"], second["reused"]) == (0, 5)
+    for bad, name in (("--dataset", tmp_path / "nope"), ("--vae", tmp_path / "novae")):
+        assert cache.main([*args, bad, str(name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(name) in err
+
+
+def test_cache_prune_removes_unreferenced(tmp_path: Path) -> None:
+    root = _write_images(tmp_path / "img", 8)
+    c = tmp_path / "c"
+    _build(root, _vae(1), c, shard_size=3)  # another VAE's entries: all unreferenced later
+    kept = _build(root, _vae(0), c, shard_size=3)
+    before = _entries(c)
+    for name in ("img01.png", "img04.jpg", "img06.jpg"):
+        (root / name).unlink()
+    now = _build(root, _vae(0), c, shard_size=3)
+    assert (now.encoded, now.reused) == (0, 6)
+    keep = [k for ks in now.keys for k in ks]
+    result = cache.prune_cache(c, keep, log=lambda m: None)
+    assert result["entries_removed"] == 2 * kept.total - 6  # all of VAE 1's, 3 of VAE 0's
+    assert result["shards_removed"] >= 3 and result["bytes_freed"] > 0
+    assert _index_keys(c) == sorted(keep)
+    assert cache.verify_cache(c) == []
+    after = _entries(c)
+    _assert_same_entries(after, {k: before[k] for k in keep})
+    indexed = {name for (name,) in sqlite3.connect(c / cache.INDEX_NAME).execute(
+        "SELECT name FROM shards")}
+    assert {p.name for p in (c / "shards").iterdir()} == indexed
+    assert _build(root, _vae(0), c, shard_size=3).reused == 6
+
+
+def test_cache_out_of_memory_halves_batch(tmp_path: Path) -> None:
+    vae = _vae()
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    sizes: list[int] = []
+
+    def encode(batch: torch.Tensor):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return vae.encode(batch)
+
+    logs: list[str] = []
+    with torch.inference_mode():
+        mean, logvar, chunk = cache.encode_moments(encode, x, 8, logs.append)
+        expected = vae.encode(x)
+    assert chunk == 2 and sizes == [6, 4, 2, 2, 2] and len(logs) == 2
+    torch.testing.assert_close(mean, expected.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logvar, expected.logvar, atol=1e-5, rtol=1e-5)
+
+    def broken(batch: torch.Tensor):
+        raise RuntimeError("bad shape")
+
+    with pytest.raises(RuntimeError, match="bad shape"):  # other errors are not retried
+        cache.encode_moments(broken, x, 4)

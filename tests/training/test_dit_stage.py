@@ -1,0 +1,197 @@
+"""The DiT stage end to end: smoke, exact resume across real processes, NaN guard, torchrun,
+bad input. Tiny models on the synthetic set (real PNG/JPEG files) so it all runs on a CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.vae import AutoencoderKL, VAEConfig, save_vae
+from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from training.config import Config, from_dict
+from training.dit_stage import train_dit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                  latent_channels=4, sample_size=32, force_upcast=False,
+                                  scaling_factor=1.0, shift_factor=0.0))
+    return save_vae(vae, tmp_path_factory.mktemp("vae") / "vae")
+
+
+def _config(path: Path, run_dir: Path, vae: Path, **train) -> Path:
+    cfg = {"description": "tiny DiT for tests", "stage": "dit", "run_dir": str(run_dir),
+           "seed": 3, "batch_size": 2,
+           "data": {"dataset": "synthetic:24", "resolution": 32, "num_workers": 0,
+                    "holdout": 4, "use_classes": True},
+           "train": {"max_steps": 4, "lr": 1e-3, "log_every": 1, "eval_every": 1000,
+                     "ckpt_every": 1000, "sample_every": 1000, "precision": "fp32",
+                     "device": "cpu", **train},
+           "dit": {"model": "dit-t/2", "vae": str(vae), "sample_sizes": ["32x32", "48x16"],
+                   "sample_steps": 3, "num_samples": 2, "val_images": 4}}
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _train(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, **kwargs)
+
+
+def _scalars(run: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events_file in sorted((run / "tb").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events_file))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def test_dit_stage_one_mini_batch_smoke(tmp_path: Path, tiny_vae: Path) -> None:
+    cfg = from_dict(Config, json.loads(_config(tmp_path / "c.json", tmp_path / "run", tiny_vae,
+                                               max_steps=1, eval_every=1,
+                                               sample_every=1).read_text()))
+    run = train_dit(cfg)
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    assert ckpt.step == 1 and set(ckpt.tensors) == {"model", "ema"}
+    assert ckpt.state["class_names"] == ["checkers", "clouds", "discs", "stripes"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step_0000001_32x32.png", "step_0000001_48x16.png"]
+    assert _scalars(run, "train/loss") and _scalars(run, "val/loss_bin0")
+    assert any(k.startswith("loss_bucket/") for k in _tags(run))
+
+
+def _tags(run: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return acc.Tags()["scalars"]
+
+
+def test_dit_stage_resume_after_sigterm_is_exact(tmp_path: Path, tiny_vae: Path) -> None:
+    steps = 12
+    straight_cfg = _config(tmp_path / "a.json", tmp_path / "a", tiny_vae, max_steps=steps)
+    assert _train("--config", str(straight_cfg)).returncode == 0
+
+    split_cfg = _config(tmp_path / "b.json", tmp_path / "b", tiny_vae, max_steps=steps,
+                        ckpt_every=2)
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(split_cfg)],
+                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not list_checkpoints(tmp_path / "b") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    stopped_at = load_checkpoint(latest_checkpoint(tmp_path / "b")).step
+    assert 2 <= stopped_at < steps, "SIGTERM should stop the run early with a checkpoint"
+    resumed = _train("--config", str(split_cfg), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    assert _scalars(tmp_path / "a", "train/loss") == _scalars(tmp_path / "b", "train/loss")
+    for group in ("model", "ema"):
+        a = load_file(tmp_path / "a" / "checkpoints" / f"step_{steps:07d}" / f"{group}.safetensors")
+        b = load_file(tmp_path / "b" / "checkpoints" / f"step_{steps:07d}" / f"{group}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), group
+
+
+def test_dit_stage_resume_skips_incomplete_checkpoint(tmp_path: Path, tiny_vae: Path) -> None:
+    cfg = _config(tmp_path / "c.json", tmp_path / "run", tiny_vae, max_steps=2, ckpt_every=2)
+    assert _train("--config", str(cfg)).returncode == 0
+    # A newer checkpoint whose write was killed: weights but no state.json, plus a temp folder.
+    broken = tmp_path / "run" / "checkpoints" / "step_0000009"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / "run" / "checkpoints" / ".tmp-step_0000010-999999").mkdir()
+    cfg = _config(tmp_path / "c.json", tmp_path / "run", tiny_vae, max_steps=3)
+    out = _train("--config", str(cfg), "--resume")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resumed from" in out.stdout and "step_0000002" in out.stdout
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run")).step == 3
+
+
+def test_dit_stage_nan_guard_aborts_without_bad_checkpoint(tmp_path: Path,
+                                                           tiny_vae: Path) -> None:
+    cfg = _config(tmp_path / "c.json", tmp_path / "run", tiny_vae, max_steps=20, lr=1e30,
+                  max_nonfinite=2, ckpt_every=1, grad_clip=0.0)
+    out = _train("--config", str(cfg))
+    assert out.returncode == 2
+    assert "non-finite steps in a row" in out.stderr
+    assert "optimizer step skipped" in out.stdout and ".png" in out.stdout  # names the files
+    for ckpt in list_checkpoints(tmp_path / "run"):
+        for group in load_checkpoint(ckpt).tensors.values():
+            assert all(torch.isfinite(v).all() for v in group.values())
+
+
+def test_dit_stage_torchrun_two_ranks_follow_one_rank(tmp_path: Path, tiny_vae: Path) -> None:
+    one = _config(tmp_path / "one.json", tmp_path / "one", tiny_vae, max_steps=6)
+    cfg = json.loads(one.read_text())
+    cfg["batch_size"] = 4
+    one.write_text(json.dumps(cfg))
+    assert _train("--config", str(one)).returncode == 0
+    two = _config(tmp_path / "two.json", tmp_path / "two", tiny_vae, max_steps=6)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "train.py", "--config", str(two)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = _scalars(tmp_path / "one", "train/loss"), _scalars(tmp_path / "two", "train/loss")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    # Same samples per step; only the per-rank noise differs, so the losses stay close.
+    for step in a:
+        assert abs(a[step] - b[step]) < 0.5 * a[step], (step, a[step], b[step])
+
+
+@pytest.mark.parametrize("case", ["model", "dataset", "no_images", "vae", "config_key",
+                                  "other_model"])
+def test_dit_stage_bad_input_is_one_line_error(tmp_path: Path, tiny_vae: Path,
+                                               case: str) -> None:
+    cfg = _config(tmp_path / "c.json", tmp_path / "run", tiny_vae, max_steps=1)
+    args = ["--config", str(cfg)]
+    if case == "model":
+        data = json.loads(cfg.read_text())
+        data["dit"]["model"] = "dit-zz/2"
+        cfg.write_text(json.dumps(data))
+    elif case == "dataset":
+        args += ["--dataset", str(tmp_path / "missing")]
+    elif case == "no_images":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "x.jpg").write_text("not a picture")
+        args += ["--dataset", str(tmp_path / "empty")]
+    elif case == "vae":
+        args += ["--vae", str(tmp_path / "no_vae")]
+    elif case == "config_key":
+        data = json.loads(cfg.read_text())
+        data["train"]["learning_rate"] = 1.0
+        cfg.write_text(json.dumps(data))
+    else:  # resume a run made with another model size
+        assert _train(*args).returncode == 0
+        args += ["--model", "dit-s/4", "--resume"]
+        before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    out = _train(*args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), out.stderr[-2000:]
+    expected = {"model": "dit-zz/2", "dataset": "missing", "no_images": "no usable image",
+                "vae": "no_vae", "config_key": "learning_rate", "other_model": "another model"}
+    assert expected[case] in lines[0]
+    if case == "other_model":
+        after = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+        assert after == before
