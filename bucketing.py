@@ -247,13 +247,13 @@ def bucket_dataset(cfg_data, batch_size: int | None = None, world_size: int = 1,
                            cfg_data.max_aspect)
     grid = np.asarray(buckets)
     records, placements = [], []
-    smallest = min(buckets, key=lambda b: b[0] * b[1])
     for rec in scan.records:
         p = assign(rec.width, rec.height, grid, cfg_data.allow_upscale)
         if p is None:
+            bw, bh = buckets[assign(rec.width, rec.height, grid, allow_upscale=True).bucket]
             scan.skipped.append(SkippedFile(rec.path, f"too small: {rec.width}x{rec.height} "
-                                            f"covers no bucket (smallest area {smallest[0]}x"
-                                            f"{smallest[1]}); allow upscaling to keep it"))
+                                            f"covers no bucket (the nearest in shape is {bw}x{bh})"
+                                            "; allow upscaling to keep it"))
         else:
             records.append(rec)
             placements.append(p)

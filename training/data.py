@@ -26,7 +26,7 @@ from PIL import Image, ImageCms, ImageOps
 from training.config import REPO_ROOT
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
-SCAN_CACHE_VERSION = 1
+SCAN_CACHE_VERSION = 2  # bump when `_probe` changes what it records
 SYNTHETIC_VERSION = 1
 SYNTHETIC_CLASSES = ("discs", "stripes", "checkers", "clouds")
 _ORIENTATION_TAG = 0x0112
@@ -196,6 +196,10 @@ def _probe(path: str, max_pixels: int) -> dict:
     try:
         img = _open(data)
     except Exception:
+        kind = _signature(data)
+        if kind:
+            return {**info, "error": f"unsupported: a {kind} file that Pillow cannot read "
+                                     "(unusual encoding or damaged header)"}
         return {**info, "error": "not an image: content is not a known image format"}
     try:
         with img:
@@ -212,6 +216,16 @@ def _probe(path: str, max_pixels: int) -> dict:
         return {**info, "error": f"{kind}: {text}"}
     info["verified"] = True
     return info
+
+
+def _signature(data: bytes) -> str | None:
+    """The image format named by a file's first bytes, if any."""
+    signatures = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP",
+                  b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+    for magic, name in signatures.items():
+        if data.startswith(magic):
+            return name
+    return "WebP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
 
 
 def _walk_images(root: Path) -> list[Path]:

@@ -53,6 +53,7 @@ def mixed_folder(tmp_path: Path) -> Path:
     data = io.BytesIO()
     _photo(400, 300, 6).save(data, "PNG")
     (root / "truncated.png").write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+    (root / "garbled.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     (root / "notes.txt").write_text("ignored: not an image extension\n")
     (root / ".hidden.jpg").write_bytes(b"")  # hidden files are ignored
     os.symlink(root / "sub", root / "sub" / "deeper" / "loop")  # a symlink loop
@@ -64,13 +65,15 @@ def test_data_scan_skips_each_bad_file_with_reason(mixed_folder: Path, cache_dir
     good = sorted(r.rel for r in scan.records)
     assert good == ["good.JPG", "good.bmp", "good.tiff", "sub/deeper/good.webp", "sub/good.png"]
     reasons = {Path(s.path).name: s.reason for s in scan.skipped}
-    assert set(reasons) == {"empty.jpg", "text.png", "truncated.jpg", "truncated.png"}
+    assert set(reasons) == {"empty.jpg", "text.png", "truncated.jpg", "truncated.png",
+                            "garbled.png"}
     assert reasons["empty.jpg"].startswith("empty file")
+    assert reasons["garbled.png"].startswith("unsupported: a PNG file")
     assert reasons["text.png"].startswith("not an image")
     assert reasons["truncated.jpg"].startswith(("truncated", "corrupt"))
     assert reasons["truncated.png"].startswith(("truncated", "corrupt"))
     assert all(Path(s.path).is_absolute() for s in scan.skipped)
-    assert "4 skipped" in scan.summary()
+    assert "5 skipped" in scan.summary()
     jpg = next(r for r in scan.records if r.rel == "good.JPG")
     assert (jpg.width, jpg.height, jpg.label) == (300, 200, -1)
     assert len(jpg.sha256) == 64
@@ -82,7 +85,7 @@ def test_data_scan_writes_skip_list(mixed_folder: Path, tmp_path: Path) -> None:
     import json
     listed = json.loads((tmp_path / "run" / "skipped.json").read_text())
     assert {Path(e["path"]).name for e in listed} == {"empty.jpg", "text.png", "truncated.jpg",
-                                                      "truncated.png"}
+                                                      "truncated.png", "garbled.png"}
 
 
 def test_data_scan_is_deterministic_and_cached(mixed_folder: Path) -> None:
