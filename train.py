@@ -67,7 +67,8 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
     for flag, (key, tp, text) in FLAGS.items():
         parser.add_argument(flag, type=tp, default=None,
                             choices=MODEL_NAMES if flag == "--model" else None,
-                            help=f"{text} (config {key}; default: {_config_default(defaults, key)})")
+                            help=f"{text} (config {key}; "
+                                 f"default: {_config_default(defaults, key)})")
     parser.add_argument("--classes", action="store_const", const=True, default=None,
                         help="label = first-level sub-folder name (config data.use_classes; "
                              f"default: {defaults.data.use_classes})")

@@ -14,7 +14,6 @@ and an (B, 3, H, W) image gives a (B, 1, H/8 - 2, W/8 - 2) map of per-patch logi
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -240,7 +240,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             files += [plan.records[i].path for i in indices]
             gen = torch.Generator(device).manual_seed(int(noise.initial_seed() % 2 ** 63))
             sync = micro == t.grad_accum - 1 or info.world_size == 1
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(device, amp):
+            no_sync = contextlib.nullcontext() if sync else train_model.no_sync()
+            with no_sync, autocast(device, amp):
                 per_sample = flow.loss(train_model, x0, y, generator=gen)  # (B,)
                 loss = per_sample.mean()
             (loss / t.grad_accum).backward()

@@ -21,7 +21,7 @@ from bucketing import BatchSchedule, assign, bucket_dataset
 from training.config import (Config, ConfigError, TrainingAborted, resolve_path, save_config,
                              to_dict)
 from training.data import ImageRecord, PixelDataset, ScheduleSampler, resolve_dataset, scan_folder
-from training.distributed import DistInfo, barrier, broadcast_object
+from training.distributed import DistInfo, barrier
 
 
 @dataclass
@@ -249,13 +249,3 @@ def state_for_json(cfg: Config, step: int, epoch: int, index: int, extra: dict) 
     return {"step": step, "epoch": epoch, "index": index, "config": to_dict(cfg),
             "rng": capture_rng_state(), **extra}
 
-
-def broadcast_resume_path(path: Path | None) -> Path | None:
-    """Rank 0's choice of checkpoint, on every rank."""
-    chosen = broadcast_object(str(path) if path else None)
-    return Path(chosen) if chosen else None
-
-
-__all__ = ["DataPlan", "NonFiniteGuard", "TrainingAborted", "StopSignal", "autocast", "autocast_dtype",
-           "broadcast_resume_path", "clip_and_check", "eval_crops", "lr_factor", "pixel_loader",
-           "plan_data", "prepare_run_dir", "seed_everything", "state_for_json"]

@@ -31,8 +31,8 @@ def _png16_rgb(path: Path, arr: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
 
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 @pytest.fixture
