@@ -57,3 +57,28 @@ def test_train_dataset_without_usable_images_fails(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "no usable image" in out.stderr
     assert "a.jpg" in out.stdout  # the skip list names the file and the reason
+
+
+def test_train_synthetic_quickstart_end_to_end(tmp_path: Path) -> None:
+    """The README's quickstart with the default config, shrunk to a tiny VAE and DiT."""
+    import torch
+
+    from models.vae import AutoencoderKL, VAEConfig, save_vae
+
+    torch.manual_seed(0)
+    vae = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                           latent_channels=4, sample_size=64,
+                                           force_upcast=False)), tmp_path / "vae")
+    run = tmp_path / "run"
+    out = _train("--dataset", "synthetic:32", "--classes", "--model", "dit-t/2", "--vae",
+                 str(vae), "--resolution", "32", "--batch-size", "2", "--max-steps", "3",
+                 "--holdout", "4", "--sample-every", "3", "--eval-every", "3",
+                 "--run-dir", str(run), "--num-workers", "0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = json.loads((run / "config.json").read_text())
+    assert config["dit"]["model"] == "dit-t/2" and config["data"]["use_classes"] is True
+    assert (run / "checkpoints" / "step_0000003" / "state.json").exists()
+    samples = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert samples == ["step_0000003_128x128.png", "step_0000003_160x96.png",
+                       "step_0000003_96x160.png"]
+    assert list((run / "tb").glob("events.out.tfevents.*"))

@@ -8,6 +8,7 @@ resolved config into the run folder.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -234,6 +235,24 @@ def portable_path(path: str | os.PathLike[str], root: str | os.PathLike[str] = R
         return resolved.relative_to(Path(root).resolve()).as_posix()
     except ValueError:
         return str(resolved)
+
+
+PATH_KEYS = ("run_dir", "data.dataset", "data.eval_dataset", "dit.vae", "dit.cache_dir",
+             "vae.init", "vae.lpips_vgg", "vae.lpips_lin")
+
+
+def portable_config(cfg: Config) -> Config:
+    """A copy of `cfg` whose path fields are repo-relative when they lie inside the repo."""
+    out = copy.deepcopy(cfg)
+    for dotted in PATH_KEYS:
+        *parents, name = dotted.split(".")
+        target = out
+        for part in parents:
+            target = getattr(target, part)
+        value = getattr(target, name)
+        if value and not value.startswith("synthetic"):
+            setattr(target, name, portable_path(value))
+    return out
 
 
 def resolve_path(path: str | os.PathLike[str], root: str | os.PathLike[str] = REPO_ROOT) -> Path:

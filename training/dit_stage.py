@@ -27,7 +27,7 @@ from models.dit import DiT
 from models.registry import MODEL_NAMES, build_dit
 from models.vae import AutoencoderKL, load_vae
 from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from training.config import Config, ConfigError, resolve_path
+from training.config import Config, ConfigError, portable_path, resolve_path
 from training.data import ScheduleSampler
 from training.distributed import DistInfo, setup, teardown
 from training.ema import EMA
@@ -181,7 +181,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                      "num_classes": num_classes, "latent_channels": vae.config.latent_channels,
                      "class_names": plan.class_names,
                      "model_config": model.config.to_dict(),
-                     "vae": str(resolve_path(d.vae))}
+                     "vae": portable_path(resolve_path(d.vae))}
             save_checkpoint(run_dir, step, {"model": model.state_dict(),
                                             "ema": ema.state_dict()},
                             {"optimizer": opt.state_dict()},

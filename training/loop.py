@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from bucketing import BatchSchedule, assign, bucket_dataset
-from training.config import (Config, ConfigError, TrainingAborted, resolve_path, save_config,
-                             to_dict)
+from training.config import (Config, ConfigError, TrainingAborted, portable_config, resolve_path,
+                             save_config, to_dict)
 from training.data import ImageRecord, PixelDataset, ScheduleSampler, resolve_dataset, scan_folder
 from training.distributed import DistInfo, barrier
 
@@ -150,7 +150,7 @@ def prepare_run_dir(cfg: Config, resuming: bool, dist: DistInfo,
             raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue "
                               "it or choose another --run-dir")
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
+        save_config(portable_config(cfg), run_dir / "config.json")
         (run_dir / "skipped.json").write_text(json.dumps(
             [{"path": s.path, "reason": s.reason} for s in plan.skipped], indent=1) + "\n")
     barrier()
@@ -246,6 +246,6 @@ def state_for_json(cfg: Config, step: int, epoch: int, index: int, extra: dict) 
     """The JSON part of a checkpoint."""
     from training.checkpoint import capture_rng_state
 
-    return {"step": step, "epoch": epoch, "index": index, "config": to_dict(cfg),
+    return {"step": step, "epoch": epoch, "index": index, "config": to_dict(portable_config(cfg)),
             "rng": capture_rng_state(), **extra}
 

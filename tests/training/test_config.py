@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from training.config import (REPO_ROOT, Config, ConfigError, apply_overrides, from_dict,
-                             load_config, portable_path, resolve_path, save_config, to_dict)
+                             load_config, portable_config, portable_path, resolve_path,
+                             save_config, to_dict)
 
 
 def test_config_round_trips_through_json(tmp_path: Path) -> None:
@@ -61,3 +62,15 @@ def test_config_portable_paths(tmp_path: Path) -> None:
     assert Path(outside).is_absolute()
     assert resolve_path("runs/x") == REPO_ROOT / "runs" / "x"
     assert resolve_path(outside) == Path(outside)
+
+
+def test_config_portable_config_rewrites_paths_inside_the_repo(tmp_path: Path) -> None:
+    cfg = from_dict(Config, {"run_dir": str(REPO_ROOT / "runs" / "a"),
+                             "data": {"dataset": "synthetic:8",
+                                      "eval_dataset": str(tmp_path / "held")},
+                             "dit": {"vae": str(REPO_ROOT / "vae")}})
+    out = portable_config(cfg)
+    assert out.run_dir == "runs/a" and out.dit.vae == "vae"
+    assert out.data.dataset == "synthetic:8"
+    assert out.data.eval_dataset == str((tmp_path / "held").resolve())
+    assert cfg.run_dir == str(REPO_ROOT / "runs" / "a")  # the original is untouched

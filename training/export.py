@@ -1,0 +1,237 @@
+"""DiT weights for inference: export a run's EMA weights, and load a run, checkpoint or export.
+
+An export, `checkpoints/NAME/` by default, holds
+
+- `model.safetensors`: the EMA weights (fp32), keyed like `models.dit.DiT.state_dict()`;
+- `config.json`: `{"format": "dit-export", "step", "model_config", "class_names", "base_tokens",
+  "vae", "vae_fingerprint", "source"}`. `vae` is a portable path (repo-relative when inside the
+  repository), `vae_fingerprint` the `models.vae.vae_fingerprint` of that VAE at export time, so
+  loading with another VAE is refused with a clear error instead of decoding garbage.
+
+An export is written into a temporary sibling folder and renamed into place; an earlier export
+at the same place is replaced only once the new one is complete, and a folder that is not an
+export is never overwritten.
+
+    UV_CACHE_DIR=.uv-cache uv run python train.py --export runs/NAME [--out checkpoints/NAME]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.dit import DiT, DiTConfig
+from models.vae import AutoencoderKL, load_vae, vae_fingerprint
+from training.checkpoint import STATE_FILE, list_checkpoints, resolve_resume, step_dir_name
+from training.config import REPO_ROOT, portable_path, resolve_path
+
+EXPORT_FORMAT = "dit-export"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"  # the EMA group of a training checkpoint (training/checkpoint.py)
+
+
+class ExportError(ValueError):
+    """A run, checkpoint or export that cannot be exported or loaded; the message says why."""
+
+
+@dataclass
+class GeneratorInfo:
+    """What a loaded DiT was trained with, and where it came from."""
+
+    source: Path  # the checkpoint folder or export folder the weights came from
+    step: int  # training step of the weights
+    class_names: list[str]  # empty for an unconditional model
+    base_tokens: int  # token count at which the timestep shift is 1
+    vae: Path  # the VAE loaded with it
+    vae_fingerprint: str | None  # recorded at export; None for training checkpoints
+
+    @property
+    def num_classes(self) -> int:
+        """Number of real classes (0: unconditional)."""
+        return len(self.class_names)
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds an export written by `export_dit` (its config.json says so)."""
+    try:
+        return json.loads((folder / CONFIG_FILE).read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise FileNotFoundError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ExportError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights missing")
+    try:
+        return load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ExportError(f"{path}: cannot read safetensors file ({exc})") from None
+
+
+def checkpoint_folder(path: Path, step: int | None = None) -> Path:
+    """The training checkpoint `path` names (a run folder, its checkpoints/ or a step folder);
+    with `step`, that step's checkpoint of the run. Errors list the steps that exist."""
+    if step is not None and path.is_dir() and not path.name.startswith("step_") \
+            and not (path / STATE_FILE).is_file():  # a run folder or its checkpoints/
+        run = path.parent if path.name == "checkpoints" else path
+        folder = run / "checkpoints" / step_dir_name(step)
+        if not (folder / STATE_FILE).is_file():
+            steps = [int(p.name.split("_")[1]) for p in list_checkpoints(run)]
+            raise FileNotFoundError(f"{folder}: no complete checkpoint of step {step} "
+                                    f"(complete steps: {steps or 'none'})")
+        return folder
+    folder = resolve_resume(path)
+    found = _read_json(folder / STATE_FILE).get("step")
+    if step is not None and found != step:
+        raise ExportError(f"{folder}: holds step {found}, not --step {step}")
+    return folder
+
+
+def _read_source(path: Path, step: int | None) -> tuple[DiTConfig, dict[str, torch.Tensor],
+                                                         GeneratorInfo]:
+    """Model config, EMA weights and info from an export folder or a training checkpoint."""
+    if is_export(path):
+        cfg = _read_json(path / CONFIG_FILE)
+        if step is not None and step != cfg.get("step"):
+            raise ExportError(f"{path}: export of step {cfg.get('step')}, not --step {step}")
+        weights, where, source = _read_weights(path / WEIGHTS_FILE), path / CONFIG_FILE, path
+        fields = cfg
+    else:
+        source = checkpoint_folder(path, step)
+        where = source / STATE_FILE
+        fields = _read_json(where)
+        if fields.get("stage", fields.get("config", {}).get("stage")) != "dit":
+            raise ExportError(f"{where}: not a DiT checkpoint (stage "
+                              f"{fields.get('config', {}).get('stage')!r})")
+        weights = _read_weights(source / EMA_FILE)
+        fields = {**fields, "base_tokens": fields.get("config", {}).get("dit", {})
+                  .get("base_tokens"), "vae_fingerprint": None}
+    try:
+        config = DiTConfig.from_dict(fields["model_config"])
+        info = GeneratorInfo(source, int(fields["step"]), list(fields["class_names"]),
+                             int(fields["base_tokens"]), resolve_path(fields["vae"]),
+                             fields["vae_fingerprint"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"{where}: missing or invalid entry ({exc})") from None
+    if info.num_classes != config.num_classes:
+        raise ExportError(f"{where}: {info.num_classes} class names for a model of "
+                          f"{config.num_classes} classes")
+    return config, weights, info
+
+
+def _build(config: DiTConfig, weights: dict[str, torch.Tensor], source: Path,
+           device: torch.device | str = "cpu") -> DiT:
+    """A DiT on `device` holding `weights`; errors name `source`.
+
+    Built on the device and then filled, not on the meta device: initialising meta tensors
+    imports torch's compiler stack, which costs more start-up time than the random init of
+    all but the largest models.
+    """
+    with torch.device(device):
+        model = DiT(config)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ExportError(f"{source}: weights do not fit the model config ({first})") from None
+    return model.eval().requires_grad_(False)
+
+
+def load_generator(path: str | os.PathLike, step: int | None = None,
+                   device: torch.device | str = "cpu", vae: str | os.PathLike | None = None,
+                   vae_dtype: torch.dtype = torch.float32
+                   ) -> tuple[DiT, AutoencoderKL, GeneratorInfo]:
+    """Load EMA weights and their VAE for sampling.
+
+    `path` is a run folder (its newest complete checkpoint, or `step`'s), a checkpoint folder,
+    or an export folder. The VAE is the one recorded with the weights unless `vae` overrides it;
+    it must have the model's latent channels and, for an export, the recorded fingerprint.
+    `vae_dtype` applies unless the VAE's config sets force_upcast (then it stays fp32).
+    """
+    config, weights, info = _read_source(Path(path), step)
+    model = _build(config, weights, info.source, device)
+    vae_path = Path(vae) if vae is not None else info.vae
+    if not vae_path.exists():
+        named = "given by --vae" if vae is not None else f"recorded in {info.source}"
+        raise FileNotFoundError(f"{vae_path}: VAE not found ({named}); pass --vae PATH")
+    autoencoder = load_vae(vae_path)  # fp32 on the CPU: the fingerprint is taken in fp32
+    if autoencoder.config.latent_channels != config.in_channels:
+        raise ExportError(f"{vae_path}: VAE has {autoencoder.config.latent_channels} latent "
+                          f"channels, the model in {info.source} expects {config.in_channels}")
+    if info.vae_fingerprint is not None:
+        found = vae_fingerprint(autoencoder)
+        if found != info.vae_fingerprint:
+            raise ExportError(
+                f"{vae_path}: not the VAE {info.source} was trained with (fingerprint "
+                f"{found[:12]}, expected {info.vae_fingerprint[:12]}); pass --vae with that VAE")
+    info.vae = vae_path
+    if autoencoder.config.force_upcast:
+        vae_dtype = torch.float32
+    return model, autoencoder.to(device=device, dtype=vae_dtype), info
+
+
+def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Export the EMA weights of a DiT run's newest checkpoint (or of a checkpoint folder) to
+    `out` (default `checkpoints/<run name>`); returns the export folder.
+
+    Refuses to replace a non-empty folder that is not an earlier export.
+    """
+    folder = resolve_resume(resolve_path(checkpoint))
+    config, weights, info = _read_source(folder, None)
+    _build(config, weights, folder)  # refuse weights that would not load
+    if not info.vae.exists():
+        raise FileNotFoundError(f"{info.vae}: the run's VAE is missing (recorded in "
+                                f"{folder / STATE_FILE}); it is needed for its fingerprint")
+    run_name = folder.parent.parent.name
+    target = resolve_path(out) if out is not None else REPO_ROOT / "checkpoints" / run_name
+    if target.exists():
+        if not target.is_dir():
+            raise ExportError(f"{target}: exists and is not a folder; choose another --out")
+        if any(target.iterdir()) and not is_export(target):
+            raise ExportError(f"{target}: not empty and not an earlier export; refusing to "
+                              "overwrite it (choose another --out)")
+    meta = {"format": EXPORT_FORMAT, "step": info.step, "model_config": config.to_dict(),
+            "class_names": info.class_names, "base_tokens": info.base_tokens,
+            "vae": portable_path(info.vae), "vae_fingerprint": vae_fingerprint(load_vae(info.vae)),
+            "source": portable_path(folder)}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    aside = target.parent / f".old-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS_FILE,
+                  metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for file in (tmp / WEIGHTS_FILE, tmp / CONFIG_FILE):
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        if target.exists():  # an earlier export or an empty folder: move it aside first
+            os.rename(target, aside)
+        os.rename(tmp, target)
+    except BaseException:
+        if aside.exists() and not target.exists():
+            os.rename(aside, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return target
