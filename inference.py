@@ -1,9 +1,22 @@
-"""Inference from the command line.
+"""Inference from the command line: sample, image-to-image, or reconstruct through a VAE.
+
+Sample from a DiT run (newest complete checkpoint, EMA weights), a checkpoint or an export:
+
+    UV_CACHE_DIR=.uv-cache uv run python inference.py --checkpoint runs/NAME --num-samples 4 \
+        --size 384x256 --class-label 3 --cfg-scale 4 --steps 28 --seed 0 --out DIR
+
+Image-to-image (output at the input's size, snapped to the grid):
+
+    UV_CACHE_DIR=.uv-cache uv run python inference.py --checkpoint checkpoints/NAME \
+        --image in.png --strength 0.6 --out DIR
 
 Reconstruct an image through a VAE (weights found next to its config):
 
     UV_CACHE_DIR=.uv-cache uv run python inference.py --config vae/config.json --image in.png
     UV_CACHE_DIR=.uv-cache uv run python inference.py --vae path/to/vae.safetensors --image in.png
+
+Each sample i is drawn from noise seeded with seed + i; its PNG carries the parameters that
+made it as text chunks, and grid.png shows them all.
 """
 
 from __future__ import annotations
@@ -11,26 +24,59 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
 from dotenv import load_dotenv
 
 REPO_ROOT = Path(__file__).resolve().parent
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Reconstruct images through a VAE.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Every flag with its default; --checkpoint selects sampling, else reconstruction."""
+    parser = argparse.ArgumentParser(
+        description="Sample from a DiT (--checkpoint), re-imagine an image (--checkpoint "
+                    "--image), or reconstruct an image through a VAE (--config/--vae --image).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default=None,
+                        help="DiT run folder (newest complete checkpoint), checkpoint folder or "
+                             "export folder; selects sampling")
+    parser.add_argument("--step", type=int, default=None,
+                        help="with a run folder: load this step's checkpoint")
     parser.add_argument("--config", default=None,
-                        help="a VAE config.json; its weights are loaded from the same folder")
+                        help="reconstruction: a VAE config.json; weights from the same folder")
     parser.add_argument("--vae", default=None,
-                        help="a VAE folder, config.json, or single .safetensors/.ckpt file")
-    parser.add_argument("--image", required=True, help="input image")
+                        help="a VAE folder, config.json, or single .safetensors/.ckpt file "
+                             "(sampling: overrides the VAE recorded with the checkpoint)")
+    parser.add_argument("--image", default=None,
+                        help="input image: reconstruction, or image-to-image with --checkpoint")
     parser.add_argument("--out", default=None,
-                        help="output PNG (default: next to the input, named *_recon.png)")
+                        help="sampling: output folder (required); reconstruction: output PNG "
+                             "(default: next to the input, named *_recon.png)")
+    parser.add_argument("--num-samples", type=int, default=4, help="images to sample")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward pass (default: all at once)")
+    parser.add_argument("--size", default=None,
+                        help="WIDTHxHEIGHT, snapped to multiples of VAE factor × patch (default: "
+                             "the model's base resolution; image-to-image: the input's size)")
+    parser.add_argument("--class-label", default=None,
+                        help="class name or index (default: cycle through the classes)")
+    parser.add_argument("--cfg-scale", type=float, default=4.0,
+                        help="classifier-free guidance scale (1: conditional model alone)")
+    parser.add_argument("--steps", type=int, default=28,
+                        help="integration steps from noise to image (image-to-image: about "
+                             "strength × steps)")
+    parser.add_argument("--sampler", default="euler", choices=["euler", "heun"],
+                        help="heun evaluates the model twice per step")
+    parser.add_argument("--seed", type=int, default=0, help="sample i uses noise seed + i")
+    parser.add_argument("--strength", type=float, default=0.6,
+                        help="image-to-image: 0 keeps the input, 1 ignores it")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES,
+                        help="DiT autocast dtype; the VAE too unless its config forces fp32")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -38,9 +84,102 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     load_dotenv(REPO_ROOT / ".env")
     args = build_parser().parse_args(argv)
+    if args.checkpoint is not None:
+        return sample(args)
+    if args.image is None:
+        print("error: give --checkpoint RUN to sample, or --image with --config/--vae to "
+              "reconstruct", file=sys.stderr)
+        return 2
+    return reconstruct(args)
+
+
+def _device_and_dtype(args: argparse.Namespace):
     import torch
 
-    from inference.pipelines import reconstruct
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        else args.device
+    return torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                  "fp16": torch.float16}[args.dtype]
+
+
+def sample(args: argparse.Namespace) -> int:
+    """Generate (or, with --image, image-to-image) into --out; one-line errors, exit 1 or 2."""
+    if args.out is None:
+        print("error: give --out DIR for the sampled images", file=sys.stderr)
+        return 2
+    if args.config is not None:
+        print("error: --config is for reconstruction; with --checkpoint use --vae to override "
+              "the VAE", file=sys.stderr)
+        return 2
+    if args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
+        print("error: --num-samples and --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    import torch
+
+    from inference.pipelines import (generate, grid_step, img2img, parse_size, prepare_image,
+                                     resolve_labels, save_images, snap_size)
+    from training.data import ImageLoadError, load_image
+    from training.export import load_generator
+
+    device, dtype = _device_and_dtype(args)
+    started = time.perf_counter()
+    try:
+        requested = parse_size(args.size) if args.size is not None else None
+        model, vae, info = load_generator(args.checkpoint, args.step, device, args.vae,
+                                          vae_dtype=dtype)
+        step = grid_step(model, vae)
+        labels = resolve_labels(args.class_label, info.class_names, args.num_samples)
+        common = dict(num_samples=args.num_samples, labels=labels, cfg_scale=args.cfg_scale,
+                      steps=args.steps, sampler=args.sampler, seed=args.seed,
+                      base_tokens=info.base_tokens,
+                      autocast_dtype=None if dtype == torch.float32 else dtype,
+                      progress=not args.no_progress, batch_size=args.batch_size)
+        if args.image is not None:
+            source = load_image(args.image)
+            image = prepare_image(source, step, requested)
+            width, height = image.size
+            images = img2img(model, vae, image, args.strength, **common)
+        else:
+            side = round(info.base_tokens ** 0.5) * step
+            width, height = snap_size(*(requested or (side, side)), step)
+            if requested is not None and requested != (width, height):
+                print(f"note: size {requested[0]}x{requested[1]} is off the grid (sides are "
+                      f"multiples of {step}); using {width}x{height}", file=sys.stderr)
+            images = generate(model, vae, height, width, **common)
+        params = []
+        for i in range(args.num_samples):
+            meta = {"checkpoint": str(info.source), "step": info.step,
+                    "size": f"{width}x{height}", "seed": args.seed, "index": i,
+                    "noise_seed": args.seed + i}
+            if labels is not None:
+                meta.update({"class": info.class_names[labels[i]], "class_index": labels[i],
+                             "cfg_scale": args.cfg_scale})
+            meta.update({"steps": args.steps, "sampler": args.sampler, "dtype": args.dtype})
+            if args.image is not None:
+                meta.update({"image": str(args.image), "strength": args.strength})
+            params.append(meta)
+        paths = save_images(images, args.out, params)
+    except (OSError, ValueError, ImageLoadError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    summary = {"out": str(args.out), "files": [str(p) for p in paths],
+               "size": [width, height], "checkpoint": str(info.source), "step": info.step,
+               "vae": str(info.vae), "classes": [info.class_names[i] for i in labels or []],
+               "seconds": round(time.perf_counter() - started, 3)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        what = "image-to-image" if args.image is not None else "samples"
+        print(f"wrote {args.num_samples} {what} of {width}x{height} and grid.png to {args.out} "
+              f"(step {info.step}, {args.sampler} {args.steps} steps, seed {args.seed})")
+    return 0
+
+
+def reconstruct(args: argparse.Namespace) -> int:
+    """Reconstruct --image through the VAE of --config or --vae; prints PSNR/SSIM."""
+    import torch
+
+    from inference.pipelines import reconstruct as reconstruct_image
     from models.vae import load_vae
     from training.data import ImageLoadError, load_image
 
@@ -48,16 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if source is None:
         print("error: give --config vae/config.json or --vae PATH", file=sys.stderr)
         return 2
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else args.device
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device, dtype = _device_and_dtype(args)
     try:
         vae = load_vae(source, device=device)
         if dtype != torch.float32 and not vae.config.force_upcast:
             vae = vae.to(dtype)
         image = load_image(args.image)
-        result = reconstruct(vae, image, device, dtype if not vae.config.force_upcast
-                             else torch.float32)
+        result = reconstruct_image(vae, image, device, dtype if not vae.config.force_upcast
+                                   else torch.float32)
     except (FileNotFoundError, ValueError, ImageLoadError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

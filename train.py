@@ -82,7 +82,8 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
                         help="export inference weights from a run folder or checkpoint and exit "
                              "(default: off)")
     parser.add_argument("--out", default=None,
-                        help="where --export writes (default: RUN/vae for a VAE run)")
+                        help="where --export writes (default: RUN/vae for a VAE run, "
+                             "checkpoints/RUN_NAME for a DiT run)")
     parser.add_argument("--dry-run", action="store_true",
                         help="scan the data, build buckets and the batch plan, print and exit "
                              "(default: off)")
@@ -124,15 +125,35 @@ def dry_run(cfg: Config) -> None:
         print(f"  {w}x{h}: {n} batch(es)")
 
 
+def export(source: str, out: str | None) -> Path:
+    """Export a run or checkpoint with its stage's exporter (the stage is read from the
+    checkpoint's state.json)."""
+    import json
+
+    from training.checkpoint import STATE_FILE, resolve_resume
+    from training.config import resolve_path
+
+    folder = resolve_resume(resolve_path(source))
+    try:
+        stage = json.loads((folder / STATE_FILE).read_text())["config"]["stage"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{folder / STATE_FILE}: cannot read the run's stage ({exc})") from None
+    if stage == "dit":
+        from training.export import export_dit
+
+        return export_dit(folder, out)
+    from training.vae_stage import export_checkpoint
+
+    return export_checkpoint(folder, out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     load_dotenv(REPO_ROOT / ".env")
     parser = build_parser(from_dict(Config, {}))
     args = parser.parse_args(argv)
     try:
         if args.export:
-            from training.vae_stage import export_checkpoint
-
-            print(f"exported to {export_checkpoint(args.export, args.out)}")
+            print(f"exported to {export(args.export, args.out)}")
             return 0
         cfg = resolve_config(args)
         if args.dry_run:

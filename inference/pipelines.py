@@ -1,14 +1,29 @@
-"""Inference pipelines: VAE reconstruction (sampling and image-to-image arrive with the DiT)."""
+"""Inference pipelines: VAE reconstruction, sampling and image-to-image with a DiT.
+
+Sampling draws each sample's noise from its own seeded CPU generator, integrates the rectified
+flow on the training schedule's shift for the image's token count (`inference/samplers.py`, with
+classifier-free guidance in one batched pass), and decodes once per batch (tiled for images
+larger than the VAE's tile). Image-to-image encodes the input to its normalised posterior mean,
+noises it to the time of `strength` and integrates back from there.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm import tqdm
 
+from models.dit import DiT
 from models.vae import AutoencoderKL
+from training.flow import RectifiedFlow, shifted_timesteps, time_shift
 from training.metrics import psnr, ssim
 
 
@@ -66,7 +81,156 @@ def reconstruct(vae: AutoencoderKL, img: Image.Image, device: torch.device | str
                           float(ssim(rec, ref)[0]), tuple(z.shape), tiled)
 
 
-@torch.no_grad()
+# --- sampling and image-to-image ------------------------------------------------------------
+def parse_size(text: str) -> tuple[int, int]:
+    """'384x256' -> (384, 256) as (width, height); ValueError when it is not WIDTHxHEIGHT."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT (e.g. 384x256)") from None
+    return width, height
+
+
+def snap_size(width: int, height: int, step: int) -> tuple[int, int]:
+    """The nearest size whose sides are multiples of `step` (VAE factor × patch size).
+
+    Raises ValueError for a side that is not positive or is smaller than one step.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"size {width}x{height}: sides must be positive")
+    if width < step or height < step:
+        raise ValueError(f"size {width}x{height} is smaller than one grid step: sides must be "
+                         f"at least {step} pixels (VAE factor × patch size)")
+    return (width + step // 2) // step * step, (height + step // 2) // step * step
+
+
+def grid_step(model: DiT, vae: AutoencoderKL) -> int:
+    """Pixels per token side: image sides must be multiples of this."""
+    return vae.downsample_factor * model.config.patch_size
+
+
+def resolve_labels(spec: str | None, class_names: list[str], count: int) -> list[int] | None:
+    """One label per sample from `--class-label` (a class name or an index), or every class in
+    turn when `spec` is None; None for an unconditional model (which refuses a label)."""
+    if not class_names:
+        if spec is not None:
+            raise ValueError(f"this model is unconditional (trained without classes); drop "
+                             f"--class-label {spec}")
+        return None
+    if spec is None:
+        return [i % len(class_names) for i in range(count)]
+    if spec in class_names:  # a name wins over an index that reads the same
+        return [class_names.index(spec)] * count
+    if spec.lstrip("-").isdigit() and 0 <= int(spec) < len(class_names):
+        return [int(spec)] * count
+    shown = ", ".join(f"{i}={n}" for i, n in enumerate(class_names[:20]))
+    more = f", ... ({len(class_names)} in all)" if len(class_names) > 20 else ""
+    raise ValueError(f"unknown class {spec!r}; give a name or an index: {shown}{more}")
+
+
+def initial_noise(count: int, shape: tuple[int, int, int], seed: int, first: int = 0
+                  ) -> torch.Tensor:
+    """Noise (count, C, h, w) on the CPU; sample i is drawn from a generator seeded with
+    seed + first + i, so a sample does not depend on how many are drawn with it."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+                        for i in range(first, first + count)])
+
+
+def sampling_timesteps(steps: int, shift: float, strength: float = 1.0) -> torch.Tensor:
+    """Times (n + 1,) from the start time down to 0 on the shifted schedule.
+
+    `strength` < 1 starts at the shifted time of `strength` instead of 1, keeping the grid
+    points below it (about strength × steps steps); strength 0 gives just [0.0] (no step).
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must lie in [0, 1], got {strength}")
+    ts = shifted_timesteps(steps, shift)  # (steps + 1,) from 1 to 0
+    if strength == 1.0:
+        return ts
+    t0 = float(time_shift(torch.tensor(strength, dtype=torch.float64), shift))
+    return torch.cat([torch.tensor([t0]), ts[ts < t0 - 1e-6]])  # no near-zero first step
+
+
+@torch.inference_mode()
+def sample_latents(model: DiT, latent_size: tuple[int, int], num_samples: int = 4,
+                   labels: list[int] | None = None, cfg_scale: float = 4.0, steps: int = 28,
+                   sampler: str = "euler", seed: int = 0, base_tokens: int = 256,
+                   autocast_dtype: torch.dtype | None = None, init: torch.Tensor | None = None,
+                   strength: float = 1.0, first: int = 0,
+                   callback: Callable | None = None) -> torch.Tensor:
+    """Normalised latents (num_samples, C, h, w) for `latent_size` (h, w), integrated from
+    t = 1 (or, with `init`, from `init` noised to the time of `strength`) to 0.
+
+    Sample i's noise is seeded with seed + first + i. `callback` is called after every step.
+    """
+    from inference.samplers import SAMPLERS, guided
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    device = next(model.parameters()).device
+    (h, w), p = latent_size, model.config.patch_size
+    if h % p or w % p or h <= 0 or w <= 0:
+        raise ValueError(f"latent size {h}x{w} is not a positive multiple of the patch {p}")
+    x = initial_noise(num_samples, (model.config.in_channels, h, w), seed, first).to(device)
+    shift = RectifiedFlow(patch_size=p, base_tokens=base_tokens).shift_for(h, w)
+    ts = sampling_timesteps(steps, shift, strength if init is not None else 1.0)
+    if init is not None:  # image-to-image: the data point noised to the start time
+        x = torch.lerp(init.to(device, torch.float32), x, ts[0].item())  # (1 − t0)·x0 + t0·ε
+    y = None
+    if labels is not None and model.config.num_classes > 0:
+        if len(labels) != num_samples:
+            raise ValueError(f"{len(labels)} labels for {num_samples} samples")
+        y = torch.tensor(labels, device=device, dtype=torch.long)  # (B,)
+    velocity = guided(model, cfg_scale, model.config.num_classes)
+    context = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+               else torch.autocast(device.type, enabled=False))
+    with context:
+        return SAMPLERS[sampler](velocity, x, ts, {"y": y}, callback=callback)
+
+
+def generate(model: DiT, vae: AutoencoderKL, height: int, width: int, num_samples: int = 4,
+             labels: list[int] | None = None, cfg_scale: float = 4.0, steps: int = 28,
+             sampler: str = "euler", seed: int = 0, base_tokens: int = 256,
+             autocast_dtype: torch.dtype | None = None, progress: bool = False,
+             init: torch.Tensor | None = None, strength: float = 1.0,
+             batch_size: int | None = None) -> torch.Tensor:
+    """Sample `num_samples` images of height × width pixels: (B, 3, H, W) in [-1, 1].
+
+    Sample i's noise comes from a CPU generator seeded with seed + i, so the same call gives
+    the same pixels on the same machine, and a sample does not depend on its batch. `labels`
+    (one per sample) switch on classifier-free guidance at `cfg_scale`; None samples a
+    conditional model unconditionally. With `init` (normalised latents (1 or B, C, h, w)) the
+    integration starts from `init` noised to the schedule's time `strength` (image-to-image).
+    Samples are drawn `batch_size` at a time (default: all at once), each batch decoded once,
+    through tiles when the image is larger than the VAE's tile. `progress` shows one bar.
+    """
+    f, p = vae.downsample_factor, model.config.patch_size
+    if height % (f * p) or width % (f * p) or height <= 0 or width <= 0:
+        raise ValueError(f"{width}x{height} is not a multiple of {f * p} pixels "
+                         "(VAE factor × patch size)")
+    batch_size = batch_size or num_samples
+    chunks = [range(i, min(i + batch_size, num_samples))
+              for i in range(0, num_samples, batch_size)]
+    shift = RectifiedFlow(patch_size=p, base_tokens=base_tokens).shift_for(height // f,
+                                                                           width // f)
+    ts_count = len(sampling_timesteps(steps, shift, strength if init is not None else 1.0)) - 1
+    bar = tqdm(total=ts_count * len(chunks), desc=f"{sampler} {width}x{height}",
+               disable=not progress, dynamic_ncols=True)
+    images = []
+    for chunk in chunks:
+        part = init if init is None or init.shape[0] == 1 else init[chunk.start:chunk.stop]
+        z = sample_latents(model, (height // f, width // f), len(chunk),
+                           None if labels is None else labels[chunk.start:chunk.stop],
+                           cfg_scale, steps, sampler, seed, base_tokens, autocast_dtype, part,
+                           strength, first=chunk.start, callback=lambda _: bar.update(1))
+        images.append(decode_latents(vae, z))
+    bar.close()
+    return torch.cat(images)  # (B, 3, H, W)
+
+
+@torch.inference_mode()
 def decode_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
     """Normalised latents (B, C, h, w) -> images (B, 3, h·f, w·f) in [-1, 1]; tiled when the
     image is larger than the VAE's tile, so memory stays bounded."""
@@ -75,43 +239,77 @@ def decode_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
     return (vae.decode_tiled(raw) if tiled else vae.decode(raw)).float().clamp(-1, 1)
 
 
-@torch.no_grad()
-def generate(model, vae: AutoencoderKL, height: int, width: int, num_samples: int = 4,
-             labels: list[int] | None = None, cfg_scale: float = 4.0, steps: int = 28,
-             sampler: str = "euler", seed: int = 0, base_tokens: int = 256,
-             autocast_dtype: torch.dtype | None = None, progress: bool = False,
-             init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
-    """Sample `num_samples` images of height × width pixels: (B, 3, H, W) in [-1, 1].
+def prepare_image(img: Image.Image, step: int, size: tuple[int, int] | None = None
+                  ) -> Image.Image:
+    """Resize `img` to cover `size` (default: its own size), snapped to the grid of `step`,
+    and centre-crop it there, as training does with buckets."""
+    from bucketing import place
+    from training.data import crop_to_bucket
 
-    The noise comes from a CPU generator seeded with `seed`, so the same call gives the same
-    pixels on the same machine. `labels` (one per sample) switch on classifier-free guidance
-    at `cfg_scale`. With `init` (normalised latents (B, C, h, w)) and `strength` < 1, the
-    integration starts from `init` noised to the schedule's time `strength` (image-to-image).
-    """
-    from inference.samplers import SAMPLERS, guided
-    from training.flow import shifted_timesteps, time_shift
+    target = snap_size(*(size or img.size), step)
+    placement = place(*img.size, *target, 0)
+    return Image.fromarray(crop_to_bucket(img.convert("RGB"), placement.resized,
+                                          placement.crop))
 
+
+@torch.inference_mode()
+def encode_image(vae: AutoencoderKL, img: Image.Image,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """The normalised posterior mean (1, C, H/f, W/f) of an image whose sides are multiples of
+    the VAE factor; tiled when larger than the VAE's tile."""
+    x = pil_to_tensor(img).to(device)  # (1, 3, H, W)
+    tiled = max(x.shape[-2:]) > vae.config.sample_size
+    posterior = vae.encode_tiled(x) if tiled else vae.encode(x)
+    return vae.normalize(posterior.mode().float())
+
+
+def img2img(model: DiT, vae: AutoencoderKL, img: Image.Image, strength: float = 0.6,
+            **generate_args) -> torch.Tensor:
+    """Re-imagine `img` (sides already on the grid, see `prepare_image`): encode it, noise it
+    to the time of `strength` and integrate back. Returns (B, 3, H, W) in [-1, 1] at its size;
+    `generate_args` are those of `generate` (num_samples, labels, cfg_scale, seed, ...)."""
     device = next(model.parameters()).device
-    f, p = vae.downsample_factor, model.config.patch_size
-    h, w = height // f, width // f
-    if h % p or w % p or h == 0 or w == 0:
-        raise ValueError(f"{width}x{height} is not a multiple of {f * p} pixels")
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_samples, model.config.in_channels, h, w, generator=gen).to(device)
-    shift = ((h // p) * (w // p) / base_tokens) ** 0.5
-    ts = shifted_timesteps(steps, shift)  # (steps + 1,) from 1 to 0
-    if init is not None:
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must lie in (0, 1], got {strength}")
-        t0 = float(time_shift(torch.tensor(strength), shift))
-        ts = torch.cat([torch.tensor([t0]), ts[ts < t0]])
-        x = (1 - t0) * init.to(device) + t0 * x
-    y = None
-    if labels is not None and model.config.num_classes > 0:
-        y = torch.tensor(labels, device=device, dtype=torch.long)
-    velocity = guided(model, cfg_scale, model.config.num_classes)
-    context = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-               else torch.autocast(device.type, enabled=False))
-    with context:
-        z = SAMPLERS[sampler](velocity, x, ts, {"y": y}, disable=not progress)
-    return decode_latents(vae, z)
+    init = encode_image(vae, img, device)  # (1, C, h, w)
+    return generate(model, vae, img.height, img.width, init=init, strength=strength,
+                    **generate_args)
+
+
+def png_info(params: dict) -> PngInfo:
+    """PNG text chunks, one per parameter (values as text)."""
+    info = PngInfo()
+    for key, value in params.items():
+        info.add_text(key, str(value))
+    return info
+
+
+def save_images(images: torch.Tensor, out_dir: str | os.PathLike,
+                params: list[dict]) -> list[Path]:
+    """Write images (B, 3, H, W) in [-1, 1] as out_dir/0000.png ... with their parameters
+    `params[i]` as PNG text chunks, and `grid.png` (carrying the parameters common to all).
+    Returns the paths, grid last."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (image, meta) in enumerate(zip(images, params)):
+        path = out / f"{i:04d}.png"
+        tensor_to_pil(image).save(path, pnginfo=png_info(meta))
+        paths.append(path)
+    common = {k: v for k, v in params[0].items() if all(p.get(k) == v for p in params)}
+    common.pop("index", None)
+    tensor_to_pil(image_grid(images)).save(out / "grid.png", pnginfo=png_info(common))
+    return paths + [out / "grid.png"]
+
+
+def image_grid(images: torch.Tensor, padding: int = 2, cols: int | None = None) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] side by side in a grid on white (near-square unless
+    `cols` is given): (3, rows·(H + padding) + padding, cols·(W + padding) + padding)."""
+    count, channels, height, width = images.shape
+    cols = cols or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    grid = images.new_ones(channels, rows * (height + padding) + padding,
+                           cols * (width + padding) + padding)
+    for i, image in enumerate(images):
+        top = padding + i // cols * (height + padding)
+        left = padding + i % cols * (width + padding)
+        grid[:, top:top + height, left:left + width] = image
+    return grid

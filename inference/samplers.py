@@ -16,17 +16,19 @@ Velocity = Callable[..., torch.Tensor]
 
 
 def guided(model: Velocity, cfg_scale: float, null_class: int) -> Velocity:
-    """Classifier-free guidance: v = v_uncond + s · (v_cond − v_uncond), both from one forward.
+    """Classifier-free guidance: v = v_uncond + s · (v_cond − v_uncond), both from one forward
+    over the doubled batch (conditional half first, then the null class).
 
     With `cfg_scale == 1` (or no labels) this is the conditional model alone, at no extra cost.
+    The combination is done in fp32, so a bf16 model output is not amplified in bf16.
     """
 
     def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None or cfg_scale == 1.0:
             return model(x, t, y)
-        null = torch.full_like(y, null_class)
-        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, C, H, W)
-        v_cond, v_uncond = v.chunk(2)
+        labels = torch.cat([y, torch.full_like(y, null_class)])  # (2B,)
+        v = model(torch.cat([x, x]), torch.cat([t, t]), labels)  # (2B, C, H, W)
+        v_cond, v_uncond = v.float().chunk(2)  # each (B, C, H, W)
         return torch.lerp(v_uncond, v_cond, cfg_scale)  # v_u + s (v_c − v_u)
 
     return velocity
@@ -36,13 +38,17 @@ def guided(model: Velocity, cfg_scale: float, null_class: int) -> Velocity:
 def sample_euler(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor,
                  extra_args: dict | None = None, callback: Callable | None = None,
                  disable: bool = True) -> torch.Tensor:
-    """First-order steps x ← x + (t_next − t) · v(x, t) along `timesteps` (decreasing)."""
+    """First-order steps x ← x + (t_next − t) · v(x, t) along `timesteps` (decreasing).
+
+    `x` is not modified; the state is updated in place in one copy of it.
+    """
     extra_args = extra_args or {}
     ts = timesteps.tolist()
+    x = x.clone()
+    t = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)  # (B,), refilled per step
     for i in tqdm(range(len(ts) - 1), disable=disable, desc="euler"):
-        t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.float32)
-        v = model(x, t, **extra_args)
-        x = x + (ts[i + 1] - ts[i]) * v.to(x.dtype)
+        v = model(x, t.fill_(ts[i]), **extra_args)
+        x.add_(v, alpha=ts[i + 1] - ts[i])
         if callback is not None:
             callback({"i": i, "t": ts[i], "x": x})
     return x
@@ -53,19 +59,18 @@ def sample_heun(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor,
                 extra_args: dict | None = None, callback: Callable | None = None,
                 disable: bool = True) -> torch.Tensor:
     """Second-order (Heun) steps: average the velocity at both ends; Euler for the last step
-    into t = 0, where the second evaluation would be wasted."""
+    into t = 0, where the second evaluation would be wasted. `x` is not modified."""
     extra_args = extra_args or {}
     ts = timesteps.tolist()
+    x = x.clone()
+    t = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)  # (B,), refilled per step
     for i in tqdm(range(len(ts) - 1), disable=disable, desc="heun"):
         dt = ts[i + 1] - ts[i]
-        t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.float32)
-        v = model(x, t, **extra_args).to(x.dtype)
-        x_next = x + dt * v
+        v = model(x, t.fill_(ts[i]), **extra_args).to(x.dtype)
         if ts[i + 1] > 0:
-            t_next = torch.full_like(t, ts[i + 1])
-            v_next = model(x_next, t_next, **extra_args).to(x.dtype)
-            x_next = x + dt * 0.5 * (v + v_next)
-        x = x_next
+            v_next = model(torch.add(x, v, alpha=dt), t.fill_(ts[i + 1]), **extra_args)
+            v = (v + v_next.to(x.dtype)) * 0.5
+        x.add_(v, alpha=dt)
         if callback is not None:
             callback({"i": i, "t": ts[i], "x": x})
     return x

@@ -1,4 +1,5 @@
-"""The inference.py command line: VAE reconstruction and its errors."""
+"""The inference.py command line: sampling, image-to-image, reconstruction and their errors;
+and train.py --export of a DiT run, whose export inference.py loads."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from models.vae import AutoencoderKL, VAEConfig, save_vae
+from tests.inference.test_pipelines import make_tiny_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,3 +82,59 @@ def test_inference_unreadable_image_is_one_line_error(tiny_vae: Path, tmp_path: 
     out = _run("--config", str(tiny_vae / "config.json"), "--image", str(bad))
     assert out.returncode != 0
     assert "broken.png" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
+
+
+def test_inference_generate_writes_pngs_and_grid_with_parameters(tiny_run: Path,
+                                                                 tmp_path: Path) -> None:
+    out = _run("--checkpoint", str(tiny_run), "--num-samples", "3", "--size", "45x30",
+               "--steps", "2", "--seed", "7", "--class-label", "discs", "--sampler", "heun",
+               "--out", str(tmp_path / "out"), "--device", "cpu", "--json")
+    assert out.returncode == 0, out.stderr
+    assert "45x30 is off the grid" in out.stderr and "using 44x32" in out.stderr
+    rep = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rep["size"] == [44, 32] and rep["step"] == 2 and rep["classes"] == ["discs"] * 3
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["0000.png", "0001.png", "0002.png", "grid.png"]
+    for i in range(3):
+        img = Image.open(tmp_path / "out" / f"{i:04d}.png")
+        assert img.size == (44, 32)
+        assert {k: img.text[k] for k in ("size", "seed", "index", "class", "cfg_scale", "steps",
+                                          "sampler", "step")} == {
+            "size": "44x32", "seed": "7", "index": str(i), "class": "discs", "cfg_scale": "4.0",
+            "steps": "2", "sampler": "heun", "step": "2"}
+        assert img.text["checkpoint"].endswith("step_0000002")
+    grid = Image.open(tmp_path / "out" / "grid.png")
+    assert grid.size == (2 * 46 + 2, 2 * 34 + 2)  # 2 x 2 cells of 44x32, 2 px apart
+    assert grid.text["class"] == "discs" and "index" not in grid.text
+
+
+def test_inference_impossible_size_is_one_line_error(tiny_run: Path, tmp_path: Path) -> None:
+    out = _run("--checkpoint", str(tiny_run), "--size", "2x64", "--out", str(tmp_path / "o"),
+               "--device", "cpu")
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "2x64" in lines[0], out.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_inference_img2img_from_export_at_input_size(tiny_run: Path, tmp_path: Path) -> None:
+    from train import main as train_main
+
+    assert train_main(["--export", str(tiny_run), "--out", str(tmp_path / "export")]) == 0
+    img = _image(tmp_path / "in.png", 45, 30)
+    out = _run("--checkpoint", str(tmp_path / "export"), "--image", str(img), "--strength",
+               "0.5", "--num-samples", "2", "--steps", "4", "--out", str(tmp_path / "out"),
+               "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    for name in ("0000.png", "0001.png", "grid.png"):
+        assert (tmp_path / "out" / name).exists()
+    first = Image.open(tmp_path / "out" / "0000.png")
+    assert first.size == (44, 32)  # the input's size snapped to the grid of 4
+    assert first.text["strength"] == "0.5" and first.text["image"] == str(img)
+    assert first.text["class"] == "checkers"  # no label: the classes in turn
+    assert Image.open(tmp_path / "out" / "0001.png").text["class"] == "clouds"

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from bucketing import BatchSchedule
 from cache import LatentReader, ensure_cache, flip_from_seed, step_generator
-from inference.pipelines import generate
+from inference.pipelines import generate, image_grid, parse_size, tensor_to_pil
 from models.dit import DiT
 from models.registry import MODEL_NAMES, build_dit
 from models.vae import AutoencoderKL, load_vae
@@ -36,15 +36,6 @@ from training.logging import RunLogger
 from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, clip_and_check,
                            lr_factor, plan_data, prepare_run_dir, seed_everything,
                            state_for_json)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'384x256' -> (384, 256) as (width, height)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"size {text!r} is not WIDTHxHEIGHT") from None
-    return w, h
 
 
 def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
@@ -191,8 +182,6 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         ema.copy_to(ema_model)
         samples_dir = run_dir / "samples"
         samples_dir.mkdir(exist_ok=True)
-        import torchvision
-
         for k, size in enumerate(d.sample_sizes):
             w, h = parse_size(size)
             w, h = max(step_px, w // step_px * step_px), max(step_px, h // step_px * step_px)
@@ -200,9 +189,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             images = generate(ema_model, vae, h, w, d.num_samples, labels, d.cfg_scale,
                               d.sample_steps, seed=cfg.seed + k, base_tokens=d.base_tokens,
                               autocast_dtype=amp)
-            grid = torchvision.utils.make_grid((images + 1) / 2, nrow=d.num_samples)
-            logger.image(f"samples/{w}x{h}", grid, step)
-            torchvision.utils.save_image(grid, samples_dir / f"step_{step:07d}_{w}x{h}.png")
+            grid = image_grid(images)  # (3, H', W') in [-1, 1]
+            logger.image(f"samples/{w}x{h}", (grid + 1) / 2, step)
+            tensor_to_pil(grid).save(samples_dir / f"step_{step:07d}_{w}x{h}.png")
 
     def validate() -> None:
         ema.copy_to(ema_model)

@@ -253,10 +253,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             p, s, pairs = evaluate(ema_model, eval_images, device)
             logger.scalars({"eval/psnr": p, "eval/ssim": s}, step)
             if step % t.sample_every == 0 or step == t.max_steps:
-                import torchvision
+                from inference.pipelines import image_grid
 
-                grid = torchvision.utils.make_grid((pairs + 1) / 2, nrow=2)
-                logger.image("eval/reconstructions", grid, step)
+                logger.image("eval/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
             bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
         if stop.received is not None or (t.ckpt_every and step % t.ckpt_every == 0):
             checkpoint()

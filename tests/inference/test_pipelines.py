@@ -1,0 +1,204 @@
+"""Sampling, image-to-image and the DiT export/loader, on a tiny run trained in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bucketing import make_buckets
+from inference.pipelines import (decode_latents, encode_image, generate, grid_step, img2img,
+                                 initial_noise, parse_size, prepare_image, resolve_labels,
+                                 sampling_timesteps, snap_size)
+from models.vae import AutoencoderKL, VAEConfig, save_vae
+from training.config import Config, from_dict
+from training.dit_stage import train_dit
+from training.export import ExportError, export_dit, is_export, load_generator
+
+CLASSES = ["checkers", "clouds", "discs", "stripes"]  # the synthetic set's classes
+
+
+def make_tiny_run(root: Path) -> Path:
+    """A tiny VAE (f = 2) and a dit-t/2 trained for 2 steps on it, checkpoints at steps 1, 2."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                  latent_channels=4, sample_size=32, force_upcast=False,
+                                  scaling_factor=1.0, shift_factor=0.0))
+    vae_dir = save_vae(vae, root / "vae")
+    cfg = {"description": "tiny DiT for inference tests", "stage": "dit",
+           "run_dir": str(root / "run"), "seed": 3, "batch_size": 2,
+           "data": {"dataset": "synthetic:24", "resolution": 32, "num_workers": 0,
+                    "use_classes": True},
+           "train": {"max_steps": 2, "lr": 1e-3, "log_every": 1, "eval_every": 1000,
+                     "ckpt_every": 1, "sample_every": 1000, "precision": "fp32",
+                     "device": "cpu"},
+           "dit": {"model": "dit-t/2", "vae": str(vae_dir), "sample_sizes": ["32x32"],
+                   "sample_steps": 2, "num_samples": 1, "base_tokens": 64}}
+    return train_dit(from_dict(Config, cfg))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_run: Path):
+    return load_generator(tiny_run)
+
+
+def _image(path: Path, w: int, h: int) -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(path)
+    return path
+
+
+def test_pipelines_loader_reads_run_newest_ema_checkpoint(tiny_run: Path, loaded) -> None:
+    model, vae, info = loaded
+    assert info.step == 2 and info.class_names == CLASSES and info.base_tokens == 64
+    assert info.source.name == "step_0000002" and info.vae_fingerprint is None
+    assert model.config.num_classes == 4 and not model.training
+    assert grid_step(model, vae) == 4  # VAE factor 2 × patch 2
+    _, _, first = load_generator(tiny_run, step=1)
+    assert first.step == 1 and first.source.name == "step_0000001"
+    with pytest.raises(FileNotFoundError, match=r"complete steps: \[1, 2\]"):
+        load_generator(tiny_run, step=7)
+
+
+def test_pipelines_generate_is_deterministic_by_seed(loaded) -> None:
+    model, vae, info = loaded
+    args = dict(num_samples=2, labels=[0, 3], cfg_scale=3.0, steps=3,
+                base_tokens=info.base_tokens)
+    a = generate(model, vae, 32, 48, seed=5, **args)
+    b = generate(model, vae, 32, 48, seed=5, **args)
+    c = generate(model, vae, 32, 48, seed=6, **args)
+    assert a.shape == (2, 3, 32, 48)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c, atol=1e-3)
+    # sample i's noise is seeded with seed + i, whatever the batch it is drawn in
+    assert torch.equal(initial_noise(3, (4, 8, 8), 5)[1:], initial_noise(2, (4, 8, 8), 5, 1))
+    one_by_one = generate(model, vae, 32, 48, seed=5, batch_size=1, **args)
+    assert torch.allclose(a, one_by_one, atol=1e-5)
+
+
+def test_pipelines_every_grid_size_samples_at_that_size(loaded) -> None:
+    model, vae, info = loaded
+    step = grid_step(model, vae)
+    buckets = make_buckets(resolution=32, step=step)
+    assert len(buckets) > 10
+    for width, height in buckets:
+        images = generate(model, vae, height, width, 1, [1], steps=1,
+                          base_tokens=info.base_tokens)
+        assert images.shape == (1, 3, height, width), (width, height)
+        assert torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        generate(model, vae, 30, 32, 1, steps=1)
+
+
+def test_pipelines_size_parsing_and_snapping() -> None:
+    assert parse_size("384x256") == (384, 256) and parse_size("64X48") == (64, 48)
+    for bad in ("384", "axb", "3x4x5", ""):
+        with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+            parse_size(bad)
+    assert snap_size(390, 250, 16) == (384, 256)
+    assert snap_size(24, 16, 16) == (32, 16)  # halves round up
+    assert snap_size(16, 16, 16) == (16, 16)
+    with pytest.raises(ValueError, match="positive"):
+        snap_size(0, 32, 16)
+    with pytest.raises(ValueError, match="at least 16 pixels"):
+        snap_size(15, 400, 16)
+
+
+def test_pipelines_labels_by_name_index_or_cycle() -> None:
+    assert resolve_labels(None, CLASSES, 6) == [0, 1, 2, 3, 0, 1]
+    assert resolve_labels("discs", CLASSES, 2) == [2, 2]
+    assert resolve_labels("3", CLASSES, 1) == [3]
+    assert resolve_labels("1", ["0", "1"], 1) == [1]
+    assert resolve_labels(None, [], 3) is None
+    with pytest.raises(ValueError, match="unconditional"):
+        resolve_labels("0", [], 1)
+    for bad in ("4", "-1", "dogs"):
+        with pytest.raises(ValueError, match="0=checkers"):
+            resolve_labels(bad, CLASSES, 1)
+
+
+def test_pipelines_img2img_strength_near_zero_returns_reconstruction(loaded,
+                                                                     tmp_path: Path) -> None:
+    model, vae, info = loaded
+    source = Image.open(_image(tmp_path / "in.png", 45, 30))
+    image = prepare_image(source, grid_step(model, vae))
+    assert image.size == (44, 32)  # nearest grid size, cover + centre crop
+    recon = decode_latents(vae, encode_image(vae, image))  # (1, 3, 32, 44)
+    args = dict(num_samples=1, labels=[2], steps=10, base_tokens=info.base_tokens)
+    assert torch.equal(img2img(model, vae, image, 0.0, **args), recon)  # no step at all
+    near = img2img(model, vae, image, 0.01, **args)
+    far = img2img(model, vae, image, 1.0, **args)
+    assert near.shape == far.shape == (1, 3, 32, 44)
+    near_err = (near - recon).abs().mean().item()
+    far_err = (far - recon).abs().mean().item()
+    # off by about t0 · |noise − v|: small even for this barely trained model
+    assert near_err < 0.03 and near_err < far_err / 8, (near_err, far_err)
+    assert prepare_image(source, 4, (64, 16)).size == (64, 16)
+
+
+def test_pipelines_img2img_schedule_starts_at_strength() -> None:
+    full = sampling_timesteps(10, 2.0)
+    assert full[0] == 1 and full[-1] == 0 and len(full) == 11
+    part = sampling_timesteps(10, 2.0, 0.5)
+    assert part[0].item() == pytest.approx(2 * 0.5 / (1 + 0.5))  # shifted strength
+    assert len(part) == 6 and torch.all(part[1:] == full[6:])  # the grid points below it
+    assert sampling_timesteps(10, 2.0, 0.0).tolist() == [0.0]
+    with pytest.raises(ValueError, match="strength"):
+        sampling_timesteps(10, 1.0, 1.5)
+
+
+def test_pipelines_export_gives_the_pixels_of_its_run(tiny_run: Path, loaded,
+                                                      tmp_path: Path) -> None:
+    out = export_dit(tiny_run, tmp_path / "export")
+    assert is_export(out) and sorted(p.name for p in out.iterdir()) == ["config.json",
+                                                                         "model.safetensors"]
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["step"] == 2 and meta["class_names"] == CLASSES and meta["base_tokens"] == 64
+    assert len(meta["vae_fingerprint"]) == 64 and meta["model_config"]["hidden_size"] == 64
+    model, vae, info = load_generator(out)
+    assert info.source == out and info.vae_fingerprint == meta["vae_fingerprint"]
+    args = dict(num_samples=2, labels=[1, 2], steps=3, seed=11, base_tokens=64)
+    assert torch.equal(generate(model, vae, 32, 32, **args),
+                       generate(loaded[0], loaded[1], 32, 32, **args))
+    with pytest.raises(ExportError, match="not --step 1"):
+        load_generator(out, step=1)
+
+
+def test_pipelines_export_replaces_only_an_earlier_export(tiny_run: Path,
+                                                          tmp_path: Path) -> None:
+    out = export_dit(tiny_run, tmp_path / "export")
+    (out / "extra.txt").write_text("left by an earlier export")
+    assert export_dit(tiny_run / "checkpoints" / "step_0000001", out) == out  # replaced
+    assert json.loads((out / "config.json").read_text())["step"] == 1
+    assert not (out / "extra.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary folder left
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not an earlier export"):
+        export_dit(tiny_run, precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_pipelines_export_refuses_a_mismatched_vae(tiny_run: Path, tmp_path: Path) -> None:
+    out = export_dit(tiny_run, tmp_path / "export")
+    torch.manual_seed(1)
+    other = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                             latent_channels=4, sample_size=32)),
+                     tmp_path / "other_vae")
+    with pytest.raises(ExportError, match="not the VAE"):
+        load_generator(out, vae=other)
+    wide = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                            latent_channels=8, sample_size=32)),
+                    tmp_path / "wide_vae")
+    with pytest.raises(ExportError, match="8 latent channels"):
+        load_generator(tiny_run, vae=wide)
