@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from training.data import (ImageLoadError, ImageRecord, crop_to_bucket, default_cache_dir,
                            load_image, to_unit_range)
+from training.checkpoint import fsync_dir
 from training.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 
 FORMAT_VERSION = 1  # bump when the key recipe, the pixel pipeline or the shard layout changes
@@ -118,14 +119,6 @@ def _transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _file_sha256(path: Path) -> str:
@@ -281,7 +274,7 @@ class _Store:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(self.shard_dir)
+        fsync_dir(self.shard_dir)
         height, width = mean.shape[-2:]
         with _transaction(conn):
             conn.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

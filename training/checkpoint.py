@@ -219,11 +219,11 @@ def save_checkpoint(
             f.write(state_text + "\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a directory cannot be renamed over a non-empty one
             os.rename(final, aside)
         os.rename(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     except BaseException:
         if aside.exists() and not final.exists():
             os.rename(aside, final)
@@ -299,7 +299,8 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (new and renamed files) to disk."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
