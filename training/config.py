@@ -86,7 +86,7 @@ class VAEStageConfig:
     use_quant_conv: bool = False
     sample_size: int = 256  # tile size for tiled encode/decode
     rec_loss: str = "l1"  # "l1" or "l2"
-    kl_weight: float = 1e-6  # KL summed over latent elements, averaged over the batch
+    kl_weight: float = 1e-6  # KL (summed over latents) per reconstruction summed over pixels
     perceptual_weight: float = 1.0  # used only when both LPIPS files are given
     lpips_vgg: str = ""  # local torchvision vgg16 state dict (.pth)
     lpips_lin: str = ""  # local LPIPS linear-layer weights (lpips package's vgg.pth)

@@ -1,6 +1,7 @@
 """The VAE stage: train a KL autoencoder on bucketed pixel batches.
 
-Loss per step (LDM recipe): reconstruction (L1 or L2) + optional LPIPS + kl_weight × KL, plus,
+Loss per step (LDM recipe): reconstruction (L1 or L2) + optional LPIPS + kl_weight × KL (with
+LDM's balance: KL summed over latent elements against a reconstruction summed over pixels), plus,
 from `disc_start`, a PatchGAN hinge term whose weight adapts to the ratio of gradient norms at
 the decoder's last layer and ramps in over `disc_ramp` steps. The discriminator itself starts
 `disc_warmup` steps earlier, so it is not a random judge when its verdict starts to count.
@@ -198,8 +199,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             rec_loss = err.abs().mean() if v.rec_loss == "l1" else err.pow(2).mean()
             p_loss = lpips(rec.float(), x).mean() if lpips is not None else rec_loss.new_zeros(())
             nll = rec_loss + v.perceptual_weight * p_loss
-            kl = posterior.kl().mean()
-            loss = nll + v.kl_weight * kl
+            kl = posterior.kl().mean()  # summed over latent elements, mean over the batch
+            # LDM sums the reconstruction over pixels; ours is a per-pixel mean, so the KL
+            # term is divided by the pixel count to keep LDM's balance at `kl_weight`.
+            loss = nll + v.kl_weight * kl / x[0].numel()
             g_loss = d_weight = torch.zeros((), device=device)
             if gen_weight > 0:
                 disc.requires_grad_(False)
