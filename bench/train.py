@@ -13,7 +13,8 @@ and against batch size.
 Peak memory: each (model, bucket, dtype, implementation) runs `--memory-steps` steps in a fresh
 subprocess. On CUDA it is torch.cuda.max_memory_allocated; on CPU the rise of the peak resident
 set (VmHWM) over the resident set just before the model is built, so it counts parameters,
-gradients, AdamW state, activations and allocator slack alike for both models.
+gradients, AdamW state, activations, allocator slack and the libraries' lazily allocated
+workspaces (about 0.2 GB here even for a tiny model) alike for both models.
 
 diffusers' DiT unpatchifies its output as a square (side = sqrt(tokens)), so it cannot run a
 non-square bucket; such rows report the peer as null with the error in `note`.
@@ -118,6 +119,7 @@ def make_step(model: torch.nn.Module, velocity: Callable, height: int, width: in
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work; nothing to wait for on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -150,6 +152,21 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, size: int) -> Callable
     run(1)  # warm up
     iters = max(1, math.ceil(0.3 / run(1)))
     return lambda: flops * iters / run(iters)
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model name (Linux) and the kernels' vector extension."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip() + ", "
+                break
+    except OSError:
+        pass
+    return model + torch.backends.cpu.get_cpu_capability()
 
 
 def peak_rss_bytes() -> int:
@@ -222,17 +239,21 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
     with torch.device("meta"):
         reference = DiT(dit_config(name, LATENT_CHANNELS, NUM_CLASSES))
     flops = 3 * reference.flops_per_sample(h, w)  # forward + backward
-    p = reference.config.patch_size
+    patch = reference.config.patch_size
     steps: dict[str, Step] = {}
+    params: dict[str, int] = {}
     note = None
     for impl in ("ours", "peer"):
         model, velocity = build_model(impl, name, h, w, device, args.seed)
+        params[impl] = sum(t.numel() for t in model.parameters())
         step = make_step(model, velocity, h, w, args.batch, dtype, device, args.compile,
                          args.seed)
         try:
             for _ in range(args.warmup):
                 step()
         except RuntimeError as err:  # diffusers' DiT on a non-square bucket
+            if impl == "ours":
+                raise
             note = f"diffusers DiTTransformer2DModel failed on {latent}: " \
                    f"{str(err).splitlines()[0]}"
             del model, velocity, step
@@ -240,20 +261,23 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
         steps[impl] = step
     peak_fn = matmul_peak(dtype, device, args.peak_size)
     times: dict[str, list[float]] = {impl: [] for impl in steps}
+    row_peaks = []
     for repeat in range(args.repeats):
         order = list(steps) if repeat % 2 == 0 else list(steps)[::-1]
         for impl in order:
             times[impl].append(timed(steps[impl], args.steps, device))
-        peaks[dtype_name].append(peak_fn())
+        row_peaks.append(peak_fn())
+    peaks[dtype_name] += row_peaks
     impls = list(steps)
-    del steps  # free both models before the memory subprocesses
-    peak = statistics.median(peaks[dtype_name])
+    steps = model = velocity = step = None  # free both models before the memory subprocesses
+    peak = statistics.median(row_peaks)  # measured between this row's repeats
     sps = {impl: args.batch / statistics.median(t) for impl, t in times.items()}
     ours, peer = sps["ours"], sps.get("peer")
     memory = {impl: measure_memory(impl, name, h, w, dtype_name, args) if args.memory_steps
               else None for impl in impls}
     row = {
-        "model": name, "latent": latent, "tokens": (h // p) * (w // p), "batch": args.batch,
+        "model": name, "latent": latent, "tokens": (h // patch) * (w // patch),
+        "batch": args.batch,
         "dtype": dtype_name,
         "ours_samples_per_s": round(ours, 4),
         "peer_samples_per_s": round(peer, 4) if peer else None,
@@ -264,6 +288,7 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
         "ours_step_s": [round(t, 4) for t in times["ours"]],
         "peer_step_s": [round(t, 4) for t in times.get("peer", [])],
         "ours_peak_mem": memory["ours"], "peer_peak_mem": memory.get("peer"),
+        "ours_params": params["ours"], "peer_params": params["peer"],
         "flops_per_sample": flops, "peak_flops": round(peak),
         "mfu": round(flops * ours / peak, 4),
         "peer_mfu": round(flops * peer / peak, 4) if peer else None,
@@ -287,10 +312,11 @@ def scaling_rows(args: argparse.Namespace, peaks: dict[str, list[float]]) -> lis
         step = make_step(model, velocity, h, w, batch, dtype, device, args.compile, args.seed)
         for _ in range(args.warmup):
             step()
-        times = []
+        times, row_peaks = [], []
         for _ in range(args.scaling_repeats):
             times.append(timed(step, args.steps, device))
-            peaks[dtype_name].append(peak_fn())
+            row_peaks.append(peak_fn())
+        peaks[dtype_name] += row_peaks
         step_s = statistics.median(times)
         flops = 3 * model.flops_per_sample(h, w)
         p = model.config.patch_size
@@ -299,7 +325,7 @@ def scaling_rows(args: argparse.Namespace, peaks: dict[str, list[float]]) -> lis
             "dtype": dtype_name, "step_s": round(step_s, 4),
             "samples_per_s": round(batch / step_s, 4),
             "tokens_per_s": round(batch * (h // p) * (w // p) / step_s, 1),
-            "mfu": round(flops * batch / step_s / statistics.median(peaks[dtype_name]), 4),
+            "mfu": round(flops * batch / step_s / statistics.median(row_peaks), 4),
         })
         print(f"scaling {latent} ({rows[-1]['tokens']} tokens) batch {batch}: "
               f"{step_s:.3f} s/step, MFU {rows[-1]['mfu']:.3f}", flush=True)
@@ -321,8 +347,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="samples per training step")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per model")
     parser.add_argument("--steps", type=int, default=1, help="training steps per timed repeat")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed steps before timing (raise it with --compile)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps before timing; default 1, or 3 with --compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:index]")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
@@ -347,11 +373,16 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.warmup is None:
+        args.warmup = 3 if args.compile else 1
     if args.memory_child:
         memory_child(json.loads(args.memory_child))
         return
     for latent in args.latents + args.scaling_latents + [args.scaling_latents_for_batch]:
-        parse_latent(latent)  # refuse a malformed size before any timing
+        try:  # refuse a malformed size before any timing
+            parse_latent(latent)
+        except argparse.ArgumentTypeError as err:
+            parser.error(str(err))
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are true fp32, like the peak
 
@@ -372,8 +403,7 @@ def main() -> None:
     scaling = scaling_rows(args, peaks) if args.scaling_latents or args.scaling_batches else []
     report = {
         "device": args.device,
-        "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
-        else torch.backends.cpu.get_cpu_capability(),
+        "device_name": device_name(args.device),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         # 1-minute load average before and after: other processes on the machine slow every
         # figure here, and multi-threaded elementwise kernels most of all

@@ -12,6 +12,12 @@ tokens a side; with base 10000 and D = 64 the slowest quarter of each axis' freq
 under 0.13 rad across a whole 128-token row and carries almost no position signal. Base 100
 spreads the wavelengths from 2*pi to about 2*pi * 75 tokens, which covers the bucket sizes we
 train on (axial RoPE for ViTs, Heo et al. 2024, makes the same choice).
+
+Speed (measured with `bench/train.py`). Each elementwise kernel is a pass over memory and, on a
+CPU, a round trip through the thread pool, so q and k are normalised and rotated together by one
+autograd node (`norm_rope`) whose closed-form backward runs about half the kernels autograd would
+record for the same composition. SDPA reads q, k and v as strided views of the token-major qkv
+layout and writes its output in that layout, so nothing between the two projections is copied.
 """
 
 import torch
@@ -19,19 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 ROPE_BASE = 100.0
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dimension with a learned scale, computed in fp32."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise `x` (..., dim); the result has the dtype of `x`."""
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_2d(
@@ -45,8 +38,8 @@ def rope_2d(
     """Rotary tables (cos, sin), each (height*width, head_dim), for a row-major grid of tokens.
 
     `sin` carries the sign of the rotation: its first half is -sin, its second +sin, so that
-    `apply_rope` is one roll and one fused multiply-add. Angles are computed in fp64 and cast to
-    `dtype` at the end. Callers cache the result per (height, width, device, dtype).
+    `apply_rope` is one swap of the halves and one fused multiply-add. Angles are computed in fp64
+    and cast to `dtype` at the end. Callers cache the result per (height, width, device, dtype).
     """
     if head_dim % 4:
         raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
@@ -65,10 +58,86 @@ def rope_2d(
         return cos.to(dtype), sin.to(dtype)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Swap the two halves of the last dimension: [x1, x2] -> [x2, x1] (its own inverse)."""
+    return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` (..., N, D) by `rope_2d`'s tables (N, D); pair (i, i + D/2) turns together."""
-    # x.roll puts x2 in the first half and x1 in the second: x*cos + [x2, x1]*[-sin, sin].
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+    """Rotate `x` (..., D) by `rope_2d`'s tables broadcast to it; pair (i, i + D/2) turns together.
+
+    x * cos + [x2, x1] * [-sin, sin]: one swap of the halves and one fused multiply-add.
+    """
+    return torch.addcmul(x * cos, rotate_half(x), sin)
+
+
+class _NormRope(torch.autograd.Function):
+    """y = apply_rope(x / sqrt(mean(x^2) + eps) * weight, cos, sin) as one autograd node.
+
+    With xh = x * inv, inv = (mean(x^2) + eps)^-1/2, z = xh * weight and the rotation R (whose
+    transpose is g -> g * cos + swap(g * sin), the swap being its own transpose):
+        gz = R^T g,  g_weight = sum(gz * xh),  gxh = gz * weight,
+        gx = inv * (gxh - xh * mean(gxh * xh)).
+    Eleven elementwise kernels, about half of what autograd records for the composition.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, cos, sin, eps):
+        """See the class; cos and sin are None for no rotation."""
+        stats = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16 x
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats)
+        inv = torch.rsqrt(torch.addcmul(torch.tensor(eps), norm, norm, value=1 / x.shape[-1]))
+        inv = inv.to(x.dtype)  # (..., 1); statistics in fp32 or wider, scaling in x's dtype
+        z = x * inv * weight
+        # Save x rather than x * inv and recompute the latter in backward (one kernel): in
+        # Attention x is a view of the qkv output, which v keeps alive anyway.
+        ctx.save_for_backward(x, inv, weight, cos, sin)
+        return z if cos is None else apply_rope(z, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        """Gradients for x and weight from the closed form in the class docstring."""
+        x, inv, weight, cos, sin = ctx.saved_tensors
+        xh = x * inv
+        gz = g if cos is None else torch.addcmul(rotate_half(g * sin), g, cos)  # R^T g
+        g_weight = None
+        if ctx.needs_input_grad[1]:
+            g_weight = (gz * xh).sum_to_size(weight.shape)
+        gxh = gz * weight
+        stats = torch.promote_types(xh.dtype, torch.float32)
+        mean = (gxh * xh).sum(-1, keepdim=True, dtype=stats) / xh.shape[-1]
+        gx = torch.addcmul(gxh, xh, mean.to(xh.dtype), value=-1) * inv
+        return gx, g_weight, None, None, None
+
+
+def norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """RMSNorm of `x` (..., D) over its last dimension with scale `weight`, then RoPE if given.
+
+    `weight` and the rope tables broadcast against `x` and share its dtype. The mean square is
+    reduced in fp32 straight from `x`; the result has x's dtype. `weight`'s gradient is summed
+    over the dimensions it is broadcast along: give it the trailing shape of `x` (expanded and
+    contiguous) to keep that reduction over whole rows.
+    """
+    cos, sin = rope if rope is not None else (None, None)
+    return _NormRope.apply(x, weight, cos, sin, eps)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension with a learned scale (see `norm_rope`)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise `x` (..., dim); the result has the dtype of `x`."""
+        return norm_rope(x, self.weight.to(x.dtype), None, self.eps)
 
 
 class Attention(nn.Module):
@@ -90,11 +159,19 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Attend over the tokens `x` (B, N, dim); `rope` is `rope_2d`'s (cos, sin) for the grid."""
         B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim), views
-        q, k = self.q_norm(q), self.k_norm(k)
+        H, hd = self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(B, N, 3, H, hd)  # (B, N, 3, heads, hd)
+        qk, v = qkv.split([2, 1], dim=2)  # (B, N, 2, heads, hd), (B, N, 1, heads, hd): views
+        # q and k are normalised and rotated together. Their scales are laid out like one token's
+        # q and k, (2, heads, hd), so that they broadcast over (B, N) alone.
+        weight = torch.stack((self.q_norm.weight, self.k_norm.weight))[:, None].expand(2, H, hd)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
-        out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, heads*head_dim)
+            rope = (rope[0][:, None, None], rope[1][:, None, None])  # each (N, 1, 1, hd)
+        qk = norm_rope(qk, weight.to(qk.dtype).contiguous(), rope, self.q_norm.eps)
+        q, k = qk.unbind(2)  # each (B, N, heads, hd)
+        # SDPA takes (B, heads, N, hd) views of the token-major layout and writes its output in
+        # that layout too, so neither its inputs nor its output are copied.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
+        out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, heads*hd), a view
         return self.proj(out)

@@ -60,8 +60,13 @@ class DiTConfig:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, with shift and scale (B, 1, hidden) broadcast over tokens."""
-    return torch.addcmul(shift, x, 1 + scale)
+    """adaLN: x * (1 + scale) + shift, with shift and scale (B, 1, hidden) broadcast over tokens.
+
+    Computed in the dtype of shift and scale: under autocast that is the autocast dtype, so the
+    normalised x is cast once here (instead of the result being cast by the next Linear) and the
+    copy kept for backward is half the size.
+    """
+    return torch.addcmul(shift, x.to(shift.dtype), 1 + scale)
 
 
 class TimestepEmbedder(nn.Module):

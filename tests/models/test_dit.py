@@ -125,3 +125,20 @@ def test_dit_gradient_checkpointing_gives_same_gradients(tiny):
 
     for plain, recomputed in zip(grads(False), grads(True), strict=True):
         torch.testing.assert_close(recomputed, plain)
+
+
+def test_dit_bf16_autocast_gradients_follow_fp32():
+    torch.manual_seed(0)
+    model = perturbed(build_dit("dit-t/2", in_channels=4, num_classes=3), std=0.1)
+    x, t, y = torch.randn(4, 4, 8, 6), torch.rand(4), torch.tensor([0, 1, 2, 3])
+
+    def grads(autocast: bool) -> torch.Tensor:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x, t, y).float().square().mean()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    full, half = grads(False), grads(True)
+    assert half.dtype == torch.float32  # fp32 weights get fp32 gradients
+    assert (half - full).norm() / full.norm() < 0.05
