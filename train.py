@@ -75,6 +75,9 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
     parser.add_argument("--allow-upscale", action="store_const", const=True, default=None,
                         help="upscale images smaller than their bucket instead of skipping them "
                              f"(config data.allow_upscale; default: {defaults.data.allow_upscale})")
+    parser.add_argument("--compile", action="store_const", const=True, default=None,
+                        help="torch.compile the DiT (config train.compile; "
+                             f"default: {defaults.train.compile})")
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                         help="continue from a checkpoint: a run folder, a checkpoint folder, or "
                              "nothing for the newest complete one of --run-dir (default: off)")
@@ -97,6 +100,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
                  FLAGS.items()}
     overrides["data.use_classes"] = args.classes
     overrides["data.allow_upscale"] = args.allow_upscale
+    overrides["train.compile"] = args.compile
     if args.dataset is None and os.environ.get("LDM_DATASET"):
         overrides["data.dataset"] = os.environ["LDM_DATASET"]
     if args.run_dir is None and os.environ.get("LDM_RUNS_DIR"):

@@ -10,8 +10,10 @@ samples/s / that peak (`peer_mfu` uses the same FLOP count). bfloat16 rows run u
 with fp32 weights, as training does. Then a scaling table of our step time against token count
 and against batch size.
 
-Peak memory: each (model, bucket, dtype, implementation) runs `--memory-steps` steps in a fresh
-subprocess. On CUDA it is torch.cuda.max_memory_allocated; on CPU the rise of the peak resident
+Peak memory. On CUDA: torch.cuda.max_memory_allocated from each model's build through its
+warm-up steps, less what was allocated before the build (in process, so a compiled model is
+compiled once). On CPU each (model, bucket, dtype, implementation) runs `--memory-steps` steps in
+a fresh subprocess and reports the rise of the peak resident
 set (VmHWM) over the resident set just before the model is built, so it counts parameters,
 gradients, AdamW state, activations, allocator slack and the libraries' lazily allocated
 workspaces (about 0.2 GB here even for a tiny model) alike for both models.
@@ -75,20 +77,22 @@ def build_model(impl: str, name: str, height: int, width: int, device: torch.dev
     torch.manual_seed(seed)
     cfg = dit_config(name, LATENT_CHANNELS, NUM_CLASSES)
     if impl == "ours":
-        model = DiT(cfg).to(device)
+        with device:  # initialise on the device: a CPU init of dit-xl/2 takes seconds
+            model = DiT(cfg)
         return model, model
     from diffusers import DiTTransformer2DModel
 
-    model = DiTTransformer2DModel(
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.hidden_size // cfg.num_heads,
-        in_channels=cfg.in_channels,
-        num_layers=cfg.depth,
-        patch_size=cfg.patch_size,
-        sample_size=height,
-        num_embeds_ada_norm=NUM_CLASSES,
-        norm_type="ada_norm_zero",
-    ).to(device)
+    with device:
+        model = DiTTransformer2DModel(
+            num_attention_heads=cfg.num_heads,
+            attention_head_dim=cfg.hidden_size // cfg.num_heads,
+            in_channels=cfg.in_channels,
+            num_layers=cfg.depth,
+            patch_size=cfg.patch_size,
+            sample_size=height,
+            num_embeds_ada_norm=NUM_CLASSES,
+            norm_type="ada_norm_zero",
+        )
 
     def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return model(x, t * TIMESTEP_SCALE, y, return_dict=False)[0]
@@ -243,7 +247,12 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
     steps: dict[str, Step] = {}
     params: dict[str, int] = {}
     note = None
+    cuda_peak: dict[str, int] = {}
     for impl in ("ours", "peer"):
+        if device.type == "cuda":  # peak from this model's build through its warm-up steps
+            synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
         model, velocity = build_model(impl, name, h, w, device, args.seed)
         params[impl] = sum(t.numel() for t in model.parameters())
         step = make_step(model, velocity, h, w, args.batch, dtype, device, args.compile,
@@ -251,6 +260,9 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
         try:
             for _ in range(args.warmup):
                 step()
+            if device.type == "cuda":
+                synchronize(device)
+                cuda_peak[impl] = torch.cuda.max_memory_allocated(device) - base
         except RuntimeError as err:  # diffusers' DiT on a non-square bucket
             if impl == "ours":
                 raise
@@ -273,8 +285,11 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
     peak = statistics.median(row_peaks)  # measured between this row's repeats
     sps = {impl: args.batch / statistics.median(t) for impl, t in times.items()}
     ours, peer = sps["ours"], sps.get("peer")
-    memory = {impl: measure_memory(impl, name, h, w, dtype_name, args) if args.memory_steps
-              else None for impl in impls}
+    if device.type == "cuda":
+        memory = {impl: cuda_peak.get(impl) for impl in impls}
+    else:
+        memory = {impl: measure_memory(impl, name, h, w, dtype_name, args)
+                  if args.memory_steps else None for impl in impls}
     row = {
         "model": name, "latent": latent, "tokens": (h // patch) * (w // patch),
         "batch": args.batch,

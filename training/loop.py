@@ -139,6 +139,18 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: workers ignore SIGTERM and SIGINT.
+
+    Schedulers (SLURM's scancel, `timeout`, Ctrl-C in a terminal) signal the whole process
+    group. A worker killed by that signal would crash the main process's next batch before it
+    could save its checkpoint; ignoring it lets `StopSignal` stop the loop cleanly, after which
+    the main process shuts the workers down (and they exit on their own if it dies).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def prepare_run_dir(cfg: Config, resuming: bool, dist: DistInfo,
                     plan: DataPlan) -> Path:
     """Create the run folder, save the resolved config and the skip list; refuse to overwrite
@@ -212,6 +224,7 @@ def pixel_loader(cfg: Config, plan: DataPlan, dist: DistInfo, epoch: int, index:
     sampler = ScheduleSampler(plan.schedule, dist.rank, cfg.seed, epoch, index)
     workers = cfg.data.num_workers
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                       worker_init_fn=ignore_stop_signals,
                                        pin_memory=dist.device.type == "cuda",
                                        persistent_workers=False,
                                        prefetch_factor=4 if workers else None)

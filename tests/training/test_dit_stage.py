@@ -63,10 +63,18 @@ def _scalars(run: Path, tag: str) -> dict[int, float]:
     return values
 
 
-def test_dit_stage_one_mini_batch_smoke(tmp_path: Path, tiny_vae: Path) -> None:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+# On a GPU the smoke test runs as a GPU user would train: bf16 autocast and torch.compile.
+DEVICES = [pytest.param({"device": "cpu"}, id="cpu"),
+           pytest.param({"device": "cuda", "precision": "bf16", "compile": True}, id="cuda",
+                        marks=CUDA)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dit_stage_one_mini_batch_smoke(tmp_path: Path, tiny_vae: Path, device: dict) -> None:
     cfg = from_dict(Config, json.loads(_config(tmp_path / "c.json", tmp_path / "run", tiny_vae,
-                                               max_steps=1, eval_every=1,
-                                               sample_every=1).read_text()))
+                                               max_steps=1, eval_every=1, sample_every=1,
+                                               **device).read_text()))
     run = train_dit(cfg)
     ckpt = load_checkpoint(latest_checkpoint(run))
     assert ckpt.step == 1 and set(ckpt.tensors) == {"model", "ema"}

@@ -29,8 +29,13 @@ def _cfg(run_dir: Path, **train) -> Config:
     })
 
 
-def test_vae_stage_one_mini_batch_smoke(tmp_path: Path) -> None:
-    run = train_vae(_cfg(tmp_path / "run", max_steps=2))
+@pytest.mark.parametrize("device", [
+    pytest.param({"device": "cpu"}, id="cpu"),
+    pytest.param({"device": "cuda", "precision": "bf16"}, id="cuda",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+])
+def test_vae_stage_one_mini_batch_smoke(tmp_path: Path, device: dict) -> None:
+    run = train_vae(_cfg(tmp_path / "run", max_steps=2, **device))
     ckpt = latest_checkpoint(run)
     assert ckpt is not None and ckpt.name == "step_0000002"
     loaded = load_checkpoint(ckpt)
