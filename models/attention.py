@@ -86,7 +86,9 @@ class _NormRope(torch.autograd.Function):
         """See the class; cos and sin are None for no rotation."""
         stats = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16 x
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats)
-        inv = torch.rsqrt(torch.addcmul(torch.tensor(eps), norm, norm, value=1 / x.shape[-1]))
+        # mean square + eps, in place on the small (..., 1) tensor (no CPU scalar tensor: CUDA
+        # refuses one as an operand here)
+        inv = norm.square_().mul_(1 / x.shape[-1]).add_(eps).rsqrt_()
         inv = inv.to(x.dtype)  # (..., 1); statistics in fp32 or wider, scaling in x's dtype
         z = x * inv * weight
         # Save x rather than x * inv and recompute the latter in backward (one kernel): in
