@@ -5,6 +5,10 @@ draw fresh latents `mean + σ·ε` from the memory-mapped cache, compute the flo
 autocast, all-reduce gradients (DDP), check that loss and gradient norm are finite, step AdamW,
 update the EMA. Around it: validation loss per timestep bin on held-out latents, EMA sample
 grids at several bucket shapes, checkpoints, and a clean stop on SIGTERM/SIGINT.
+
+The next micro-batch is read from the cache on a background thread while the current one
+trains (`BatchPrefetcher`): its samples, noise and flips depend only on the schedule and the
+step index, so reading ahead changes no number, and the loop rarely waits for data.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ import contextlib
 import copy
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -71,6 +75,43 @@ def train_dit(cfg: Config, resume: str | None = None) -> Path:
         return _train(cfg, resume, info)
     finally:
         teardown()
+
+
+class BatchPrefetcher:
+    """Reads micro-batch k + 1 from the latent cache on one background thread while k trains.
+
+    `get(k)` returns (schedule items, noise generator, x0 (B, C, h, w) on the CPU, pinned when
+    training on CUDA) for global micro-step k; it must be called with k = 0, 1, 2... from the
+    start step on. The reads are sequential, so the reader and the schedule iterator are never
+    used by two threads at once.
+    """
+
+    def __init__(self, reader: LatentReader, batches, seed: int, rank: int, flip: bool,
+                 pin: bool) -> None:
+        self.reader, self.batches, self.seed, self.rank = reader, batches, seed, rank
+        self.flip, self.pin = flip, pin
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="latent-prefetch")
+        self.pending = None  # (k, future)
+
+    def _read(self, k: int):
+        items = next(self.batches)
+        noise = step_generator(self.seed, k, self.rank)
+        flips = [flip_from_seed(s) for _, s, _, _ in items] if self.flip else None
+        x0 = self.reader.batch([i for i, _, _, _ in items], noise, flips)  # (B, C, h, w)
+        return items, noise, x0.pin_memory() if self.pin else x0
+
+    def get(self, k: int):
+        """Micro-batch k (read now if it was not read ahead), then start reading k + 1."""
+        if self.pending is not None and self.pending[0] == k:
+            result = self.pending[1].result()
+        else:
+            result = self._read(k)
+        self.pending = (k + 1, self.pool.submit(self._read, k + 1))
+        return result
+
+    def close(self) -> None:
+        """Wait for a read in flight and stop the thread."""
+        self.pool.shutdown(wait=True)
 
 
 def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
@@ -135,7 +176,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                          d.logit_std, d.label_dropout)
     model.gradient_checkpointing = t.grad_checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, d.adam_beta2),
-                            weight_decay=t.weight_decay, fused=device.type == "cuda")
+                            weight_decay=t.weight_decay, fused=True)
     ema = EMA(model, t.ema_decay)
     step, epoch, index = 0, 0, 0
     if resume_path is not None:
@@ -159,7 +200,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         train_model = torch.compile(train_model)
     amp = autocast_dtype(t.precision, device)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-    batches = iter(ScheduleSampler(plan.schedule, info.rank, cfg.seed, epoch, index))
+    batches = BatchPrefetcher(reader, iter(ScheduleSampler(plan.schedule, info.rank, cfg.seed,
+                                                           epoch, index)),
+                              cfg.seed, info.rank, cfg.data.flip, device.type == "cuda")
     logger = RunLogger(run_dir, main)
     stop = StopSignal()
     guard = NonFiniteGuard(t.max_nonfinite)
@@ -217,12 +260,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         total, files = torch.zeros((), device=device), []
         for micro in range(t.grad_accum):
             t_data = time.perf_counter()
-            items = next(batches)
+            items, noise, x0 = batches.get(step * t.grad_accum + micro)
             indices = [i for i, _, _, _ in items]
             epoch, index = items[0][2], items[0][3] + 1
-            noise = step_generator(cfg.seed, step * t.grad_accum + micro, info.rank)
-            flips = [flip_from_seed(s) for _, s, _, _ in items] if cfg.data.flip else None
-            x0 = reader.batch(indices, noise, flips).to(device, non_blocking=True)  # (B,C,h,w)
+            x0 = x0.to(device, non_blocking=True)  # (B, C, h, w)
             y = (torch.tensor([plan.records[i].label for i in indices], device=device)
                  if num_classes else None)
             waited += time.perf_counter() - t_data
@@ -236,7 +277,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             (loss / t.grad_accum).backward()
             total += loss.detach() / t.grad_accum
             bw, bh = x0.shape[-1] * vae.downsample_factor, x0.shape[-2] * vae.downsample_factor
-            bucket_losses[f"{bw}x{bh}"].append(loss.item())
+            bucket_losses[f"{bw}x{bh}"].append(loss.detach())  # read at log time: no sync
         grad_norm = clip_and_check(params, t.grad_clip)
         if guard.ok(step, total, grad_norm, files):
             opt.step()
@@ -252,7 +293,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                       "train/samples_per_s": steps_done * t.grad_accum * cfg.batch_size
                       * info.world_size / max(elapsed, 1e-9),
                       "train/data_wait_fraction": waited / max(elapsed, 1e-9)}
-            values.update({f"loss_bucket/{k}": float(np.mean(v))
+            values.update({f"loss_bucket/{k}": torch.stack(v).mean().item()
                            for k, v in bucket_losses.items()})
             logger.scalars(values, step)
             bar.set_postfix(loss=f"{total.item():.4f}")
@@ -272,6 +313,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         if not t.ckpt_every or step % t.ckpt_every:
             checkpoint()
     bar.close()
+    batches.close()
     reader.close()
     logger.close()
     stop.restore()
