@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,8 +16,10 @@ from safetensors.torch import load_file
 
 from models.vae import load_vae
 from training.checkpoint import latest_checkpoint, load_checkpoint
-from training.config import Config, ConfigError, from_dict
+from training.config import Config, ConfigError, from_dict, save_config
 from training.vae_stage import export_checkpoint, train_vae
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def _cfg(run_dir: Path, **train) -> Config:
@@ -97,3 +104,29 @@ def test_vae_stage_export_from_checkpoint(tmp_path: Path) -> None:
     ckpt = load_checkpoint(latest_checkpoint(run))
     for k, v in vae.state_dict().items():
         assert torch.equal(v, ckpt.tensors["ema"][k])
+
+
+def test_vae_stage_sigterm_to_process_group_saves_checkpoint(tmp_path: Path) -> None:
+    """scancel, `timeout` and Ctrl-C signal the whole process group, data workers included:
+    the workers must not die first and crash the loop before it saves its checkpoint."""
+    cfg = _cfg(tmp_path / "run", max_steps=100_000)
+    cfg.data.num_workers = 2
+    save_config(cfg, tmp_path / "c.json")
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(tmp_path / "c.json")],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "run" / "tb").glob("events.out.tfevents.*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        time.sleep(3)  # a few steps with the workers running
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-2000:]
+    assert "signal 15: saved step" in output
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt is not None and load_checkpoint(ckpt).step > 0
