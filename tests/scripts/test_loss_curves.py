@@ -1,0 +1,41 @@
+"""scripts/loss_curves.py on real TensorBoard files written by the training logger."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from training.logging import RunLogger
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def _run(folder: Path, losses: list[float]) -> Path:
+    logger = RunLogger(folder, True)
+    for step, loss in enumerate(losses, start=1):
+        logger.scalars({"train/loss": loss}, step)
+    logger.scalars({"val/loss": losses[-1]}, len(losses))
+    logger.close()
+    return folder
+
+
+def test_loss_curves_bins_and_compares_runs(tmp_path: Path) -> None:
+    a = _run(tmp_path / "a", [4.0, 2.0, 3.0, 1.0, 5.0])
+    b = _run(tmp_path / "b", [1.0] * 4)
+    done = subprocess.run([sys.executable, "scripts/loss_curves.py", str(a), str(b), "--every",
+                           "2"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    # means over (0, 2], (2, 4] and the last logged step
+    assert report[str(a)]["train/loss"]["curve"] == [[2, 3.0], [4, 2.0], [5, 5.0]]
+    assert report[str(a)]["train/loss"]["mean"] == 3.0
+    assert report[str(a)]["val/loss"]["curve"] == [[5, 5.0]]
+    assert report[str(b)]["train/loss"]["curve"] == [[2, 1.0], [4, 1.0]]
+
+
+def test_loss_curves_missing_events_is_one_line_error(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "scripts/loss_curves.py", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert done.stderr.strip() == f"error: {tmp_path}/tb holds no TensorBoard events file"
