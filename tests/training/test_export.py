@@ -1,0 +1,71 @@
+"""Export of a DiT run (training/export.py): EMA weights, config and VAE reference that
+inference loads to the same pixels as the run itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.pipelines import generate
+from models.vae import AutoencoderKL, VAEConfig, save_vae
+from tests.inference.test_pipelines import CLASSES, make_tiny_run
+from training.export import ExportError, export_dit, is_export, load_generator
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_run: Path):
+    return load_generator(tiny_run)
+
+
+def test_export_gives_the_pixels_of_its_run(tiny_run: Path, loaded, tmp_path: Path) -> None:
+    out = export_dit(tiny_run, tmp_path / "export")
+    assert is_export(out) and sorted(p.name for p in out.iterdir()) == ["config.json",
+                                                                         "model.safetensors"]
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["step"] == 2 and meta["class_names"] == CLASSES and meta["base_tokens"] == 64
+    assert len(meta["vae_fingerprint"]) == 64 and meta["model_config"]["hidden_size"] == 64
+    model, vae, info = load_generator(out)
+    assert info.source == out and info.vae_fingerprint == meta["vae_fingerprint"]
+    args = dict(num_samples=2, labels=[1, 2], steps=3, seed=11, base_tokens=64)
+    assert torch.equal(generate(model, vae, 32, 32, **args),
+                       generate(loaded[0], loaded[1], 32, 32, **args))
+    with pytest.raises(ExportError, match="not --step 1"):
+        load_generator(out, step=1)
+
+
+def test_export_replaces_only_an_earlier_export(tiny_run: Path, tmp_path: Path) -> None:
+    out = export_dit(tiny_run, tmp_path / "export")
+    (out / "extra.txt").write_text("left by an earlier export")
+    assert export_dit(tiny_run / "checkpoints" / "step_0000001", out) == out  # replaced
+    assert json.loads((out / "config.json").read_text())["step"] == 1
+    assert not (out / "extra.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary folder left
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not an earlier export"):
+        export_dit(tiny_run, precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_export_refuses_a_mismatched_vae(tiny_run: Path, tmp_path: Path) -> None:
+    out = export_dit(tiny_run, tmp_path / "export")
+    torch.manual_seed(1)
+    other = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                             latent_channels=4, sample_size=32)),
+                     tmp_path / "other_vae")
+    with pytest.raises(ExportError, match="not the VAE"):
+        load_generator(out, vae=other)
+    wide = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                            latent_channels=8, sample_size=32)),
+                    tmp_path / "wide_vae")
+    with pytest.raises(ExportError, match="8 latent channels"):
+        load_generator(tiny_run, vae=wide)
