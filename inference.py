@@ -16,7 +16,8 @@ Reconstruct an image through a VAE (weights found next to its config):
     UV_CACHE_DIR=.uv-cache uv run python inference.py --vae path/to/vae.safetensors --image in.png
 
 Each sample i is drawn from noise seeded with seed + i; its PNG carries the parameters that
-made it as text chunks, and grid.png shows them all.
+made it as text chunks, and grid_NNNN.png shows them all; numbering continues after the
+images already in --out, so nothing there is overwritten.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", default="euler", choices=["euler", "heun"],
                         help="heun evaluates the model twice per step")
     parser.add_argument("--seed", type=int, default=0, help="sample i uses noise seed + i")
-    parser.add_argument("--strength", type=float, default=0.6,
-                        help="image-to-image: 0 keeps the input, 1 ignores it")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="image-to-image only: 0 keeps the input, 1 ignores it (default 0.6)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES,
                         help="DiT autocast dtype; the VAE too unless its config forces fp32")
@@ -111,6 +112,11 @@ def sample(args: argparse.Namespace) -> int:
         print("error: --config is for reconstruction; with --checkpoint use --vae to override "
               "the VAE", file=sys.stderr)
         return 2
+    if args.strength is not None and args.image is None:
+        print("error: --strength is for image-to-image; give --image too", file=sys.stderr)
+        return 2
+    if args.image is not None and args.strength is None:
+        args.strength = 0.6
     if args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
         print("error: --num-samples and --batch-size must be at least 1", file=sys.stderr)
         return 2
@@ -170,7 +176,8 @@ def sample(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         what = "image-to-image" if args.image is not None else "samples"
-        print(f"wrote {args.num_samples} {what} of {width}x{height} and grid.png to {args.out} "
+        print(f"wrote {args.num_samples} {what} of {width}x{height} to {paths[0]} .. "
+              f"{paths[-2].name} and {paths[-1].name} "
               f"(step {info.step}, {args.sampler} {args.steps} steps, seed {args.seed})")
     return 0
 

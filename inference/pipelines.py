@@ -284,20 +284,25 @@ def png_info(params: dict) -> PngInfo:
 
 def save_images(images: torch.Tensor, out_dir: str | os.PathLike,
                 params: list[dict]) -> list[Path]:
-    """Write images (B, 3, H, W) in [-1, 1] as out_dir/0000.png ... with their parameters
-    `params[i]` as PNG text chunks, and `grid.png` (carrying the parameters common to all).
-    Returns the paths, grid last."""
+    """Write images (B, 3, H, W) in [-1, 1] as out_dir/NNNN.png with their parameters
+    `params[i]` as PNG text chunks, and their grid as grid_NNNN.png (NNNN: the grid's first
+    image; it carries the parameters common to all). Numbering continues after the highest
+    NNNN.png already in out_dir, so earlier results are never overwritten. Returns the paths,
+    grid last."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.stem) for p in out.glob("[0-9][0-9][0-9][0-9]*.png") if p.stem.isdigit()]
+    start = max(taken, default=-1) + 1
     paths = []
     for i, (image, meta) in enumerate(zip(images, params)):
-        path = out / f"{i:04d}.png"
+        path = out / f"{start + i:04d}.png"
         tensor_to_pil(image).save(path, pnginfo=png_info(meta))
         paths.append(path)
     common = {k: v for k, v in params[0].items() if all(p.get(k) == v for p in params)}
     common.pop("index", None)
-    tensor_to_pil(image_grid(images)).save(out / "grid.png", pnginfo=png_info(common))
-    return paths + [out / "grid.png"]
+    grid = out / f"grid_{start:04d}.png"
+    tensor_to_pil(image_grid(images)).save(grid, pnginfo=png_info(common))
+    return paths + [grid]
 
 
 def image_grid(images: torch.Tensor, padding: int = 2, cols: int | None = None) -> torch.Tensor:

@@ -99,7 +99,7 @@ def test_inference_generate_writes_pngs_and_grid_with_parameters(tiny_run: Path,
     rep = json.loads(out.stdout.strip().splitlines()[-1])
     assert rep["size"] == [44, 32] and rep["step"] == 2 and rep["classes"] == ["discs"] * 3
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["0000.png", "0001.png", "0002.png", "grid.png"]
+    assert names == ["0000.png", "0001.png", "0002.png", "grid_0000.png"]
     for i in range(3):
         img = Image.open(tmp_path / "out" / f"{i:04d}.png")
         assert img.size == (44, 32)
@@ -108,9 +108,35 @@ def test_inference_generate_writes_pngs_and_grid_with_parameters(tiny_run: Path,
             "size": "44x32", "seed": "7", "index": str(i), "class": "discs", "cfg_scale": "4.0",
             "steps": "2", "sampler": "heun", "step": "2"}
         assert img.text["checkpoint"].endswith("step_0000002")
-    grid = Image.open(tmp_path / "out" / "grid.png")
+    grid = Image.open(tmp_path / "out" / "grid_0000.png")
     assert grid.size == (2 * 46 + 2, 2 * 34 + 2)  # 2 x 2 cells of 44x32, 2 px apart
     assert grid.text["class"] == "discs" and "index" not in grid.text
+
+
+def test_inference_second_run_keeps_the_first_runs_images(tiny_run: Path,
+                                                           tmp_path: Path) -> None:
+    args = ["--checkpoint", str(tiny_run), "--num-samples", "2", "--size", "32x32", "--steps",
+            "2", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert _run(*args, "--seed", "1").returncode == 0
+    first = (tmp_path / "out" / "0000.png").read_bytes()
+    out = _run(*args, "--seed", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["0000.png", "0001.png", "0002.png", "0003.png", "grid_0000.png",
+                     "grid_0002.png"]
+    assert (tmp_path / "out" / "0000.png").read_bytes() == first
+    assert Image.open(tmp_path / "out" / "0002.png").text["seed"] == "2"
+    assert json.loads(out.stdout.strip().splitlines()[-1])["files"][-1].endswith(
+        "grid_0002.png")
+
+
+def test_inference_strength_without_image_is_one_line_error(tiny_run: Path,
+                                                            tmp_path: Path) -> None:
+    out = _run("--checkpoint", str(tiny_run), "--strength", "0.5", "--out",
+               str(tmp_path / "o"), "--device", "cpu")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --strength is for image-to-image; give --image too"
+    assert not (tmp_path / "o").exists()
 
 
 def test_inference_impossible_size_is_one_line_error(tiny_run: Path, tmp_path: Path) -> None:
@@ -131,7 +157,7 @@ def test_inference_img2img_from_export_at_input_size(tiny_run: Path, tmp_path: P
                "0.5", "--num-samples", "2", "--steps", "4", "--out", str(tmp_path / "out"),
                "--device", "cpu")
     assert out.returncode == 0, out.stderr
-    for name in ("0000.png", "0001.png", "grid.png"):
+    for name in ("0000.png", "0001.png", "grid_0000.png"):
         assert (tmp_path / "out" / name).exists()
     first = Image.open(tmp_path / "out" / "0000.png")
     assert first.size == (44, 32)  # the input's size snapped to the grid of 4
