@@ -9,7 +9,7 @@
 # 3. bench/sample.py: dit-xl/2, 256 px, 28 Euler steps with CFG, bf16, against diffusers;
 # 4. the shipped VAE's architecture trained from scratch on the GPU (configs/vae_f8c16_gpu.json)
 #    for as many steps as fit in VAE_SECONDS (timed by scripts/gpu_vae_steps.py), then exported;
-# 5. bench/train.py as in 2, both models compiled (the compile takes minutes);
+# 5. bench/train.py as in 2, each transformer block of both models compiled;
 # 6. a short DiT run from a latent cache through train.py, then inference.py on its checkpoint.
 #
 # Expects the photographs in $GPU_DATA/vae_mix (training) and $GPU_DATA/heldout (README, "GPU

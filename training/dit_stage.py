@@ -196,10 +196,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     if info.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:
-        train_model = torch.compile(train_model)
     amp = autocast_dtype(t.precision, device)
-    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # eager: previews, validation
+    if t.compile:
+        model.compile_blocks()  # in place, so DDP and checkpoints see the same module
     batches = BatchPrefetcher(reader, iter(ScheduleSampler(plan.schedule, info.rank, cfg.seed,
                                                            epoch, index)),
                               cfg.seed, info.rank, cfg.data.flip, device.type == "cuda")
