@@ -30,3 +30,43 @@ def _session_cache_dir(tmp_path_factory: pytest.TempPathFactory):
 def cache_dir(_session_cache_dir: Path) -> Path:
     """The session's cache folder (LDM_CACHE_DIR)."""
     return _session_cache_dir
+
+
+def make_tiny_run(root: Path) -> Path:
+    """A tiny VAE (f = 2) and a dit-t/2 trained for 2 steps on it, checkpoints at steps 1, 2."""
+    import torch
+
+    from models.vae import AutoencoderKL, VAEConfig, save_vae
+    from training.config import Config, from_dict
+    from training.dit_stage import train_dit
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                  latent_channels=4, sample_size=32, force_upcast=False,
+                                  scaling_factor=1.0, shift_factor=0.0))
+    vae_dir = save_vae(vae, root / "vae")
+    cfg = {"description": "tiny DiT for inference tests", "stage": "dit",
+           "run_dir": str(root / "run"), "seed": 3, "batch_size": 2,
+           "data": {"dataset": "synthetic:24", "resolution": 32, "num_workers": 0,
+                    "use_classes": True},
+           "train": {"max_steps": 2, "lr": 1e-3, "log_every": 1, "eval_every": 1000,
+                     "ckpt_every": 1, "sample_every": 1000, "precision": "fp32",
+                     "device": "cpu"},
+           "dit": {"model": "dit-t/2", "vae": str(vae_dir), "sample_sizes": ["32x32"],
+                   "sample_steps": 2, "num_samples": 1, "base_tokens": 64}}
+    return train_dit(from_dict(Config, cfg))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, _session_cache_dir: Path) -> Path:
+    """One tiny DiT run (`make_tiny_run`) shared by the inference and export tests; tests only
+    read it."""
+    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_run: Path):
+    """`load_generator(tiny_run)`: (model, vae, info) of its newest checkpoint's EMA weights."""
+    from training.export import load_generator
+
+    return load_generator(tiny_run)

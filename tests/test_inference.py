@@ -15,7 +15,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from models.vae import AutoencoderKL, VAEConfig, save_vae
-from tests.inference.test_pipelines import make_tiny_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,11 +81,6 @@ def test_inference_unreadable_image_is_one_line_error(tiny_vae: Path, tmp_path: 
     out = _run("--config", str(tiny_vae / "config.json"), "--image", str(bad))
     assert out.returncode != 0
     assert "broken.png" in out.stderr and len(out.stderr.strip().splitlines()) == 1
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
 
 
 def test_inference_generate_writes_pngs_and_grid_with_parameters(tiny_run: Path,

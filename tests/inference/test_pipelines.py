@@ -1,4 +1,4 @@
-"""Sampling, image-to-image and the DiT export/loader, on a tiny run trained in-process."""
+"""Sampling, image-to-image and the DiT loader, on the tiny run of tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -13,41 +13,10 @@ from bucketing import make_buckets
 from inference.pipelines import (decode_latents, encode_image, generate, grid_step, img2img,
                                  initial_noise, parse_size, prepare_image, resolve_labels,
                                  sampling_timesteps, snap_size)
-from models.vae import AutoencoderKL, VAEConfig, save_vae
-from training.config import Config, from_dict
-from training.dit_stage import train_dit
+from training.data import SYNTHETIC_CLASSES
 from training.export import load_generator
 
-CLASSES = ["checkers", "clouds", "discs", "stripes"]  # the synthetic set's classes
-
-
-def make_tiny_run(root: Path) -> Path:
-    """A tiny VAE (f = 2) and a dit-t/2 trained for 2 steps on it, checkpoints at steps 1, 2."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
-                                  latent_channels=4, sample_size=32, force_upcast=False,
-                                  scaling_factor=1.0, shift_factor=0.0))
-    vae_dir = save_vae(vae, root / "vae")
-    cfg = {"description": "tiny DiT for inference tests", "stage": "dit",
-           "run_dir": str(root / "run"), "seed": 3, "batch_size": 2,
-           "data": {"dataset": "synthetic:24", "resolution": 32, "num_workers": 0,
-                    "use_classes": True},
-           "train": {"max_steps": 2, "lr": 1e-3, "log_every": 1, "eval_every": 1000,
-                     "ckpt_every": 1, "sample_every": 1000, "precision": "fp32",
-                     "device": "cpu"},
-           "dit": {"model": "dit-t/2", "vae": str(vae_dir), "sample_sizes": ["32x32"],
-                   "sample_steps": 2, "num_samples": 1, "base_tokens": 64}}
-    return train_dit(from_dict(Config, cfg))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_run: Path):
-    return load_generator(tiny_run)
+CLASSES = sorted(SYNTHETIC_CLASSES)  # class names are the sorted sub-folder names
 
 
 def _image(path: Path, w: int, h: int) -> Path:

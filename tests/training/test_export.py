@@ -11,18 +11,10 @@ import torch
 
 from inference.pipelines import generate
 from models.vae import AutoencoderKL, VAEConfig, save_vae
-from tests.inference.test_pipelines import CLASSES, make_tiny_run
+from training.data import SYNTHETIC_CLASSES
 from training.export import ExportError, export_dit, is_export, load_generator
 
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_run: Path):
-    return load_generator(tiny_run)
+CLASSES = sorted(SYNTHETIC_CLASSES)  # class names are the sorted sub-folder names
 
 
 def test_export_gives_the_pixels_of_its_run(tiny_run: Path, loaded, tmp_path: Path) -> None:
