@@ -76,7 +76,7 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
                         help="upscale images smaller than their bucket instead of skipping them "
                              f"(config data.allow_upscale; default: {defaults.data.allow_upscale})")
     parser.add_argument("--compile", action="store_const", const=True, default=None,
-                        help="torch.compile the DiT (config train.compile; "
+                        help="torch.compile each DiT block (config train.compile; "
                              f"default: {defaults.train.compile})")
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                         help="continue from a checkpoint: a run folder, a checkpoint folder, or "

@@ -78,39 +78,37 @@ def train_dit(cfg: Config, resume: str | None = None) -> Path:
 
 
 class BatchPrefetcher:
-    """Reads micro-batch k + 1 from the latent cache on one background thread while k trains.
+    """Reads the next micro-batch from the latent cache on one background thread while the
+    current one trains.
 
-    `get(k)` returns (schedule items, noise generator, x0 (B, C, h, w) on the CPU, pinned when
-    training on CUDA) for global micro-step k; it must be called with k = 0, 1, 2... from the
-    start step on. The reads are sequential, so the reader and the schedule iterator are never
-    used by two threads at once.
+    `get()` returns (schedule items, noise generator, x0 (B, C, h, w) on the CPU, pinned when
+    training on CUDA) for global micro-steps `start`, `start + 1`, ... in turn. One read is in
+    flight at a time, so the reader and the schedule iterator are never used by two threads at
+    once.
     """
 
     def __init__(self, reader: LatentReader, batches, seed: int, rank: int, flip: bool,
-                 pin: bool) -> None:
+                 pin: bool, start: int) -> None:
         self.reader, self.batches, self.seed, self.rank = reader, batches, seed, rank
         self.flip, self.pin = flip, pin
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="latent-prefetch")
-        self.pending = None  # (k, future)
+        self.pending = self.pool.submit(self._read, start)
 
     def _read(self, k: int):
         items = next(self.batches)
         noise = step_generator(self.seed, k, self.rank)
         flips = [flip_from_seed(s) for _, s, _, _ in items] if self.flip else None
         x0 = self.reader.batch([i for i, _, _, _ in items], noise, flips)  # (B, C, h, w)
-        return items, noise, x0.pin_memory() if self.pin else x0
+        return k, items, noise, x0.pin_memory() if self.pin else x0
 
-    def get(self, k: int):
-        """Micro-batch k (read now if it was not read ahead), then start reading k + 1."""
-        if self.pending is not None and self.pending[0] == k:
-            result = self.pending[1].result()
-        else:
-            result = self._read(k)
-        self.pending = (k + 1, self.pool.submit(self._read, k + 1))
-        return result
+    def get(self):
+        """The next micro-batch (waiting for its read if needed); starts reading the one after."""
+        k, items, noise, x0 = self.pending.result()
+        self.pending = self.pool.submit(self._read, k + 1)
+        return items, noise, x0
 
     def close(self) -> None:
-        """Wait for a read in flight and stop the thread."""
+        """Wait for the read in flight and stop the thread."""
         self.pool.shutdown(wait=True)
 
 
@@ -202,7 +200,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         model.compile_blocks()  # in place, so DDP and checkpoints see the same module
     batches = BatchPrefetcher(reader, iter(ScheduleSampler(plan.schedule, info.rank, cfg.seed,
                                                            epoch, index)),
-                              cfg.seed, info.rank, cfg.data.flip, device.type == "cuda")
+                              cfg.seed, info.rank, cfg.data.flip, device.type == "cuda",
+                              start=step * t.grad_accum)
     logger = RunLogger(run_dir, main)
     stop = StopSignal()
     guard = NonFiniteGuard(t.max_nonfinite)
@@ -260,7 +259,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         total, files = torch.zeros((), device=device), []
         for micro in range(t.grad_accum):
             t_data = time.perf_counter()
-            items, noise, x0 = batches.get(step * t.grad_accum + micro)
+            items, noise, x0 = batches.get()  # micro-step step * grad_accum + micro
             indices = [i for i, _, _, _ in items]
             epoch, index = items[0][2], items[0][3] + 1
             x0 = x0.to(device, non_blocking=True)  # (B, C, h, w)
