@@ -13,7 +13,7 @@
 # 6. a short DiT run from a latent cache through train.py, then inference.py on its checkpoint.
 #
 # Expects the photographs in $GPU_DATA/vae_mix (training) and $GPU_DATA/heldout (README, "GPU
-# figures"). Wheels in .whl/ (diffusers and what it needs) are installed first when present.
+# checks"). Wheels in .whl/ (diffusers and what it needs) are installed first when present.
 # Everything is logged to $OUT/log.txt; JSON reports, samples and the runs' TensorBoard files
 # go into $OUT/report.tgz (re-packed after every part), the VAE export into $OUT/vae/. Each part
 # has its own time limit, and a failing part does not stop the others.
