@@ -51,6 +51,7 @@ if str(REPO) not in sys.path:  # allow `python bench/train.py` as well as `pytho
 from models.dit import TIMESTEP_SCALE, DiT  # noqa: E402
 from models.registry import MODEL_NAMES, dit_config  # noqa: E402
 from training.flow import RectifiedFlow  # noqa: E402
+from training.loop import keep_freed_memory  # noqa: E402
 
 LATENT_CHANNELS = 4  # SD-style latents, as in the DiT paper
 NUM_CLASSES = 1000  # ImageNet-sized label set; label dropout adds the null class
@@ -229,6 +230,8 @@ def measure_memory(impl: str, name: str, height: int, width: int, dtype: str,
             "batch": args.batch, "device": args.device, "compile": args.compile,
             "steps": args.memory_steps, "seed": args.seed}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(spec)]
+    if args.default_malloc:
+        cmd.append("--default-malloc")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -386,11 +389,16 @@ def main() -> None:
     parser.add_argument("--scaling-repeats", type=int, default=2, help="timed repeats per row")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="weights and data seed")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds alone instead of keeping freed "
+                        "memory for reuse as train.py does (training/loop.py keep_freed_memory)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # as the training stages do; process-wide, so both models run with the same allocator
+    kept = False if args.default_malloc else keep_freed_memory()
     if args.warmup is None:
         args.warmup = 3 if args.compile else 1
     if args.memory_child:
@@ -428,7 +436,7 @@ def main() -> None:
         "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
         if load_before else None,
         "compile": args.compile, "repeats": args.repeats, "steps_per_repeat": args.steps,
-        "optimizer": "AdamW(fused=True)",
+        "optimizer": "AdamW(fused=True)", "keep_freed_memory": kept,
         "peak_flops": {d: round(statistics.median(p)) for d, p in peaks.items() if p},
         "results": results, "scaling": scaling,
     }

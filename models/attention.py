@@ -84,12 +84,14 @@ class _NormRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, cos, sin, eps):
         """See the class; cos and sin are None for no rotation."""
-        stats = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16 x
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats)
-        # mean square + eps, in place on the small (..., 1) tensor (no CPU scalar tensor: CUDA
-        # refuses one as an operand here)
+        # The reduction accumulates in fp32 even for bf16 x and rounds only its (..., 1) result
+        # to x's dtype; asking for an fp32 result instead would copy all of x to fp32 on a CPU.
+        stats = torch.promote_types(x.dtype, torch.float32)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).to(stats)  # (..., 1)
+        # mean square + eps, in place on the small tensor (no CPU scalar tensor: CUDA refuses
+        # one as an operand here)
         inv = norm.square_().mul_(1 / x.shape[-1]).add_(eps).rsqrt_()
-        inv = inv.to(x.dtype)  # (..., 1); statistics in fp32 or wider, scaling in x's dtype
+        inv = inv.to(x.dtype)  # (..., 1); scaling in x's dtype
         z = x * inv * weight
         # Save x rather than x * inv and recompute the latter in backward (one kernel): in
         # Attention x is a view of the qkv output, which v keeps alive anyway.
@@ -106,9 +108,8 @@ class _NormRope(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g_weight = (gz * xh).sum_to_size(weight.shape)
         gxh = gz * weight
-        stats = torch.promote_types(xh.dtype, torch.float32)
-        mean = (gxh * xh).sum(-1, keepdim=True, dtype=stats) / xh.shape[-1]
-        gx = torch.addcmul(gxh, xh, mean.to(xh.dtype), value=-1) * inv
+        mean = (gxh * xh).mean(-1, keepdim=True)  # fp32 accumulation, as in forward
+        gx = torch.addcmul(gxh, xh, mean, value=-1) * inv
         return gx, g_weight, None, None, None
 
 
@@ -121,7 +122,7 @@ def norm_rope(
     """RMSNorm of `x` (..., D) over its last dimension with scale `weight`, then RoPE if given.
 
     `weight` and the rope tables broadcast against `x` and share its dtype. The mean square is
-    reduced in fp32 straight from `x`; the result has x's dtype. `weight`'s gradient is summed
+    accumulated in fp32 straight from `x`; the result has x's dtype. `weight`'s gradient is summed
     over the dimensions it is broadcast along: give it the trailing shape of `x` (expanded and
     contiguous) to keep that reduction over whole rows.
     """

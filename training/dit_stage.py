@@ -38,8 +38,8 @@ from training.ema import EMA
 from training.flow import RectifiedFlow
 from training.logging import RunLogger
 from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, clip_and_check,
-                           lr_factor, plan_data, prepare_run_dir, seed_everything,
-                           state_for_json)
+                           keep_freed_memory, lr_factor, plan_data, prepare_run_dir,
+                           seed_everything, state_for_json)
 
 
 def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
@@ -118,6 +118,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     if d.model not in MODEL_NAMES:
         raise ConfigError(f"unknown model {d.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     seed_everything(cfg.seed)
+    keep_freed_memory()  # no page faults re-zeroing activations every step
     resume_path = resolve_resume(resolve_path(resume or cfg.run_dir)) if resume is not None \
         else None
     vae = load_stage_vae(cfg, device)

@@ -28,8 +28,8 @@ from training.distributed import DistInfo, setup, teardown
 from training.ema import EMA
 from training.logging import RunLogger
 from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, clip_and_check,
-                           eval_crops, lr_factor, pixel_loader, plan_data, prepare_run_dir,
-                           seed_everything, state_for_json)
+                           eval_crops, keep_freed_memory, lr_factor, pixel_loader, plan_data,
+                           prepare_run_dir, seed_everything, state_for_json)
 from training.metrics import psnr, ssim
 
 ARCH_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
@@ -125,6 +125,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     t, v = cfg.train, cfg.vae
     device, main = info.device, info.is_main
     seed_everything(cfg.seed)
+    keep_freed_memory()  # no page faults re-zeroing activations every step
     resume_path = None
     if resume is not None:  # "" means the newest checkpoint of this run
         resume_path = resolve_resume(resolve_path(resume or cfg.run_dir))

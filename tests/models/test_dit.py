@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.dit import DiT, DiTConfig
+from models.dit import MLP, DiT, DiTConfig
 from models.registry import MODEL_NAMES, build_dit, dit_config
 
 
@@ -163,3 +163,55 @@ def test_dit_bf16_autocast_gradients_follow_fp32():
     full, half = grads(False), grads(True)
     assert half.dtype == torch.float32  # fp32 weights get fp32 gradients
     assert (half - full).norm() / full.norm() < 0.05
+
+
+def _reference_mlp(mlp, x):
+    """The same MLP as plain autograd ops: linear, exact GELU, linear."""
+    return mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x)))
+
+
+def test_dit_mlp_gradients_match_the_composition():
+    torch.manual_seed(0)
+    mlp = MLP(8, 32).double()
+    x = torch.randn(2, 5, 8, dtype=torch.double, requires_grad=True)
+    params = (x, mlp.fc1.weight, mlp.fc2.weight, mlp.fc2.bias)
+    assert torch.autograd.gradcheck(lambda v: mlp(v), (x,))
+    g = torch.randn(2, 5, 8, dtype=torch.double)
+    ours = torch.autograd.grad(mlp(x), params, g)
+    expected = torch.autograd.grad(_reference_mlp(mlp, x), params, g)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_dit_mlp_under_bf16_autocast_matches_autocast_linears():
+    torch.manual_seed(0)
+    mlp = MLP(16, 64)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    g = torch.randn(3, 7, 16)
+    params = (x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    results = []
+    for fn in (mlp, lambda v: _reference_mlp(mlp, v)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x)
+        assert y.dtype == torch.bfloat16
+        grads = torch.autograd.grad(y, params, g.bfloat16())
+        assert [t.dtype for t in grads] == [torch.float32] * 5  # fp32 weights get fp32 grads
+        results.append((y, *grads))
+    for ours, expected in zip(*results):
+        torch.testing.assert_close(ours, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_dit_mlp_saves_no_gelu_output_for_backward():
+    mlp = MLP(16, 64)
+    x = torch.randn(5, 16, requires_grad=True)  # 5 rows: no parameter has that shape
+
+    def saved_activations(fn) -> list[tuple[int, ...]]:
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            fn(x)
+        return sorted(shape for shape in shapes if shape[0] == 5)
+
+    # both keep fc1's input and h = fc1(x); only autograd's composition also keeps gelu(h)
+    assert saved_activations(mlp) == [(5, 16), (5, 64)]
+    assert saved_activations(lambda v: _reference_mlp(mlp, v)) == [(5, 16), (5, 64), (5, 64)]
