@@ -18,6 +18,8 @@ CPU, a round trip through the thread pool, so q and k are normalised and rotated
 autograd node (`norm_rope`) whose closed-form backward runs about half the kernels autograd would
 record for the same composition. SDPA reads q, k and v as strided views of the token-major qkv
 layout and writes its output in that layout, so nothing between the two projections is copied.
+Under `torch.compile` `norm_rope` hands the compiler the plain composition instead, which it fuses
+better than the hand-written node.
 """
 
 import torch
@@ -127,6 +129,14 @@ def norm_rope(
     contiguous) to keep that reduction over whole rows.
     """
     cos, sin = rope if rope is not None else (None, None)
+    if torch.compiler.is_compiling():
+        # The compiler fuses the plain composition and chooses what to keep for backward itself;
+        # tracing the hand-written node instead was 2 % (fp32) to 6 % (bf16) slower per dit-s/2
+        # training step and kept 5 % more memory in bf16 (bench/train.py --compile, CPU).
+        stats = torch.promote_types(x.dtype, torch.float32)
+        inv = torch.rsqrt(x.to(stats).square().mean(-1, keepdim=True) + eps).to(x.dtype)
+        z = x * inv * weight
+        return z if cos is None else apply_rope(z, cos, sin)
     return _NormRope.apply(x, weight, cos, sin, eps)
 
 

@@ -124,3 +124,19 @@ def test_attention_matches_textbook_attention_and_its_gradients():
     for a, b in zip(torch.autograd.grad(ours, params, g),
                     torch.autograd.grad(expected, params, g), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_attention_norm_rope_compiled_matches_the_autograd_node():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 2, 3, 8, requires_grad=True)
+    weight = torch.rand(2, 3, 8) + 0.5
+    weight.requires_grad_()
+    rope = tuple(t[:, None, None] for t in rope_2d(2, 3, 8))
+    g = torch.randn(2, 6, 2, 3, 8)
+    compiled = torch.compile(norm_rope, fullgraph=True)  # traces the plain composition
+    results = []
+    for fn in (norm_rope, compiled):
+        y = fn(x, weight, rope)
+        results.append((y, *torch.autograd.grad(y, (x, weight), g)))
+    for eager, traced in zip(*results):  # output, x's and weight's gradients
+        torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-5)
