@@ -95,9 +95,10 @@ class _GeluLinear(torch.autograd.Function):
 
     The MLP's hidden activations are the largest tensors a block saves (4x the width). Autograd
     would keep both h (for GELU's backward) and gelu(h) (for the second linear's weight
-    gradient); recomputing gelu(h) in backward, one elementwise pass, saves a quarter of the
-    block's activation memory at about 1 % of the step time (`bench/train.py`). Computed in
-    h's dtype with the parameters cast to it, as autocast would for the linear alone.
+    gradient). Recomputing gelu(h) in backward costs one elementwise pass, about 1 % of a
+    dit-s/2 step, and lowers its peak training memory at batch 16 from 2.57 to 2.41 GB in fp32
+    and from 1.85 to 1.67 GB in bf16 (`bench/train.py`). Computed in h's dtype with the
+    parameters cast to it, as autocast would for the linear alone.
     """
 
     @staticmethod

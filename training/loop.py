@@ -151,10 +151,11 @@ def keep_freed_memory() -> bool:
     By default glibc serves blocks above a threshold (at most 32 MiB) with a fresh mmap and
     gives freed memory at the top of the heap back to the kernel. A CPU training step allocates
     and frees the same activation tensors every step, so each step then faults every page of
-    them back in and the kernel zeroes it: about 280,000 faults (1.1 GB) per step for dit-s/2
-    at batch 16, 8 % of the step (`bench/train.py`). Raising the mmap threshold to 1 GiB and the
-    trim threshold to 2 GiB keeps those blocks in the heap for the next step. The resident set
-    then stays near its peak between steps, which a training process reaches every step anyway.
+    them back in and the kernel zeroes it: about 100,000 faults (0.4 GB) per fp32 step for
+    dit-s/2 at batch 16, which then takes about 10 % longer (README, Figures). Raising the mmap
+    threshold to 1 GiB and the trim threshold to 2 GiB keeps those blocks in the heap for the
+    next step. The resident set then stays near its peak between steps, which a training
+    process reaches every step anyway.
     A no-op returning False where the C library has no glibc `mallopt` (macOS, musl).
     """
     try:
