@@ -155,7 +155,8 @@ def keep_freed_memory() -> bool:
     dit-s/2 at batch 16, which then takes about 10 % longer (README, Figures). Raising the mmap
     threshold to 1 GiB and the trim threshold to 2 GiB keeps those blocks in the heap for the
     next step. The resident set then stays near its peak between steps, which a training
-    process reaches every step anyway.
+    process reaches every step anyway; freed blocks that a later request does not fit stay
+    resident too, but measured peak memory is unchanged (`bench/train.py --default-malloc`).
     A no-op returning False where the C library has no glibc `mallopt` (macOS, musl).
     """
     try:
