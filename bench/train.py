@@ -26,6 +26,8 @@ The last line printed is one JSON object.
     UV_CACHE_DIR=.uv-cache uv run python bench/train.py --models dit-s/2 --latents 32x32 \\
         --repeats 3
     python bench/train.py --models dit-xl/2 --latents 32x32 --batch 64 --compile  # on a GPU
+    # ours compiled against diffusers' DiT as it ships (eager): what a user of each gets
+    python bench/train.py --models dit-s/2 --latents 32x32 --compile ours
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ def build_model(impl: str, name: str, height: int, width: int, device: torch.dev
         return model(x, t * TIMESTEP_SCALE, y, return_dict=False)[0]
 
     return model, velocity
+
+
+def compiled(args: argparse.Namespace, impl: str) -> bool:
+    """Whether `impl` ("ours" or "peer") runs compiled under --compile none|both|ours."""
+    return args.compile == "both" or (args.compile == "ours" and impl == "ours")
 
 
 def make_step(model: torch.nn.Module, velocity: Callable, height: int, width: int, batch: int,
@@ -227,7 +234,7 @@ def measure_memory(impl: str, name: str, height: int, width: int, dtype: str,
                    args: argparse.Namespace) -> int | None:
     """Peak training memory (bytes) of one configuration, each in its own subprocess."""
     spec = {"impl": impl, "model": name, "height": height, "width": width, "dtype": dtype,
-            "batch": args.batch, "device": args.device, "compile": args.compile,
+            "batch": args.batch, "device": args.device, "compile": compiled(args, impl),
             "steps": args.memory_steps, "seed": args.seed}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(spec)]
     if args.default_malloc:
@@ -260,8 +267,8 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
             torch.cuda.reset_peak_memory_stats(device)
         model, velocity = build_model(impl, name, h, w, device, args.seed)
         params[impl] = sum(t.numel() for t in model.parameters())
-        step = make_step(model, velocity, h, w, args.batch, dtype, device, args.compile,
-                         args.seed)
+        step = make_step(model, velocity, h, w, args.batch, dtype, device,
+                         compiled(args, impl), args.seed)
         try:
             for _ in range(args.warmup):
                 step()
@@ -309,6 +316,7 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
         "peer_step_s": [round(t, 4) for t in times.get("peer", [])],
         "ours_peak_mem": memory["ours"], "peer_peak_mem": memory.get("peer"),
         "ours_params": params["ours"], "peer_params": params["peer"],
+        "ours_compiled": compiled(args, "ours"), "peer_compiled": compiled(args, "peer"),
         "flops_per_sample": flops, "peak_flops": round(peak),
         "mfu": round(flops * ours / peak, 4),
         "peer_mfu": round(flops * peer / peak, 4) if peer else None,
@@ -329,7 +337,8 @@ def scaling_rows(args: argparse.Namespace, peaks: dict[str, list[float]]) -> lis
     for latent, batch in configs:
         h, w = parse_latent(latent)
         model, velocity = build_model("ours", name, h, w, device, args.seed)
-        step = make_step(model, velocity, h, w, batch, dtype, device, args.compile, args.seed)
+        step = make_step(model, velocity, h, w, batch, dtype, device, compiled(args, "ours"),
+                         args.seed)
         for _ in range(args.warmup):
             step()
         times, row_peaks = [], []
@@ -371,8 +380,10 @@ def main() -> None:
                         help="untimed steps before timing; default 1, or 3 with --compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:index]")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each transformer block of both models")
+    parser.add_argument("--compile", nargs="?", const="both", default="none",
+                        choices=["none", "both", "ours"],
+                        help="torch.compile each transformer block: of both models (the flag "
+                        "alone), or of ours only against diffusers' eager DiT ('ours')")
     parser.add_argument("--peak-size", type=int, default=4096,
                         help="side of the square matmul that measures the peak FLOP/s")
     parser.add_argument("--memory-steps", type=int, default=2,
@@ -400,7 +411,7 @@ def main() -> None:
     # as the training stages do; process-wide, so both models run with the same allocator
     kept = False if args.default_malloc else keep_freed_memory()
     if args.warmup is None:
-        args.warmup = 3 if args.compile else 1
+        args.warmup = 3 if args.compile != "none" else 1
     if args.memory_child:
         memory_child(json.loads(args.memory_child))
         return
