@@ -13,9 +13,11 @@ Layout of a cache folder (default `$LDM_CACHE_DIR/latents`, shareable by runs an
     lock            flock: builders and readers hold it shared; cleanup and prune exclusive
 
 A shard is written to a temporary file, fsynced and renamed into place, and only then are its
-index rows committed, so a kill at any moment loses at most the shard being written. Each build
-checks the size and sha256 of every shard it reuses (once per build, never per read); a damaged
-or missing shard is reported, dropped and re-encoded.
+index rows committed, so a kill at any moment loses at most the shard being written. A shard file
+the index does not list (its writer died before the commit, or the index was lost) is listed again
+from its own metadata by the next build that has the cache to itself. Each build checks the size
+and sha256 of every shard it reuses (once per build, never per read); a damaged or missing shard
+is reported, dropped and re-encoded.
 
     UV_CACHE_DIR=.uv-cache uv run python cache.py --dataset DIR --vae vae/ --resolution 256 --json
 
@@ -188,15 +190,23 @@ class _Store:
     # -- index ------------------------------------------------------------------------------
     def connect(self) -> sqlite3.Connection:
         """Open the index (creating it), waiting up to BUSY_TIMEOUT_S for other writers."""
-        conn = sqlite3.connect(self.root / INDEX_NAME, timeout=BUSY_TIMEOUT_S,
-                               isolation_level=None)
-        with _transaction(conn):
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)",
-                         (str(FORMAT_VERSION),))
-            (found,) = conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
+        index = self.root / INDEX_NAME
+        conn = sqlite3.connect(index, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            with _transaction(conn):
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)",
+                             (str(FORMAT_VERSION),))
+                (found,) = conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise ValueError(f"{index}: the latent cache index is unreadable ({exc}); move it "
+                             "aside and rerun: the next build re-indexes the shards from their "
+                             "own metadata") from None
         if found != str(FORMAT_VERSION):
             conn.close()
             raise ValueError(f"{self.root}: latent cache format {found}, this code writes "
@@ -284,17 +294,53 @@ class _Store:
                              ((k, name, row) for row, k in enumerate(keys)))
         return len(data)
 
-    def remove_leftovers(self, conn: sqlite3.Connection) -> int:
-        """Delete temporary files and shard files the index does not know (call only while
-        holding the exclusive lock: no other writer is then mid-shard)."""
+    def tidy(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        """Delete temporary files and re-index whole shard files the index does not list; returns
+        (files deleted, shards re-indexed). Call only while holding the exclusive lock: no other
+        writer is then mid-shard.
+
+        A shard is renamed into place before its index rows are committed, so an unlisted shard
+        is one whose writer died in between, or the index was lost or replaced. Its own metadata
+        names its keys and VAE fingerprint: when its header and size are whole it is listed
+        again (keys that another shard holds keep that shard), otherwise it is deleted.
+        """
         known = {name for (name,) in conn.execute("SELECT name FROM shards")}
-        removed = 0
-        for path in self.shard_dir.iterdir():
-            if path.name.endswith(TMP_SUFFIX) or (path.name.endswith(SHARD_SUFFIX)
-                                                  and path.name not in known):
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+        removed = adopted = 0
+        for path in sorted(self.shard_dir.iterdir()):
+            if path.name.endswith(SHARD_SUFFIX) and path.name not in known:
+                if self._adopt(conn, path):
+                    adopted += 1
+                    continue
+            elif not path.name.endswith(TMP_SUFFIX):
+                continue
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed, adopted
+
+    def _adopt(self, conn: sqlite3.Connection, path: Path) -> bool:
+        """List an unindexed shard file from its metadata; False if it is not a whole shard."""
+        try:
+            start, header = _read_header(path)
+            meta = header.get("__metadata__", {})
+            keys = json.loads(meta.get("keys", "null"))
+            shapes = {name: header[name]["shape"] for name in ("mean", "logvar")}
+            end = max(header[name]["data_offsets"][1] for name in shapes)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return False
+        if (meta.get("format") != "ldm-latent-cache" or meta.get("version") != str(FORMAT_VERSION)
+                or not isinstance(keys, list) or len(shapes["mean"]) != 4
+                or shapes["mean"] != shapes["logvar"] or shapes["mean"][0] != len(keys)
+                or path.stat().st_size != start + end):
+            return False
+        height, width = shapes["mean"][-2:]
+        with _transaction(conn):
+            conn.execute("INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (path.name, start + end, _file_sha256(path), len(keys),
+                          meta.get("fingerprint", ""), int(width), int(height),
+                          path.stat().st_mtime))
+            conn.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?)",
+                             ((k, path.name, row) for row, k in enumerate(keys)))
+        return True
 
 
 class _ShardWriter:
@@ -431,9 +477,11 @@ def _plan(store: _Store, keys: list[tuple[str, ...]], progress: bool,
     try:
         leftovers = 0
         if store.lock(exclusive=True, blocking=False):
-            leftovers = store.remove_leftovers(conn)
+            leftovers, adopted = store.tidy(conn)
             if leftovers:
                 log(f"removed {leftovers} leftover file(s) of an interrupted build")
+            if adopted:
+                log(f"re-indexed {adopted} whole shard(s) the index did not list")
         store.lock(exclusive=False)
         found = store.lookup(conn, (k for ks in keys for k in ks))
         names = sorted({shard for shard, _ in found.values()})
@@ -714,7 +762,7 @@ def prune_cache(cache_dir: str | os.PathLike[str], keep: Iterable[str],
     result = {"entries_removed": 0, "shards_removed": 0, "shards_rewritten": 0,
               "bytes_freed": 0, "leftovers_removed": 0}
     try:
-        result["leftovers_removed"] = store.remove_leftovers(conn)
+        result["leftovers_removed"], _ = store.tidy(conn)  # re-indexed shards count as any
         with _transaction(conn):
             conn.execute("CREATE TEMP TABLE keep (key TEXT PRIMARY KEY) WITHOUT ROWID")
             conn.executemany("INSERT OR IGNORE INTO keep VALUES (?)", ((k,) for k in keep))
@@ -786,11 +834,15 @@ class LatentReader:
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor or 0.0
         self.max_open = max_open
         flat = [k for ks in keys for k in ks]
-        conn = self.store.connect()
         try:
-            found = self.store.lookup(conn, flat)
-        finally:
-            conn.close()
+            conn = self.store.connect()
+            try:
+                found = self.store.lookup(conn, flat)
+            finally:
+                conn.close()
+        except BaseException:
+            self.close()  # release the lock, so this process can still prune or rebuild
+            raise
         missing = [k for k in flat if k not in found]
         if missing:
             self.close()

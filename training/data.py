@@ -2,8 +2,9 @@
 
 `scan_folder` walks a folder once, reads every image's header and checks that it decodes, and
 returns one `ImageRecord` per usable file plus a `SkippedFile` (path and reason) for every bad
-one. Results are cached by (path, size, mtime), so rescanning an unchanged folder only stats the
-files. `load_image` turns any supported file into an RGB uint8 image with correct colours.
+one. Results are cached by (path, size, mtime, ctime, inode), so rescanning an unchanged folder
+only stats the files. `load_image` turns any supported file into an RGB uint8 image with
+correct colours.
 """
 
 from __future__ import annotations
@@ -284,7 +285,10 @@ def scan_folder(root: str | os.PathLike[str], *, use_classes: bool = False,
         except OSError as exc:  # e.g. a dangling symlink
             entries[rel] = {"error": f"unreadable: {exc.strerror or exc}"}
             continue
-        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        # The change time too: a copy that keeps the modification time (cp -p, rsync -a, tar)
+        # or an edit within the file system's timestamp resolution can leave size and mtime as
+        # they were, but not ctime, which no program can set back.
+        stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
         prev = old.get(rel)
         if prev and prev.get("stamp") == stamp and (
                 prev.get("verified", True) or prev["width"] * prev["height"] > max_pixels):

@@ -158,17 +158,20 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         n = min(d.val_images, len(plan.eval_records))
         val = ensure_cache(plan.eval_records[:n], plan.eval_placements[:n], plan.buckets, vae,
                            cache_dir, **{**build, "flip": False, "dist_info": None})
-        val_reader = LatentReader(val.cache_dir, val.keys, vae.config.scaling_factor,
-                                  vae.config.shift_factor)
-        groups = defaultdict(list)
-        for i in range(n):
-            groups[plan.eval_placements[i].bucket].append(i)
+        print(val.format(), flush=True)
+        unusable = set(val.unusable)  # reported by that summary; validate on the rest
+        usable = [i for i in range(n) if i not in unusable]
+        val_reader = LatentReader(val.cache_dir, [val.keys[i] for i in usable],
+                                  vae.config.scaling_factor, vae.config.shift_factor)
+        groups = defaultdict(list)  # bucket -> positions in the reader, i.e. in `usable`
+        for pos, i in enumerate(usable):
+            groups[plan.eval_placements[i].bucket].append(pos)
         for members in groups.values():
             for j in range(0, len(members), 16):
                 chunk = members[j:j + 16]
                 mean, _ = val_reader.moments(chunk)  # the posterior mean: a fixed target
                 val_x.append(vae.normalize(mean))
-                val_y.append(torch.tensor([plan.eval_records[i].label for i in chunk]))
+                val_y.append(torch.tensor([plan.eval_records[usable[p]].label for p in chunk]))
         val_reader.close()
 
     flow = RectifiedFlow(num_classes, model.config.patch_size, d.base_tokens, d.logit_mean,

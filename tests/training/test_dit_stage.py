@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
-from models.vae import AutoencoderKL, VAEConfig, save_vae
+from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.config import Config, from_dict
 from training.dit_stage import train_dit
@@ -91,6 +93,35 @@ def _tags(run: Path) -> list[str]:
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     return acc.Tags()["scalars"]
+
+
+def test_dit_stage_validates_on_the_usable_eval_images(tmp_path: Path, tiny_vae: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    # A VAE whose first convolution overflows to inf on saturated red: the all-red validation
+    # image gets no cache entry, which must not stop training.
+    vae = load_vae(tiny_vae)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight[0].zero_()
+        vae.encoder.conv_in.weight[0, 0, 1, 1] = 2e38
+        vae.encoder.conv_in.bias[0] = 2e38
+    save_vae(vae, tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    for folder, count in (("train", 8), ("eval", 2)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            pixels[..., 0] = 0  # no red: encodes to finite latents
+            Image.fromarray(pixels).save(tmp_path / folder / f"{i}.png")
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "eval" / "red.png")
+    cfg = json.loads(_config(tmp_path / "c.json", tmp_path / "run", tmp_path / "vae",
+                             max_steps=1, eval_every=1).read_text())
+    cfg["data"] = {"dataset": str(tmp_path / "train"), "eval_dataset": str(tmp_path / "eval"),
+                   "resolution": 32, "num_workers": 0}
+    cfg["dit"]["cache_dir"] = str(tmp_path / "latents")
+    run = train_dit(from_dict(Config, cfg))
+    out = capsys.readouterr()
+    assert f"{(tmp_path / 'eval' / 'red.png').resolve()}: " in out.out + out.err
+    assert list(_scalars(run, "val/loss")) == [1]
 
 
 def test_dit_stage_resume_after_sigterm_is_exact(tmp_path: Path, tiny_vae: Path) -> None:
