@@ -132,6 +132,14 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # Checkpoints written before this class existed name the layers as nn.Sequential did.
+        for old, new in (("0.", "fc1."), ("2.", "fc2.")):
+            for name in ("weight", "bias"):
+                if prefix + old + name in state_dict:
+                    state_dict[prefix + new + name] = state_dict.pop(prefix + old + name)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) -> (..., dim)."""
         if torch.compiler.is_compiling():  # the compiler decides what to recompute itself

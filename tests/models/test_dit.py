@@ -215,3 +215,19 @@ def test_dit_mlp_saves_no_gelu_output_for_backward():
     # both keep fc1's input and h = fc1(x); only autograd's composition also keeps gelu(h)
     assert saved_activations(mlp) == [(5, 16), (5, 64)]
     assert saved_activations(lambda v: _reference_mlp(mlp, v)) == [(5, 16), (5, 64), (5, 64)]
+
+
+def test_dit_loads_weights_saved_before_the_mlp_names(tiny, tmp_path):
+    # Checkpoints written before `MLP` existed call its layers mlp.0 and mlp.2 (nn.Sequential).
+    from safetensors.torch import load_file, save_file
+
+    model = perturbed(tiny).eval()
+    old = {k.replace(".mlp.fc1.", ".mlp.0.").replace(".mlp.fc2.", ".mlp.2."): v.contiguous()
+           for k, v in model.state_dict().items()}
+    assert any(".mlp.0." in k for k in old) and not any(".mlp.fc" in k for k in old)
+    save_file(old, tmp_path / "old.safetensors")
+    torch.manual_seed(1)
+    loaded = build_dit("dit-t/2", in_channels=4, num_classes=10).eval()
+    loaded.load_state_dict(load_file(tmp_path / "old.safetensors"))  # strict
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
