@@ -10,24 +10,29 @@ Image-to-image (output at the input's size, snapped to the grid):
     UV_CACHE_DIR=.uv-cache uv run python inference.py --checkpoint checkpoints/NAME \
         --image in.png --strength 0.6 --out DIR
 
-Reconstruct an image through a VAE (weights found next to its config):
+Reconstruct an image through a VAE (weights found next to its config; a single weights file
+takes the diffusers config.json beside it, else its config is inferred with a warning):
 
     UV_CACHE_DIR=.uv-cache uv run python inference.py --config vae/config.json --image in.png
     UV_CACHE_DIR=.uv-cache uv run python inference.py --vae path/to/vae.safetensors --image in.png
 
 Each sample i is drawn from noise seeded with seed + i; its PNG carries the parameters that
 made it as text chunks, and grid_NNNN.png shows them all; numbering continues after the
-images already in --out, so nothing there is overwritten.
+images and grids already in --out, so nothing there is overwritten. A reconstruction never
+replaces an existing file. --out is checked before any model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from dotenv import load_dotenv
 
@@ -49,19 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None,
                         help="reconstruction: a VAE config.json; weights from the same folder")
     parser.add_argument("--vae", default=None,
-                        help="a VAE folder, config.json, or single .safetensors/.ckpt file "
-                             "(sampling: overrides the VAE recorded with the checkpoint)")
+                        help="a VAE folder, config.json, or single .safetensors/.ckpt file (with "
+                             "the diffusers config.json beside it, if there is one; sampling: "
+                             "overrides the VAE recorded with the checkpoint)")
     parser.add_argument("--image", default=None,
                         help="input image: reconstruction, or image-to-image with --checkpoint")
     parser.add_argument("--out", default=None,
-                        help="sampling: output folder (required); reconstruction: output PNG "
-                             "(default: next to the input, named *_recon.png)")
+                        help="sampling: output folder (required); reconstruction: output image "
+                             "file (.png, .jpg, ...) or folder (ending in /, or existing) for "
+                             "*_recon.png (default: next to the input); never overwritten")
     parser.add_argument("--num-samples", type=int, default=4, help="images to sample")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per forward pass (default: all at once)")
     parser.add_argument("--size", default=None,
                         help="WIDTHxHEIGHT, snapped to multiples of VAE factor × patch (default: "
-                             "the model's base resolution; image-to-image: the input's size)")
+                             "the training resolution, square; image-to-image: the input's "
+                             "size)")
     parser.add_argument("--class-label", default=None,
                         help="class name or index (default: cycle through the classes)")
     parser.add_argument("--cfg-scale", type=float, default=4.0,
@@ -84,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     load_dotenv(REPO_ROOT / ".env")
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line each
     args = build_parser().parse_args(argv)
     if args.checkpoint is not None:
         return sample(args)
@@ -101,6 +110,47 @@ def _device_and_dtype(args: argparse.Namespace):
         else args.device
     return torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16,
                                   "fp16": torch.float16}[args.dtype]
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse a folder that cannot be made: it, or its nearest existing parent, is a file."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{folder}: is a file, not a folder" if existing == folder
+                                 else f"{folder}: cannot be made, {existing} is a file")
+
+
+@contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """Prefix the ValueErrors raised inside with `path`: the input image they are about."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _recon_target(image: str, out: str | None) -> tuple[Path, str]:
+    """Where the reconstruction of `image` goes and its image format: --out as a file, or
+    <stem>_recon.png in --out as a folder (or beside the image). Refuses, before any work, a
+    path without a writable image extension and one that exists."""
+    from PIL import Image
+
+    name = Path(image).stem + "_recon.png"
+    if out is None:
+        path = Path(image).with_name(name)
+    elif out.endswith("/") or Path(out).is_dir():
+        path = Path(out) / name
+    else:
+        path = Path(out)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format not in Image.SAVE:
+        raise ValueError(f"{path}: not an image file name (give --out a folder or a file "
+                         "ending in .png, .jpg, ...)")
+    if path.exists():
+        what = "the input image" if path.resolve() == Path(image).resolve() else "exists"
+        raise FileExistsError(f"{path}: {what}; refusing to overwrite it (choose another --out)")
+    _check_folder(path.parent)
+    return path, image_format
 
 
 def sample(args: argparse.Namespace) -> int:
@@ -130,7 +180,9 @@ def sample(args: argparse.Namespace) -> int:
     device, dtype = _device_and_dtype(args)
     started = time.perf_counter()
     try:
+        _check_folder(Path(args.out))
         requested = parse_size(args.size) if args.size is not None else None
+        source = load_image(args.image) if args.image is not None else None
         model, vae, info = load_generator(args.checkpoint, args.step, device, args.vae,
                                           vae_dtype=dtype)
         step = grid_step(model, vae)
@@ -140,17 +192,21 @@ def sample(args: argparse.Namespace) -> int:
                       base_tokens=info.base_tokens,
                       autocast_dtype=None if dtype == torch.float32 else dtype,
                       progress=not args.no_progress, batch_size=args.batch_size)
-        if args.image is not None:
-            source = load_image(args.image)
-            image = prepare_image(source, step, requested)
-            width, height = image.size
-            images = img2img(model, vae, image, args.strength, **common)
-        else:
-            side = round(info.base_tokens ** 0.5) * step
-            width, height = snap_size(*(requested or (side, side)), step)
-            if requested is not None and requested != (width, height):
+        if requested is not None:
+            width, height = snap_size(*requested, step)
+            if requested != (width, height):
                 print(f"note: size {requested[0]}x{requested[1]} is off the grid (sides are "
                       f"multiples of {step}); using {width}x{height}", file=sys.stderr)
+        elif source is not None:
+            with _naming(args.image):
+                width, height = snap_size(*source.size, step)
+        else:  # square at the training resolution (older exports: sqrt(base_tokens) tokens)
+            side = info.resolution or round(info.base_tokens ** 0.5) * step
+            width, height = snap_size(side, side, step)
+        if source is not None:
+            image = prepare_image(source, step, (width, height))
+            images = img2img(model, vae, image, args.strength, **common)
+        else:
             images = generate(model, vae, height, width, **common)
         params = []
         for i in range(args.num_samples):
@@ -196,19 +252,22 @@ def reconstruct(args: argparse.Namespace) -> int:
         return 2
     device, dtype = _device_and_dtype(args)
     try:
+        out, image_format = _recon_target(args.image, args.out)
         vae = load_vae(source, device=device)
         if dtype != torch.float32 and not vae.config.force_upcast:
             vae = vae.to(dtype)
         image = load_image(args.image)
-        result = reconstruct_image(vae, image, device, dtype if not vae.config.force_upcast
-                                   else torch.float32)
-    except (FileNotFoundError, ValueError, ImageLoadError, RuntimeError) as exc:
+        with _naming(args.image):
+            result = reconstruct_image(vae, image, device, dtype if not vae.config.force_upcast
+                                       else torch.float32)
+        encoded = io.BytesIO()
+        result.image.save(encoded, format=image_format)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "xb") as file:  # "x": never replaces a file, even one made meanwhile
+            file.write(encoded.getvalue())
+    except (OSError, ValueError, ImageLoadError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    out = Path(args.out) if args.out else Path(args.image).with_name(
-        Path(args.image).stem + "_recon.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(out)
     summary = {"image": str(args.image), "out": str(out), "size": list(result.image.size),
                "latent_shape": list(result.latent_shape), "psnr": round(result.psnr, 3),
                "ssim": round(result.ssim, 4), "tiled": result.tiled}

@@ -528,13 +528,20 @@ def _run_tiled(
 
 # --- loading and saving ------------------------------------------------------------------------
 # Scale and shift are not stored in single-file weights; these are the published values, keyed on
-# (latent_channels, has quant convs). Four channels with quant convs is ambiguous: SD 1.x uses
-# 0.18215, SDXL 0.13025; we pick SD 1.x. Sixteen channels without quant convs is ambiguous too:
-# FLUX.1 uses (0.3611, 0.1159), SD3 (1.5305, 0.0609); we pick FLUX.1 (its ae.safetensors is the
-# common single file). Pass scaling_factor / shift_factor to load_vae to override.
-_KNOWN_SINGLE_FILE_VAES: dict[tuple[int, bool], dict[str, Any]] = {
-    (4, True): {"scaling_factor": 0.18215, "shift_factor": None, "sample_size": 256},
-    (16, False): {"scaling_factor": 0.3611, "shift_factor": 0.1159, "sample_size": 1024},
+# (latent_channels, has quant convs), with the VAE they belong to. Four channels with quant convs
+# is ambiguous: SD 1.x uses 0.18215, SDXL 0.13025; we pick SD 1.x. Sixteen channels without quant
+# convs is ambiguous too: FLUX.1 uses (0.3611, 0.1159), SD3 (1.5305, 0.0609); we pick FLUX.1 (its
+# ae.safetensors is the common single file). A config.json beside the file, or scaling_factor /
+# shift_factor passed to load_vae, override them.
+_KNOWN_SINGLE_FILE_VAES: dict[tuple[int, bool], tuple[str, dict[str, Any]]] = {
+    (4, True): (
+        "SD 1.x; SDXL uses 0.13025",
+        {"scaling_factor": 0.18215, "shift_factor": None, "sample_size": 256},
+    ),
+    (16, False): (
+        "FLUX.1; SD3 uses 1.5305 and 0.0609",
+        {"scaling_factor": 0.3611, "shift_factor": 0.1159, "sample_size": 1024},
+    ),
 }
 
 # Original LDM / SGM / FLUX names -> diffusers names (decoder.up.K is handled separately).
@@ -571,9 +578,14 @@ def _ldm_key_to_diffusers(key: str, levels: int) -> str:
     return key
 
 
+# Training bookkeeping some files carry beside the weights: the LDM loss module (loss.*) and EMA
+# counters (model_ema.decay, model_ema.num_updates in Stability's SD VAE files).
+_NOT_WEIGHTS = ("loss.", "model_ema.")
+
+
 def _to_diffusers_layout(state: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
     """Rename a file's VAE tensors (prefix already stripped) to diffusers' layout."""
-    state = {k: v for k, v in state.items() if not k.startswith("loss.")}
+    state = {k: v for k, v in state.items() if not k.startswith(_NOT_WEIGHTS)}
     if any(k.startswith("encoder.down.") for k in state):
         levels = len({k.split(".")[2] for k in state if k.startswith("decoder.up.")})
         state = {_ldm_key_to_diffusers(k, levels): v for k, v in state.items()}
@@ -593,8 +605,15 @@ def _to_diffusers_layout(state: dict[str, Tensor], source: Path) -> dict[str, Te
     return renamed
 
 
-def _infer_config(state: Mapping[str, Tensor], source: Path) -> VAEConfig:
-    """Read the architecture off tensor shapes (diffusers names); scale and shift from the table."""
+def _infer_config(
+    state: Mapping[str, Tensor], source: Path, overrides: Mapping[str, Any] | None = None
+) -> VAEConfig:
+    """Read the architecture off tensor shapes (diffusers names); scale and shift from the table.
+
+    Warns naming the values that are guesses: the GroupNorm group count (the weights leave no
+    trace of it), and scale and shift unless the caller `overrides` them (load_vae applies them).
+    """
+    overrides = overrides or {}
     try:
         levels = len({k.split(".")[2] for k in state if k.startswith("encoder.down_blocks.")})
         widths = tuple(
@@ -609,17 +628,26 @@ def _infer_config(state: Mapping[str, Tensor], source: Path) -> VAEConfig:
         out_channels = state["decoder.conv_out.weight"].shape[0]
     except KeyError as err:
         raise ValueError(f"{source}: incomplete VAE weights, {err.args[0]} is missing") from err
-    groups = math.gcd(32, *widths)  # published VAEs use 32; GroupNorm groups leave no trace
+    groups = math.gcd(32, *widths)  # published VAEs use 32
     use_quant_conv = "quant_conv.weight" in state
-    known = _KNOWN_SINGLE_FILE_VAES.get((latent_channels, use_quant_conv))
-    if known is None:
-        warnings.warn(
-            f"{source}: no known VAE has {latent_channels} latent channels "
-            f"{'with' if use_quant_conv else 'without'} quant convs; using scaling_factor 1.0 "
-            f"and no shift unless given",
-            stacklevel=3,
-        )
-        known = {"scaling_factor": 1.0, "shift_factor": None}
+    known_as, known = _KNOWN_SINGLE_FILE_VAES.get(
+        (latent_channels, use_quant_conv),
+        (
+            f"no known VAE has {latent_channels} latent channels "
+            f"{'with' if use_quant_conv else 'without'} quant convs",
+            {"scaling_factor": 1.0, "shift_factor": None},
+        ),
+    )
+    table = [f"{k} {known[k]}" for k in ("scaling_factor", "shift_factor") if k not in overrides]
+    guesses = [f"norm_num_groups {groups}"]
+    if table:
+        guesses.append(f"{' and '.join(table)} ({known_as})")
+    warnings.warn(
+        f"{source}: no AutoencoderKL {CONFIG_NAME} beside it, so these are guesses: "
+        f"{', '.join(guesses)}; put the VAE's diffusers {CONFIG_NAME} next to it to use its "
+        f"values",
+        stacklevel=3,
+    )
     return VAEConfig(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -633,6 +661,18 @@ def _infer_config(state: Mapping[str, Tensor], source: Path) -> VAEConfig:
         force_upcast=True,
         **known,
     )
+
+
+def _config_beside(weights: Path) -> VAEConfig | None:
+    """The config of a diffusers AutoencoderKL config.json next to a weights file, if any."""
+    path = weights.parent / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # none there, or not a diffusers config
+        return None
+    if not isinstance(data, dict) or data.get("_class_name") != "AutoencoderKL":
+        return None
+    return VAEConfig.from_dict(data, source=str(path))
 
 
 def _vae_key_prefix(keys: Iterable[str]) -> str:
@@ -718,14 +758,17 @@ def load_vae(
     `path` is (a) a diffusers folder with config.json and diffusion_pytorch_model.safetensors (or
     .bin), (b) such a config.json, or (c) a single original LDM / SGM / FLUX (or diffusers-named)
     file: .safetensors, or .ckpt / .pt / .pth / .bin read with weights_only=True. A full model
-    checkpoint works too: its `first_stage_model.` or `vae.` tensors are taken, `loss.*` dropped.
+    checkpoint works too: its `first_stage_model.` or `vae.` tensors are taken; training
+    bookkeeping (`loss.*`, `model_ema.*`) is dropped.
 
-    For single files the architecture is read off the tensor shapes; scaling/shift come from
-    published values by latent channels and quant convs: 4 channels with quant convs -> SD 1.x
-    (0.18215; SDXL files need scaling_factor=0.13025), 16 without -> FLUX.1 (0.3611, 0.1159;
-    SD3 files need scaling_factor=1.5305, shift_factor=0.0609). The keyword arguments override
-    the config or table. `dtype` defaults to float32; a VAE whose config sets force_upcast keeps
-    float32 weights whatever `dtype` says (it computes in float32).
+    A single file takes its config from a diffusers AutoencoderKL config.json beside it. Without
+    one, the architecture is read off the tensor shapes, with a warning naming what is guessed:
+    the GroupNorm group count (32, or fewer where the widths need it) and scaling/shift, taken
+    from published values by latent channels and quant convs: 4 channels with quant convs ->
+    SD 1.x (0.18215; SDXL files need scaling_factor=0.13025), 16 without -> FLUX.1 (0.3611,
+    0.1159; SD3 files need scaling_factor=1.5305, shift_factor=0.0609). The keyword arguments
+    override the config or table. `dtype` defaults to float32; a VAE whose config sets
+    force_upcast keeps float32 weights whatever `dtype` says (it computes in float32).
     """
     path = Path(path)
     if not path.exists():
@@ -733,6 +776,11 @@ def load_vae(
             f"{path}: not found; expected a diffusers VAE folder ({CONFIG_NAME} + {WEIGHTS_NAME}), "
             f"its {CONFIG_NAME}, or a single .safetensors/.ckpt/.pt VAE file"
         )
+    overrides = {
+        key: value
+        for key, value in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor))
+        if value is not None
+    }
     if path.is_dir() or path.suffix == ".json":
         config_path = path / CONFIG_NAME if path.is_dir() else path
         if not config_path.is_file():
@@ -744,11 +792,8 @@ def load_vae(
     else:
         weights_path = path
         state = _to_diffusers_layout(_read_vae_tensors(path), path)
-        config = _infer_config(state, path)
-    if scaling_factor is not None:
-        config.scaling_factor = scaling_factor
-    if shift_factor is not None:
-        config.shift_factor = shift_factor
+        config = _config_beside(path) or _infer_config(state, path, overrides)
+    config = dataclasses.replace(config, **overrides)
 
     with torch.device("meta"):  # no random init: every parameter comes from the file
         model = AutoencoderKL(config)
@@ -762,14 +807,24 @@ def load_vae(
 def save_vae(model: AutoencoderKL, folder: str | Path, *, overwrite: bool = False) -> Path:
     """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout) into folder.
 
-    Refuses to replace existing files unless `overwrite`; files are written under a temporary name
-    and renamed into place, so an interrupted save never leaves a half-written VAE.
+    Refuses to replace existing files unless `overwrite` (FileExistsError), and even then unless
+    the folder holds a VAE, i.e. its config.json is a VAE config (ValueError): another model's
+    export is never overwritten. Files are written under a temporary name and renamed into place,
+    so an interrupted save never leaves a half-written VAE.
     """
     folder = Path(folder)
     targets = [folder / CONFIG_NAME, folder / WEIGHTS_NAME]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing}: already exist; pass overwrite=True to replace them")
+    if existing:
+        try:
+            VAEConfig.from_json(targets[0])
+        except (OSError, ValueError):
+            raise ValueError(
+                f"{folder}: not a VAE folder ({CONFIG_NAME} missing or not a VAE config); "
+                f"refusing to overwrite {existing}"
+            ) from None
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp_weights = folder / (WEIGHTS_NAME + ".tmp")

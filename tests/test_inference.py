@@ -50,13 +50,72 @@ def test_inference_reconstructs_at_own_size(tiny_vae: Path, tmp_path: Path) -> N
     assert Image.open(tmp_path / "out.png").size == (44, 30)
 
 
-def test_inference_large_image_is_tiled(tiny_vae: Path, tmp_path: Path) -> None:
-    img = _image(tmp_path / "big.png", 80, 40)
+def test_inference_image_larger_than_the_tile_is_decoded_whole(tiny_vae: Path,
+                                                                tmp_path: Path) -> None:
+    img = _image(tmp_path / "big.png", 80, 40)  # above the VAE's 32 px tile, far below 1024²
     out = _run("--vae", str(tiny_vae), "--image", str(img), "--json", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout.strip().splitlines()[-1])
-    assert rep["tiled"] is True and rep["size"] == [80, 40]
+    assert rep["tiled"] is False and rep["size"] == [80, 40]
     assert (tmp_path / "big_recon.png").exists()
+
+
+def test_inference_single_vae_file_takes_its_config_else_warns(tiny_vae: Path,
+                                                              tmp_path: Path) -> None:
+    from inference.pipelines import reconstruct
+    from models.vae import load_vae
+
+    img = _image(tmp_path / "in.png", 16, 16)
+    weights = tiny_vae / "diffusion_pytorch_model.safetensors"  # config.json beside it
+    out = _run("--vae", str(weights), "--image", str(img), "--json", "--device", "cpu")
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    expected = reconstruct(load_vae(tiny_vae), Image.open(img)).psnr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["psnr"] == round(expected, 3)
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes(weights.read_bytes())
+    out = _run("--vae", str(lone), "--image", str(img), "--out", str(tmp_path / "b.png"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {lone}: no AutoencoderKL")
+    assert "norm_num_groups 8" in lines[0]
+
+
+def test_inference_reconstruction_out_as_folder(tiny_vae: Path, tmp_path: Path) -> None:
+    img = _image(tmp_path / "in.png", 16, 16)
+    (tmp_path / "existing").mkdir()
+    for out_arg in (str(tmp_path / "existing"), str(tmp_path / "new") + "/"):
+        out = _run("--config", str(tiny_vae / "config.json"), "--image", str(img), "--out",
+                   out_arg, "--device", "cpu")
+        assert out.returncode == 0, out.stderr
+        assert Image.open(Path(out_arg) / "in_recon.png").size == (16, 16)
+
+
+def test_inference_reconstruction_never_overwrites(tiny_vae: Path, tmp_path: Path) -> None:
+    img = _image(tmp_path / "in.png", 16, 16)
+    original = img.read_bytes()
+    (tmp_path / "in_recon.png").write_bytes(b"an earlier result")
+    for out_arg, reason in ((None, "in_recon.png: exists; refusing to overwrite"),
+                            (str(img), "in.png: the input image; refusing to overwrite"),
+                            (str(tmp_path / "noext"), "noext: not an image file name")):
+        args = ["--out", out_arg] if out_arg else []
+        out = _run("--config", str(tiny_vae / "config.json"), "--image", str(img), *args)
+        assert out.returncode == 1
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and reason in lines[0], out.stderr
+    assert img.read_bytes() == original
+    assert (tmp_path / "in_recon.png").read_bytes() == b"an earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "in_recon.png", "vae"]
+
+
+def test_inference_image_too_small_error_names_it(tiny_vae: Path, tiny_run: Path,
+                                                  tmp_path: Path) -> None:
+    img = _image(tmp_path / "dot.png", 1, 1)
+    for args in (["--config", str(tiny_vae / "config.json")],
+                 ["--checkpoint", str(tiny_run), "--out", str(tmp_path / "o")]):
+        out = _run(*args, "--image", str(img), "--device", "cpu")
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and len(lines) == 1, out.stderr
+        assert lines[0].startswith(f"error: {img}: ") and "1x1" in lines[0]
 
 
 def test_inference_missing_weights_is_one_line_error(tiny_vae: Path, tmp_path: Path) -> None:
@@ -124,6 +183,33 @@ def test_inference_second_run_keeps_the_first_runs_images(tiny_run: Path,
         "grid_0002.png")
 
 
+def test_inference_default_size_is_the_training_resolution(tiny_run: Path,
+                                                           tmp_path: Path) -> None:
+    from train import main as train_main
+
+    export = tmp_path / "export"
+    assert train_main(["--export", str(tiny_run), "--out", str(export)]) == 0
+    meta = json.loads((export / "config.json").read_text())
+    args = ["--checkpoint", str(export), "--num-samples", "1", "--steps", "1", "--device", "cpu",
+            "--json"]
+    for resolution, size in ((24, [24, 24]), (None, [32, 32])):  # None: sqrt(base_tokens) · 4
+        (export / "config.json").write_text(json.dumps({**meta, "resolution": resolution}))
+        out = _run(*args, "--out", str(tmp_path / f"out_{resolution}"))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout.strip().splitlines()[-1])["size"] == size
+
+
+def test_inference_out_that_is_a_file_is_refused_before_loading(tmp_path: Path) -> None:
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a folder")
+    for out_dir, reason in ((taken, "is a file, not a folder"),
+                            (taken / "sub", f"cannot be made, {taken} is a file")):
+        out = _run("--checkpoint", str(tmp_path / "no_such_run"), "--out", str(out_dir))
+        assert out.returncode == 1
+        assert out.stderr.strip() == f"error: {out_dir}: {reason}"  # not the missing run
+    assert taken.read_text() == "not a folder"
+
+
 def test_inference_strength_without_image_is_one_line_error(tiny_run: Path,
                                                             tmp_path: Path) -> None:
     out = _run("--checkpoint", str(tiny_run), "--strength", "0.5", "--out",
@@ -158,3 +244,13 @@ def test_inference_img2img_from_export_at_input_size(tiny_run: Path, tmp_path: P
     assert first.text["strength"] == "0.5" and first.text["image"] == str(img)
     assert first.text["class"] == "checkers"  # no label: the classes in turn
     assert Image.open(tmp_path / "out" / "0001.png").text["class"] == "clouds"
+
+
+def test_inference_img2img_notes_an_off_grid_size(tiny_run: Path, tmp_path: Path) -> None:
+    img = _image(tmp_path / "in.png", 64, 64)
+    out = _run("--checkpoint", str(tiny_run), "--image", str(img), "--size", "45x30",
+               "--num-samples", "1", "--steps", "2", "--out", str(tmp_path / "out"),
+               "--device", "cpu", "--json")
+    assert out.returncode == 0, out.stderr
+    assert "note: size 45x30 is off the grid" in out.stderr and "using 44x32" in out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["size"] == [44, 32]

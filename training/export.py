@@ -4,13 +4,15 @@ An export, `checkpoints/NAME/` by default, holds
 
 - `model.safetensors`: the EMA weights (fp32), keyed like `models.dit.DiT.state_dict()`;
 - `config.json`: `{"format": "dit-export", "step", "model_config", "class_names", "base_tokens",
-  "vae", "vae_fingerprint", "source"}`. `vae` is a portable path (repo-relative when inside the
-  repository), `vae_fingerprint` the `models.vae.vae_fingerprint` of that VAE at export time, so
-  loading with another VAE is refused with a clear error instead of decoding garbage.
+  "resolution", "vae", "vae_fingerprint", "source"}`. `resolution` is the run's
+  `data.resolution` (the side of its square training size in pixels), `vae` a portable path
+  (repo-relative when inside the repository), `vae_fingerprint` the `models.vae.vae_fingerprint`
+  of that VAE at export time, so loading with another VAE is refused with a clear error instead
+  of decoding garbage; `source` the checkpoint folder exported.
 
 An export is written into a temporary sibling folder and renamed into place; an earlier export
-at the same place is replaced only once the new one is complete, and a folder that is not an
-export is never overwritten.
+of the same run at the same place is replaced only once the new one is complete, and a folder
+that is not an export, or an export of another run, is never overwritten.
 
     UV_CACHE_DIR=.uv-cache uv run python train.py --export runs/NAME [--out checkpoints/NAME]
 """
@@ -51,6 +53,7 @@ class GeneratorInfo:
     base_tokens: int  # token count at which the timestep shift is 1
     vae: Path  # the VAE loaded with it
     vae_fingerprint: str | None  # recorded at export; None for training checkpoints
+    resolution: int | None  # training data.resolution in pixels; None for older exports
 
     @property
     def num_classes(self) -> int:
@@ -123,13 +126,17 @@ def _read_source(path: Path, step: int | None) -> tuple[DiTConfig, dict[str, tor
             raise ExportError(f"{where}: not a DiT checkpoint (stage "
                               f"{fields.get('config', {}).get('stage')!r})")
         weights = _read_weights(source / EMA_FILE)
-        fields = {**fields, "base_tokens": fields.get("config", {}).get("dit", {})
-                  .get("base_tokens"), "vae_fingerprint": None}
+        run_config = fields.get("config", {})
+        fields = {**fields, "base_tokens": run_config.get("dit", {}).get("base_tokens"),
+                  "resolution": run_config.get("data", {}).get("resolution"),
+                  "vae_fingerprint": None}
     try:
         config = DiTConfig.from_dict(fields["model_config"])
+        resolution = fields.get("resolution")
         info = GeneratorInfo(source, int(fields["step"]), list(fields["class_names"]),
                              int(fields["base_tokens"]), resolve_path(fields["vae"]),
-                             fields["vae_fingerprint"])
+                             fields["vae_fingerprint"],
+                             None if resolution is None else int(resolution))
     except (KeyError, TypeError, ValueError) as exc:
         raise ExportError(f"{where}: missing or invalid entry ({exc})") from None
     if info.num_classes != config.num_classes:
@@ -149,10 +156,19 @@ def _build(config: DiTConfig, weights: dict[str, torch.Tensor], source: Path,
     with torch.device(device):
         model = DiT(config)
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(weights)  # the model may rename keys of older layouts on loading
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise ExportError(f"{source}: weights do not fit the model config ({first})") from None
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        shapes = [f"{k}: expected {expected[k]}, got {tuple(weights[k].shape)}"
+                  for k in sorted(set(expected) & set(weights))
+                  if tuple(weights[k].shape) != expected[k]]
+        problems = [f"{len(items)} {what} (e.g. {items[:3]})"
+                    for what, items in (("missing", missing), ("unexpected", unexpected),
+                                        ("wrongly shaped", shapes)) if items]
+        raise ExportError(f"{source}: weights do not fit the model config: "
+                          + ("; ".join(problems) or str(exc).splitlines()[0])) from None
     return model.eval().requires_grad_(False)
 
 
@@ -193,7 +209,7 @@ def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = No
     """Export the EMA weights of a DiT run's newest checkpoint (or of a checkpoint folder) to
     `out` (default `checkpoints/<run name>`); returns the export folder.
 
-    Refuses to replace a non-empty folder that is not an earlier export.
+    Refuses to replace a non-empty folder that is not an earlier export of the same run.
     """
     folder = resolve_resume(resolve_path(checkpoint))
     config, weights, info = _read_source(folder, None)
@@ -206,12 +222,20 @@ def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = No
     if target.exists():
         if not target.is_dir():
             raise ExportError(f"{target}: exists and is not a folder; choose another --out")
-        if any(target.iterdir()) and not is_export(target):
+        if is_export(target):
+            earlier = _read_json(target / CONFIG_FILE).get("source")
+            run = folder.resolve().parent.parent  # folder: run/checkpoints/step_N
+            if earlier is None or resolve_path(earlier).resolve().parent.parent != run:
+                raise ExportError(f"{target}: holds an export of {earlier or 'an unknown run'}, "
+                                  f"not of {portable_path(run)}; refusing to overwrite it (choose "
+                                  "another --out)")
+        elif any(target.iterdir()):
             raise ExportError(f"{target}: not empty and not an earlier export; refusing to "
                               "overwrite it (choose another --out)")
     meta = {"format": EXPORT_FORMAT, "step": info.step, "model_config": config.to_dict(),
             "class_names": info.class_names, "base_tokens": info.base_tokens,
-            "vae": portable_path(info.vae), "vae_fingerprint": vae_fingerprint(load_vae(info.vae)),
+            "resolution": info.resolution, "vae": portable_path(info.vae),
+            "vae_fingerprint": vae_fingerprint(load_vae(info.vae)),
             "source": portable_path(folder)}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"

@@ -11,8 +11,10 @@ from PIL import Image
 
 from bucketing import make_buckets
 from inference.pipelines import (decode_latents, encode_image, generate, grid_step, img2img,
-                                 initial_noise, parse_size, prepare_image, resolve_labels,
-                                 sampling_timesteps, snap_size)
+                                 initial_noise, parse_size, pil_to_tensor, prepare_image,
+                                 reconstruct, resolve_labels, sampling_timesteps, save_images,
+                                 snap_size, tensor_to_pil)
+from models.vae import AutoencoderKL, VAEConfig
 from training.data import SYNTHETIC_CLASSES
 from training.export import load_generator
 
@@ -28,6 +30,7 @@ def _image(path: Path, w: int, h: int) -> Path:
 def test_pipelines_loader_reads_run_newest_ema_checkpoint(tiny_run: Path, loaded) -> None:
     model, vae, info = loaded
     assert info.step == 2 and info.class_names == CLASSES and info.base_tokens == 64
+    assert info.resolution == 32  # the run's data.resolution, from its state.json
     assert info.source.name == "step_0000002" and info.vae_fingerprint is None
     assert model.config.num_classes == 4 and not model.training
     assert grid_step(model, vae) == 4  # VAE factor 2 × patch 2
@@ -122,3 +125,34 @@ def test_pipelines_img2img_schedule_starts_at_strength() -> None:
     assert sampling_timesteps(10, 2.0, 0.0).tolist() == [0.0]
     with pytest.raises(ValueError, match="strength"):
         sampling_timesteps(10, 1.0, 1.5)
+
+
+@torch.no_grad()
+def test_pipelines_tiles_only_images_above_the_pixel_threshold() -> None:
+    torch.manual_seed(0)  # f = 8, tiles of 256 px as the shipped VAE's
+    vae = AutoencoderKL(VAEConfig(block_out_channels=(4, 4, 4, 4), norm_num_groups=2,
+                                  layers_per_block=1, sample_size=256,
+                                  mid_block_add_attention=False, force_upcast=False)).eval()
+    rng = np.random.default_rng(0)
+    mid = Image.fromarray(rng.integers(0, 256, (256, 384, 3), np.uint8))
+    result = reconstruct(vae, mid)
+    whole = vae.decode(vae.encode(pil_to_tensor(mid)).mode()).clamp(-1, 1)  # (1, 3, 256, 384)
+    assert not result.tiled
+    assert np.array_equal(np.asarray(result.image), np.asarray(tensor_to_pil(whole)))
+    z = torch.randn(1, 4, 32, 48, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(decode_latents(vae, z), vae.decode(vae.denormalize(z)).clamp(-1, 1))
+    large = Image.fromarray(rng.integers(0, 256, (1024, 1056, 3), np.uint8))  # above 1024²
+    result = reconstruct(vae, large)
+    assert result.tiled and result.image.size == (1056, 1024)
+
+
+def test_pipelines_numbering_continues_after_existing_grids(tmp_path: Path) -> None:
+    images = torch.zeros(2, 3, 8, 8)
+    params = [{"seed": 0, "index": i} for i in range(2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    _image(out / "grid_0000.png", 10, 10)  # a grid whose images were deleted
+    kept = (out / "grid_0000.png").read_bytes()
+    paths = save_images(images, out, params)
+    assert [p.name for p in paths] == ["0001.png", "0002.png", "grid_0001.png"]
+    assert (out / "grid_0000.png").read_bytes() == kept

@@ -1,5 +1,6 @@
 """Tests for models/vae.py against diffusers AutoencoderKL: small random models, CPU, no network."""
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -143,7 +144,8 @@ def test_vae_sd_layout_matches_diffusers_names_and_shapes():
     # All 248 keys survive the trip to the LDM layout and back; the SD config is inferred.
     converted = _to_diffusers_layout(_ldm_state_dict(peer), Path("sd.safetensors"))
     assert {k: v.shape for k, v in converted.items()} == shapes
-    assert _infer_config(converted, Path("sd.safetensors")) == VAEConfig()
+    with pytest.warns(UserWarning, match="guesses"):
+        assert _infer_config(converted, Path("sd.safetensors")) == VAEConfig()
 
 
 def test_vae_ldm_key_names_match_reference_table():
@@ -184,21 +186,55 @@ def test_vae_loads_ldm_single_files_with_same_outputs(tmp_path, config):
     torch.save({"state_dict": state, "global_step": 7}, tmp_path / "model.ckpt")
 
     for name in ("model.safetensors", "model.ckpt"):
-        ours = load_vae(tmp_path / name)
+        with pytest.warns(UserWarning, match="guesses"):
+            ours = load_vae(tmp_path / name)
         for field in ARCHITECTURE_FIELDS:
             assert getattr(ours.config, field) == getattr(config, field), (name, field)
         _assert_same_outputs(ours, peer)
 
 
-def test_vae_single_file_scale_and_shift_from_table_or_caller(tmp_path):
+def test_vae_single_file_warns_of_guessed_groups_scale_and_shift(tmp_path):
     save_file(_ldm_state_dict(_diffusers_vae(SD_LIKE)), tmp_path / "sd.safetensors")
     save_file(_ldm_state_dict(_diffusers_vae(FLUX_LIKE), "vae."), tmp_path / "flux.safetensors")
-    sd = load_vae(tmp_path / "sd.safetensors")
+    guessed = "these are guesses: norm_num_groups 32, scaling_factor {} and shift_factor {} ({};"
+    with pytest.warns(UserWarning, match=re.escape(guessed.format(0.18215, None, "SD 1.x"))):
+        sd = load_vae(tmp_path / "sd.safetensors")
     assert (sd.config.scaling_factor, sd.config.shift_factor) == (0.18215, None)
-    flux = load_vae(tmp_path / "flux.safetensors")
+    with pytest.warns(UserWarning, match=re.escape(guessed.format(0.3611, 0.1159, "FLUX.1"))):
+        flux = load_vae(tmp_path / "flux.safetensors")
     assert (flux.config.scaling_factor, flux.config.shift_factor) == (0.3611, 0.1159)
-    sd3 = load_vae(tmp_path / "flux.safetensors", scaling_factor=1.5305, shift_factor=0.0609)
+    with pytest.warns(UserWarning, match=r"guesses: norm_num_groups 32; put") as caught:
+        sd3 = load_vae(tmp_path / "flux.safetensors", scaling_factor=1.5305, shift_factor=0.0609)
     assert (sd3.config.scaling_factor, sd3.config.shift_factor) == (1.5305, 0.0609)
+    assert len(caught) == 1 and str(tmp_path / "flux.safetensors") in str(caught[0].message)
+
+
+def test_vae_loads_stability_file_with_ema_bookkeeping(tmp_path):
+    # vae-ft-mse-840000-ema-pruned and its kin: LDM layout plus two scalar EMA counters.
+    peer = _diffusers_vae(SD_LIKE)
+    state = _ldm_state_dict(peer)
+    state["model_ema.decay"] = torch.tensor(0.9999)
+    state["model_ema.num_updates"] = torch.tensor(840000, dtype=torch.int32)
+    save_file(state, tmp_path / "vae-ft-mse.safetensors")
+    torch.save({"state_dict": state}, tmp_path / "vae-ft-mse.ckpt")
+    for name in ("vae-ft-mse.safetensors", "vae-ft-mse.ckpt"):
+        with pytest.warns(UserWarning, match="guesses"):
+            _assert_same_outputs(load_vae(tmp_path / name), peer)
+
+
+def test_vae_single_file_takes_the_diffusers_config_beside_it(tmp_path, recwarn):
+    config = dataclasses.replace(GROUPS_4, scaling_factor=0.5, shift_factor=0.25)
+    peer = _diffusers_vae(config)  # 4 GroupNorm groups: inference from widths would say 8
+    peer.save_pretrained(tmp_path / "vae")
+    save_file(_ldm_state_dict(peer), tmp_path / "vae" / "renamed_ldm.safetensors")
+    for name in ("diffusion_pytorch_model.safetensors", "renamed_ldm.safetensors"):
+        ours = load_vae(tmp_path / "vae" / name)
+        assert ours.config == config, name
+        _assert_same_outputs(ours, peer)
+    assert not recwarn.list  # nothing guessed
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"format": "dit-export"}))
+    with pytest.warns(UserWarning, match="norm_num_groups 8"):  # not a VAE config: inferred
+        assert load_vae(tmp_path / "vae" / "renamed_ldm.safetensors").config != config
 
 
 def test_vae_loads_old_attention_names_from_bin(tmp_path):
@@ -226,6 +262,17 @@ def test_vae_save_vae_loads_in_diffusers(tmp_path, config):
     with pytest.raises(FileExistsError, match="config.json"):
         save_vae(ours, tmp_path / "out")
     save_vae(ours, tmp_path / "out", overwrite=True)
+
+
+def test_vae_save_vae_overwrites_only_a_vae(tmp_path):
+    other = tmp_path / "dit_export"  # another model's export: config.json + weights
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"format": "dit-export", "step": 7}))
+    save_file({"final.weight": torch.zeros(2)}, other / "diffusion_pytorch_model.safetensors")
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    with pytest.raises(ValueError, match=re.escape(str(other)) + ".*not a VAE folder"):
+        save_vae(_our_vae(SD_LIKE), other, overwrite=True)
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
 
 
 @torch.no_grad()

@@ -4,10 +4,12 @@ inference loads to the same pixels as the run itself."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from inference.pipelines import generate
 from models.vae import AutoencoderKL, VAEConfig, save_vae
@@ -24,8 +26,10 @@ def test_export_gives_the_pixels_of_its_run(tiny_run: Path, loaded, tmp_path: Pa
     meta = json.loads((out / "config.json").read_text())
     assert meta["step"] == 2 and meta["class_names"] == CLASSES and meta["base_tokens"] == 64
     assert len(meta["vae_fingerprint"]) == 64 and meta["model_config"]["hidden_size"] == 64
+    assert meta["resolution"] == 32  # the run's data.resolution
     model, vae, info = load_generator(out)
     assert info.source == out and info.vae_fingerprint == meta["vae_fingerprint"]
+    assert info.resolution == 32
     args = dict(num_samples=2, labels=[1, 2], steps=3, seed=11, base_tokens=64)
     assert torch.equal(generate(model, vae, 32, 32, **args),
                        generate(loaded[0], loaded[1], 32, 32, **args))
@@ -46,6 +50,29 @@ def test_export_replaces_only_an_earlier_export(tiny_run: Path, tmp_path: Path) 
     with pytest.raises(ExportError, match="not an earlier export"):
         export_dit(tiny_run, precious)
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_export_refuses_to_replace_an_export_of_another_run(tiny_run: Path,
+                                                            tmp_path: Path) -> None:
+    out = export_dit(tiny_run, tmp_path / "export")
+    meta = json.loads((out / "config.json").read_text())
+    meta["source"] = str(tmp_path / "other_run" / "checkpoints" / "step_0000009")
+    (out / "config.json").write_text(json.dumps(meta))  # as if exported from another run
+    with pytest.raises(ExportError, match="holds an export of .*other_run.*refusing"):
+        export_dit(tiny_run, out)
+    assert json.loads((out / "config.json").read_text()) == meta
+
+
+def test_export_weights_that_do_not_fit_name_missing_and_unexpected_keys(
+        tiny_run: Path, tmp_path: Path) -> None:
+    out = export_dit(tiny_run, tmp_path / "export")
+    weights = load_file(out / "model.safetensors")
+    dropped = sorted(weights)[0]
+    weights["extra.weight"] = weights.pop(dropped)
+    save_file(weights, out / "model.safetensors")
+    with pytest.raises(ExportError, match=rf"1 missing \(e.g. \['{re.escape(dropped)}'\]\); "
+                                          r"1 unexpected \(e.g. \['extra.weight'\]\)"):
+        load_generator(out)
 
 
 def test_export_refuses_a_mismatched_vae(tiny_run: Path, tmp_path: Path) -> None:
