@@ -49,10 +49,14 @@ class Placement:
 def make_buckets(resolution: int, step: int = 16, min_area_ratio: float = 0.8,
                  max_aspect: float = 4.0) -> list[tuple[int, int]]:
     """All (width, height) buckets of the grid, sorted by aspect ratio (width / height)."""
-    if resolution < step or step < 1:
+    if step < 1:
+        raise ValueError(f"step {step} must be positive")
+    if resolution < step:
         raise ValueError(f"resolution {resolution} must be at least step {step}")
-    if not 0 < min_area_ratio <= 1 or max_aspect < 1:
-        raise ValueError("need 0 < min_area_ratio <= 1 and max_aspect >= 1")
+    if not 0 < min_area_ratio <= 1:
+        raise ValueError(f"min_area_ratio {min_area_ratio} must lie in (0, 1]")
+    if max_aspect < 1:
+        raise ValueError(f"max_aspect {max_aspect} must be at least 1")
     max_area = resolution * resolution
     min_area = min_area_ratio * max_area
     buckets = []
@@ -99,26 +103,34 @@ def merge_small_buckets(sizes: Sequence[tuple[int, int]], placements: list[Place
                         allow_upscale: bool = False) -> list[Placement | None]:
     """Move the images of buckets holding fewer than `min_count` into their nearest neighbours.
 
-    Buckets are emptied smallest first; each image moves to the nearest bucket (in log aspect)
-    among those still in use that it fits. An image that fits none stays where it was.
+    First, buckets are emptied smallest first, each once: every image moves to the nearest
+    bucket (in log aspect) among those still in use that it fits; an image that fits none stays
+    where it was. A bucket emptied early may take images later and still end small. So then,
+    over and over, the smallest bucket still small gives every image it can to the nearest
+    bucket it fits that holds at least as many images, until no image can move. Each such move
+    makes the counts more unequal (their sum of squares grows), so this ends.
     """
     placements = list(placements)
     counts = Counter(p.bucket for p in placements if p is not None)
-    emptied: set[int] = set()
-    while True:
-        small = [b for b, n in counts.items() if 0 < n < min_count and b not in emptied]
-        if not small or len([b for b, n in counts.items() if n > 0]) < 2:
-            return placements
-        victim = min(small, key=lambda b: (counts[b], b))
-        emptied.add(victim)
-        others = [b for b, n in counts.items() if n > 0 and b != victim]
-        for i, p in enumerate(placements):
-            if p is not None and p.bucket == victim:
-                moved = assign(*sizes[i], buckets, allow_upscale, allowed=others)
-                if moved is not None:
-                    placements[i] = moved
-                    counts[victim] -= 1
-                    counts[moved.bucket] += 1
+    for fuller_only in (False, True):
+        done: set[int] = set()  # buckets that gave up what they could, as things stood
+        while small := [b for b, n in counts.items() if 0 < n < min_count and b not in done]:
+            victim = min(small, key=lambda b: (counts[b], b))
+            least = counts[victim] if fuller_only else 1
+            targets = [b for b, n in counts.items() if n >= least and b != victim]
+            moved = False
+            for i, p in enumerate(placements):
+                if p is not None and p.bucket == victim:
+                    new = assign(*sizes[i], buckets, allow_upscale, allowed=targets)
+                    if new is not None:
+                        placements[i], moved = new, True
+                        counts[victim] -= 1
+                        counts[new.bucket] += 1
+            if fuller_only and moved:
+                done.clear()  # fuller buckets may now take images that fitted none before
+            else:
+                done.add(victim)
+    return placements
 
 
 @dataclass
@@ -211,13 +223,21 @@ class BatchSchedule:
         """Yield (epoch, index, local batch) forever, starting at batch `index` of `epoch`.
 
         The local batch is slice `rank` of the global batch. After consuming a batch yielded
-        with (e, i), the state to save for resuming is (e, i + 1).
+        with (e, i), the state to save for resuming is (e, i + 1); `index` equal to the number
+        of batches in `epoch` starts the next epoch, a larger one is an error.
         """
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside world size {self.world_size}")
         if not any(len(m) >= self.global_batch for m in self.members.values()):
             raise ValueError(f"no bucket holds a full global batch of {self.global_batch} "
                              "samples; lower the batch size or merge small buckets")
+        if epoch < 0 or index < 0:
+            raise ValueError(f"resume position (epoch {epoch}, batch {index}) is negative")
+        batches = len(self.epoch_plan(epoch))
+        if index > batches:
+            raise ValueError(f"resume position (epoch {epoch}, batch {index}) lies beyond the "
+                             f"{batches} batches of that epoch; the data, batch size or world "
+                             "size differ from the run that saved it")
         lo, hi = rank * self.batch_size, (rank + 1) * self.batch_size
         while True:
             plan = self.epoch_plan(epoch)
@@ -235,7 +255,8 @@ def bucket_dataset(cfg_data, batch_size: int | None = None, world_size: int = 1,
     """Scan `cfg_data.dataset`, assign buckets (merging small ones when a batch size is given).
 
     Returns (scan, buckets, placements) where `placements[i]` belongs to `scan.records[i]`;
-    images too small for any bucket are moved from the records to `scan.skipped`.
+    images that cover no bucket (too small or too thin) are moved from the records to
+    `scan.skipped`.
     """
     from training.data import SkippedFile, resolve_dataset, scan_folder
 
@@ -246,13 +267,19 @@ def bucket_dataset(cfg_data, batch_size: int | None = None, world_size: int = 1,
     buckets = make_buckets(cfg_data.resolution, cfg_data.step, cfg_data.min_area_ratio,
                            cfg_data.max_aspect)
     grid = np.asarray(buckets)
+    aspects = grid[:, 0] / grid[:, 1]
     records, placements = [], []
     for rec in scan.records:
         p = assign(rec.width, rec.height, grid, cfg_data.allow_upscale)
         if p is None:
-            bw, bh = buckets[assign(rec.width, rec.height, grid, allow_upscale=True).bucket]
-            scan.skipped.append(SkippedFile(rec.path, f"too small: {rec.width}x{rec.height} "
-                                            f"covers no bucket (the nearest in shape is {bw}x{bh})"
+            w, h = rec.width, rec.height
+            bw, bh = buckets[assign(w, h, grid, allow_upscale=True).bucket]
+            if w * h >= bw * bh and not aspects.min() <= w / h <= aspects.max():
+                why = (f"too thin: {w}x{h} is more elongated than any bucket (at most "
+                       f"{aspects.max():.3g}:1), so it covers none")
+            else:
+                why = f"too small: {w}x{h} covers no bucket"
+            scan.skipped.append(SkippedFile(rec.path, f"{why} (the nearest in shape is {bw}x{bh})"
                                             "; allow upscaling to keep it"))
         else:
             records.append(rec)
@@ -287,7 +314,9 @@ def report(scan, buckets, placements) -> dict:
 
 
 def format_report(rep: dict) -> str:
-    """Human-readable table of `report`'s dict."""
+    """Human-readable table of `report`'s dict, safe to print whatever the file names."""
+    from training.data import printable
+
     lines = [f"{rep['root']}: {rep['images']} images in {len(rep['buckets'])} buckets "
              f"(grid of {rep['grid_size']})",
              f"{'width':>6} {'height':>6} {'aspect':>7} {'count':>7}"]
@@ -299,7 +328,7 @@ def format_report(rep: dict) -> str:
                  f"max {rep['aspect_error_max']:.4f}")
     lines.append(f"skipped {len(rep['skipped'])} file(s)")
     lines += [f"  {s['path']}: {s['reason']}" for s in rep["skipped"]]
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bucketing import (BatchSchedule, assign, bucket_stats, make_buckets, merge_small_buckets,
-                       place)
+from bucketing import (BatchSchedule, assign, bucket_dataset, bucket_stats, format_report,
+                       make_buckets, merge_small_buckets, place, report)
+from training.config import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +40,18 @@ def test_bucketing_grid_invariants(resolution: int, step: int) -> None:
         assert 0.25 <= w / h <= 4.0
         assert (h, w) in buckets  # both orientations
     assert (resolution, resolution) in buckets
+
+
+@pytest.mark.parametrize("args,message", [
+    ((256, 0, 0.8, 4.0), "step 0 must be positive"),
+    ((256, -16, 0.8, 4.0), "step -16 must be positive"),
+    ((8, 16, 0.8, 4.0), "resolution 8 must be at least step 16"),
+    ((256, 16, 0.0, 4.0), r"min_area_ratio 0.0 must lie in \(0, 1\]"),
+    ((256, 16, 0.8, 0.5), "max_aspect 0.5 must be at least 1"),
+])
+def test_bucketing_grid_refuses_bad_parameters_saying_which(args: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_buckets(*args)
 
 
 def test_bucketing_assigns_nearest_aspect_preferring_larger_area() -> None:
@@ -103,6 +117,37 @@ def test_bucketing_merge_small_buckets_fills_global_batches() -> None:
         assert p.crop[2] - p.crop[0] == bw and p.crop[3] - p.crop[1] == bh
 
 
+def test_bucketing_merge_small_buckets_refills_buckets_emptied_early() -> None:
+    # At resolution 64, global batches of 3. 48x80 (1 image) is emptied first, but its image
+    # fits no other bucket and stays; emptying 64x64 then sends (103, 121) there. One pass ended
+    # with 2 + 2 images and nothing to train; 48x80 must pass (103, 121) on to 80x48.
+    buckets = make_buckets(64)
+    sizes = [(83, 63), (127, 71), (51, 100), (103, 121)]
+    placements = [assign(w, h, buckets) for w, h in sizes]
+    merged = merge_small_buckets(sizes, placements, buckets, min_count=3)
+    assert Counter(buckets[p.bucket] for p in merged) == {(80, 48): 3, (48, 80): 1}
+
+
+def test_bucketing_merge_small_buckets_reaches_a_fixpoint() -> None:
+    buckets = make_buckets(128)
+    grid = np.asarray(buckets)
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        # Sizes close to the buckets' own, so that many images fit only a few buckets.
+        sizes = [(int(w), int(h)) for w, h in rng.integers(115, 260, size=(80, 2))
+                 if assign(int(w), int(h), buckets) is not None]
+        min_count = int(rng.integers(5, 30))
+        placements = [assign(w, h, buckets) for w, h in sizes]
+        merged = merge_small_buckets(sizes, placements, buckets, min_count)
+        counts = Counter(p.bucket for p in merged)
+        for (w, h), p in zip(sizes, merged):
+            assert grid[p.bucket, 0] <= w and grid[p.bucket, 1] <= h  # still covers its bucket
+            if counts[p.bucket] < min_count:
+                # An image of a small bucket fits no other bucket holding at least as many.
+                fuller = [b for b, n in counts.items() if n >= counts[p.bucket] and b != p.bucket]
+                assert not ((grid[fuller, 0] <= w) & (grid[fuller, 1] <= h)).any()
+
+
 def _schedule(n: int = 103, buckets: int = 4, batch: int = 4, world: int = 2, seed: int = 0):
     rng = np.random.default_rng(42)
     bucket_of = rng.integers(0, buckets, size=n)
@@ -158,6 +203,17 @@ def test_bucketing_schedule_resumes_mid_epoch() -> None:
         assert got[:2] == expected[:2] and got[2].tolist() == expected[2].tolist()
 
 
+def test_bucketing_schedule_refuses_resume_beyond_epoch() -> None:
+    sched = BatchSchedule([0] * 40, batch_size=4)
+    batches = sched.batches_per_epoch(3)
+    # (epoch, number of batches) is what a run saves after the epoch's last batch.
+    assert next(sched.iterate(0, epoch=3, index=batches))[:2] == (4, 0)
+    with pytest.raises(ValueError, match=f"batch {batches + 1}\\) lies beyond the {batches}"):
+        next(sched.iterate(0, epoch=3, index=batches + 1))
+    with pytest.raises(ValueError, match="negative"):
+        next(sched.iterate(0, epoch=0, index=-1))
+
+
 def test_bucketing_schedule_refuses_when_no_bucket_fills_a_batch() -> None:
     sched = BatchSchedule([0, 0, 1], batch_size=4)
     assert sched.unused_samples() == 3
@@ -190,6 +246,28 @@ def test_bucketing_cli_json_reports_buckets_and_skips(tmp_path: Path) -> None:
                            "--resolution", "128"], cwd=REPO_ROOT, capture_output=True,
                           text=True, check=True).stdout
     assert "crop loss" in text and "tiny.png" in text
+
+
+def test_bucketing_dataset_tells_thin_images_from_small_ones(tmp_path: Path) -> None:
+    for name, size in (("thin.png", (400, 20)), ("tall.png", (20, 400)), ("small.png", (40, 40)),
+                       ("ok.png", (90, 70))):
+        Image.new("RGB", size).save(tmp_path / name)
+    scan, _, _ = bucket_dataset(DataConfig(dataset=str(tmp_path), resolution=64, num_workers=1))
+    reasons = {Path(s.path).name: s.reason for s in scan.skipped}
+    assert [r.rel for r in scan.records] == ["ok.png"]
+    assert reasons["thin.png"].startswith("too thin: 400x20 is more elongated than any bucket "
+                                          "(at most 4:1)")
+    assert reasons["tall.png"].startswith("too thin: 20x400")
+    assert reasons["small.png"].startswith("too small: 40x40 covers no bucket")
+
+
+def test_bucketing_report_prints_non_utf8_names(tmp_path: Path) -> None:
+    Image.new("RGB", (90, 70)).save(tmp_path / "ok.png")
+    (tmp_path / os.fsdecode(b"caf\xe9.png")).write_bytes(b"not an image")
+    cfg = DataConfig(dataset=str(tmp_path), resolution=64, num_workers=1)
+    text = format_report(report(*bucket_dataset(cfg)))
+    assert "caf\\udce9.png: not an image" in text
+    text.encode("utf-8")  # what printing does; stand-ins for undecodable bytes would raise
 
 
 def test_bucketing_cli_missing_dataset_fails_cleanly(tmp_path: Path) -> None:

@@ -2,9 +2,9 @@
 
 `scan_folder` walks a folder once, reads every image's header and checks that it decodes, and
 returns one `ImageRecord` per usable file plus a `SkippedFile` (path and reason) for every bad
-one. Results are cached by (path, size, mtime, ctime, inode), so rescanning an unchanged folder
-only stats the files. `load_image` turns any supported file into an RGB uint8 image with
-correct colours.
+one and every folder it cannot list. Results are cached by (path, size, mtime, ctime, inode),
+so rescanning an unchanged folder only stats the files. `load_image` turns any supported file
+into an RGB uint8 image with correct colours.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from PIL import Image, ImageCms, ImageOps
 from training.config import REPO_ROOT
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
-SCAN_CACHE_VERSION = 2  # bump when `_probe` changes what it records
+SCAN_CACHE_VERSION = 3  # bump when `_probe` changes what it records
 SYNTHETIC_VERSION = 1
 SYNTHETIC_CLASSES = ("discs", "stripes", "checkers", "clouds")
 _ORIENTATION_TAG = 0x0112
@@ -75,13 +75,22 @@ class ScanResult:
         if self.class_names:
             lines.append(f"  {len(self.class_names)} classes: {', '.join(self.class_names[:10])}"
                          + (" ..." if len(self.class_names) > 10 else ""))
-        return "\n".join(lines)
+        return printable("\n".join(lines))
 
     def write_skip_list(self, path: str | os.PathLike[str]) -> None:
         """Write every skipped file with its reason as a JSON list."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps([asdict(s) for s in self.skipped], indent=1) + "\n")
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a UTF-8 stream: what UTF-8 cannot encode becomes an escape.
+
+    File names that are not valid UTF-8 reach Python with stand-in characters (\\udcNN for the
+    byte NN) that printing refuses; they are shown as those escapes instead.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def default_cache_dir() -> Path:
@@ -101,46 +110,49 @@ def _open(data: bytes | str | os.PathLike[str]) -> Image.Image:
         return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
 
 
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
-    """(width, height) as displayed, i.e. after the EXIF orientation is applied."""
-    w, h = img.size
+def _turn_pending(img: Image.Image) -> bool:
+    """Whether the EXIF orientation still to be applied to `img` turns it by 90 or 270 degrees.
+
+    Pillow's TIFF reader applies the orientation itself: it reports the turned size from the
+    start, and turns the pixels and drops the tag on `load()`. The other readers leave both to
+    `exif_transpose`. So after `load()`, whatever the format, the header's size swapped when
+    this holds is the size `to_rgb` returns.
+    """
     try:
-        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+        return img.getexif().get(_ORIENTATION_TAG, 1) in _SWAPPED_ORIENTATIONS
     except Exception:  # a broken EXIF block must not make the image unusable
-        orientation = 1
-    return (h, w) if orientation in _SWAPPED_ORIENTATIONS else (w, h)
+        return False
 
 
-def _composite_on_white(img: Image.Image) -> Image.Image:
-    rgba = img.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
+def _same_aspect(size: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether two (width, height) sizes have one aspect ratio, to within rounding to pixels."""
+    (w, h), (ow, oh) = size, other
+    return abs(w * oh - h * ow) <= w + h + ow + oh
 
 
-def _srgb_from_icc(img: Image.Image) -> Image.Image | None:
-    """Convert RGB/CMYK pixels with an embedded ICC profile to sRGB; None if not applicable."""
-    icc = img.info.get("icc_profile")
-    if not icc or img.mode not in ("RGB", "CMYK"):
-        return None
-    try:
-        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"),
-                                         outputMode="RGB")
-    except Exception:  # unusable profile: fall back to Pillow's plain conversion
-        return None
+def _srgb(img: Image.Image, icc: bytes | None) -> Image.Image:
+    """`img` as 8-bit RGB; its colours converted from the ICC profile `icc` to sRGB if given."""
+    if img.mode not in ("RGB", "CMYK"):
+        img = img.convert("RGB")
+    if icc:
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"),
+                                             outputMode="RGB")
+        except Exception:  # unusable profile, e.g. a greyscale one: plain conversion
+            pass
+    return img.convert("RGB") if img.mode == "CMYK" else img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow image (first frame, orientation applied) to 8-bit RGB.
 
-    Transparency is composited on white; 16-bit and 32-bit integer greyscale are scaled from
-    0..65535; float images are taken as 0..1 when they lie in that range; colour profiles are
-    converted to sRGB when present.
+    16-bit and 32-bit integer greyscale are scaled from 0..65535; float images are taken as
+    0..1 when they lie in that range; RGB and CMYK colour profiles are converted to sRGB; then
+    transparency (an alpha channel or a transparent colour) is composited on white.
     """
     img = ImageOps.exif_transpose(img)
     mode = img.mode
-    if mode in ("RGB", "CMYK"):
-        return _srgb_from_icc(img) or img.convert("RGB")
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(img).astype(np.float64)  # (H, W), 0..65535
         arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
@@ -151,18 +163,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
             arr = arr * 255.0
         arr = np.clip(np.nan_to_num(np.rint(arr)), 0, 255).astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")
-    if mode == "P" and "transparency" in img.info or mode in ("LA", "La", "PA", "RGBA", "RGBa"):
-        return _composite_on_white(img)
-    return img.convert("RGB")  # 1, L, P, YCbCr, LAB, HSV, RGBX ...
+    icc = img.info.get("icc_profile")
+    if "transparency" in img.info or mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        return Image.composite(_srgb(rgba.convert("RGB"), icc), white, rgba.getchannel("A"))
+    return _srgb(img, icc)  # 1, L, P, RGB, CMYK, YCbCr, LAB, HSV, RGBX ...
 
 
 def load_image(path: str | os.PathLike[str], max_pixels: int = 100_000_000,
                min_size: tuple[int, int] | None = None) -> Image.Image:
     """Load an image file as RGB uint8 (first frame, EXIF orientation applied).
 
-    `min_size` (width, height after orientation), when given, lets JPEGs decode at a reduced
-    scale that is still at least that large (Pillow's draft mode), which is much faster for
-    big photographs that are resized down anyway. Raises `ImageLoadError` naming the file.
+    `min_size` (width, height after orientation), when given, is the size the caller resizes
+    the image to. It lets JPEGs decode at a reduced scale that is still at least that large
+    (Pillow's draft mode), which is much faster for big photographs that are resized down
+    anyway; and an image whose aspect ratio differs from it (say, a file replaced since it was
+    scanned) is refused rather than stretched. Raises `ImageLoadError` naming the file.
     """
     try:
         with _open(path) as img:
@@ -170,15 +187,18 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = 100_000_000,
             if w * h > max_pixels:
                 raise ImageLoadError(f"{path}: decompression bomb: {w}x{h} pixels exceeds the "
                                      f"limit of {max_pixels}")
-            if min_size is not None and img.format == "JPEG":
-                want = min_size if _oriented_size(img) == (w, h) else min_size[::-1]
-                img.draft("RGB", want)
+            if min_size is not None and img.format == "JPEG":  # the turn is still to come
+                img.draft("RGB", min_size[::-1] if _turn_pending(img) else min_size)
             img.load()
-            return to_rgb(img)
+            rgb = to_rgb(img)
     except ImageLoadError:
         raise
     except Exception as exc:  # Pillow raises many types for bad files
         raise ImageLoadError(f"{path}: cannot decode: {exc}") from None
+    if min_size is not None and not _same_aspect(rgb.size, min_size):
+        raise ImageLoadError(f"{path}: wrong shape: decodes to {rgb.size[0]}x{rgb.size[1]}, not "
+                             f"the aspect ratio of {min_size[0]}x{min_size[1]}; rescan the folder")
+    return rgb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,13 +224,13 @@ def _probe(path: str, max_pixels: int) -> dict:
         return {**info, "error": "not an image: content is not a known image format"}
     try:
         with img:
-            info["width"], info["height"] = _oriented_size(img)
-            if img.size[0] * img.size[1] > max_pixels:
-                info["verified"] = False  # too large to decode safely; see `scan_folder`
-                return info
+            w, h = img.size
+            if w * h > max_pixels:  # too large to decode safely; only the area counts then
+                return {**info, "width": w, "height": h, "verified": False}
             if img.format == "JPEG":  # a reduced-scale decode still reads every byte
-                img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+                img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             img.load()
+            info["width"], info["height"] = (h, w) if _turn_pending(img) else (w, h)
     except Exception as exc:
         text = str(exc)
         kind = "truncated" if "truncat" in text.lower() else "corrupt"
@@ -229,14 +249,21 @@ def _signature(data: bytes) -> str | None:
     return "WebP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
 
 
-def _walk_images(root: Path) -> list[Path]:
-    """Every image file under `root`, following symlinks without loops, in sorted order.
+def _walk_images(root: Path) -> tuple[list[Path], list[SkippedFile]]:
+    """Every image file under `root`, following symlinks without loops, in sorted order, and
+    every folder that could not be listed.
 
     Hidden files and folders (names starting with '.') are ignored.
     """
     found: list[Path] = []
+    unlisted: list[SkippedFile] = []
     seen_dirs: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def report(exc: OSError) -> None:
+        unlisted.append(SkippedFile(str(exc.filename), "unreadable folder: "
+                                    f"{exc.strerror or exc}; its images are left out"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=report, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen_dirs:
             dirnames[:] = []
@@ -246,11 +273,11 @@ def _walk_images(root: Path) -> list[Path]:
         for name in sorted(filenames):
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 found.append(Path(dirpath) / name)
-    return found
+    return found, unlisted
 
 
 def _scan_cache_path(root: Path, cache_dir: Path) -> Path:
-    key = hashlib.sha1(str(root).encode()).hexdigest()[:16]
+    key = hashlib.sha1(os.fsencode(root)).hexdigest()[:16]  # any name, UTF-8 or not
     return cache_dir / "scan" / f"{key}.json"
 
 
@@ -275,7 +302,7 @@ def scan_folder(root: str | os.PathLike[str], *, use_classes: bool = False,
         cached = {}
     old = cached.get("files", {})
 
-    paths = _walk_images(root)
+    paths, unlisted = _walk_images(root)
     entries: dict[str, dict] = {}
     todo: list[tuple[str, str]] = []  # (rel, stamp)
     for path in paths:
@@ -330,6 +357,7 @@ def scan_folder(root: str | os.PathLike[str], *, use_classes: bool = False,
             label = class_index[rel.split("/")[0]] if use_classes else -1
             records.append(ImageRecord(path, rel, info["width"], info["height"], label,
                                        info["sha256"]))
+    skipped = sorted(skipped + unlisted, key=lambda s: s.path)
     return ScanResult(str(root), records, skipped, class_names)
 
 
@@ -400,9 +428,12 @@ def make_synthetic(root: str | os.PathLike[str], count: int, seed: int = 0) -> P
 def resolve_dataset(spec: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Turn a `--dataset` value into a folder: a path, or `synthetic` / `synthetic:N`."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        count = int(spec.split(":", 1)[1]) if ":" in spec else 256
+        try:
+            count = int(spec.split(":", 1)[1]) if ":" in spec else 256
+        except ValueError:
+            count = 0
         if count < 1:
-            raise ValueError(f"{spec}: synthetic image count must be positive")
+            raise ValueError(f"{spec}: expected synthetic:N with N a positive image count")
         base = Path(cache_dir) if cache_dir else default_cache_dir()
         return make_synthetic(base / "synthetic" / f"v{SYNTHETIC_VERSION}_n{count}", count)
     path = Path(spec).expanduser()
@@ -445,7 +476,8 @@ class PixelDataset:
     Used through a DataLoader whose batch sampler yields lists of such pairs (see
     `ScheduleSampler`), so every random choice (flip, random crop) is fixed by the schedule
     and a resumed run sees exactly the same pixels. A file that fails to load is reported and
-    replaced by another image of the same bucket, so a batch never changes shape.
+    replaced by another image of the same bucket (tried in an order fixed by the augment seed),
+    so a batch never changes shape; `ImageLoadError` when no image of the bucket loads.
     """
 
     def __init__(self, records: list[ImageRecord], placements: list, buckets: list,
@@ -469,19 +501,34 @@ class PixelDataset:
         img = load_image(rec.path, self.max_pixels, min_size=resized)
         return crop_to_bucket(img, resized, box, flip)
 
+    def _replacement(self, index: int, seed: int, error: ImageLoadError
+                     ) -> tuple[int, np.ndarray]:
+        """(index, pixels) of the first other image of `index`'s bucket that loads, trying
+        them in an order fixed by `seed`; `ImageLoadError` naming the files when none does."""
+        bucket = self.placements[index].bucket
+        others = [i for i, p in enumerate(self.placements) if p.bucket == bucket and i != index]
+        errors = [str(error)]
+        for other in np.random.default_rng(seed).permutation(others).tolist():
+            try:
+                pixels = self._pixels(other, seed)
+            except ImageLoadError as exc:
+                errors.append(str(exc))
+                continue
+            print(printable(f"warning: {'; '.join(errors)}; using {self.records[other].path} "
+                            "instead, an image of the same bucket"), flush=True)
+            return other, pixels
+        w, h = self.buckets[bucket]
+        shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
+        raise ImageLoadError(f"none of the {len(errors)} image(s) of bucket {w}x{h} loads: {shown}")
+
     def __getitem__(self, item: tuple[int, ...]) -> dict:
         index, seed, *position = item  # position: (epoch, batch index) from ScheduleSampler
         try:
-            pixels = self._pixels(index, seed)
+            source, pixels = index, self._pixels(index, seed)
         except ImageLoadError as exc:
-            bucket = self.placements[index].bucket
-            same = [i for i, p in enumerate(self.placements) if p.bucket == bucket and i != index]
-            if not same:
-                raise
-            print(f"warning: {exc}; using another image of the same bucket", flush=True)
-            return {**self[(same[seed % len(same)], seed, *position)], "index": index}
+            source, pixels = self._replacement(index, seed, exc)
         out = {"pixels": torch.from_numpy(pixels).permute(2, 0, 1),  # (3, H, W) uint8
-               "label": self.records[index].label, "index": index}
+               "label": self.records[source].label, "index": index}
         if position:
             out["epoch"], out["batch_index"] = position
         return out

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import io
 import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import (ImageLoadError, load_image, make_synthetic, resolve_dataset,
-                           scan_folder)
+from bucketing import assign, make_buckets
+from training.data import (ImageLoadError, PixelDataset, load_image, make_synthetic,
+                           resolve_dataset, scan_folder)
 
 
 def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -33,6 +37,51 @@ def _png16_rgb(path: Path, arr: np.ndarray) -> None:
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
                      + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _icc_profile(gamma: float) -> bytes:
+    """A minimal ICC v2 RGB display profile: sRGB's primaries (D50) with a pure gamma curve."""
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ " + bytes(4) + struct.pack(">3i", *(round(v * 65536) for v in (x, y, z)))
+
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+    tags = [(b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),
+            (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)), (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset = 128 + 4 + 12 * len(tags)  # header, tag count, tag table
+    table, body = b"", b""
+    for signature, data in tags:
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (struct.pack(">I4sI", offset + len(body), b"", 0x02100000) + b"mntrRGB XYZ "
+              + bytes(12) + b"acsp" + bytes(24) + xyz(0.9642, 1.0, 0.8249)[8:]).ljust(128, b"\0")
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+@contextlib.contextmanager
+def _permissions_apply() -> Iterator[None]:
+    """Make permission bits bind this thread even when it runs as root, as they do for users.
+
+    Root reads any folder through two capabilities (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH);
+    they are left out of the effective set meanwhile, and stay permitted, so they come back.
+    """
+    if os.geteuid() != 0:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    caps = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) for caps 0-31, 32-63
+    if libc.capget(header, caps) != 0:
+        pytest.skip("cannot read this thread's capabilities")
+    saved = list(caps)
+    caps[0] &= ~0b110  # CAP_DAC_OVERRIDE = 1, CAP_DAC_READ_SEARCH = 2
+    if libc.capset(header, caps) != 0:
+        pytest.skip("cannot drop the capabilities that let root read any folder")
+    try:
+        yield
+    finally:
+        caps[:] = saved
+        libc.capset(header, caps)
 
 
 @pytest.fixture
@@ -145,17 +194,46 @@ def test_data_scan_labels_from_subfolders(tmp_path: Path) -> None:
     assert scan.skipped[0].reason.startswith("no class")
 
 
-def test_data_exif_orientation_swaps_size_and_pixels(tmp_path: Path) -> None:
-    img = _photo(120, 80)
+def test_data_scan_reports_unreadable_folder(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    (root / "locked").mkdir(parents=True)
+    _photo(64, 64).save(root / "open.png")
+    _photo(64, 64, 1).save(root / "locked" / "hidden.png")
+    (root / "locked").chmod(0)
+    try:
+        with _permissions_apply():
+            scan = scan_folder(root, num_workers=1)
+    finally:
+        (root / "locked").chmod(0o755)
+    assert [r.rel for r in scan.records] == ["open.png"]
+    assert [(Path(s.path).name, s.reason.split(":")[0]) for s in scan.skipped] == [
+        ("locked", "unreadable folder")]
+    assert "skipped, unreadable folder: 1" in scan.summary()
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp", ".tiff"])
+def test_data_exif_orientation_swaps_size_and_pixels(tmp_path: Path, suffix: str) -> None:
+    pixels = np.zeros((80, 120, 3), np.uint8)
+    pixels[:16, :16] = (255, 0, 0)  # red top-left corner as stored
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° clockwise to display
-    img.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    exif[0x0112] = 6  # rotate 90° clockwise to display: the corner shows top right
+    Image.fromarray(pixels).save(tmp_path / f"rotated{suffix}", exif=exif, quality=95)
     rec = scan_folder(tmp_path, num_workers=1).records[0]
-    assert (rec.width, rec.height) == (80, 120)
-    assert load_image(tmp_path / "rotated.jpg").size == (80, 120)
+    img = load_image(rec.path)
+    assert (rec.width, rec.height) == img.size == (80, 120)
+    shown = np.asarray(img).astype(int)
+    assert shown[8, 72, 0] > 200 and shown[8, 8, 0] < 50
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "1", "I;16", "RGB48", "GIF"])
+def test_data_load_refuses_image_of_another_shape(tmp_path: Path) -> None:
+    _photo(60, 120).save(tmp_path / "portrait.png")
+    with pytest.raises(ImageLoadError, match="portrait.png: wrong shape"):
+        load_image(tmp_path / "portrait.png", min_size=(240, 120))
+    assert load_image(tmp_path / "portrait.png", min_size=(121, 241)).size == (60, 120)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "1", "I;16", "RGB48", "GIF",
+                                  "RGB-key", "L-key"])
 def test_data_load_converts_modes_with_correct_colours(tmp_path: Path, mode: str) -> None:
     path = tmp_path / f"img_{mode.replace(';', '')}.png"
     if mode == "L":
@@ -185,6 +263,12 @@ def test_data_load_converts_modes_with_correct_colours(tmp_path: Path, mode: str
     elif mode == "RGB48":
         _png16_rgb(path, np.tile(np.array([65535, 32896, 0], np.uint16), (8, 8, 1)))
         expected = (255, 128, 0)
+    elif mode == "RGB-key":
+        Image.new("RGB", (8, 8), (0, 0, 0)).save(path, transparency=(0, 0, 0))  # black is clear
+        expected = (255, 255, 255)
+    elif mode == "L-key":
+        Image.new("L", (8, 8), 0).save(path, transparency=0)
+        expected = (255, 255, 255)
     else:  # animated GIF: the first frame is used
         path = path.with_suffix(".gif")
         frames = [Image.new("RGB", (8, 8), c) for c in ((0, 255, 0), (255, 0, 0))]
@@ -196,6 +280,16 @@ def test_data_load_converts_modes_with_correct_colours(tmp_path: Path, mode: str
     assert np.abs(pixel - np.array(expected)).max() <= 3, (mode, pixel, expected)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
+def test_data_load_converts_colour_profiles_of_every_mode(tmp_path: Path, mode: str) -> None:
+    img = Image.new("RGB", (8, 8), (128, 128, 128))
+    img = img.quantize() if mode == "P" else img.convert(mode)
+    img.save(tmp_path / "linear.png", icc_profile=_icc_profile(gamma=1.0))
+    # Linear 128/255 is sRGB 188; an opaque alpha channel or a palette must not change that.
+    pixel = np.asarray(load_image(tmp_path / "linear.png"))[4, 4].astype(int)
+    assert np.abs(pixel - 188).max() <= 2, pixel
+
+
 def test_data_load_error_names_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jpg"
     bad.write_text("nope")
@@ -205,8 +299,46 @@ def test_data_load_error_names_file(tmp_path: Path) -> None:
 
 def test_data_load_draft_decodes_at_reduced_scale(tmp_path: Path) -> None:
     _photo(1600, 1200).save(tmp_path / "big.jpg", quality=90)
-    small = load_image(tmp_path / "big.jpg", min_size=(300, 200))
-    assert small.size[0] >= 300 and small.size[1] >= 200 and small.size[0] < 1600
+    small = load_image(tmp_path / "big.jpg", min_size=(300, 225))
+    assert small.size[0] >= 300 and small.size[1] >= 225 and small.size[0] < 1600
+
+
+def _dataset(root: Path, names: list[bytes]) -> PixelDataset:
+    """PNGs of one 64x64 bucket named `names` (bytes: any file name), grey levels 0, 50, ..."""
+    for i, name in enumerate(names):
+        Image.new("RGB", (64, 64), (50 * i,) * 3).save(os.fsencode(root) + b"/" + name)
+    records = scan_folder(root, num_workers=1).records
+    buckets = make_buckets(64)
+    placements = [assign(r.width, r.height, buckets) for r in records]
+    assert len({p.bucket for p in placements}) == 1
+    return PixelDataset(records, placements, buckets)
+
+
+def test_data_pixel_dataset_tries_each_other_image_once(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    dataset = _dataset(tmp_path, [b"a.png", b"b.png", b"c.png"])
+    os.remove(tmp_path / "a.png")
+    os.remove(tmp_path / "b.png")
+    for seed in range(4):  # whichever order the seed picks, c.png stands in for a.png
+        out = dataset[(0, seed, 3, 7)]
+        assert int(out["pixels"][0, 0, 0]) == 100 and out["index"] == 0
+        assert (out["epoch"], out["batch_index"]) == (3, 7)
+    assert "a.png" in capsys.readouterr().out
+    os.remove(tmp_path / "c.png")
+    with pytest.raises(ImageLoadError, match="none of the 3 image.*a.png.*(b.png.*c|c.png.*b)"):
+        dataset[(0, 0)]
+
+
+def test_data_non_utf8_file_names_print(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    dataset = _dataset(tmp_path, [b"caf\xe9.png", b"ok.png"])
+    (tmp_path / os.fsdecode(b"caf\xe9.png")).write_bytes(b"damaged after the scan")
+    assert int(dataset[(0, 0)]["pixels"][0, 0, 0]) == 50
+    assert "caf\\udce9.png" in capsys.readouterr().out
+    root = tmp_path / os.fsdecode(b"photos_\xe9")  # a class folder inside a folder so named
+    (root / os.fsdecode(b"caf\xe9")).mkdir(parents=True)
+    _photo(64, 64).save(root / os.fsdecode(b"caf\xe9") / "x.png")
+    print(scan_folder(root, use_classes=True, num_workers=1).summary())
+    assert "classes: caf\\udce9" in capsys.readouterr().out
 
 
 def test_data_synthetic_is_deterministic(tmp_path: Path) -> None:
@@ -226,3 +358,6 @@ def test_data_resolve_dataset(tmp_path: Path, cache_dir: Path) -> None:
     assert path.is_relative_to(cache_dir) and (path / "DONE").exists()
     with pytest.raises(FileNotFoundError, match="missing"):
         resolve_dataset(str(tmp_path / "missing"))
+    for spec in ("synthetic:abc", "synthetic:0"):
+        with pytest.raises(ValueError, match=f"{spec}: expected synthetic:N with N a positive"):
+            resolve_dataset(spec)
