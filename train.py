@@ -4,6 +4,8 @@
     UV_CACHE_DIR=.uv-cache uv run python train.py --config configs/default.json --dataset DIR
 
 Flags override the JSON config (`configs/`); the resolved config is saved in the run folder.
+`--resume` without `--config` continues the checkpoint's own run with the config saved in it,
+changing only what this command's flags say.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Sequence
 from dotenv import load_dotenv
 
 from training.config import (REPO_ROOT, Config, ConfigError, TrainingAborted, apply_overrides,
-                             from_dict, load_config)
+                             from_dict, load_config, resolve_path)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.json"
 
@@ -60,8 +62,10 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a KL-VAE (--stage vae) or a diffusion transformer (--stage dit).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG.relative_to(REPO_ROOT)),
-                        help="JSON config in configs/ (default: %(default)s)")
+    parser.add_argument("--config", default=None,
+                        help="JSON config in configs/ (default: "
+                             f"{DEFAULT_CONFIG.relative_to(REPO_ROOT)}, or with --resume the "
+                             "checkpoint's own)")
     from models.registry import MODEL_NAMES
 
     for flag, (key, tp, text) in FLAGS.items():
@@ -80,7 +84,9 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
                              f"default: {defaults.train.compile})")
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                         help="continue from a checkpoint: a run folder, a checkpoint folder, or "
-                             "nothing for the newest complete one of --run-dir (default: off)")
+                             "nothing for the newest complete one of --run-dir; without "
+                             "--config, with the config saved in it and in its own run folder "
+                             "unless --run-dir names an empty one (default: off)")
     parser.add_argument("--export", metavar="RUN", default=None,
                         help="export inference weights from a run folder or checkpoint and exit "
                              "(default: off)")
@@ -93,22 +99,41 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
-    """Load the config file named by the flags and apply the flags on top."""
-    cfg = load_config(args.config)
-    overrides = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in
-                 FLAGS.items()}
-    overrides["data.use_classes"] = args.classes
-    overrides["data.allow_upscale"] = args.allow_upscale
-    overrides["train.compile"] = args.compile
+def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
+    """The run's config and the checkpoint to resume (None for a new run).
+
+    The config file named by --config (configs/default.json if none), with LDM_DATASET and
+    LDM_RUNS_DIR standing in for --dataset and --run-dir, and the flags on top. --resume without
+    --config instead takes the config saved with the checkpoint and applies only the flags, and
+    the run folder is the checkpoint's own unless --run-dir is given. The stages refuse a change
+    that would break the batch schedule (`training.loop.find_resume`).
+    """
+    flags = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in
+             FLAGS.items()}
+    flags["data.use_classes"] = args.classes
+    flags["data.allow_upscale"] = args.allow_upscale
+    flags["train.compile"] = args.compile
+    config_file = args.config or DEFAULT_CONFIG
+    env = {}
     if args.dataset is None and os.environ.get("LDM_DATASET"):
-        overrides["data.dataset"] = os.environ["LDM_DATASET"]
+        env["data.dataset"] = os.environ["LDM_DATASET"]
     if args.run_dir is None and os.environ.get("LDM_RUNS_DIR"):
-        overrides["run_dir"] = str(Path(os.environ["LDM_RUNS_DIR"]) / Path(args.config).stem)
-    cfg = apply_overrides(cfg, overrides)
+        env["run_dir"] = str(Path(os.environ["LDM_RUNS_DIR"]) / Path(config_file).stem)
+    cfg = apply_overrides(apply_overrides(load_config(config_file), env), flags)
+    resume = args.resume
+    if resume is not None:
+        from training.checkpoint import resolve_resume
+        from training.loop import saved_config
+
+        checkpoint = resolve_resume(resolve_path(resume or cfg.run_dir))
+        resume = str(checkpoint)
+        if args.config is None:
+            cfg = apply_overrides(saved_config(checkpoint), flags)
+            if args.run_dir is None:
+                cfg.run_dir = str(checkpoint.parent.parent)
     if cfg.stage not in ("vae", "dit"):
         raise ConfigError(f"stage must be 'vae' or 'dit', got {cfg.stage!r}")
-    return cfg
+    return cfg, resume
 
 
 def dry_run(cfg: Config) -> None:
@@ -135,7 +160,6 @@ def export(source: str, out: str | None) -> Path:
     import json
 
     from training.checkpoint import STATE_FILE, resolve_resume
-    from training.config import resolve_path
 
     folder = resolve_resume(resolve_path(source))
     try:
@@ -159,18 +183,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.export:
             print(f"exported to {export(args.export, args.out)}")
             return 0
-        cfg = resolve_config(args)
+        cfg, resume = resolve_config(args)
         if args.dry_run:
             dry_run(cfg)
             return 0
         if cfg.stage == "vae":
             from training.vae_stage import train_vae
 
-            run_dir = train_vae(cfg, args.resume)
+            run_dir = train_vae(cfg, resume)
         else:
             from training.dit_stage import train_dit
 
-            run_dir = train_dit(cfg, args.resume)
+            run_dir = train_dit(cfg, resume)
         print(f"run folder: {run_dir}")
     except (ConfigError, FileNotFoundError, ValueError, TrainingAborted) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _train(*args: str) -> subprocess.CompletedProcess:
+def _train(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
 
 
 def test_train_help_lists_every_flag_with_default() -> None:
@@ -82,3 +83,40 @@ def test_train_synthetic_quickstart_end_to_end(tmp_path: Path) -> None:
     assert samples == ["step_0000003_128x128.png", "step_0000003_160x96.png",
                        "step_0000003_96x160.png"]
     assert list((run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_train_resume_continues_the_run_as_saved(tmp_path: Path) -> None:
+    """`--resume CHECKPOINT` and `--run-dir RUN --resume` (the README's command) take the config
+    saved with the checkpoint, change only what the flags say, and continue in that run's folder;
+    a new batch schedule is refused."""
+    run = tmp_path / "run"
+    cfg = {"description": "tiny VAE", "stage": "vae", "run_dir": str(run), "seed": 1,
+           "batch_size": 2,
+           "data": {"dataset": "synthetic:12", "resolution": 32, "num_workers": 0, "holdout": 2},
+           "train": {"max_steps": 2, "lr": 2e-3, "log_every": 1, "eval_every": 1000,
+                     "ckpt_every": 1, "sample_every": 1000, "precision": "fp32",
+                     "device": "cpu"},
+           "vae": {"block_out_channels": [8, 16], "norm_num_groups": 4, "latent_channels": 4,
+                   "disc_start": 1, "disc_warmup": 1, "disc_ramp": 2, "disc_channels": 8,
+                   "disc_layers": 2, "eval_crop": 32, "eval_images": 2, "scale_images": 4}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert _train("--config", str(tmp_path / "c.json")).returncode == 0
+    saved = json.loads((run / "config.json").read_text())
+    env = {**os.environ, "LDM_RUNS_DIR": str(tmp_path / "runs")}  # where a default would go
+
+    out = _train("--resume", str(run / "checkpoints" / "step_0000002"), "--max-steps", "3",
+                 env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    state = json.loads((run / "checkpoints" / "step_0000003" / "state.json").read_text())
+    assert state["config"] == {**saved, "train": {**saved["train"], "max_steps": 3}}
+    assert json.loads((run / "config.json").read_text()) == state["config"]
+    assert not (tmp_path / "runs").exists()
+
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    out = _train("--run-dir", str(run), "--resume", "--batch-size", "4", "--max-steps", "5",
+                 env=env)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
+    assert "global batch (batch_size × processes) 2 -> 4" in out.stderr  # 2: the saved one
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert json.loads((run / "config.json").read_text()) == state["config"]

@@ -13,6 +13,10 @@ complete checkpoint only if it is named `step_<digits>` and holds `state.json`, 
 at any moment leaves the previous checkpoints untouched and visible. Old checkpoints are deleted
 only after the new one is complete, and are first renamed to a `.tmp-` name so that a deletion
 interrupted half-way never leaves a folder that looks complete but is not.
+
+The newest checkpoint is always the one written last: a save below the newest step is refused.
+Continuing from an older checkpoint of a run first moves the newer ones out of `checkpoints/`
+(`set_aside_newer`), so pruning never deletes what they hold and `--resume` never picks them up.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +41,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 TORCH_STATE_FILE = "optim.pt"
 TENSOR_SUFFIX = ".safetensors"
+SET_ASIDE = "set_aside"  # where set_aside_newer moves checkpoints, inside the run folder
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -64,6 +70,13 @@ class Checkpoint:
         """The training step this checkpoint was taken at."""
         return int(self.state["step"])
 
+    def group(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of `<name>.safetensors`; FileNotFoundError naming the file if missing."""
+        if name not in self.tensors:
+            raise FileNotFoundError(f"{self.path / (name + TENSOR_SUFFIX)}: missing from the "
+                                    "checkpoint")
+        return self.tensors[name]
+
 
 def step_dir_name(step: int) -> str:
     """Folder name of the checkpoint for `step`: `step_0001234`."""
@@ -72,6 +85,10 @@ def step_dir_name(step: int) -> str:
 
 def _is_complete(folder: Path) -> bool:
     return _STEP_RE.match(folder.name) is not None and (folder / STATE_FILE).is_file()
+
+
+def _step_of(folder: Path) -> int:
+    return int(_STEP_RE.match(folder.name).group(1))
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -86,7 +103,7 @@ def _complete_in(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if p.is_dir() and _is_complete(p)]
-    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -151,12 +168,39 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         torch_state = torch.load(torch_file, map_location=device, weights_only=True)
     except Exception as exc:
         raise ValueError(f"{torch_file}: cannot read with weights_only=True ({exc})") from exc
+    return Checkpoint(path=folder, tensors=tensors, torch_state=torch_state,
+                      state=read_state(folder))
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """The JSON state of the checkpoint `folder`; ValueError naming the file if it is unreadable."""
     state_file = folder / STATE_FILE
     try:
-        state = json.loads(state_file.read_text())
+        return json.loads(state_file.read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{state_file}: not valid JSON ({exc})") from exc
-    return Checkpoint(path=folder, tensors=tensors, torch_state=torch_state, state=state)
+
+
+def set_aside_newer(checkpoint: Path) -> list[Path]:
+    """Move the complete checkpoints newer than `checkpoint` out of its `checkpoints/` folder,
+    so that a run continued from it stays the newest there; returns their new paths.
+
+    They go, unchanged, to `RUN_DIR/set_aside/<time>_after_step_XXXXXXX/checkpoints/`: a folder
+    laid out like a run, which `--resume`, `--export` and inference accept.
+    """
+    newer = [p for p in _complete_in(checkpoint.parent) if _step_of(p) > _step_of(checkpoint)]
+    if not newer:
+        return []
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}_after_{checkpoint.name}"
+    dest, n = checkpoint.parent.parent / SET_ASIDE / name, 1
+    while dest.exists():  # a second roll-back to the same step within the second
+        dest, n = dest.with_name(f"{name}_{n}"), n + 1
+    (dest / CHECKPOINTS).mkdir(parents=True)
+    for folder in newer:
+        os.rename(folder, dest / CHECKPOINTS / folder.name)
+    fsync_dir(checkpoint.parent)
+    fsync_dir(dest / CHECKPOINTS)
+    return [dest / CHECKPOINTS / folder.name for folder in newer]
 
 
 def save_checkpoint(
@@ -174,10 +218,11 @@ def save_checkpoint(
         `torch.load(weights_only=True)` accepts are allowed.
     state: plain JSON; `step` is added (and must agree if present).
     keep_last: after the new checkpoint is complete, delete older complete ones so that the
-        `keep_last` newest by step remain, plus always the one just written; <= 0 keeps all.
+        `keep_last` newest by step remain; <= 0 keeps all.
 
-    Everything is checked before anything is written: a non-finite floating tensor, a bad group
-    name, a non-JSON state or a torch_state that would not load raise ValueError / TypeError.
+    Everything is checked before anything is written: a step below the newest checkpoint's, a
+    non-finite floating tensor, a bad group name, a non-JSON state or a torch_state that would not
+    load raise ValueError / TypeError.
     An existing checkpoint of the same step is replaced only once the new one is complete.
     Temporary folders left by dead processes are removed at the end.
     """
@@ -198,6 +243,10 @@ def save_checkpoint(
         raise ValueError(f"checkpoint state for step {step} is not plain JSON: {exc}") from exc
 
     ckpt_dir = Path(run_dir) / CHECKPOINTS
+    complete = _complete_in(ckpt_dir)
+    if complete and _step_of(complete[-1]) > step:
+        raise ValueError(f"{ckpt_dir}: refusing to save step {step} below the newest checkpoint "
+                         f"{complete[-1].name}; set the newer ones aside first (set_aside_newer)")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
     final = ckpt_dir / name
@@ -232,10 +281,8 @@ def save_checkpoint(
     if aside.exists():
         _delete(aside)
     if keep_last > 0:
-        complete = _complete_in(ckpt_dir)
-        for old in complete[:-keep_last]:
-            if old != final:
-                _delete(old)
+        for old in _complete_in(ckpt_dir)[:-keep_last]:
+            _delete(old)
     _remove_stale(ckpt_dir)
     return final
 

@@ -2,8 +2,8 @@
 
 A config file in `configs/` is a JSON object whose keys mirror the dataclasses below; nested
 sections are nested objects. Unknown keys are an error naming them, so a typo never silently
-falls back to a default. `train.py` loads a file, applies command-line overrides, and saves the
-resolved config into the run folder.
+falls back to a default. `train.py` loads a file (or, when resuming, the config saved in the
+checkpoint), applies command-line overrides, and saves the resolved config into the run folder.
 """
 
 from __future__ import annotations
@@ -243,6 +243,15 @@ PATH_KEYS = ("run_dir", "data.dataset", "data.eval_dataset", "dit.vae", "dit.cac
 
 def portable_config(cfg: Config) -> Config:
     """A copy of `cfg` whose path fields are repo-relative when they lie inside the repo."""
+    return _map_paths(cfg, portable_path)
+
+
+def absolute_config(cfg: Config) -> Config:
+    """Inverse of `portable_config`: a copy whose relative path fields are taken from the repo."""
+    return _map_paths(cfg, lambda path: str(resolve_path(path)))
+
+
+def _map_paths(cfg: Config, convert: typing.Callable[[str], str]) -> Config:
     out = copy.deepcopy(cfg)
     for dotted in PATH_KEYS:
         *parents, name = dotted.split(".")
@@ -251,7 +260,7 @@ def portable_config(cfg: Config) -> Config:
             target = getattr(target, part)
         value = getattr(target, name)
         if value and not value.startswith("synthetic"):
-            setattr(target, name, portable_path(value))
+            setattr(target, name, convert(value))
     return out
 
 

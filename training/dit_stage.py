@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
@@ -29,8 +28,8 @@ from cache import LatentReader, ensure_cache, flip_from_seed, step_generator
 from inference.pipelines import generate, image_grid, parse_size, tensor_to_pil
 from models.dit import DiT
 from models.registry import MODEL_NAMES, build_dit
-from models.vae import AutoencoderKL, load_vae
-from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from models.vae import AutoencoderKL, load_vae, vae_fingerprint
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import Config, ConfigError, portable_path, resolve_path
 from training.data import ScheduleSampler
 from training.distributed import DistInfo, setup, teardown
@@ -38,8 +37,8 @@ from training.ema import EMA
 from training.flow import RectifiedFlow
 from training.logging import RunLogger
 from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, clip_and_check,
-                           keep_freed_memory, lr_factor, plan_data, prepare_run_dir,
-                           seed_everything, state_for_json)
+                           find_resume, keep_freed_memory, load_optimizer, lr_factor, plan_data,
+                           prepare_run_dir, seed_everything, state_for_json)
 
 
 def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
@@ -51,19 +50,27 @@ def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
     return load_vae(path, device=device).float().eval().requires_grad_(False)
 
 
-def check_resume_compatible(cfg: Config, state: dict, num_classes: int, latent: int,
-                            path: Path) -> None:
-    """Refuse a checkpoint of another model, latent space or class set."""
+def check_resume_compatible(cfg: Config, state: dict, class_names: list[str],
+                            vae: AutoencoderKL, path: Path) -> None:
+    """Refuse a checkpoint of another model, class set or VAE (by fingerprint, where the
+    checkpoint records one)."""
     saved = state.get("config", {})
     problems = []
     if saved.get("stage") != "dit":
         problems.append(f"stage {saved.get('stage')!r}")
     if saved.get("dit", {}).get("model") != cfg.dit.model:
         problems.append(f"model {saved.get('dit', {}).get('model')!r} vs {cfg.dit.model!r}")
-    if state.get("num_classes") != num_classes:
-        problems.append(f"{state.get('num_classes')} classes vs {num_classes}")
+    theirs = state.get("class_names", [])
+    if theirs != class_names:
+        gone, new = sorted(set(theirs) - set(class_names)), sorted(set(class_names) - set(theirs))
+        problems.append(f"classes only in the checkpoint {gone[:5]}, only in the data {new[:5]}")
+    latent = vae.config.latent_channels
     if state.get("latent_channels") != latent:
         problems.append(f"{state.get('latent_channels')} latent channels vs {latent}")
+    elif "vae_fingerprint" in state:
+        found = vae_fingerprint(vae)
+        if found != state["vae_fingerprint"]:
+            problems.append(f"VAE fingerprint {state['vae_fingerprint'][:12]} vs {found[:12]}")
     if problems:
         raise ConfigError(f"{path}: checkpoint is of another model ({'; '.join(problems)})")
 
@@ -119,8 +126,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         raise ConfigError(f"unknown model {d.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     seed_everything(cfg.seed)
     keep_freed_memory()  # no page faults re-zeroing activations every step
-    resume_path = resolve_resume(resolve_path(resume or cfg.run_dir)) if resume is not None \
-        else None
+    resume_path = find_resume(cfg, resume, info.world_size)
     vae = load_stage_vae(cfg, device)
     plan = plan_data(cfg, info)
     num_classes = len(plan.class_names)
@@ -129,11 +135,21 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     if cfg.data.step % step_px:
         raise ConfigError(f"data.step {cfg.data.step} must be a multiple of VAE factor × patch "
                           f"= {step_px}")
+    model.gradient_checkpointing = t.grad_checkpointing
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, d.adam_beta2),
+                            weight_decay=t.weight_decay, fused=True)
+    ema = EMA(model, t.ema_decay)
+    step, epoch, index = 0, 0, 0
     if resume_path is not None:  # refuse another model before anything is written
-        state = json.loads((resume_path / "state.json").read_text())
-        check_resume_compatible(cfg, state, num_classes, vae.config.latent_channels,
-                                resume_path)
-    run_dir = prepare_run_dir(cfg, resume_path is not None, info, plan)
+        ckpt = load_checkpoint(resume_path)
+        check_resume_compatible(cfg, ckpt.state, plan.class_names, vae, resume_path)
+        model.load_state_dict(ckpt.group("model"))
+        ema.load_state_dict(ckpt.group("ema"), ckpt.state["ema_updates"])
+        load_optimizer(opt, ckpt.torch_state["optimizer"])
+        step, epoch, index = ckpt.step, ckpt.state["epoch"], ckpt.state["index"]
+        if main:
+            print(f"resumed from {resume_path} at step {step}", flush=True)
+    run_dir = prepare_run_dir(cfg, resume_path, info, plan)
 
     # Latent cache: build or update, then read from memory-mapped shards.
     cache_dir = resolve_path(d.cache_dir) if d.cache_dir else None
@@ -176,19 +192,6 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
 
     flow = RectifiedFlow(num_classes, model.config.patch_size, d.base_tokens, d.logit_mean,
                          d.logit_std, d.label_dropout)
-    model.gradient_checkpointing = t.grad_checkpointing
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, d.adam_beta2),
-                            weight_decay=t.weight_decay, fused=True)
-    ema = EMA(model, t.ema_decay)
-    step, epoch, index = 0, 0, 0
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
-        model.load_state_dict(ckpt.tensors["model"])
-        ema.load_state_dict(ckpt.tensors["ema"], ckpt.state["ema_updates"])
-        opt.load_state_dict(ckpt.torch_state["optimizer"])
-        step, epoch, index = ckpt.step, ckpt.state["epoch"], ckpt.state["index"]
-        if main:
-            print(f"resumed from {resume_path} at step {step}", flush=True)
     if main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{d.model}: {n_params / 1e6:.2f}M parameters, {num_classes or 'no'} classes, "
@@ -218,11 +221,13 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                      "num_classes": num_classes, "latent_channels": vae.config.latent_channels,
                      "class_names": plan.class_names,
                      "model_config": model.config.to_dict(),
-                     "vae": portable_path(resolve_path(d.vae))}
+                     "vae": portable_path(resolve_path(d.vae)),
+                     "vae_fingerprint": summary.fingerprint}
             save_checkpoint(run_dir, step, {"model": model.state_dict(),
                                             "ema": ema.state_dict()},
                             {"optimizer": opt.state_dict()},
-                            state_for_json(cfg, step, epoch, index, extra), keep_last=t.keep_last)
+                            state_for_json(cfg, step, epoch, index, info.world_size, extra),
+                            keep_last=t.keep_last)
 
     def previews() -> None:
         ema.copy_to(ema_model)

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from bucketing import BatchSchedule, assign, bucket_dataset
-from training.config import (Config, ConfigError, TrainingAborted, portable_config, resolve_path,
-                             save_config, to_dict)
+from training.checkpoint import (CHECKPOINTS, STATE_FILE, capture_rng_state, read_state,
+                                 resolve_resume, set_aside_newer)
+from training.config import (Config, ConfigError, TrainingAborted, absolute_config, from_dict,
+                             portable_config, resolve_path, save_config, to_dict)
 from training.data import ImageRecord, PixelDataset, ScheduleSampler, resolve_dataset, scan_folder
 from training.distributed import DistInfo, barrier
 
@@ -181,16 +183,88 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def prepare_run_dir(cfg: Config, resuming: bool, dist: DistInfo,
+# What fixes the batch schedule (which images, bucketed how, in which order). A resume keeps
+# these and the global batch, so that its saved (epoch, index) points at the same next batch.
+SCHEDULE_KEYS = ("seed", "train.grad_accum", "data.dataset", "data.eval_dataset", "data.holdout",
+                 "data.use_classes", "data.max_image_pixels", "data.resolution", "data.step",
+                 "data.min_area_ratio", "data.max_aspect", "data.allow_upscale",
+                 "data.merge_small_buckets")
+
+
+def saved_config(checkpoint: Path) -> Config:
+    """The config `checkpoint` was trained with (from its state.json), paths made absolute."""
+    try:
+        return absolute_config(from_dict(Config, read_state(checkpoint)["config"]))
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise ConfigError(f"{checkpoint / STATE_FILE}: no usable config ({exc})") from None
+
+
+def find_resume(cfg: Config, resume: str | None, world_size: int) -> Path | None:
+    """The checkpoint to resume, None for a new run: `resume` (a run, its checkpoints/ or one
+    checkpoint), or the newest of `cfg.run_dir` when it is "".
+
+    Refuses (ConfigError naming what differs) a config whose batch schedule differs from the
+    checkpoint's: `SCHEDULE_KEYS` and the global batch (batch_size × processes).
+    """
+    if resume is None:
+        return None
+    path = resolve_resume(resolve_path(resume or cfg.run_dir))
+    before, now = portable_config(saved_config(path)), portable_config(cfg)
+    changed = [f"{key} {_lookup(before, key)!r} -> {_lookup(now, key)!r}"
+               for key in SCHEDULE_KEYS if _lookup(before, key) != _lookup(now, key)]
+    saved_batch = before.batch_size * read_state(path).get("world_size", world_size)
+    if saved_batch != cfg.batch_size * world_size:
+        changed.append(f"global batch (batch_size × processes) {saved_batch} -> "
+                       f"{cfg.batch_size * world_size}")
+    if changed:
+        raise ConfigError(f"{path}: {'; '.join(changed)}: a resumed run keeps the batch "
+                          "schedule it was saved with (data, bucketing, global batch, "
+                          "accumulation, seed); start a new run to change it")
+    return path
+
+
+def _lookup(cfg: Config, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def load_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state (moments, step counts) but keep the hyperparameters `opt`
+    was built with from this run's config (lr, betas, weight decay...), which
+    `load_state_dict` alone would replace with the saved ones."""
+    built = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, settings in zip(opt.param_groups, built):
+        group.update(settings)
+
+
+def prepare_run_dir(cfg: Config, resume: Path | None, dist: DistInfo,
                     plan: DataPlan) -> Path:
-    """Create the run folder, save the resolved config and the skip list; refuse to overwrite
-    another run. Called after everything that can fail on bad input has been checked."""
+    """Create the run folder, save the resolved config and the skip list. Called after
+    everything that can fail on bad input has been checked.
+
+    Refuses a folder holding checkpoints unless `resume` (the checkpoint being resumed) is one of
+    them. Resuming an older one of them first moves the newer ones aside (`set_aside_newer`), so
+    that the newest checkpoint is always the branch being trained.
+    """
     run_dir = resolve_path(cfg.run_dir)
     if dist.is_main:
-        existing = run_dir / "checkpoints"
-        if not resuming and existing.is_dir() and any(existing.glob("step_*")):
-            raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue "
-                              "it or choose another --run-dir")
+        existing = run_dir / CHECKPOINTS
+        ours = resume is not None and resume.parent.resolve() == existing.resolve()
+        if not ours and existing.is_dir() and any(existing.glob("step_*")):
+            if resume is None:
+                raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to "
+                                  "continue it or choose another --run-dir")
+            raise ConfigError(f"{run_dir} already holds checkpoints of another run; to resume "
+                              f"{resume} leave out --run-dir (it continues in "
+                              f"{resume.parent.parent}) or choose an empty one")
+        if ours:
+            moved = set_aside_newer(resume)
+            if moved:
+                print(f"note: continuing from {resume.name}, so the newer "
+                      f"{', '.join(p.name for p in moved)} moved to {moved[0].parent} "
+                      "(nothing deleted)", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(portable_config(cfg), run_dir / "config.json")
         (run_dir / "skipped.json").write_text(json.dumps(
@@ -285,10 +359,9 @@ def eval_crops(records: list[ImageRecord], crop: int, limit: int,
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
-def state_for_json(cfg: Config, step: int, epoch: int, index: int, extra: dict) -> dict:
+def state_for_json(cfg: Config, step: int, epoch: int, index: int, world_size: int,
+                   extra: dict) -> dict:
     """The JSON part of a checkpoint."""
-    from training.checkpoint import capture_rng_state
-
-    return {"step": step, "epoch": epoch, "index": index, "config": to_dict(portable_config(cfg)),
-            "rng": capture_rng_state(), **extra}
+    return {"step": step, "epoch": epoch, "index": index, "world_size": world_size,
+            "config": to_dict(portable_config(cfg)), "rng": capture_rng_state(), **extra}
 

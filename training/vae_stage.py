@@ -28,8 +28,9 @@ from training.distributed import DistInfo, setup, teardown
 from training.ema import EMA
 from training.logging import RunLogger
 from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, clip_and_check,
-                           eval_crops, keep_freed_memory, lr_factor, pixel_loader, plan_data,
-                           prepare_run_dir, seed_everything, state_for_json)
+                           eval_crops, find_resume, keep_freed_memory, load_optimizer, lr_factor,
+                           pixel_loader, plan_data, prepare_run_dir, seed_everything,
+                           state_for_json)
 from training.metrics import psnr, ssim
 
 ARCH_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
@@ -126,11 +127,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     device, main = info.device, info.is_main
     seed_everything(cfg.seed)
     keep_freed_memory()  # no page faults re-zeroing activations every step
-    resume_path = None
-    if resume is not None:  # "" means the newest checkpoint of this run
-        resume_path = resolve_resume(resolve_path(resume or cfg.run_dir))
+    resume_path = find_resume(cfg, resume, info.world_size)
     plan = plan_data(cfg, info)
-    run_dir = prepare_run_dir(cfg, resume_path is not None, info, plan)
 
     vae = build_vae(cfg).to(device)
     disc = PatchDiscriminator(3, v.disc_channels, v.disc_layers).to(device)
@@ -143,17 +141,18 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     opt_d = torch.optim.Adam(disc.parameters(), lr=v.disc_lr, betas=(0.5, 0.9))
     ema = EMA(vae, t.ema_decay)
     step, epoch, index = 0, 0, 0
-    if resume_path is not None:
+    if resume_path is not None:  # refuse another model before anything is written
         ckpt = load_checkpoint(resume_path)
         check_resume_compatible(cfg, ckpt.state["config"], resume_path)
-        vae.load_state_dict(ckpt.tensors["model"])
-        disc.load_state_dict(ckpt.tensors["discriminator"])
-        ema.load_state_dict(ckpt.tensors["ema"], ckpt.state["ema_updates"])
-        opt_g.load_state_dict(ckpt.torch_state["opt_g"])
-        opt_d.load_state_dict(ckpt.torch_state["opt_d"])
+        vae.load_state_dict(ckpt.group("model"))
+        disc.load_state_dict(ckpt.group("discriminator"))
+        ema.load_state_dict(ckpt.group("ema"), ckpt.state["ema_updates"])
+        load_optimizer(opt_g, ckpt.torch_state["opt_g"])
+        load_optimizer(opt_d, ckpt.torch_state["opt_d"])
         step, epoch, index = ckpt.step, ckpt.state["epoch"], ckpt.state["index"]
         if main:
             print(f"resumed from {resume_path} at step {step}", flush=True)
+    run_dir = prepare_run_dir(cfg, resume_path, info, plan)
     if main:
         n = sum(p.numel() for p in vae.parameters())
         print(f"VAE: {n / 1e6:.2f}M parameters, downsampling {vae.downsample_factor}, "
@@ -176,7 +175,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             save_checkpoint(run_dir, step, {"model": vae.state_dict(), "ema": ema.state_dict(),
                                             "discriminator": disc.state_dict()},
                             {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()},
-                            state_for_json(cfg, step, epoch, index,
+                            state_for_json(cfg, step, epoch, index, info.world_size,
                                            {"stage": "vae", "ema_updates": ema.num_updates}),
                             keep_last=t.keep_last)
 
@@ -300,9 +299,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> 
                  else cfg.train.device)
     plan = plan_data(cfg, info)
     vae = build_vae(cfg).to(info.device)
-    vae.load_state_dict(ckpt.tensors["model"])
+    vae.load_state_dict(ckpt.group("model"))
     ema = EMA(vae, cfg.train.ema_decay)
-    ema.load_state_dict(ckpt.tensors["ema"], ckpt.state["ema_updates"])
+    ema.load_state_dict(ckpt.group("ema"), ckpt.state["ema_updates"])
     folder = Path(out) if out else path.parent.parent / "vae"
     return export_vae(vae, ema, copy.deepcopy(vae), loader_for_scale(cfg, plan, info),
                       info.device, folder, cfg.vae.scale_images)

@@ -20,6 +20,7 @@ from training.checkpoint import (
     resolve_resume,
     restore_rng_state,
     save_checkpoint,
+    set_aside_newer,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -107,16 +108,57 @@ def test_checkpoint_keep_last_deletes_only_older_complete_ones(tmp_path):
     assert _steps(tmp_path) == [3, 4, 5]
     assert incomplete.is_dir()  # not a complete checkpoint: not ours to delete
 
-    # resuming from an older checkpoint: the one just written survives even though it is oldest
-    save_checkpoint(tmp_path, 2, _tiny(2), {}, {}, keep_last=2)
-    assert _steps(tmp_path) == [2, 4, 5]
-
     # the same step again replaces it, and only once the new one is complete
     save_checkpoint(tmp_path, 5, _tiny(50), {}, {}, keep_last=0)
-    assert _steps(tmp_path) == [2, 4, 5]
+    assert _steps(tmp_path) == [3, 4, 5]
     assert load_checkpoint(tmp_path).tensors["model"]["w"][0] == 50
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["step_0000000", "step_0000002", "step_0000004", "step_0000005"]
+    assert names == ["step_0000000", "step_0000003", "step_0000004", "step_0000005"]
+
+
+def test_checkpoint_rollback_sets_newer_ones_aside(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    for s in (2, 4, 6):
+        save_checkpoint(tmp_path, s, _tiny(s), {}, {}, keep_last=3)
+    # a step below the newest would not be the one --resume picks next: refused, nothing written
+    with pytest.raises(ValueError, match="step 3 below the newest checkpoint step_0000006"):
+        save_checkpoint(tmp_path, 3, _tiny(3), {}, {}, keep_last=2)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002", "step_0000004",
+                                                       "step_0000006"]
+
+    # continuing from step 2 first moves the newer ones, unchanged, to a run-like folder
+    moved = set_aside_newer(ckpts / "step_0000002")
+    aside = moved[0].parent.parent
+    assert aside.parent == tmp_path / "set_aside" and aside.name.endswith("_after_step_0000002")
+    assert moved == [aside / "checkpoints" / "step_0000004", aside / "checkpoints" / "step_0000006"]
+    assert load_checkpoint(aside).tensors["model"]["w"][0] == 6
+    assert set_aside_newer(ckpts / "step_0000002") == []
+
+    # the new branch is then the newest, and pruning reaches only checkpoints/
+    for s in (3, 4, 5):
+        save_checkpoint(tmp_path, s, _tiny(100 + s), {}, {}, keep_last=4)
+    assert _steps(tmp_path) == [2, 3, 4, 5]
+    assert load_checkpoint(tmp_path).tensors["model"]["w"][0] == 105
+    save_checkpoint(tmp_path, 6, _tiny(106), {}, {}, keep_last=2)
+    assert _steps(tmp_path) == [5, 6] and _steps(aside) == [4, 6]
+
+    # a second roll-back to the same step (within the same second, here) gets its own folder
+    save_checkpoint(tmp_path, 7, _tiny(107), {}, {}, keep_last=0)
+    again = set_aside_newer(ckpts / "step_0000005")[0].parent.parent
+    assert set_aside_newer(ckpts / "step_0000005") == []
+    save_checkpoint(tmp_path, 6, _tiny(206), {}, {}, keep_last=0)
+    third = set_aside_newer(ckpts / "step_0000005")[0].parent.parent
+    assert len({aside, again, third}) == 3 and _steps(again) == [6, 7] and _steps(third) == [6]
+
+
+def test_checkpoint_missing_tensor_group_is_named(tmp_path):
+    tensors = {"model": {"w": torch.zeros(2)}, "ema": {"w": torch.ones(2)}}
+    path = save_checkpoint(tmp_path, 1, tensors, {}, {})
+    (path / "ema.safetensors").unlink()
+    ckpt = load_checkpoint(path)
+    assert torch.equal(ckpt.group("model")["w"], torch.zeros(2))
+    with pytest.raises(FileNotFoundError, match=r"step_0000001/ema\.safetensors: missing"):
+        ckpt.group("ema")
 
 
 def test_checkpoint_ignores_temporary_and_incomplete_folders(tmp_path):

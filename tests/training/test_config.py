@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config import (REPO_ROOT, Config, ConfigError, apply_overrides, from_dict,
-                             load_config, portable_config, portable_path, resolve_path,
+from training.config import (REPO_ROOT, Config, ConfigError, absolute_config, apply_overrides,
+                             from_dict, load_config, portable_config, portable_path, resolve_path,
                              save_config, to_dict)
 
 
@@ -74,3 +74,15 @@ def test_config_portable_config_rewrites_paths_inside_the_repo(tmp_path: Path) -
     assert out.data.dataset == "synthetic:8"
     assert out.data.eval_dataset == str((tmp_path / "held").resolve())
     assert cfg.run_dir == str(REPO_ROOT / "runs" / "a")  # the original is untouched
+
+
+def test_config_absolute_config_reads_saved_paths_from_the_repo(tmp_path: Path) -> None:
+    """A config saved in a checkpoint (portable paths) means the same from any working folder."""
+    cfg = from_dict(Config, {"run_dir": "runs/a", "data": {"dataset": "data/photos",
+                                                          "eval_dataset": str(tmp_path / "held")},
+                             "dit": {"vae": "vae", "cache_dir": ""}})
+    out = absolute_config(cfg)
+    assert out.run_dir == str(REPO_ROOT / "runs" / "a") and out.dit.vae == str(REPO_ROOT / "vae")
+    assert out.data.dataset == str(REPO_ROOT / "data" / "photos")
+    assert out.data.eval_dataset == str(tmp_path / "held") and out.dit.cache_dir == ""
+    assert portable_config(out) == cfg and cfg.run_dir == "runs/a"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +18,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
+from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from training.config import Config, from_dict
+from training.config import Config, ConfigError, from_dict
 from training.dit_stage import train_dit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -234,3 +235,58 @@ def test_dit_stage_bad_input_is_one_line_error(tmp_path: Path, tiny_vae: Path,
     if case == "other_model":
         after = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
         assert after == before
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and "tb" not in p.parts}
+
+
+def _tiny_cfg(tmp_path: Path, vae: Path, **train) -> Config:
+    return from_dict(Config, json.loads(_config(tmp_path / "c.json", tmp_path / "run", vae,
+                                                **train).read_text()))
+
+
+def test_dit_stage_resume_refuses_renamed_classes(tmp_path: Path, tiny_vae: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png")
+    cfg = _tiny_cfg(tmp_path, tiny_vae, max_steps=1)
+    cfg.data.dataset, cfg.data.holdout = str(tmp_path / "data"), 0
+    run = train_dit(cfg)
+    # same folder, same number of classes, but label 1 now means something else
+    (tmp_path / "data" / "dogs").rename(tmp_path / "data" / "owls")
+    before = _files(run)
+    cfg.train.max_steps = 2
+    with pytest.raises(ConfigError, match=r"only in the checkpoint \['dogs'\], only in the data "
+                                          r"\['owls'\]"):
+        train_dit(cfg, resume="")
+    assert _files(run) == before
+
+
+def test_dit_stage_resume_checks_the_vae_fingerprint(tmp_path: Path, tiny_vae: Path) -> None:
+    run = train_dit(_tiny_cfg(tmp_path, tiny_vae, max_steps=1))
+    torch.manual_seed(1)  # another VAE with the same latent channels
+    other = save_vae(AutoencoderKL(load_vae(tiny_vae).config), tmp_path / "other_vae")
+    before = _files(run)
+    with pytest.raises(ConfigError, match="VAE fingerprint"):
+        train_dit(_tiny_cfg(tmp_path, other, max_steps=2), resume="")
+    assert _files(run) == before
+    fingerprint = vae_fingerprint(load_vae(tiny_vae))
+    assert load_checkpoint(latest_checkpoint(run)).state["vae_fingerprint"] == fingerprint
+    # the same VAE at another path is fine
+    copy = shutil.copytree(tiny_vae, tmp_path / "moved_vae")
+    train_dit(_tiny_cfg(tmp_path, copy, max_steps=2), resume="")
+    assert load_checkpoint(latest_checkpoint(run)).step == 2
+
+
+def test_dit_stage_resume_applies_new_optimizer_settings(tmp_path: Path, tiny_vae: Path) -> None:
+    train_dit(_tiny_cfg(tmp_path, tiny_vae, max_steps=1))
+    cfg = _tiny_cfg(tmp_path, tiny_vae, max_steps=2, weight_decay=0.1)
+    cfg.dit.adam_beta2 = 0.99
+    run = train_dit(cfg, resume="")
+    (group,) = load_checkpoint(latest_checkpoint(run)).torch_state["optimizer"]["param_groups"]
+    assert group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.9, 0.99)

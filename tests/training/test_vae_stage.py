@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.vae import load_vae
-from training.checkpoint import latest_checkpoint, load_checkpoint
+from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.config import Config, ConfigError, from_dict, save_config
 from training.vae_stage import export_checkpoint, train_vae
 
@@ -89,12 +89,64 @@ def test_vae_stage_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
         train_vae(_cfg(tmp_path / "run"))
 
 
-def test_vae_stage_resume_refuses_another_architecture(tmp_path: Path) -> None:
-    train_vae(_cfg(tmp_path / "run"))
+def _files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and "tb" not in p.parts}
+
+
+@pytest.mark.parametrize("case", ["other_architecture", "missing_ema", "new_seed"])
+def test_vae_stage_refused_resume_leaves_the_run_untouched(tmp_path: Path, case: str) -> None:
+    run = train_vae(_cfg(tmp_path / "run"))
     other = _cfg(tmp_path / "run", max_steps=2)
-    other.vae.latent_channels = 8
-    with pytest.raises(ConfigError, match="another model"):
+    if case == "other_architecture":
+        other.vae.latent_channels = 8
+        error, expected = ConfigError, "another model"
+    elif case == "missing_ema":
+        (run / "checkpoints" / "step_0000001" / "ema.safetensors").unlink()
+        error, expected = FileNotFoundError, r"step_0000001/ema\.safetensors: missing"
+    else:  # the batch schedule would change under the saved position
+        other.seed = 2
+        error, expected = ConfigError, "seed 1 -> 2"
+    before = _files(run)
+    with pytest.raises(error, match=expected):
         train_vae(other, resume="")
+    assert _files(run) == before  # config.json included
+
+
+def test_vae_stage_resume_refuses_another_runs_folder(tmp_path: Path) -> None:
+    a = train_vae(_cfg(tmp_path / "a", max_steps=2, ckpt_every=1))
+    b = train_vae(_cfg(tmp_path / "b", max_steps=2, keep_last=1))
+    before = _files(b)
+    with pytest.raises(ConfigError, match="already holds checkpoints of another run"):
+        train_vae(_cfg(b, max_steps=3, keep_last=1), resume=str(a / "checkpoints" / "step_0000001"))
+    assert _files(b) == before
+    # an empty folder takes a fork of the run
+    fork = train_vae(_cfg(tmp_path / "fork", max_steps=3), resume=str(a))
+    assert [p.name for p in list_checkpoints(fork)] == ["step_0000003"]
+    assert [p.name for p in list_checkpoints(a)] == ["step_0000001", "step_0000002"]
+
+
+def test_vae_stage_rollback_sets_newer_checkpoints_aside(tmp_path: Path) -> None:
+    run = train_vae(_cfg(tmp_path / "run", max_steps=4, ckpt_every=1))
+    before = _files(run / "checkpoints")
+    # continue from step 2 on another branch (another learning rate)
+    train_vae(_cfg(run, max_steps=3, ckpt_every=1, lr=1e-3),
+              resume=str(run / "checkpoints" / "step_0000002"))
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000002", "step_0000003"]
+    assert load_checkpoint(run).state["config"]["train"]["lr"] == 1e-3
+    (aside,) = (run / "set_aside").iterdir()  # the abandoned branch, byte for byte
+    assert _files(aside / "checkpoints") == {k: v for k, v in before.items()
+                                             if not k.startswith("step_0000002")}
+
+
+def test_vae_stage_resume_applies_new_optimizer_settings(tmp_path: Path) -> None:
+    train_vae(_cfg(tmp_path / "run", max_steps=1))
+    cfg = _cfg(tmp_path / "run", max_steps=2, weight_decay=0.05)
+    cfg.vae.disc_lr = 3e-5
+    run = train_vae(cfg, resume="")
+    groups = load_checkpoint(run).torch_state
+    assert groups["opt_g"]["param_groups"][0]["weight_decay"] == 0.05
+    assert groups["opt_d"]["param_groups"][0]["lr"] == 3e-5
 
 
 def test_vae_stage_export_from_checkpoint(tmp_path: Path) -> None:
