@@ -52,7 +52,7 @@ class GeneratorInfo:
     class_names: list[str]  # empty for an unconditional model
     base_tokens: int  # token count at which the timestep shift is 1
     vae: Path  # the VAE loaded with it
-    vae_fingerprint: str | None  # recorded at export; None for training checkpoints
+    vae_fingerprint: str | None  # recorded in training (or at export); None for older runs
     resolution: int | None  # training data.resolution in pixels; None for older exports
 
     @property
@@ -129,7 +129,7 @@ def _read_source(path: Path, step: int | None) -> tuple[DiTConfig, dict[str, tor
         run_config = fields.get("config", {})
         fields = {**fields, "base_tokens": run_config.get("dit", {}).get("base_tokens"),
                   "resolution": run_config.get("data", {}).get("resolution"),
-                  "vae_fingerprint": None}
+                  "vae_fingerprint": fields.get("vae_fingerprint")}
     try:
         config = DiTConfig.from_dict(fields["model_config"])
         resolution = fields.get("resolution")
@@ -180,7 +180,8 @@ def load_generator(path: str | os.PathLike, step: int | None = None,
 
     `path` is a run folder (its newest complete checkpoint, or `step`'s), a checkpoint folder,
     or an export folder. The VAE is the one recorded with the weights unless `vae` overrides it;
-    it must have the model's latent channels and, for an export, the recorded fingerprint.
+    it must have the model's latent channels and the fingerprint recorded in training, where
+    one was (runs from before that record none).
     `vae_dtype` applies unless the VAE's config sets force_upcast (then it stays fp32).
     """
     config, weights, info = _read_source(Path(path), step)
@@ -203,6 +204,17 @@ def load_generator(path: str | os.PathLike, step: int | None = None,
     if autoencoder.config.force_upcast:
         vae_dtype = torch.float32
     return model, autoencoder.to(device=device, dtype=vae_dtype), info
+
+
+def _trained_vae_fingerprint(info: GeneratorInfo) -> str:
+    """The fingerprint of the VAE at `info.vae`, refused if it is not the one the run recorded."""
+    found = vae_fingerprint(load_vae(info.vae))
+    if info.vae_fingerprint is not None and found != info.vae_fingerprint:
+        raise ExportError(f"{info.vae}: not the VAE {info.source} was trained with (fingerprint "
+                          f"{found[:12]}, expected {info.vae_fingerprint[:12]}); it changed "
+                          "since training, so an export would pair the model with the wrong "
+                          "latent space")
+    return found
 
 
 def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
@@ -235,7 +247,7 @@ def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = No
     meta = {"format": EXPORT_FORMAT, "step": info.step, "model_config": config.to_dict(),
             "class_names": info.class_names, "base_tokens": info.base_tokens,
             "resolution": info.resolution, "vae": portable_path(info.vae),
-            "vae_fingerprint": vae_fingerprint(load_vae(info.vae)),
+            "vae_fingerprint": _trained_vae_fingerprint(info),
             "source": portable_path(folder)}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,23 @@ def test_export_refuses_a_mismatched_vae(tiny_run: Path, tmp_path: Path) -> None
                     tmp_path / "wide_vae")
     with pytest.raises(ExportError, match="8 latent channels"):
         load_generator(tiny_run, vae=wide)
+
+
+def test_export_refuses_a_vae_changed_since_training(tiny_run: Path, tmp_path: Path) -> None:
+    # Training checkpoints record their VAE's fingerprint: sampling from them with another VAE,
+    # or exporting once the VAE at the recorded path has been replaced, is refused.
+    torch.manual_seed(1)
+    other = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                             latent_channels=4, sample_size=32)),
+                     tmp_path / "other_vae")
+    with pytest.raises(ExportError, match="not the VAE"):
+        load_generator(tiny_run, vae=other)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for state_file in run.glob("checkpoints/*/state.json"):
+        state = json.loads(state_file.read_text())
+        state["vae"] = str(other)  # as if the VAE at the recorded path had been replaced
+        state_file.write_text(json.dumps(state))
+    with pytest.raises(ExportError, match="changed since training"):
+        export_dit(run, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
