@@ -59,7 +59,7 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (DiT stage; the VAE stage needs 1)
     ema_decay: float = 0.999
     precision: str = "auto"  # "auto" (bf16 where supported), "bf16" or "fp32"
     device: str = "auto"  # "auto", "cpu" or "cuda"

@@ -50,6 +50,16 @@ def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
     return load_vae(path, device=device).float().eval().requires_grad_(False)
 
 
+def flow_generator(noise: torch.Generator, device: torch.device) -> torch.Generator:
+    """The generator of a micro-step's flow times and noise on `device`, seeded from `noise`,
+    the CPU generator that drew the latent sample x0 (`cache.step_generator`), after that draw.
+
+    Seeding it with `noise`'s own seed instead would, on a CPU (the same generator algorithm),
+    replay x0's noise as the flow's noise, which rectified flow assumes independent of x0.
+    """
+    return torch.Generator(device).manual_seed(int(torch.randint(2**62, (), generator=noise)))
+
+
 def check_resume_compatible(cfg: Config, state: dict, class_names: list[str],
                             vae: AutoencoderKL, path: Path) -> None:
     """Refuse a checkpoint of another model, class set or VAE (by fingerprint, where the
@@ -276,7 +286,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                  if num_classes else None)
             waited += time.perf_counter() - t_data
             files += [plan.records[i].path for i in indices]
-            gen = torch.Generator(device).manual_seed(int(noise.initial_seed() % 2 ** 63))
+            gen = flow_generator(noise, device)
             sync = micro == t.grad_accum - 1 or info.world_size == 1
             no_sync = contextlib.nullcontext() if sync else train_model.no_sync()
             with no_sync, autocast(device, amp):
@@ -285,7 +295,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             (loss / t.grad_accum).backward()
             total += loss.detach() / t.grad_accum
             bw, bh = x0.shape[-1] * vae.downsample_factor, x0.shape[-2] * vae.downsample_factor
-            bucket_losses[f"{bw}x{bh}"].append(loss.detach())  # read at log time: no sync
+            if main:  # read at log time (no sync), which only the main process does
+                bucket_losses[f"{bw}x{bh}"].append(loss.detach())
         grad_norm = clip_and_check(params, t.grad_clip)
         if guard.ok(step, total, grad_norm, files):
             opt.step()

@@ -125,6 +125,9 @@ def train_vae(cfg: Config, resume: str | None = None) -> Path:
 def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     t, v = cfg.train, cfg.vae
     device, main = info.device, info.is_main
+    if t.grad_accum != 1:  # one batch per step: the GAN and adaptive weight see whole batches
+        raise ConfigError(f"train.grad_accum {t.grad_accum}: the VAE stage takes one batch per "
+                          "optimizer step; raise batch_size (or use more processes) instead")
     seed_everything(cfg.seed)
     keep_freed_memory()  # no page faults re-zeroing activations every step
     resume_path = find_resume(cfg, resume, info.world_size)

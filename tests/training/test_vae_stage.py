@@ -83,6 +83,12 @@ def test_vae_stage_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
             assert torch.equal(a[k], b[k]), (group, k)
 
 
+def test_vae_stage_refuses_gradient_accumulation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train.grad_accum 2: the VAE stage takes one batch"):
+        train_vae(_cfg(tmp_path / "run", grad_accum=2))
+    assert not (tmp_path / "run").exists()
+
+
 def test_vae_stage_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
     train_vae(_cfg(tmp_path / "run"))
     with pytest.raises(ConfigError, match="--resume"):
