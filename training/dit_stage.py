@@ -270,7 +270,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         logger.scalars(values, step)
         bar.write(f"step {step}: validation loss {values['val/loss']:.4f}")
 
-    tick, waited = time.perf_counter(), 0.0
+    tick, waited, logged_at = time.perf_counter(), 0.0, step  # the current logging window
     bucket_losses: dict[str, list[float]] = defaultdict(list)
     while step < t.max_steps:
         for group in opt.param_groups:
@@ -306,7 +306,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         bar.update(1)
         if main and (step % t.log_every == 0 or step == 1):
             elapsed = time.perf_counter() - tick
-            steps_done = min(step, t.log_every)
+            steps_done = step - logged_at
             values = {"train/loss": total.item(), "train/lr": opt.param_groups[0]["lr"],
                       "train/grad_norm": grad_norm.item(),
                       "train/samples_per_s": steps_done * t.grad_accum * cfg.batch_size
@@ -316,7 +316,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                            for k, v in bucket_losses.items()})
             logger.scalars(values, step)
             bar.set_postfix(loss=f"{total.item():.4f}")
-            tick, waited = time.perf_counter(), 0.0
+            tick, waited, logged_at = time.perf_counter(), 0.0, step
             bucket_losses.clear()
         if main and val_x and (step % t.eval_every == 0 or step == t.max_steps):
             validate()

@@ -182,11 +182,11 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                                            {"stage": "vae", "ema_updates": ema.num_updates}),
                             keep_last=t.keep_last)
 
-    tick = time.perf_counter()
+    tick, waited, logged_at = time.perf_counter(), 0.0, step  # the current logging window
     while step < t.max_steps:
-        t_wait = time.perf_counter()
+        t_data = time.perf_counter()
         batch = next(batches)
-        t_wait = time.perf_counter() - t_wait
+        waited += time.perf_counter() - t_data
         x = to_unit_range(batch["pixels"]).to(device, non_blocking=True)  # (B, 3, H, W)
         for group in opt_g.param_groups:
             group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
@@ -239,8 +239,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         epoch, index = int(batch["epoch"][0]), int(batch["batch_index"][0]) + 1
         bar.update(1)
         if main and (step % t.log_every == 0 or step == 1):
-            elapsed = time.perf_counter() - tick
-            tick = time.perf_counter()
+            elapsed, steps_done, waited_then = time.perf_counter() - tick, step - logged_at, waited
+            tick, waited, logged_at = time.perf_counter(), 0.0, step
             logger.scalars({"loss/total": loss.item(), "loss/rec": rec_loss.item(),
                             "loss/perceptual": p_loss.item(), "loss/kl": kl.item(),
                             "loss/gan_generator": g_loss.item(), "loss/disc": d_loss.item(),
@@ -249,10 +249,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                             "gan/logits_fake": logits_fake.item(),
                             "train/grad_norm": grad_norm.item(),
                             "train/lr": opt_g.param_groups[0]["lr"],
-                            "train/data_wait_fraction": t_wait / max(1e-9, elapsed
-                                                                      / min(step, t.log_every)),
-                            "train/samples_per_s": x.shape[0] * info.world_size
-                            * min(step, t.log_every) / max(1e-9, elapsed)}, step)
+                            "train/data_wait_fraction": waited_then / max(1e-9, elapsed),
+                            "train/samples_per_s": x.shape[0] * info.world_size * steps_done
+                            / max(1e-9, elapsed)}, step)
             bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.0f}")
         if main and len(eval_images) and (step % t.eval_every == 0 or step == t.max_steps):
             ema.copy_to(ema_model)
