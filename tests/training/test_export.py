@@ -76,17 +76,19 @@ def test_export_weights_that_do_not_fit_name_missing_and_unexpected_keys(
         load_generator(out)
 
 
+def _other_vae(folder: Path, latent_channels: int = 4) -> Path:
+    """A tiny VAE that is not the one `tiny_run` was trained with."""
+    torch.manual_seed(1)
+    return save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                            latent_channels=latent_channels, sample_size=32)),
+                    folder)
+
+
 def test_export_refuses_a_mismatched_vae(tiny_run: Path, tmp_path: Path) -> None:
     out = export_dit(tiny_run, tmp_path / "export")
-    torch.manual_seed(1)
-    other = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
-                                             latent_channels=4, sample_size=32)),
-                     tmp_path / "other_vae")
     with pytest.raises(ExportError, match="not the VAE"):
-        load_generator(out, vae=other)
-    wide = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
-                                            latent_channels=8, sample_size=32)),
-                    tmp_path / "wide_vae")
+        load_generator(out, vae=_other_vae(tmp_path / "other_vae"))
+    wide = _other_vae(tmp_path / "wide_vae", latent_channels=8)
     with pytest.raises(ExportError, match="8 latent channels"):
         load_generator(tiny_run, vae=wide)
 
@@ -94,10 +96,7 @@ def test_export_refuses_a_mismatched_vae(tiny_run: Path, tmp_path: Path) -> None
 def test_export_refuses_a_vae_changed_since_training(tiny_run: Path, tmp_path: Path) -> None:
     # Training checkpoints record their VAE's fingerprint: sampling from them with another VAE,
     # or exporting once the VAE at the recorded path has been replaced, is refused.
-    torch.manual_seed(1)
-    other = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
-                                             latent_channels=4, sample_size=32)),
-                     tmp_path / "other_vae")
+    other = _other_vae(tmp_path / "other_vae")
     with pytest.raises(ExportError, match="not the VAE"):
         load_generator(tiny_run, vae=other)
     run = tmp_path / "run"
