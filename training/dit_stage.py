@@ -32,7 +32,7 @@ from models.vae import AutoencoderKL, load_vae, vae_fingerprint
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import Config, ConfigError, portable_path, resolve_path
 from training.data import ScheduleSampler
-from training.distributed import DistInfo, setup, teardown
+from training.distributed import DistInfo, agree, setup, teardown
 from training.ema import EMA
 from training.flow import RectifiedFlow
 from training.logging import RunLogger
@@ -297,6 +297,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             bw, bh = x0.shape[-1] * vae.downsample_factor, x0.shape[-2] * vae.downsample_factor
             if main:  # read at log time (no sync), which only the main process does
                 bucket_losses[f"{bw}x{bh}"].append(loss.detach())
+        total, stopping = agree(total, stop.received is not None)  # the same on every rank
         grad_norm = clip_and_check(params, t.grad_clip)
         if guard.ok(step, total, grad_norm, files):
             opt.step()
@@ -322,11 +323,13 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             validate()
         if main and (step % t.sample_every == 0 or step == t.max_steps):
             previews()
-        if stop.received is not None or (t.ckpt_every and step % t.ckpt_every == 0):
+        if stopping or (t.ckpt_every and step % t.ckpt_every == 0):
             checkpoint()
             logger.flush()
-        if stop.received is not None:
-            bar.write(f"signal {stop.received}: saved step {step} and stopped")
+        if stopping:
+            if main:
+                bar.write(f"signal {stop.received or 'on another process'}: saved step {step} "
+                          "and stopped")
             break
     else:
         if not t.ckpt_every or step % t.ckpt_every:

@@ -24,7 +24,7 @@ from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
 from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from training.config import Config, ConfigError, resolve_path
 from training.data import to_unit_range
-from training.distributed import DistInfo, setup, teardown
+from training.distributed import DistInfo, agree, setup, teardown
 from training.ema import EMA
 from training.logging import RunLogger
 from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, clip_and_check,
@@ -217,7 +217,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         loss.backward()
         average_gradients(list(vae.parameters()))
         grad_norm = clip_and_check(list(vae.parameters()), t.grad_clip)
-        finite = guard.ok(step, loss, grad_norm, [plan.records[int(i)].path
+        mean_loss, stopping = agree(loss, stop.received is not None)  # the same on every rank
+        finite = guard.ok(step, mean_loss, grad_norm, [plan.records[int(i)].path
                                                   for i in batch["index"]])
         if finite:
             opt_g.step()
@@ -262,12 +263,13 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
 
                 logger.image("eval/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
             bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
-        if stop.received is not None or (t.ckpt_every and step % t.ckpt_every == 0):
+        if stopping or (t.ckpt_every and step % t.ckpt_every == 0):
             checkpoint()
             logger.flush()
-        if stop.received is not None:
+        if stopping:
             if main:
-                bar.write(f"signal {stop.received}: saved step {step} and stopped")
+                bar.write(f"signal {stop.received or 'on another process'}: saved step {step} "
+                          "and stopped")
             bar.close()
             logger.close()
             return run_dir

@@ -199,6 +199,41 @@ def test_dit_stage_torchrun_two_ranks_follow_one_rank(tmp_path: Path, tiny_vae: 
         assert abs(a[step] - b[step]) < 0.5 * a[step], (step, a[step], b[step])
 
 
+def _worker_pids(agent: int) -> dict[int, int]:
+    """rank -> pid of the training processes a torchrun agent started (Linux /proc)."""
+    found = {}
+    for child in Path(f"/proc/{agent}/task/{agent}/children").read_text().split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        rank = [v for v in env if v.startswith(b"RANK=")]
+        if rank:
+            found[int(rank[0][5:])] = int(child)
+    return found
+
+
+def test_dit_stage_torchrun_signal_to_one_rank_stops_all(tmp_path: Path, tiny_vae: Path) -> None:
+    # A signal that reaches rank 1 alone: every rank stops after the same step, which rank 0
+    # saves, and all exit cleanly (rank 0 used to wait for rank 1 forever, or crash).
+    cfg = _config(tmp_path / "c.json", tmp_path / "run", tiny_vae, max_steps=100_000)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                              "2", "--master_port", "29523", "train.py", "--config", str(cfg)],
+                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not _scalars(tmp_path / "run", "train/loss"):  # both ranks are in the loop
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        os.kill(_worker_pids(agent.pid)[1], signal.SIGTERM)
+        out, err = agent.communicate(timeout=120)
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, err[-3000:]
+    assert "signal on another process: saved step" in out + err
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt is not None and load_checkpoint(ckpt).step >= 1
+
+
 @pytest.mark.parametrize("case", ["model", "dataset", "no_images", "vae", "config_key",
                                   "other_model"])
 def test_dit_stage_bad_input_is_one_line_error(tmp_path: Path, tiny_vae: Path,

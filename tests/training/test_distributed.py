@@ -1,0 +1,41 @@
+"""torchrun helpers (training/distributed.py) in real two-process gloo groups."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+AGREE = """
+import json, math, sys
+from pathlib import Path
+
+import torch
+from training.distributed import agree, setup, teardown
+
+info = setup("cpu")
+views = []
+for losses, stops in (((1.0, 3.0), (False, False)), ((1.0, math.inf), (False, True))):
+    loss, stop = agree(torch.tensor(losses[info.rank]), stops[info.rank])
+    views.append([float(loss), stop])
+Path(sys.argv[1], f"rank{info.rank}.json").write_text(json.dumps(views))
+teardown()
+"""
+
+
+def test_distributed_agree_spreads_a_nonfinite_loss_and_a_stop(tmp_path: Path) -> None:
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29531", str(script), str(tmp_path)],
+                         cwd=REPO_ROOT,
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in (0, 1):  # every rank sees the same: the mean, and rank 1's inf and stop
+        views = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert views == [[2.0, False], [float("inf"), True]]
