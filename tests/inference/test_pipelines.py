@@ -14,7 +14,7 @@ from inference.pipelines import (decode_latents, encode_image, generate, grid_st
                                  initial_noise, parse_size, pil_to_tensor, prepare_image,
                                  reconstruct, resolve_labels, sampling_timesteps, save_images,
                                  snap_size, tensor_to_pil)
-from models.vae import AutoencoderKL, VAEConfig
+from models.vae import AutoencoderKL, VAEConfig, load_vae, vae_fingerprint
 from training.data import SYNTHETIC_CLASSES
 from training.export import load_generator
 
@@ -31,7 +31,8 @@ def test_pipelines_loader_reads_run_newest_ema_checkpoint(tiny_run: Path, loaded
     model, vae, info = loaded
     assert info.step == 2 and info.class_names == CLASSES and info.base_tokens == 64
     assert info.resolution == 32  # the run's data.resolution, from its state.json
-    assert info.source.name == "step_0000002" and info.vae_fingerprint is None
+    assert info.source.name == "step_0000002"
+    assert info.vae_fingerprint == vae_fingerprint(load_vae(info.vae))  # recorded in training
     assert model.config.num_classes == 4 and not model.training
     assert grid_step(model, vae) == 4  # VAE factor 2 × patch 2
     _, _, first = load_generator(tiny_run, step=1)
