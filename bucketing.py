@@ -356,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=d.num_workers)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size} must be positive")
     cfg = DataConfig(dataset=args.dataset, resolution=args.resolution, step=args.step,
                      min_area_ratio=args.min_area_ratio, max_aspect=args.max_aspect,
                      use_classes=args.classes, allow_upscale=args.allow_upscale,

@@ -275,3 +275,12 @@ def test_bucketing_cli_missing_dataset_fails_cleanly(tmp_path: Path) -> None:
                          cwd=REPO_ROOT, capture_output=True, text=True)
     assert out.returncode == 2
     assert "nope" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("batch", ["0", "-3"])
+def test_bucketing_cli_refuses_a_batch_size_below_one(tmp_path: Path, batch: str) -> None:
+    out = subprocess.run([sys.executable, "bucketing.py", "--dataset", "synthetic:8",
+                          "--batch-size", batch], cwd=REPO_ROOT, capture_output=True, text=True,
+                         env={**os.environ, "LDM_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 2
+    assert f"--batch-size {batch} must be positive" in out.stderr
