@@ -634,7 +634,8 @@ def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: 
                  vae, cache_dir: str | os.PathLike[str] | None = None, flip: bool = False,
                  batch_size: int = 8, num_workers: int = 2, dist_info: DistInfo | None = None,
                  *, shard_size: int = 0, max_pixels: int = 100_000_000, progress: bool = True,
-                 log: Callable[[str], None] = _warn) -> CacheSummary:
+                 log: Callable[[str], None] = _warn,
+                 fingerprint: str | None = None) -> CacheSummary:
     """Build or update the cache so that every (record, orientation) has an entry.
 
     `placements[i]` belongs to `records[i]`; `vae` sits on the device that encodes. With
@@ -644,6 +645,7 @@ def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: 
     summary after a barrier. Without `dist_info` it runs alone, even inside a process group.
     `shard_size` is entries per shard (0: about 64 MiB per shard). Images that fail to load or
     encode to NaN/inf are reported, skipped and listed in `unusable` (record indices).
+    `fingerprint` is `vae_fingerprint(vae)` when the caller has it already.
     """
     from models.vae import vae_fingerprint
 
@@ -662,7 +664,7 @@ def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: 
     if bad:
         raise ValueError(f"buckets {bad} are not multiples of the VAE's downsampling factor "
                          f"{factor}; choose a bucket step that is")
-    fingerprint = vae_fingerprint(vae)
+    fingerprint = fingerprint or vae_fingerprint(vae)
     if len(set(gather(fingerprint))) > 1:
         raise RuntimeError("ranks hold different VAE weights; every rank must load the same VAE")
     keys = record_keys(records, placements, buckets, fingerprint, flip)
@@ -840,14 +842,13 @@ class LatentReader:
                 found = self.store.lookup(conn, flat)
             finally:
                 conn.close()
+            missing = [k for k in flat if k not in found]
+            if missing:
+                raise KeyError(f"{len(missing)} of {len(flat)} entries are missing from "
+                               f"{cache_dir} (e.g. {missing[0]}); build the cache first")
         except BaseException:
             self.close()  # release the lock, so this process can still prune or rebuild
             raise
-        missing = [k for k in flat if k not in found]
-        if missing:
-            self.close()
-            raise KeyError(f"{len(missing)} of {len(flat)} entries are missing from "
-                           f"{cache_dir} (e.g. {missing[0]}); build the cache first")
         names = sorted({shard for shard, _ in found.values()})
         self._names = names
         shard_id = {name: i for i, name in enumerate(names)}

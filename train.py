@@ -122,13 +122,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     cfg = apply_overrides(apply_overrides(load_config(config_file), env), flags)
     resume = args.resume
     if resume is not None:
-        from training.checkpoint import resolve_resume
+        from training.checkpoint import read_state, resolve_resume
         from training.loop import saved_config
 
         checkpoint = resolve_resume(resolve_path(resume or cfg.run_dir))
         resume = str(checkpoint)
         if args.config is None:
-            cfg = apply_overrides(saved_config(checkpoint), flags)
+            cfg = apply_overrides(saved_config(read_state(checkpoint), checkpoint), flags)
             if args.run_dir is None:
                 cfg.run_dir = str(checkpoint.parent.parent)
     if cfg.stage not in ("vae", "dit"):

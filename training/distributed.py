@@ -71,10 +71,9 @@ def agree(loss: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
     """
     if not dist.is_initialized():
         return loss, stop
-    both = torch.stack([loss.detach().float().reshape(()),
-                        torch.tensor(float(stop), device=loss.device)])  # (2,)
-    dist.all_reduce(both)  # sum: non-finite if any rank's loss is
-    return both[0] / dist.get_world_size(), bool(both[1] > 0)
+    both = all_reduce_mean(torch.stack([loss.detach().float().reshape(()),
+                                        torch.tensor(float(stop), device=loss.device)]))  # (2,)
+    return both[0], bool(both[1] > 0)  # the mean is non-finite if any rank's loss is
 
 
 def all_gather_objects(obj):

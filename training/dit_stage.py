@@ -61,9 +61,9 @@ def flow_generator(noise: torch.Generator, device: torch.device) -> torch.Genera
 
 
 def check_resume_compatible(cfg: Config, state: dict, class_names: list[str],
-                            vae: AutoencoderKL, path: Path) -> None:
-    """Refuse a checkpoint of another model, class set or VAE (by fingerprint, where the
-    checkpoint records one)."""
+                            vae: AutoencoderKL, fingerprint: str, path: Path) -> None:
+    """Refuse a checkpoint of another model, class set or VAE (`fingerprint`, that of `vae`,
+    against the checkpoint's where it records one)."""
     saved = state.get("config", {})
     problems = []
     if saved.get("stage") != "dit":
@@ -77,10 +77,8 @@ def check_resume_compatible(cfg: Config, state: dict, class_names: list[str],
     latent = vae.config.latent_channels
     if state.get("latent_channels") != latent:
         problems.append(f"{state.get('latent_channels')} latent channels vs {latent}")
-    elif "vae_fingerprint" in state:
-        found = vae_fingerprint(vae)
-        if found != state["vae_fingerprint"]:
-            problems.append(f"VAE fingerprint {state['vae_fingerprint'][:12]} vs {found[:12]}")
+    elif state.get("vae_fingerprint", fingerprint) != fingerprint:
+        problems.append(f"VAE fingerprint {state['vae_fingerprint'][:12]} vs {fingerprint[:12]}")
     if problems:
         raise ConfigError(f"{path}: checkpoint is of another model ({'; '.join(problems)})")
 
@@ -138,6 +136,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     keep_freed_memory()  # no page faults re-zeroing activations every step
     resume_path = find_resume(cfg, resume, info.world_size)
     vae = load_stage_vae(cfg, device)
+    fingerprint = vae_fingerprint(vae)  # once: the resume check and the cache keys use it
     plan = plan_data(cfg, info)
     num_classes = len(plan.class_names)
     model: DiT = build_dit(d.model, vae.config.latent_channels, num_classes).to(device)
@@ -152,7 +151,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     step, epoch, index = 0, 0, 0
     if resume_path is not None:  # refuse another model before anything is written
         ckpt = load_checkpoint(resume_path)
-        check_resume_compatible(cfg, ckpt.state, plan.class_names, vae, resume_path)
+        check_resume_compatible(cfg, ckpt.state, plan.class_names, vae, fingerprint,
+                                resume_path)
         model.load_state_dict(ckpt.group("model"))
         ema.load_state_dict(ckpt.group("ema"), ckpt.state["ema_updates"])
         load_optimizer(opt, ckpt.torch_state["optimizer"])
@@ -165,7 +165,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     cache_dir = resolve_path(d.cache_dir) if d.cache_dir else None
     build = dict(flip=cfg.data.flip, batch_size=max(cfg.batch_size, 8),
                  num_workers=cfg.data.num_workers, dist_info=info,
-                 max_pixels=cfg.data.max_image_pixels, progress=main)
+                 max_pixels=cfg.data.max_image_pixels, progress=main, fingerprint=fingerprint)
     summary = ensure_cache(plan.records, plan.placements, plan.buckets, vae, cache_dir, **build)
     if main:
         print(summary.format(), flush=True)

@@ -191,10 +191,10 @@ SCHEDULE_KEYS = ("seed", "train.grad_accum", "data.dataset", "data.eval_dataset"
                  "data.merge_small_buckets")
 
 
-def saved_config(checkpoint: Path) -> Config:
-    """The config `checkpoint` was trained with (from its state.json), paths made absolute."""
+def saved_config(state: dict, checkpoint: Path) -> Config:
+    """The config in a checkpoint's `state` (its state.json), with its paths made absolute."""
     try:
-        return absolute_config(from_dict(Config, read_state(checkpoint)["config"]))
+        return absolute_config(from_dict(Config, state["config"]))
     except (KeyError, TypeError, ConfigError) as exc:
         raise ConfigError(f"{checkpoint / STATE_FILE}: no usable config ({exc})") from None
 
@@ -209,10 +209,11 @@ def find_resume(cfg: Config, resume: str | None, world_size: int) -> Path | None
     if resume is None:
         return None
     path = resolve_resume(resolve_path(resume or cfg.run_dir))
-    before, now = portable_config(saved_config(path)), portable_config(cfg)
+    state = read_state(path)
+    before, now = portable_config(saved_config(state, path)), portable_config(cfg)
     changed = [f"{key} {_lookup(before, key)!r} -> {_lookup(now, key)!r}"
                for key in SCHEDULE_KEYS if _lookup(before, key) != _lookup(now, key)]
-    saved_batch = before.batch_size * read_state(path).get("world_size", world_size)
+    saved_batch = before.batch_size * state.get("world_size", world_size)
     if saved_batch != cfg.batch_size * world_size:
         changed.append(f"global batch (batch_size × processes) {saved_batch} -> "
                        f"{cfg.batch_size * world_size}")
