@@ -713,8 +713,9 @@ def _read_vae_tensors(path: Path) -> dict[str, Tensor]:
     }
 
 
-def _check_state_dict(model: AutoencoderKL, state: Mapping[str, Tensor], source: Path) -> None:
-    """Raise one ValueError listing missing, unexpected and wrongly shaped tensors."""
+def state_dict_problems(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
+    """What keeps `state` from loading into `model`: counts and examples of missing, unexpected
+    and wrongly shaped tensors (empty when it fits key for key)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -723,11 +724,17 @@ def _check_state_dict(model: AutoencoderKL, state: Mapping[str, Tensor], source:
         for k in sorted(set(expected) & set(state))
         if tuple(state[k].shape) != expected[k]
     ]
-    problems = [
+    return [
         f"{len(items)} {what} (e.g. {items[:3]})"
-        for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        for what, items in (("missing", missing), ("unexpected", unexpected),
+                            ("wrongly shaped", shapes))
         if items
     ]
+
+
+def _check_state_dict(model: AutoencoderKL, state: Mapping[str, Tensor], source: Path) -> None:
+    """Raise one ValueError listing missing, unexpected and wrongly shaped tensors."""
+    problems = state_dict_problems(model, state)
     if problems:
         raise ValueError(
             f"{source}: weights do not fit the VAE config {model.config.to_dict()}: "

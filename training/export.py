@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.dit import DiT, DiTConfig
-from models.vae import AutoencoderKL, load_vae, vae_fingerprint
+from models.vae import AutoencoderKL, load_vae, state_dict_problems, vae_fingerprint
 from training.checkpoint import STATE_FILE, list_checkpoints, resolve_resume, step_dir_name
 from training.config import REPO_ROOT, portable_path, resolve_path
 
@@ -158,15 +158,7 @@ def _build(config: DiTConfig, weights: dict[str, torch.Tensor], source: Path,
     try:
         model.load_state_dict(weights)  # the model may rename keys of older layouts on loading
     except RuntimeError as exc:
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = sorted(set(expected) - set(weights))
-        unexpected = sorted(set(weights) - set(expected))
-        shapes = [f"{k}: expected {expected[k]}, got {tuple(weights[k].shape)}"
-                  for k in sorted(set(expected) & set(weights))
-                  if tuple(weights[k].shape) != expected[k]]
-        problems = [f"{len(items)} {what} (e.g. {items[:3]})"
-                    for what, items in (("missing", missing), ("unexpected", unexpected),
-                                        ("wrongly shaped", shapes)) if items]
+        problems = state_dict_problems(model, weights)
         raise ExportError(f"{source}: weights do not fit the model config: "
                           + ("; ".join(problems) or str(exc).splitlines()[0])) from None
     return model.eval().requires_grad_(False)
@@ -195,25 +187,21 @@ def load_generator(path: str | os.PathLike, step: int | None = None,
         raise ExportError(f"{vae_path}: VAE has {autoencoder.config.latent_channels} latent "
                           f"channels, the model in {info.source} expects {config.in_channels}")
     if info.vae_fingerprint is not None:
-        found = vae_fingerprint(autoencoder)
-        if found != info.vae_fingerprint:
-            raise ExportError(
-                f"{vae_path}: not the VAE {info.source} was trained with (fingerprint "
-                f"{found[:12]}, expected {info.vae_fingerprint[:12]}); pass --vae with that VAE")
+        _checked_fingerprint(autoencoder, vae_path, info, "pass --vae with that VAE")
     info.vae = vae_path
     if autoencoder.config.force_upcast:
         vae_dtype = torch.float32
     return model, autoencoder.to(device=device, dtype=vae_dtype), info
 
 
-def _trained_vae_fingerprint(info: GeneratorInfo) -> str:
-    """The fingerprint of the VAE at `info.vae`, refused if it is not the one the run recorded."""
-    found = vae_fingerprint(load_vae(info.vae))
+def _checked_fingerprint(autoencoder: AutoencoderKL, vae_path: Path, info: GeneratorInfo,
+                         remedy: str) -> str:
+    """`autoencoder`'s fingerprint; ExportError ending in `remedy` if it is not the one that
+    `info` recorded in training (where it recorded one)."""
+    found = vae_fingerprint(autoencoder)
     if info.vae_fingerprint is not None and found != info.vae_fingerprint:
-        raise ExportError(f"{info.vae}: not the VAE {info.source} was trained with (fingerprint "
-                          f"{found[:12]}, expected {info.vae_fingerprint[:12]}); it changed "
-                          "since training, so an export would pair the model with the wrong "
-                          "latent space")
+        raise ExportError(f"{vae_path}: not the VAE {info.source} was trained with (fingerprint "
+                          f"{found[:12]}, expected {info.vae_fingerprint[:12]}); {remedy}")
     return found
 
 
@@ -247,7 +235,9 @@ def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = No
     meta = {"format": EXPORT_FORMAT, "step": info.step, "model_config": config.to_dict(),
             "class_names": info.class_names, "base_tokens": info.base_tokens,
             "resolution": info.resolution, "vae": portable_path(info.vae),
-            "vae_fingerprint": _trained_vae_fingerprint(info),
+            "vae_fingerprint": _checked_fingerprint(
+                load_vae(info.vae), info.vae, info, "it changed since training, so an export "
+                "would pair the model with the wrong latent space"),
             "source": portable_path(folder)}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
