@@ -233,17 +233,17 @@ class BatchSchedule:
                              "samples; lower the batch size or merge small buckets")
         if epoch < 0 or index < 0:
             raise ValueError(f"resume position (epoch {epoch}, batch {index}) is negative")
-        batches = len(self.epoch_plan(epoch))
-        if index > batches:
+        plan = self.epoch_plan(epoch)
+        if index > len(plan):
             raise ValueError(f"resume position (epoch {epoch}, batch {index}) lies beyond the "
-                             f"{batches} batches of that epoch; the data, batch size or world "
+                             f"{len(plan)} batches of that epoch; the data, batch size or world "
                              "size differ from the run that saved it")
         lo, hi = rank * self.batch_size, (rank + 1) * self.batch_size
         while True:
-            plan = self.epoch_plan(epoch)
             for i in range(index, len(plan)):
                 yield epoch, i, plan[i][lo:hi]
             epoch, index = epoch + 1, 0
+            plan = self.epoch_plan(epoch)
 
 
 # ----------------------------------------------------------------------------------------------
