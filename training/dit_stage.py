@@ -37,8 +37,9 @@ from training.ema import EMA
 from training.flow import RectifiedFlow
 from training.logging import RunLogger
 from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, clip_and_check,
-                           find_resume, keep_freed_memory, load_optimizer, lr_factor, plan_data,
-                           prepare_run_dir, seed_everything, state_for_json)
+                           data_state, find_resume, keep_freed_memory, load_optimizer, lr_factor,
+                           plan_data, prepare_run_dir, resume_position, seed_everything,
+                           state_for_json)
 
 
 def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
@@ -148,7 +149,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, d.adam_beta2),
                             weight_decay=t.weight_decay, fused=True)
     ema = EMA(model, t.ema_decay)
-    step, epoch, index = 0, 0, 0
+    step, epoch, index, saved_state = 0, 0, 0, None
     if resume_path is not None:  # refuse another model before anything is written
         ckpt = load_checkpoint(resume_path)
         check_resume_compatible(cfg, ckpt.state, plan.class_names, vae, fingerprint,
@@ -156,7 +157,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         model.load_state_dict(ckpt.group("model"))
         ema.load_state_dict(ckpt.group("ema"), ckpt.state["ema_updates"])
         load_optimizer(opt, ckpt.torch_state["optimizer"])
-        step, epoch, index = ckpt.step, ckpt.state["epoch"], ckpt.state["index"]
+        step, saved_state = ckpt.step, ckpt.state  # (epoch, index) once the images are known
         if main:
             print(f"resumed from {resume_path} at step {step}", flush=True)
     run_dir = prepare_run_dir(cfg, resume_path, info, plan)
@@ -177,6 +178,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         keys = [keys[i] for i in keep]
         plan.schedule = BatchSchedule([p.bucket for p in plan.placements], cfg.batch_size,
                                       info.world_size, cfg.seed)
+    if saved_state is not None:
+        epoch, index = resume_position(saved_state, plan, resume_path, main)
+    data = data_state(plan)  # recorded in every checkpoint
     reader = LatentReader(summary.cache_dir, keys, vae.config.scaling_factor,
                           vae.config.shift_factor)
     val_x, val_y = [], []
@@ -232,7 +236,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                      "class_names": plan.class_names,
                      "model_config": model.config.to_dict(),
                      "vae": portable_path(resolve_path(d.vae)),
-                     "vae_fingerprint": summary.fingerprint}
+                     "vae_fingerprint": summary.fingerprint, **data}
             save_checkpoint(run_dir, step, {"model": model.state_dict(),
                                             "ema": ema.state_dict()},
                             {"optimizer": opt.state_dict()},

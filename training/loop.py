@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import json
 import math
 import random
@@ -40,6 +41,20 @@ class DataPlan:
     eval_placements: list  # bucket placements of the validation images
     class_names: list[str]
     skipped: list
+
+    def fingerprint(self) -> str:
+        """sha256 of the training images in schedule order with their buckets.
+
+        With `SCHEDULE_KEYS` and the global batch this fixes the batch schedule: an equal
+        fingerprint means a checkpoint's (epoch, index) points at the same next batch. Images
+        added, removed, renamed or moved to another bucket change it; an image edited in place
+        into the same bucket does not (its batch position is unchanged).
+        """
+        digest = hashlib.sha256()
+        for rec, placement in zip(self.records, self.placements):
+            w, h = self.buckets[placement.bucket]
+            digest.update(f"{rec.rel}\0{w}x{h}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
 
 
 def seed_everything(seed: int) -> None:
@@ -184,7 +199,8 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 
 # What fixes the batch schedule (which images, bucketed how, in which order). A resume keeps
-# these and the global batch, so that its saved (epoch, index) points at the same next batch.
+# these and the global batch, so that its saved (epoch, index) points at the same next batch;
+# the images themselves may change (`resume_position`).
 SCHEDULE_KEYS = ("seed", "train.grad_accum", "data.dataset", "data.eval_dataset", "data.holdout",
                  "data.use_classes", "data.max_image_pixels", "data.resolution", "data.step",
                  "data.min_area_ratio", "data.max_aspect", "data.allow_upscale",
@@ -222,6 +238,34 @@ def find_resume(cfg: Config, resume: str | None, world_size: int) -> Path | None
                           "schedule it was saved with (data, bucketing, global batch, "
                           "accumulation, seed); start a new run to change it")
     return path
+
+
+def data_state(plan: DataPlan) -> dict:
+    """What a checkpoint records about its training images, for `resume_position`."""
+    return {"data_fingerprint": plan.fingerprint(), "num_images": len(plan.records)}
+
+
+def resume_position(state: dict, plan: DataPlan, checkpoint: Path,
+                    main: bool = True) -> tuple[int, int]:
+    """The (epoch, index) of the batch after a checkpoint's `state` with this data `plan`.
+
+    The saved position when the training images and their buckets are those the checkpoint was
+    saved with (`DataPlan.fingerprint`; checkpoints from before it was recorded are trusted).
+    Otherwise the saved index would point into another order of other images, skipping some
+    and repeating others, so training goes on from the start of the next epoch, with a warning
+    (printed when `main`) saying so.
+    """
+    epoch, index = int(state["epoch"]), int(state["index"])
+    saved = state.get("data_fingerprint")
+    if saved is None or index == 0 or saved == plan.fingerprint():
+        return epoch, index
+    if main:
+        print(f"warning: {checkpoint}: the training images differ from those it was saved with "
+              f"({state.get('num_images', '?')} -> {len(plan.records)} images; added, removed, "
+              f"renamed or re-bucketed), so its place in epoch {epoch} no longer exists; "
+              f"continuing from the start of epoch {epoch + 1} with the current images",
+              flush=True)
+    return epoch + 1, 0
 
 
 def _lookup(cfg: Config, dotted: str):

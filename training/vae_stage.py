@@ -28,9 +28,9 @@ from training.distributed import DistInfo, agree, setup, teardown
 from training.ema import EMA
 from training.logging import RunLogger
 from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, clip_and_check,
-                           eval_crops, find_resume, keep_freed_memory, load_optimizer, lr_factor,
-                           pixel_loader, plan_data, prepare_run_dir, seed_everything,
-                           state_for_json)
+                           data_state, eval_crops, find_resume, keep_freed_memory,
+                           load_optimizer, lr_factor, pixel_loader, plan_data, prepare_run_dir,
+                           resume_position, seed_everything, state_for_json)
 from training.metrics import psnr, ssim
 
 ARCH_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
@@ -152,7 +152,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         ema.load_state_dict(ckpt.group("ema"), ckpt.state["ema_updates"])
         load_optimizer(opt_g, ckpt.torch_state["opt_g"])
         load_optimizer(opt_d, ckpt.torch_state["opt_d"])
-        step, epoch, index = ckpt.step, ckpt.state["epoch"], ckpt.state["index"]
+        step = ckpt.step
+        epoch, index = resume_position(ckpt.state, plan, resume_path, main)
         if main:
             print(f"resumed from {resume_path} at step {step}", flush=True)
     run_dir = prepare_run_dir(cfg, resume_path, info, plan)
@@ -179,7 +180,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                                             "discriminator": disc.state_dict()},
                             {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()},
                             state_for_json(cfg, step, epoch, index, info.world_size,
-                                           {"stage": "vae", "ema_updates": ema.num_updates}),
+                                           {"stage": "vae", "ema_updates": ema.num_updates,
+                                            **data_state(plan)}),
                             keep_last=t.keep_last)
 
     tick, waited, logged_at = time.perf_counter(), 0.0, step  # the current logging window

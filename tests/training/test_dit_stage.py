@@ -302,6 +302,32 @@ def test_dit_stage_resume_refuses_renamed_classes(tmp_path: Path, tiny_vae: Path
     assert _files(run) == before
 
 
+def test_dit_stage_resume_with_added_images_starts_the_next_epoch(
+        tmp_path: Path, tiny_vae: Path, capsys: pytest.CaptureFixture) -> None:
+    rng = np.random.default_rng(0)
+
+    def add(name: str, count: int, start: int = 0) -> None:
+        (tmp_path / "data" / name).mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + count):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png")
+
+    add("cats", 4)
+    add("dogs", 4)
+    cfg = _tiny_cfg(tmp_path, tiny_vae, max_steps=2)
+    cfg.data.dataset, cfg.data.holdout = str(tmp_path / "data"), 0
+    run = train_dit(cfg)
+    saved = load_checkpoint(latest_checkpoint(run)).state
+    assert (saved["epoch"], saved["index"], saved["num_images"]) == (0, 2, 8)
+    add("cats", 2, start=4)  # the saved index now points into another order
+    cfg.train.max_steps = 3
+    train_dit(cfg, resume="")
+    assert "continuing from the start of epoch 1" in capsys.readouterr().out
+    state = load_checkpoint(latest_checkpoint(run)).state
+    assert (state["epoch"], state["index"], state["num_images"]) == (1, 1, 10)
+    assert state["data_fingerprint"] != saved["data_fingerprint"]
+
+
 def test_dit_stage_resume_checks_the_vae_fingerprint(tmp_path: Path, tiny_vae: Path) -> None:
     run = train_dit(_tiny_cfg(tmp_path, tiny_vae, max_steps=1))
     torch.manual_seed(1)  # another VAE with the same latent channels

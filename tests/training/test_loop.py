@@ -42,3 +42,35 @@ def test_loop_keep_freed_memory_reuses_freed_blocks_without_page_faults():
     pages = (16 << 20) // 4096  # faults for one fresh 16 MiB block
     assert _faults("default") >= 4 * pages  # glibc unmaps and maps blocks every step
     assert _faults("keep") < pages // 10  # the freed blocks stay in the heap and are reused
+
+
+def _plan(rels: list[str], buckets: list[int]):
+    from bucketing import Placement
+    from training.data import ImageRecord
+    from training.loop import DataPlan
+
+    records = [ImageRecord(f"/data/{r}", r, 32, 32, -1, f"{i:064x}") for i, r in enumerate(rels)]
+    placements = [Placement(b, (32, 32), (0, 0, 32, 32)) for b in buckets]
+    return DataPlan(records, placements, [(32, 32), (48, 16)], None, [], [], [], [])
+
+
+def test_loop_resume_position_starts_the_next_epoch_when_the_images_changed(
+        capsys: pytest.CaptureFixture) -> None:
+    from training.loop import data_state, resume_position
+
+    plan = _plan(["a.png", "b.png", "c.png"], [0, 0, 1])
+    state = {"epoch": 2, "index": 5, **data_state(plan)}
+    assert state["num_images"] == 3
+    same = _plan(["a.png", "b.png", "c.png"], [0, 0, 1])
+    assert resume_position(state, same, Path("ckpt")) == (2, 5)
+    for changed in (_plan(["a.png", "b.png", "c.png", "d.png"], [0, 0, 1, 0]),  # added
+                    _plan(["a.png", "c.png"], [0, 1]),  # removed
+                    _plan(["a.png", "b2.png", "c.png"], [0, 0, 1]),  # renamed
+                    _plan(["a.png", "b.png", "c.png"], [0, 1, 1])):  # another bucket
+        assert resume_position(state, changed, Path("ckpt")) == (3, 0)
+    assert "ckpt: the training images differ" in capsys.readouterr().out
+    # at an epoch boundary nothing is skipped or repeated: keep the position, say nothing
+    assert resume_position({**state, "index": 0}, changed, Path("ckpt")) == (2, 0)
+    # checkpoints from before the fingerprint was recorded keep their position
+    assert resume_position({"epoch": 2, "index": 5}, changed, Path("ckpt")) == (2, 5)
+    assert capsys.readouterr().out == ""

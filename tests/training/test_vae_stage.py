@@ -75,6 +75,8 @@ def test_vae_stage_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     straight = train_vae(_cfg(tmp_path / "a", max_steps=4, ckpt_every=2))
     train_vae(_cfg(tmp_path / "b", max_steps=2, ckpt_every=2))
     resumed = train_vae(_cfg(tmp_path / "b", max_steps=4, ckpt_every=2), resume="")
+    state = load_checkpoint(latest_checkpoint(resumed)).state  # what resume_position compares
+    assert state["num_images"] == 10 and len(state["data_fingerprint"]) == 64
     for group in ("model", "ema", "discriminator"):
         a = load_file(straight / "checkpoints" / "step_0000004" / f"{group}.safetensors")
         b = load_file(resumed / "checkpoints" / "step_0000004" / f"{group}.safetensors")
