@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -92,6 +94,28 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+T = TypeVar("T")
+
+
+def main_first(info: DistInfo, work: Callable[[], T]) -> T | None:
+    """Run `work` on the main process while the others wait; its result there, None elsewhere.
+
+    Bad input found by `work` (ValueError, which ConfigError is, or FileNotFoundError) is raised
+    on every process, so that no rank is left waiting in a collective for one that has exited
+    and each ends with the same one-line error.
+    """
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = work()
+        except (ValueError, FileNotFoundError) as exc:
+            error = exc
+    error = broadcast_object(error)  # doubles as the barrier
+    if error is not None:
+        raise error
+    return result
 
 
 def teardown() -> None:

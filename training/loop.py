@@ -26,7 +26,7 @@ from training.checkpoint import (CHECKPOINTS, STATE_FILE, capture_rng_state, rea
 from training.config import (Config, ConfigError, TrainingAborted, absolute_config, from_dict,
                              portable_config, resolve_path, save_config, to_dict)
 from training.data import ImageRecord, PixelDataset, ScheduleSampler, resolve_dataset, scan_folder
-from training.distributed import DistInfo, barrier
+from training.distributed import DistInfo, main_first
 
 
 @dataclass
@@ -294,7 +294,8 @@ def prepare_run_dir(cfg: Config, resume: Path | None, dist: DistInfo,
     that the newest checkpoint is always the branch being trained.
     """
     run_dir = resolve_path(cfg.run_dir)
-    if dist.is_main:
+
+    def prepare() -> None:
         existing = run_dir / CHECKPOINTS
         ours = resume is not None and resume.parent.resolve() == existing.resolve()
         if not ours and existing.is_dir() and any(existing.glob("step_*")):
@@ -314,18 +315,20 @@ def prepare_run_dir(cfg: Config, resume: Path | None, dist: DistInfo,
         save_config(portable_config(cfg), run_dir / "config.json")
         (run_dir / "skipped.json").write_text(json.dumps(
             [{"path": s.path, "reason": s.reason} for s in plan.skipped], indent=1) + "\n")
-    barrier()
+
+    main_first(dist, prepare)  # a refusal is raised on every process
     return run_dir
 
 
 def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
     """Scan and bucket the data (rank 0 first, so the others read its scan cache), split off
     the validation images, and build the batch schedule for this world size."""
-    if not dist.is_main:
-        barrier()
-    scan, buckets, placements = bucket_dataset(cfg.data, cfg.batch_size, dist.world_size)
+    def scan_and_bucket() -> tuple:
+        return bucket_dataset(cfg.data, cfg.batch_size, dist.world_size)
+
+    scanned = main_first(dist, scan_and_bucket)  # a bad dataset stops every process
+    scan, buckets, placements = scanned if dist.is_main else scan_and_bucket()
     if dist.is_main:
-        barrier()
         print(scan.summary(), flush=True)
     records = scan.records
     if not records:
