@@ -10,7 +10,8 @@ Layout of a cache folder (default `$LDM_CACHE_DIR/latents`, shareable by runs an
     index.sqlite    entries(key -> shard, row) and shards(name -> bytes, sha256, rows, ...)
     shards/*.safetensors   tensors `mean` and `logvar`, (rows, C, h, w) fp16, one bucket each;
                     names carry the writer's rank and a random token, so writers never collide
-    lock            flock: builders and readers hold it shared; cleanup and prune exclusive
+    lock            flock: builders, readers and prune dry runs hold it shared; cleanup and
+                    prune exclusive
 
 A shard is written to a temporary file, fsynced and renamed into place, and only then are its
 index rows committed, so a kill at any moment loses at most the shard being written. A shard file
@@ -20,6 +21,11 @@ and sha256 of every shard it reuses (once per build, never per read); a damaged 
 is reported, dropped and re-encoded.
 
     UV_CACHE_DIR=.uv-cache uv run python cache.py --dataset DIR --vae vae/ --resolution 256 --json
+
+The folder is meant to be shared: entries of other datasets, resolutions, VAEs and of `--flip`
+runs live side by side. `--prune` deletes every entry the invocation does not use, whoever paid
+for it. `--prune --dry-run` builds as usual, then lists what a prune would delete (entries and
+bytes per VAE and latent size) and deletes nothing.
 
 Under `torchrun` every rank encodes a disjoint share of the missing entries; the result equals
 the single-process cache. Training builds or updates the cache itself with `ensure_cache` and
@@ -163,10 +169,11 @@ def _map_shard(path: Path) -> dict[str, np.ndarray]:
 class _Store:
     """A cache folder: its sqlite index, shard files and lock."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], create: bool = True) -> None:
         self.root = Path(root)
         self.shard_dir = self.root / SHARD_DIR
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.shard_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = None
 
     # -- locking ----------------------------------------------------------------------------
@@ -188,22 +195,36 @@ class _Store:
             self._lock_fd = None
 
     # -- index ------------------------------------------------------------------------------
-    def connect(self) -> sqlite3.Connection:
-        """Open the index (creating it), waiting up to BUSY_TIMEOUT_S for other writers."""
+    def connect(self, readonly: bool = False) -> sqlite3.Connection:
+        """Open the index, waiting up to BUSY_TIMEOUT_S for other writers: creating it, or with
+        `readonly` only an existing one, opened so that nothing in the folder is written."""
         index = self.root / INDEX_NAME
-        conn = sqlite3.connect(index, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        if readonly:  # sqlite refuses every write, even rolling back an interrupted one
+            conn = sqlite3.connect(f"{index.resolve().as_uri()}?mode=ro", uri=True,
+                                   timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        else:
+            conn = sqlite3.connect(index, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
-            with _transaction(conn):
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)",
-                             (str(FORMAT_VERSION),))
-                (found,) = conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
+            if readonly:
+                row = conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
+                found = row[0] if row else None
+            else:
+                with _transaction(conn):
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)",
+                                 (str(FORMAT_VERSION),))
+                    (found,) = conn.execute(
+                        "SELECT value FROM meta WHERE name = 'format'").fetchone()
         except sqlite3.DatabaseError as exc:
             conn.close()
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise
+            if readonly and "readonly" in str(exc):
+                raise ValueError(f"{index}: cannot be read without writing ({exc}); an "
+                                 "interrupted write needs rolling back: run a build first"
+                                 ) from None
             raise ValueError(f"{index}: the latent cache index is unreadable ({exc}); move it "
                              "aside and rerun: the next build re-indexes the shards from their "
                              "own metadata") from None
@@ -305,42 +326,54 @@ class _Store:
         again (keys that another shard holds keep that shard), otherwise it is deleted.
         """
         known = {name for (name,) in conn.execute("SELECT name FROM shards")}
-        removed = adopted = 0
-        for path in sorted(self.shard_dir.iterdir()):
+        leftovers, unlisted = self.tidy_plan(known)
+        for path, (size, keys, fingerprint, width, height) in unlisted:
+            with _transaction(conn):
+                conn.execute("INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (path.name, size, _file_sha256(path), len(keys), fingerprint,
+                              width, height, path.stat().st_mtime))
+                conn.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?)",
+                                 ((k, path.name, row) for row, k in enumerate(keys)))
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers), len(unlisted)
+
+    def tidy_plan(self, known: set[str]) -> tuple[list[Path], list[tuple[Path, tuple]]]:
+        """What `tidy` would do, found by reading only: (files it deletes, whole shard files the
+        index does not list with their (bytes, keys, fingerprint, width, height)), by name."""
+        leftovers, unlisted = [], []
+        paths = sorted(self.shard_dir.iterdir()) if self.shard_dir.is_dir() else []
+        for path in paths:
             if path.name.endswith(SHARD_SUFFIX) and path.name not in known:
-                if self._adopt(conn, path):
-                    adopted += 1
+                info = self._shard_metadata(path)
+                if info is not None:
+                    unlisted.append((path, info))
                     continue
             elif not path.name.endswith(TMP_SUFFIX):
                 continue
-            path.unlink(missing_ok=True)
-            removed += 1
-        return removed, adopted
+            leftovers.append(path)
+        return leftovers, unlisted
 
-    def _adopt(self, conn: sqlite3.Connection, path: Path) -> bool:
-        """List an unindexed shard file from its metadata; False if it is not a whole shard."""
+    @staticmethod
+    def _shard_metadata(path: Path) -> tuple[int, list[str], str, int, int] | None:
+        """(bytes, keys, fingerprint, width, height) of a shard file from its own metadata, or
+        None if it is not a whole shard."""
         try:
             start, header = _read_header(path)
             meta = header.get("__metadata__", {})
             keys = json.loads(meta.get("keys", "null"))
             shapes = {name: header[name]["shape"] for name in ("mean", "logvar")}
             end = max(header[name]["data_offsets"][1] for name in shapes)
+            size = path.stat().st_size
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-            return False
+            return None
         if (meta.get("format") != "ldm-latent-cache" or meta.get("version") != str(FORMAT_VERSION)
                 or not isinstance(keys, list) or len(shapes["mean"]) != 4
                 or shapes["mean"] != shapes["logvar"] or shapes["mean"][0] != len(keys)
-                or path.stat().st_size != start + end):
-            return False
+                or size != start + end):
+            return None
         height, width = shapes["mean"][-2:]
-        with _transaction(conn):
-            conn.execute("INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (path.name, start + end, _file_sha256(path), len(keys),
-                          meta.get("fingerprint", ""), int(width), int(height),
-                          path.stat().st_mtime))
-            conn.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?)",
-                             ((k, path.name, row) for row, k in enumerate(keys)))
-        return True
+        return size, keys, meta.get("fingerprint", ""), int(width), int(height)
 
 
 class _ShardWriter:
@@ -750,37 +783,154 @@ def verify_cache(cache_dir: str | os.PathLike[str]) -> list[str]:
     return problems
 
 
+# Per shard, with the keys to keep in the temporary table `keep`: (name, bytes, rows, fingerprint,
+# width, height, entries kept, entries removed).
+_SHARD_USAGE = (
+    "SELECT s.name, s.bytes, s.rows, s.fingerprint, s.width, s.height, COUNT(k.key), "
+    "COUNT(e.key) - COUNT(k.key) FROM shards s LEFT JOIN entries e ON e.shard = s.name "
+    "LEFT JOIN keep k ON k.key = e.key GROUP BY s.name")
+
+
+def _fill_keep(conn: sqlite3.Connection, keep: Iterable[str]) -> None:
+    """(Re)create the temporary table `keep` holding `keep`."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS keep (key TEXT PRIMARY KEY) WITHOUT ROWID")
+    conn.execute("DELETE FROM keep")
+    conn.executemany("INSERT OR IGNORE INTO keep VALUES (?)", ((k,) for k in keep))
+
+
+def _freed_estimate(size: int, rows: int, kept: int) -> int:
+    """Bytes a prune frees from a shard: all of them when no entry is kept, else about the share
+    of rows it does not keep (the shard is rewritten with the kept rows)."""
+    if kept == 0:
+        return size
+    return size * (rows - kept) // rows if kept < rows else 0
+
+
+def _prune_groups(usage: Iterable[tuple]) -> list[dict]:
+    """Entries removed and bytes freed (estimated) per (VAE fingerprint, latent size), most
+    entries first; `usage` rows are those of _SHARD_USAGE."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for _, size, rows, fingerprint, width, height, kept, removed in usage:
+        freed = _freed_estimate(size, rows, kept)
+        if removed or freed:
+            group = groups.setdefault((fingerprint[:12], f"{width}x{height}"), [0, 0])
+            group[0] += removed
+            group[1] += freed
+    ordered = sorted(groups.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))
+    return [{"fingerprint": fingerprint, "latent": latent, "entries": entries, "bytes": freed}
+            for (fingerprint, latent), (entries, freed) in ordered]
+
+
+def _entries(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _preview_prune(cache_dir: str | os.PathLike[str], keep: set[str], result: dict
+                   ) -> list[tuple]:
+    """What a prune would do, found by reading only: fills `result`'s counts, returns the
+    per-shard usage rows (as _SHARD_USAGE's) a prune would act on. Whole shard files the index
+    does not list (a build re-indexes them when it has the cache to itself, as `cache.py` just
+    did unless another process was using it) are counted but not previewed."""
+    store = _Store(cache_dir, create=False)
+    if not (store.root / INDEX_NAME).is_file():
+        raise FileNotFoundError(f"{store.root / INDEX_NAME}: no latent cache index; build the "
+                                "cache first")
+    store.lock(exclusive=False)
+    try:
+        conn = store.connect(readonly=True)
+        try:
+            with _transaction(conn, "DEFERRED"):  # one consistent snapshot of the index
+                known = {name for (name,) in conn.execute("SELECT name FROM shards")}
+                leftovers, unlisted = store.tidy_plan(known)
+                _fill_keep(conn, keep)
+                usage = list(conn.execute(_SHARD_USAGE))
+                (removed,) = conn.execute("SELECT COUNT(*) FROM entries WHERE key NOT IN "
+                                          "(SELECT key FROM keep)").fetchone()
+                conn.execute("DROP TABLE keep")
+        finally:
+            conn.close()
+    finally:
+        store.unlock()
+    result.update(entries_removed=removed, shards_removed=sum(u[6] == 0 for u in usage),
+                  shards_rewritten=sum(0 < u[6] < u[2] for u in usage),
+                  bytes_freed=sum(_freed_estimate(u[1], u[2], u[6]) for u in usage),
+                  leftovers_removed=len(leftovers), shards_reindexed=len(unlisted))
+    return usage
+
+
 def prune_cache(cache_dir: str | os.PathLike[str], keep: Iterable[str],
-                log: Callable[[str], None] = _warn) -> dict:
+                log: Callable[[str], None] = _warn, dry_run: bool = False) -> dict:
     """Remove every entry not in `keep`, delete shards left empty and rewrite partly used ones.
 
-    Needs the cache to itself (no build or reader running). Returns counts and bytes freed.
+    The folder may be shared by other runs: whatever `keep` does not name goes, whichever run
+    paid for it. A prune needs the cache to itself (no build or reader running). With `dry_run`
+    it only reads, under the shared lock (alongside builds and readers), and reports what a
+    prune would do; nothing on disk changes.
+
+    Returns entries_removed, shards_removed, shards_rewritten, bytes_freed, leftovers_removed
+    (temporary files of crashed writers), shards_reindexed (whole shard files the index did not
+    list: they are listed, then pruned like the rest), `groups` (one dict per VAE fingerprint's
+    first 12 hex digits and latent size "WxH": entries removed and about how many bytes they
+    free, most entries first) and `dry_run`. In a dry run the counts are what a prune would do
+    now, and bytes_freed is an estimate (exact for shards that empty).
     """
+    keep = set(keep)
+    result = {"entries_removed": 0, "shards_removed": 0, "shards_rewritten": 0,
+              "bytes_freed": 0, "leftovers_removed": 0, "shards_reindexed": 0, "groups": [],
+              "dry_run": dry_run}
+    usage = (_preview_prune if dry_run else _prune)(cache_dir, keep, result)
+    result["groups"] = _prune_groups(usage)
+    entries, removed = result["entries_removed"], result["shards_removed"]
+    rewritten, freed = result["shards_rewritten"], _size(result["bytes_freed"])
+    if dry_run:
+        log(f"dry run, nothing changed: prune would remove {_entries(entries)} ({removed} "
+            f"shard(s) deleted, {rewritten} rewritten) and would free about {freed}")
+    else:
+        log(f"pruned {_entries(entries)}: {removed} shard(s) removed, {rewritten} rewritten, "
+            f"{freed} freed")
+    verb = "would remove" if dry_run else "removed"
+    for group in result["groups"]:
+        log(f"  VAE {group['fingerprint']}, latents {group['latent']}: {verb} "
+            f"{_entries(group['entries'])}, about {_size(group['bytes'])}")
+    if result["shards_reindexed"] or result["leftovers_removed"]:
+        counted = "not counted above" if dry_run else "counted above"
+        log(f"  first {'would re-index' if dry_run else 're-indexed'} "
+            f"{result['shards_reindexed']} shard file(s) the index did not list ({counted}) "
+            f"and {'would delete' if dry_run else 'deleted'} "
+            f"{result['leftovers_removed']} leftover file(s) of interrupted builds")
+    return result
+
+
+def _prune(cache_dir: str | os.PathLike[str], keep: set[str], result: dict) -> list[tuple]:
+    """The prune itself: fills `result`'s counts, returns the per-shard usage rows it acted on
+    (as _SHARD_USAGE's)."""
     store = _Store(cache_dir)
     if not store.lock(exclusive=True, blocking=False):
         raise RuntimeError(f"{cache_dir}: another process is using the latent cache; prune "
                            "when it is done")
     conn = store.connect()
-    result = {"entries_removed": 0, "shards_removed": 0, "shards_rewritten": 0,
-              "bytes_freed": 0, "leftovers_removed": 0}
     try:
-        result["leftovers_removed"], _ = store.tidy(conn)  # re-indexed shards count as any
+        result["leftovers_removed"], result["shards_reindexed"] = store.tidy(conn)
         with _transaction(conn):
-            conn.execute("CREATE TEMP TABLE keep (key TEXT PRIMARY KEY) WITHOUT ROWID")
-            conn.executemany("INSERT OR IGNORE INTO keep VALUES (?)", ((k,) for k in keep))
+            _fill_keep(conn, keep)
+            usage = list(conn.execute(_SHARD_USAGE))
             result["entries_removed"] = conn.execute(
                 "DELETE FROM entries WHERE key NOT IN (SELECT key FROM keep)").rowcount
             conn.execute("DROP TABLE keep")
-        usage = list(conn.execute(
-            "SELECT s.name, s.bytes, s.rows, s.fingerprint, s.width, s.height, COUNT(e.key) "
-            "FROM shards s LEFT JOIN entries e ON e.shard = s.name GROUP BY s.name"))
-        empty = [u[0] for u in usage if u[-1] == 0]
+        empty = [u[0] for u in usage if u[6] == 0]
         store.drop_shards(conn, empty)
         result["shards_removed"] = len(empty)
-        result["bytes_freed"] = sum(u[1] for u in usage if u[-1] == 0)
+        result["bytes_freed"] = sum(u[1] for u in usage if u[6] == 0)
         prefix = f"prune-{secrets.token_hex(4)}"
-        for n, (name, size, rows, fingerprint, w, h, live) in enumerate(usage):
-            if 0 < live < rows:  # copy the live rows into a new shard, then drop the old one
+        for n, (name, size, rows, fingerprint, w, h, kept, _) in enumerate(usage):
+            if 0 < kept < rows:  # copy the kept rows into a new shard, then drop the old one
                 arrays = _map_shard(store.shard_path(name))
                 live_rows = list(conn.execute(
                     "SELECT key, row FROM entries WHERE shard = ? ORDER BY row", (name,)))
@@ -798,10 +948,7 @@ def prune_cache(cache_dir: str | os.PathLike[str], keep: Iterable[str],
     finally:
         conn.close()
         store.unlock()
-    log(f"pruned {result['entries_removed']} entries: {result['shards_removed']} shard(s) "
-        f"removed, {result['shards_rewritten']} rewritten, {result['bytes_freed'] / 1e6:.1f} MB "
-        "freed")
-    return result
+    return usage
 
 
 # ----------------------------------------------------------------------------------------------
@@ -967,7 +1114,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="entries per shard file (0: about 64 MiB per shard)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--prune", action="store_true",
-                        help="then remove entries the current data and VAE do not use")
+                        help="after building, delete every cached entry this invocation "
+                             "does not use. The cache folder may be shared by other runs: "
+                             "entries of other datasets, resolutions, VAEs and the mirrored "
+                             "crops of --flip runs are deleted too; --dry-run shows what would "
+                             "go")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --prune: only report what it would delete (entries and "
+                             "bytes per VAE and latent size) and delete nothing; the cache is "
+                             "still built or updated for this invocation first")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     return parser
 
@@ -985,6 +1140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_dotenv(REPO_ROOT / ".env")
     args = build_parser().parse_args(argv)
     try:
+        if args.dry_run and not args.prune:
+            raise ValueError("--dry-run previews a prune; add --prune (nothing is deleted "
+                             "with --dry-run)")
         resolve_dataset(args.dataset)
         if not Path(args.vae).exists():
             raise FileNotFoundError(f"{args.vae}: VAE not found; expected a folder with "
@@ -1019,7 +1177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                shard_size=args.shard_size, max_pixels=cfg.max_image_pixels)
         pruned = None
         if args.prune and info.is_main:
-            pruned = prune_cache(args.cache_dir, [k for ks in summary.keys for k in ks])
+            pruned = prune_cache(args.cache_dir, [k for ks in summary.keys for k in ks],
+                                 dry_run=args.dry_run)
         barrier()
         if info.is_main:
             print(summary.format())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -391,6 +393,98 @@ def test_cache_prune_removes_unreferenced(tmp_path: Path) -> None:
         "SELECT name FROM shards")}
     assert {p.name for p in (c / "shards").iterdir()} == indexed
     assert _build(root, _vae(0), c, shard_size=3).reused == 6
+
+
+def _snapshot(cache_dir: Path) -> tuple[list, list, list]:
+    """Every path under a cache folder (name, size, mtime_ns, sha256), then its index rows."""
+    files = []
+    for path in sorted(cache_dir.rglob("*")):
+        st = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        files.append((str(path.relative_to(cache_dir)), st.st_size, st.st_mtime_ns, digest))
+    uri = f"{(cache_dir / cache.INDEX_NAME).as_uri()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        return (files, sorted(conn.execute("SELECT * FROM entries")),
+                sorted(conn.execute("SELECT * FROM shards")))
+
+
+def test_cache_prune_dry_run_reports_groups_and_changes_nothing(tmp_path: Path) -> None:
+    root, vae = _write_images(tmp_path / "img", 6), _vae()
+    c = tmp_path / "c"
+    # Two configurations share the folder: 32 px with mirrored crops, and 48 px.
+    latent_of = {}
+    for resolution, flip in ((RESOLUTION, True), (48, False)):
+        built = _build(root, vae, c, flip=flip, resolution=resolution, shard_size=3)
+        _, buckets, placements = _plan(root, resolution)
+        for ks, p in zip(built.keys, placements):
+            w, h = (side // vae.downsample_factor for side in buckets[p.bucket])
+            latent_of.update({k: (built.fingerprint[:12], f"{w}x{h}") for k in ks})
+        if flip:
+            keep = [ks[0] for ks in built.keys]  # what a 32 px run without --flip uses
+    expected = Counter(latent_of[k] for k in set(_index_keys(c)) - set(keep))
+    assert len(expected) >= 3 and sum(expected.values()) > len(keep)
+    # A shard of kept and removed entries the index lost (a prune re-indexes it first; a dry
+    # run counts it but cannot preview it), and a crashed writer's temporary file.
+    with contextlib.closing(sqlite3.connect(c / cache.INDEX_NAME)) as conn, conn:
+        (mixed,) = next(row for row in conn.execute(
+            "SELECT shard FROM entries GROUP BY shard HAVING SUM(key IN (%s)) BETWEEN 1 AND "
+            "COUNT(*) - 1" % ",".join("?" * len(keep)), keep))
+        lost = {k for (k,) in conn.execute("SELECT key FROM entries WHERE shard = ?", (mixed,))}
+        conn.execute("DELETE FROM entries WHERE shard = ?", (mixed,))
+        conn.execute("DELETE FROM shards WHERE name = ?", (mixed,))
+    (c / "shards" / ".crashed.safetensors.tmp").write_bytes(b"partial")
+    previewed = expected - Counter(latent_of[k] for k in lost - set(keep))
+    before = _snapshot(c)
+    logs: list[str] = []
+    dry = cache.prune_cache(c, keep, log=logs.append, dry_run=True)
+    assert _snapshot(c) == before
+    assert dry["dry_run"] is True
+    assert {(g["fingerprint"], g["latent"]): g["entries"] for g in dry["groups"]} == previewed
+    assert [g["entries"] for g in dry["groups"]] == sorted(previewed.values(), reverse=True)
+    assert dry["entries_removed"] == sum(previewed.values())
+    assert (dry["shards_reindexed"], dry["leftovers_removed"]) == (1, 1)
+    assert dry["shards_removed"] > 0 and dry["shards_rewritten"] > 0
+    assert sum(g["bytes"] for g in dry["groups"]) == dry["bytes_freed"] > 0
+    assert logs[0].startswith(f"dry run, nothing changed: prune would remove "
+                              f"{dry['entries_removed']} entries (")
+    assert len(logs) == 2 + len(previewed) and "(not counted above)" in logs[-1]
+    for group, line in zip(dry["groups"], logs[1:]):
+        assert f"VAE {group['fingerprint']}, latents {group['latent']}: would remove " \
+               f"{group['entries']} entr" in line and ", about " in line
+    real = cache.prune_cache(c, keep, log=logs.append)
+    assert real["dry_run"] is False
+    assert {(g["fingerprint"], g["latent"]): g["entries"] for g in real["groups"]} == expected
+    assert real["entries_removed"] == sum(expected.values())
+    assert real["shards_rewritten"] == dry["shards_rewritten"] + 1  # the re-indexed one
+    for field in ("shards_removed", "leftovers_removed", "shards_reindexed"):
+        assert real[field] == dry[field], field
+    assert _index_keys(c) == sorted(keep)
+    assert cache.verify_cache(c) == []
+
+
+def test_cache_cli_dry_run_needs_prune_and_still_builds(tmp_path: Path, capsys) -> None:
+    root = _write_images(tmp_path / "img", 2)
+    save_vae(_vae(), tmp_path / "vae")
+    c = tmp_path / "c"
+    args = ["--dataset", str(root), "--vae", str(tmp_path / "vae"), "--resolution",
+            str(RESOLUTION), "--cache-dir", str(c), "--num-workers", "0", "--device", "cpu",
+            "--global-batch", "0", "--step", "16", "--json"]
+    assert cache.main([*args, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--prune" in err
+    assert not c.exists()  # refused before building anything
+    other = _build(root, _vae(1), c)  # another VAE's entries: a prune would delete them all
+    assert cache.main([*args, "--flip", "--prune", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    assert (out["encoded"], out["total"]) == (6, 6)  # the build step still ran
+    assert out["pruned"]["dry_run"] is True
+    assert out["pruned"]["entries_removed"] == other.total
+    groups = out["pruned"]["groups"]
+    assert {g["fingerprint"] for g in groups} == {other.fingerprint[:12]}
+    assert sum(g["entries"] for g in groups) == other.total
+    assert "would remove" in captured.err
+    assert len(_index_keys(c)) == other.total + out["total"]
 
 
 def test_cache_out_of_memory_halves_batch(tmp_path: Path) -> None:
