@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
 import time
 import warnings
@@ -104,12 +105,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _device_and_dtype(args: argparse.Namespace):
+    """(torch.device, dtype) of --device and --dtype; ValueError for a device torch does not
+    know."""
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else args.device
-    return torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                  "fp16": torch.float16}[args.dtype]
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device}: not a device (auto, cpu, cuda or cuda:N)"
+                         ) from None
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16,
+                    "fp16": torch.float16}[args.dtype]
 
 
 def _check_folder(folder: Path) -> None:
@@ -170,6 +178,9 @@ def sample(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
         print("error: --num-samples and --batch-size must be at least 1", file=sys.stderr)
         return 2
+    if not math.isfinite(args.cfg_scale):
+        print(f"error: --cfg-scale {args.cfg_scale}: not a finite number", file=sys.stderr)
+        return 2
     import torch
 
     from inference.pipelines import (generate, grid_step, img2img, parse_size, prepare_image,
@@ -177,9 +188,9 @@ def sample(args: argparse.Namespace) -> int:
     from training.data import ImageLoadError, load_image
     from training.export import load_generator
 
-    device, dtype = _device_and_dtype(args)
     started = time.perf_counter()
     try:
+        device, dtype = _device_and_dtype(args)
         _check_folder(Path(args.out))
         requested = parse_size(args.size) if args.size is not None else None
         source = load_image(args.image) if args.image is not None else None
@@ -250,8 +261,8 @@ def reconstruct(args: argparse.Namespace) -> int:
     if source is None:
         print("error: give --config vae/config.json or --vae PATH", file=sys.stderr)
         return 2
-    device, dtype = _device_and_dtype(args)
     try:
+        device, dtype = _device_and_dtype(args)
         out, image_format = _recon_target(args.image, args.out)
         vae = load_vae(source, device=device)
         if dtype != torch.float32 and not vae.config.force_upcast:

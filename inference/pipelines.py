@@ -188,10 +188,14 @@ def sample_latents(model: DiT, latent_size: tuple[int, int], num_samples: int = 
     ts = sampling_timesteps(steps, shift, strength if init is not None else 1.0)
     if init is not None:  # image-to-image: the data point noised to the start time
         x = torch.lerp(init.to(device, torch.float32), x, ts[0].item())  # (1 − t0)·x0 + t0·ε
-    y = None
-    if labels is not None and model.config.num_classes > 0:
+    y, classes = None, model.config.num_classes
+    if labels is not None:
+        if classes == 0:
+            raise ValueError("labels given to a model trained without classes")
         if len(labels) != num_samples:
             raise ValueError(f"{len(labels)} labels for {num_samples} samples")
+        if not all(0 <= label < classes for label in labels):  # index `classes` is the null class
+            raise ValueError(f"labels must lie in 0..{classes - 1}, got {sorted(set(labels))}")
         y = torch.tensor(labels, device=device, dtype=torch.long)  # (B,)
     velocity = guided(model, cfg_scale, model.config.num_classes)
     context = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -300,20 +304,34 @@ def save_images(images: torch.Tensor, out_dir: str | os.PathLike,
     image; it carries the parameters common to all). Numbering continues after the highest
     NNNN of the NNNN.png and grid_NNNN.png already in out_dir, so earlier results are never
     overwritten. Returns the paths, grid last."""
+    finite = torch.isfinite(images).flatten(1).all(1)  # (B,)
+    if not finite.all():  # they would be written as black images
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        raise ValueError(f"sample(s) {bad} came out NaN or infinite, nothing written (in bf16 "
+                         "or fp16 try --dtype fp32)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     numbered = (re.fullmatch(r"(?:grid_)?(\d{4,})\.png", p.name) for p in out.iterdir())
     start = max((int(m[1]) for m in numbered if m), default=-1) + 1
     paths = []
     for i, (image, meta) in enumerate(zip(images, params)):
-        path = out / f"{start + i:04d}.png"
-        tensor_to_pil(image).save(path, pnginfo=png_info(meta))
-        paths.append(path)
+        paths.append(_write_new(out / f"{start + i:04d}.png", tensor_to_pil(image), meta))
     common = {k: v for k, v in params[0].items() if all(p.get(k) == v for p in params)}
     common.pop("index", None)
-    grid = out / f"grid_{start:04d}.png"
-    tensor_to_pil(image_grid(images)).save(grid, pnginfo=png_info(common))
+    grid = _write_new(out / f"grid_{start:04d}.png", tensor_to_pil(image_grid(images)), common)
     return paths + [grid]
+
+
+def _write_new(path: Path, image: Image.Image, meta: dict) -> Path:
+    """Write a PNG with `meta` as text chunks to a path that must not exist yet (another process
+    writing into the same folder meanwhile is refused, not overwritten)."""
+    try:
+        with open(path, "xb") as file:
+            image.save(file, format="PNG", pnginfo=png_info(meta))
+    except FileExistsError:
+        raise FileExistsError(f"{path}: appeared while writing (another process is writing "
+                              "into this folder?); refusing to overwrite it") from None
+    return path
 
 
 def image_grid(images: torch.Tensor, padding: int = 2, cols: int | None = None) -> torch.Tensor:

@@ -3,6 +3,8 @@
 Every sampler has one signature, `sample_*(model, x, timesteps, extra_args, callback, disable)`,
 so they swap freely (the k-diffusion convention). `model(x, t, **extra_args)` returns the
 velocity; wrap a DiT with `guided` to add classifier-free guidance in one batched pass.
+`callback`, if given, receives {"i": step, "t": time reached, "x": state at that time} after
+every step; each state is a new tensor, so callbacks may keep them (a trajectory, previews).
 """
 
 from __future__ import annotations
@@ -40,17 +42,16 @@ def sample_euler(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor,
                  disable: bool = True) -> torch.Tensor:
     """First-order steps x ← x + (t_next − t) · v(x, t) along `timesteps` (decreasing).
 
-    `x` is not modified; the state is updated in place in one copy of it.
+    `x` is not modified: every step makes a new state.
     """
     extra_args = extra_args or {}
     ts = timesteps.tolist()
-    x = x.clone()
     t = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)  # (B,), refilled per step
     for i in tqdm(range(len(ts) - 1), disable=disable, desc="euler"):
         v = model(x, t.fill_(ts[i]), **extra_args)
-        x.add_(v, alpha=ts[i + 1] - ts[i])
+        x = torch.add(x, v, alpha=ts[i + 1] - ts[i])  # in x's dtype (fp32 under autocast)
         if callback is not None:
-            callback({"i": i, "t": ts[i], "x": x})
+            callback({"i": i, "t": ts[i + 1], "x": x})
     return x
 
 
@@ -59,10 +60,10 @@ def sample_heun(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor,
                 extra_args: dict | None = None, callback: Callable | None = None,
                 disable: bool = True) -> torch.Tensor:
     """Second-order (Heun) steps: average the velocity at both ends; Euler for the last step
-    into t = 0, where the second evaluation would be wasted. `x` is not modified."""
+    into t = 0, where the second evaluation would be wasted. `x` is not modified: every step
+    makes a new state."""
     extra_args = extra_args or {}
     ts = timesteps.tolist()
-    x = x.clone()
     t = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)  # (B,), refilled per step
     for i in tqdm(range(len(ts) - 1), disable=disable, desc="heun"):
         dt = ts[i + 1] - ts[i]
@@ -70,9 +71,9 @@ def sample_heun(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor,
         if ts[i + 1] > 0:
             v_next = model(torch.add(x, v, alpha=dt), t.fill_(ts[i + 1]), **extra_args)
             v = (v + v_next.to(x.dtype)) * 0.5
-        x.add_(v, alpha=dt)
+        x = torch.add(x, v, alpha=dt)
         if callback is not None:
-            callback({"i": i, "t": ts[i], "x": x})
+            callback({"i": i, "t": ts[i + 1], "x": x})
     return x
 
 

@@ -219,6 +219,28 @@ def test_inference_strength_without_image_is_one_line_error(tiny_run: Path,
     assert not (tmp_path / "o").exists()
 
 
+def test_inference_bad_device_or_cfg_scale_is_one_line_error(tiny_run: Path, tiny_vae: Path,
+                                                              tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture
+                                                              ) -> None:
+    import importlib.util  # in process: inference.py, not the inference/ package
+
+    spec = importlib.util.spec_from_file_location("inference_cli", REPO_ROOT / "inference.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    image = _image(tmp_path / "in.png", 32, 32)
+    for args, code, message in (
+            (["--checkpoint", str(tiny_run), "--device", "foo"], 1,
+             "error: --device foo: not a device (auto, cpu, cuda or cuda:N)"),
+            (["--config", str(tiny_vae / "config.json"), "--image", str(image), "--device",
+              "foo"], 1, "error: --device foo: not a device (auto, cpu, cuda or cuda:N)"),
+            (["--checkpoint", str(tiny_run), "--cfg-scale", "nan", "--device", "cpu"], 2,
+             "error: --cfg-scale nan: not a finite number")):
+        assert cli.main([*args, "--out", str(tmp_path / "o")]) == code
+        assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "o").exists()
+
+
 def test_inference_impossible_size_is_one_line_error(tiny_run: Path, tmp_path: Path) -> None:
     out = _run("--checkpoint", str(tiny_run), "--size", "2x64", "--out", str(tmp_path / "o"),
                "--device", "cpu")

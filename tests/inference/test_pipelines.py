@@ -157,3 +157,26 @@ def test_pipelines_numbering_continues_after_existing_grids(tmp_path: Path) -> N
     paths = save_images(images, out, params)
     assert [p.name for p in paths] == ["0001.png", "0002.png", "grid_0001.png"]
     assert (out / "grid_0000.png").read_bytes() == kept
+
+
+def test_pipelines_labels_outside_the_classes_are_refused(loaded) -> None:
+    from inference.pipelines import sample_latents
+    from models.registry import build_dit
+
+    model, _, _ = loaded  # 4 classes; index 4 would be the null (unconditional) class
+    for labels in ([4], [5], [-1]):
+        with pytest.raises(ValueError, match=r"labels must lie in 0\.\.3"):
+            sample_latents(model, (8, 8), 1, labels, steps=1)
+    unconditional = build_dit("dit-t/2", 4, 0).eval()
+    with pytest.raises(ValueError, match="trained without classes"):
+        sample_latents(unconditional, (8, 8), 1, [0], steps=1)
+    assert sample_latents(unconditional, (8, 8), 1, None, steps=1).shape == (1, 4, 8, 8)
+
+
+def test_pipelines_save_images_refuses_nonfinite_samples(tmp_path: Path) -> None:
+    images = torch.zeros(3, 3, 8, 8)
+    images[1, 0, 2, 2] = float("nan")
+    images[2] = float("inf")
+    with pytest.raises(ValueError, match=r"sample\(s\) \[1, 2\] came out NaN or infinite"):
+        save_images(images, tmp_path / "out", [{"index": i} for i in range(3)])
+    assert not (tmp_path / "out").exists()  # not even the good one: nothing black, nothing half

@@ -72,9 +72,24 @@ def test_samplers_heun_differs_from_euler_and_is_more_accurate() -> None:
 def test_samplers_leave_input_alone_and_report_every_step() -> None:
     x1 = torch.randn(1, 2, 2, 2)
     before = x1.clone()
-    seen: list[float] = []
     for sampler in (sample_euler, sample_heun):
-        out = sampler(_linear(1.0), x1, shifted_timesteps(5),
-                      callback=lambda d: seen.append(d["t"]))
+        seen: list[dict] = []
+        ts = shifted_timesteps(5)
+        out = sampler(_linear(1.0), x1, ts, callback=seen.append)
         assert torch.equal(x1, before) and not torch.equal(out, x1)
-    assert len(seen) == 10 and seen[0] == 1.0
+        assert [d["i"] for d in seen] == list(range(5))
+        assert [d["t"] for d in seen] == ts[1:].tolist()  # the time each step reached
+        assert torch.equal(seen[-1]["x"], out)
+        assert all(not torch.equal(a["x"], b["x"]) for a, b in zip(seen, seen[1:]))
+
+
+def test_samplers_callback_states_follow_the_exact_flow() -> None:
+    # v = x / t has the exact solution x(t) = t · x(1): both samplers follow it exactly, and
+    # each reported state must be the state at its reported time (kept, not overwritten).
+    x1 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    for sampler in (sample_euler, sample_heun):
+        seen: list[tuple[float, torch.Tensor]] = []
+        sampler(lambda x, t: x / t.view(-1, 1, 1, 1), x1, shifted_timesteps(6).double(),
+                callback=lambda d: seen.append((d["t"], d["x"])))
+        for t, x in seen:
+            torch.testing.assert_close(x, t * x1, rtol=0, atol=1e-12)
