@@ -5,7 +5,9 @@
 
 Flags override the JSON config (`configs/`); the resolved config is saved in the run folder.
 `--resume` without `--config` continues the checkpoint's own run with the config saved in it,
-changing only what this command's flags say.
+changing only what this command's flags say. Paths given on the command line (and in
+LDM_DATASET, LDM_RUNS_DIR) are relative to the current folder, like any command's; paths inside
+a config file are relative to the repository, so a config means the same from anywhere.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Sequence
 
 from dotenv import load_dotenv
 
-from training.config import (REPO_ROOT, Config, ConfigError, TrainingAborted, apply_overrides,
-                             from_dict, load_config, resolve_path)
+from training.config import (REPO_ROOT, Config, ConfigError, TrainingAborted, absolute_config,
+                             apply_overrides, is_synthetic, load_config, resolve_path)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.json"
 
@@ -48,6 +50,17 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--eval-dataset": ("data.eval_dataset", str, "folder of validation images"),
     "--holdout": ("data.holdout", int, "images held out of training for validation"),
 }
+
+
+PATH_FLAGS = ("--dataset", "--eval-dataset", "--run-dir", "--vae")
+
+
+def _from_cwd(path: str) -> str:
+    """A path from the command line or the environment, made absolute against the current
+    folder ("~" expanded); the synthetic set and "" (nothing) stay as they are."""
+    if not path or is_synthetic(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _config_default(cfg: Config, dotted: str):
@@ -110,22 +123,28 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     """
     flags = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in
              FLAGS.items()}
+    for flag in PATH_FLAGS:
+        key = FLAGS[flag][0]
+        if flags[key] is not None:
+            flags[key] = _from_cwd(flags[key])
     flags["data.use_classes"] = args.classes
     flags["data.allow_upscale"] = args.allow_upscale
     flags["train.compile"] = args.compile
-    config_file = args.config or DEFAULT_CONFIG
+    config_file = _from_cwd(args.config) if args.config else DEFAULT_CONFIG
     env = {}
     if args.dataset is None and os.environ.get("LDM_DATASET"):
-        env["data.dataset"] = os.environ["LDM_DATASET"]
+        env["data.dataset"] = _from_cwd(os.environ["LDM_DATASET"])
     if args.run_dir is None and os.environ.get("LDM_RUNS_DIR"):
-        env["run_dir"] = str(Path(os.environ["LDM_RUNS_DIR"]) / Path(config_file).stem)
-    cfg = apply_overrides(apply_overrides(load_config(config_file), env), flags)
+        env["run_dir"] = str(Path(_from_cwd(os.environ["LDM_RUNS_DIR"])) / Path(config_file).stem)
+    # the file's relative paths are read from the repository, whatever the current folder
+    cfg = apply_overrides(apply_overrides(absolute_config(load_config(config_file)), env), flags)
     resume = args.resume
     if resume is not None:
         from training.checkpoint import read_state, resolve_resume
         from training.loop import saved_config
 
-        checkpoint = resolve_resume(resolve_path(resume or cfg.run_dir))
+        checkpoint = resolve_resume(Path(_from_cwd(resume)) if resume
+                                    else resolve_path(cfg.run_dir))
         resume = str(checkpoint)
         if args.config is None:
             cfg = apply_overrides(saved_config(read_state(checkpoint), checkpoint), flags)
@@ -161,7 +180,7 @@ def export(source: str, out: str | None) -> Path:
 
     from training.checkpoint import STATE_FILE, resolve_resume
 
-    folder = resolve_resume(resolve_path(source))
+    folder = resolve_resume(Path(_from_cwd(source)))
     try:
         stage = json.loads((folder / STATE_FILE).read_text())["config"]["stage"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -169,15 +188,15 @@ def export(source: str, out: str | None) -> Path:
     if stage == "dit":
         from training.export import export_dit
 
-        return export_dit(folder, out)
+        return export_dit(folder, out and _from_cwd(out))
     from training.vae_stage import export_checkpoint
 
-    return export_checkpoint(folder, out)
+    return export_checkpoint(folder, out and _from_cwd(out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     load_dotenv(REPO_ROOT / ".env")
-    parser = build_parser(from_dict(Config, {}))
+    parser = build_parser(load_config(DEFAULT_CONFIG))  # --help shows the defaults that apply
     args = parser.parse_args(argv)
     try:
         if args.export:

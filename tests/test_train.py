@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -24,6 +26,10 @@ def test_train_help_lists_every_flag_with_default() -> None:
                  "--seed", "--num-workers", "--classes", "--dry-run"):
         assert flag in text
     assert text.count("default:") >= 10
+    # the defaults shown are configs/default.json's, which apply, not the dataclasses'
+    defaults = json.loads((REPO_ROOT / "configs" / "default.json").read_text())
+    assert f"data.resolution; default: {defaults['data']['resolution']})" in text
+    assert f"train.max_steps; default: {defaults['train']['max_steps']})" in text
 
 
 def test_train_dry_run_prints_buckets_and_plan(tmp_path: Path) -> None:
@@ -120,3 +126,23 @@ def test_train_resume_continues_the_run_as_saved(tmp_path: Path) -> None:
     assert "global batch (batch_size × processes) 2 -> 4" in out.stderr  # 2: the saved one
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     assert json.loads((run / "config.json").read_text()) == state["config"]
+
+
+def test_train_command_line_paths_are_relative_to_the_current_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from train import build_parser, resolve_config
+    from training.config import REPO_ROOT, Config, from_dict, portable_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("LDM_DATASET", "LDM_RUNS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    parser = build_parser(from_dict(Config, {}))
+    cfg, _ = resolve_config(parser.parse_args(["--dataset", "data", "--run-dir", "runs/r",
+                                               "--vae", "~/v"]))
+    assert cfg.data.dataset == str(tmp_path / "data")
+    assert cfg.run_dir == str(tmp_path / "runs" / "r")
+    assert cfg.dit.vae == str(Path("~/v").expanduser())
+    # configs/default.json's "vae" is the repository's, from any folder, and is saved as such
+    cfg, _ = resolve_config(parser.parse_args(["--dataset", "synthetic:8"]))
+    assert cfg.dit.vae == str(REPO_ROOT / "vae") and cfg.data.dataset == "synthetic:8"
+    assert portable_config(cfg).dit.vae == "vae"

@@ -186,13 +186,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read a JSON config file into a `Config`; errors name the file."""
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config keys")
     try:
         return from_dict(Config, data)
     except ConfigError as exc:
@@ -228,9 +230,10 @@ def portable_path(path: str | os.PathLike[str], root: str | os.PathLike[str] = R
     """Return `path` relative to `root` when it lies inside it, else absolute.
 
     Paths saved in configs and checkpoints go through this so that runs and exports stay
-    valid when the repository is moved or cloned elsewhere.
+    valid when the repository is moved or cloned elsewhere. A relative `path` is taken from
+    `root`, as `resolve_path` reads it back (not from the current folder).
     """
-    resolved = Path(path).expanduser().resolve()
+    resolved = resolve_path(path, root).resolve()
     try:
         return resolved.relative_to(Path(root).resolve()).as_posix()
     except ValueError:
@@ -259,9 +262,15 @@ def _map_paths(cfg: Config, convert: typing.Callable[[str], str]) -> Config:
         for part in parents:
             target = getattr(target, part)
         value = getattr(target, name)
-        if value and not value.startswith("synthetic"):
+        if value and not is_synthetic(value):
             setattr(target, name, convert(value))
     return out
+
+
+def is_synthetic(dataset: str) -> bool:
+    """Whether `dataset` names the built-in synthetic set ("synthetic" or "synthetic:N"), not a
+    folder (a folder may well be called "synthetic_photos")."""
+    return dataset == "synthetic" or dataset.startswith("synthetic:")
 
 
 def resolve_path(path: str | os.PathLike[str], root: str | os.PathLike[str] = REPO_ROOT) -> Path:

@@ -427,6 +427,8 @@ def make_synthetic(root: str | os.PathLike[str], count: int, seed: int = 0) -> P
 
 def resolve_dataset(spec: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Turn a `--dataset` value into a folder: a path, or `synthetic` / `synthetic:N`."""
+    if not spec:
+        raise ValueError("no dataset given: name an image folder or synthetic[:N]")
     if spec == "synthetic" or spec.startswith("synthetic:"):
         try:
             count = int(spec.split(":", 1)[1]) if ":" in spec else 256

@@ -86,3 +86,21 @@ def test_config_absolute_config_reads_saved_paths_from_the_repo(tmp_path: Path) 
     assert out.data.dataset == str(REPO_ROOT / "data" / "photos")
     assert out.data.eval_dataset == str(tmp_path / "held") and out.dit.cache_dir == ""
     assert portable_config(out) == cfg and cfg.run_dir == "runs/a"
+
+
+def test_config_portable_path_reads_relative_paths_from_the_repo_not_the_cwd(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run started from another folder saves its repo-relative defaults ("vae") as they were
+    # used (the repo's vae/), so that its resume finds them again.
+    monkeypatch.chdir(tmp_path)
+    assert portable_path("vae") == "vae"
+    assert resolve_path(portable_path("runs/x")) == REPO_ROOT / "runs" / "x"
+    cfg = from_dict(Config, {"run_dir": "runs/a", "dit": {"vae": "vae"},
+                             "data": {"dataset": "synthetic_photos"}})
+    saved = portable_config(cfg)
+    assert (saved.run_dir, saved.dit.vae) == ("runs/a", "vae")
+    # a folder whose name starts with "synthetic" is a folder, not the synthetic set
+    assert saved.data.dataset == "synthetic_photos"  # repo-relative, like any folder
+    assert absolute_config(saved).data.dataset == str(REPO_ROOT / "synthetic_photos")
+    assert portable_config(from_dict(Config, {"data": {"dataset": "synthetic:8"}})
+                           ).data.dataset == "synthetic:8"
