@@ -88,11 +88,16 @@ def evaluate(model: AutoencoderKL, images: torch.Tensor, device: torch.device,
 @torch.no_grad()
 def measure_latent_scale(model: AutoencoderKL, loader, device: torch.device,
                          images: int) -> tuple[float, float]:
-    """(shift, scale) so that (latent − shift) × scale has zero mean and unit variance."""
+    """(shift, scale) so that (latent − shift) × scale has zero mean and unit variance.
+
+    Measured on posterior samples, as the DiT trains on, with fixed noise: exporting the same
+    checkpoint twice gives the same factors, hence the same VAE fingerprint.
+    """
     model.eval()
     total, total_sq, count = 0.0, 0.0, 0
+    gen = torch.Generator().manual_seed(0)
     for batch in loader:
-        z = model.encode(to_unit_range(batch["pixels"]).to(device)).sample().double()
+        z = model.encode(to_unit_range(batch["pixels"]).to(device)).sample(gen).double()
         total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), \
             count + z.numel()
         images -= len(z)

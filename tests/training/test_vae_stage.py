@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.vae import load_vae
+from models.vae import load_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.config import Config, ConfigError, from_dict, save_config
 from training.vae_stage import export_checkpoint, train_vae
@@ -164,6 +164,12 @@ def test_vae_stage_export_from_checkpoint(tmp_path: Path) -> None:
     ckpt = load_checkpoint(latest_checkpoint(run))
     for k, v in vae.state_dict().items():
         assert torch.equal(v, ckpt.tensors["ema"][k])
+    # the same checkpoint exported again is the same VAE (measured factors included), so a DiT
+    # trained on the first export still resumes with the second
+    again = load_vae(export_checkpoint(run, tmp_path / "again"))
+    assert again.config.scaling_factor == vae.config.scaling_factor
+    assert again.config.shift_factor == vae.config.shift_factor
+    assert vae_fingerprint(again) == vae_fingerprint(vae)
 
 
 def test_vae_stage_sigterm_to_process_group_saves_checkpoint(tmp_path: Path) -> None:
