@@ -14,7 +14,7 @@ import json
 import math
 import random
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -339,10 +339,17 @@ def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
         eval_scan = scan_folder(resolve_dataset(cfg.data.eval_dataset),
                                 use_classes=cfg.data.use_classes,
                                 max_pixels=cfg.data.max_image_pixels, num_workers=1)
+        unknown = sorted(set(eval_scan.class_names) - set(scan.class_names))
+        if unknown:
+            raise ConfigError(f"{cfg.data.eval_dataset}: validation classes {unknown} are not "
+                              f"among the training classes {scan.class_names}")
         grid = np.asarray(buckets)
         for rec in eval_scan.records:
             p = assign(rec.width, rec.height, grid, cfg.data.allow_upscale)
             if p is not None:
+                if rec.label >= 0:  # by name: the folder may hold only some of the classes
+                    rec = replace(rec, label=scan.class_names.index(
+                        eval_scan.class_names[rec.label]))
                 eval_records.append(rec)
                 eval_placements.append(p)
     elif cfg.data.holdout > 0:

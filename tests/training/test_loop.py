@@ -74,3 +74,34 @@ def test_loop_resume_position_starts_the_next_epoch_when_the_images_changed(
     # checkpoints from before the fingerprint was recorded keep their position
     assert resume_position({"epoch": 2, "index": 5}, changed, Path("ckpt")) == (2, 5)
     assert capsys.readouterr().out == ""
+
+
+def test_loop_plan_data_gives_validation_images_the_training_labels(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from training.config import Config, ConfigError, from_dict
+    from training.distributed import DistInfo
+    from training.loop import plan_data
+
+    rng = np.random.default_rng(0)
+    for folder, classes in (("train", ("apples", "birds", "cars")), ("val", ("birds", "cars"))):
+        for name in classes:
+            (tmp_path / folder / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / folder / name / f"{i}.png")
+    cfg = from_dict(Config, {"batch_size": 2, "data": {
+        "dataset": str(tmp_path / "train"), "eval_dataset": str(tmp_path / "val"),
+        "use_classes": True, "resolution": 32, "num_workers": 0}})
+    one = DistInfo(0, 1, 0, torch.device("cpu"))
+    plan = plan_data(cfg, one)
+    assert plan.class_names == ["apples", "birds", "cars"]
+    # the validation folder's own class list is (birds, cars): labels 0, 1 there, 1, 2 here
+    assert sorted(r.label for r in plan.eval_records) == [1, 1, 2, 2]
+    (tmp_path / "val" / "dogs").mkdir()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        tmp_path / "val" / "dogs" / "0.png")
+    with pytest.raises(ConfigError, match=r"validation classes \['dogs'\] are not among"):
+        plan_data(cfg, one)
