@@ -22,7 +22,8 @@ from typing import Sequence
 from dotenv import load_dotenv
 
 from training.config import (REPO_ROOT, Config, ConfigError, TrainingAborted, absolute_config,
-                             apply_overrides, is_synthetic, load_config, resolve_path)
+                             apply_overrides, is_synthetic, load_config, resolve_path,
+                             validate_config)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.json"
 
@@ -150,25 +151,27 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
             cfg = apply_overrides(saved_config(read_state(checkpoint), checkpoint), flags)
             if args.run_dir is None:
                 cfg.run_dir = str(checkpoint.parent.parent)
-    if cfg.stage not in ("vae", "dit"):
-        raise ConfigError(f"stage must be 'vae' or 'dit', got {cfg.stage!r}")
-    return cfg, resume
+    return validate_config(cfg), resume  # bad values fail here, not steps into training
 
 
 def dry_run(cfg: Config) -> None:
-    """Scan, bucket and plan; print what training would see."""
-    from bucketing import BatchSchedule, bucket_dataset, format_report, report
+    """Print what training would see on one process: the buckets and their crop loss, then the
+    data plan training builds (validation images held out) and its first epoch's batches.
+    Refuses what training would refuse about the data."""
+    import torch
+
+    from bucketing import bucket_dataset, format_report, report
+    from training.distributed import DistInfo
+    from training.loop import plan_data
 
     scan, buckets, placements = bucket_dataset(cfg.data, cfg.batch_size, progress=True)
-    print(scan.summary())
     print(format_report(report(scan, buckets, placements)))
-    if not placements:
-        raise ValueError(f"{scan.root}: no usable image")
-    schedule = BatchSchedule([p.bucket for p in placements], cfg.batch_size, seed=cfg.seed)
-    plan = schedule.epoch_plan(0)
-    shapes = Counter(buckets[int(placements[b[0]].bucket)] for b in plan)
-    print(f"epoch 0: {len(plan)} batches of {cfg.batch_size}; "
-          f"{schedule.unused_samples()} image(s) in buckets smaller than one batch")
+    plan = plan_data(cfg, DistInfo(0, 1, 0, torch.device("cpu")))  # prints the scan summary
+    epoch = plan.schedule.epoch_plan(0)
+    shapes = Counter(plan.buckets[int(plan.placements[b[0]].bucket)] for b in epoch)
+    print(f"training on {len(plan.records)} image(s), validating on {len(plan.eval_records)}")
+    print(f"epoch 0: {len(epoch)} batches of {cfg.batch_size}; "
+          f"{plan.schedule.unused_samples()} image(s) in buckets smaller than one batch")
     for (w, h), n in sorted(shapes.items()):
         print(f"  {w}x{h}: {n} batch(es)")
 

@@ -34,12 +34,19 @@ def test_train_help_lists_every_flag_with_default() -> None:
 
 def test_train_dry_run_prints_buckets_and_plan(tmp_path: Path) -> None:
     out = _train("--dataset", "synthetic:24", "--resolution", "128", "--batch-size", "4",
-                 "--classes", "--dry-run", "--run-dir", str(tmp_path / "run"))
+                 "--classes", "--holdout", "4", "--dry-run", "--run-dir", str(tmp_path / "run"))
     assert out.returncode == 0, out.stderr
     assert "24 usable image(s)" in out.stdout
     assert "4 classes" in out.stdout
+    assert "training on 20 image(s), validating on 4" in out.stdout  # as training splits them
     assert "crop loss" in out.stdout and "epoch 0:" in out.stdout
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    # what training refuses, the dry run refuses: 8 images left after the default holdout
+    out = _train("--dataset", "synthetic:24", "--resolution", "128", "--batch-size", "4",
+                 "--dry-run")
+    assert out.returncode == 2
+    assert out.stderr.strip().endswith("of the 8 left for training after data.holdout=16; "
+                                       "lower --batch-size or --holdout"), out.stderr
 
 
 def test_train_unknown_config_key_fails_with_one_line(tmp_path: Path) -> None:

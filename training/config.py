@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,6 +136,45 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     dit: DiTStageConfig = field(default_factory=DiTStageConfig)
+
+
+def validate_config(cfg: Config) -> Config:
+    """Refuse (ConfigError naming the key) values that would fail, or be silently replaced,
+    only once training is under way. Returns `cfg`. The data, model and VAE are checked
+    where they are loaded."""
+    t, d = cfg.train, cfg.dit
+    choices = {"stage": (cfg.stage, ("vae", "dit")),
+               "train.precision": (t.precision, ("auto", "bf16", "fp32")),
+               "train.lr_schedule": (t.lr_schedule, ("constant", "cosine")),
+               "vae.rec_loss": (cfg.vae.rec_loss, ("l1", "l2"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    at_least_one = {"batch_size": cfg.batch_size, "train.max_steps": t.max_steps,
+                    "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+                    "train.eval_every": t.eval_every, "train.sample_every": t.sample_every,
+                    "train.max_nonfinite": t.max_nonfinite, "dit.sample_steps": d.sample_steps,
+                    "dit.num_samples": d.num_samples, "dit.val_bins": d.val_bins,
+                    "vae.scale_images": cfg.vae.scale_images}
+    not_negative = {"data.holdout": cfg.data.holdout, "data.num_workers": cfg.data.num_workers,
+                    "train.ckpt_every (0: only at the end)": t.ckpt_every,
+                    "train.warmup_steps": t.warmup_steps, "train.lr": t.lr,
+                    "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip}
+    for key, value in at_least_one.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    for key, value in not_negative.items():
+        if not value >= 0:  # NaN too
+            raise ConfigError(f"{key} must not be negative, got {value}")
+    if bool(cfg.vae.lpips_vgg) != bool(cfg.vae.lpips_lin):
+        raise ConfigError("vae.lpips_vgg and vae.lpips_lin come together (both files, or neither "
+                          "for no perceptual loss)")
+    for size in d.sample_sizes:
+        if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", size):
+            raise ConfigError(f"dit.sample_sizes: {size!r} is not WIDTHxHEIGHT in pixels")
+    return cfg
 
 
 def _is_dataclass_type(tp: Any) -> bool:

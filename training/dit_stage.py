@@ -30,7 +30,7 @@ from models.dit import DiT
 from models.registry import MODEL_NAMES, build_dit
 from models.vae import AutoencoderKL, load_vae, vae_fingerprint
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import Config, ConfigError, portable_path, resolve_path
+from training.config import Config, ConfigError, portable_path, resolve_path, validate_config
 from training.data import ScheduleSampler
 from training.distributed import DistInfo, agree, setup, teardown
 from training.ema import EMA
@@ -86,6 +86,7 @@ def check_resume_compatible(cfg: Config, state: dict, class_names: list[str],
 
 def train_dit(cfg: Config, resume: str | None = None) -> Path:
     """Run the DiT stage; returns the run folder."""
+    validate_config(cfg)  # also when called from Python, not train.py
     info = setup(cfg.train.device)
     try:
         return _train(cfg, resume, info)
@@ -158,6 +159,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         ema.load_state_dict(ckpt.group("ema"), ckpt.state["ema_updates"])
         load_optimizer(opt, ckpt.torch_state["optimizer"])
         step, saved_state = ckpt.step, ckpt.state  # (epoch, index) once the images are known
+        if step >= t.max_steps:
+            raise ConfigError(f"{resume_path} is at step {step}, so train.max_steps "
+                              f"{t.max_steps} leaves nothing to train; raise --max-steps")
         if main:
             print(f"resumed from {resume_path} at step {step}", flush=True)
     run_dir = prepare_run_dir(cfg, resume_path, info, plan)
@@ -323,11 +327,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             bar.set_postfix(loss=f"{total.item():.4f}")
             tick, waited, logged_at = time.perf_counter(), 0.0, step
             bucket_losses.clear()
-        if main and val_x and (step % t.eval_every == 0 or step == t.max_steps):
-            validate()
-        if main and (step % t.sample_every == 0 or step == t.max_steps):
-            previews()
-        if stopping or (t.ckpt_every and step % t.ckpt_every == 0):
+        # Save first: a failure in validation or previews then loses no training.
+        if stopping or step == t.max_steps or (t.ckpt_every and step % t.ckpt_every == 0):
             checkpoint()
             logger.flush()
         if stopping:
@@ -335,9 +336,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                 bar.write(f"signal {stop.received or 'on another process'}: saved step {step} "
                           "and stopped")
             break
-    else:
-        if not t.ckpt_every or step % t.ckpt_every:
-            checkpoint()
+        if main and val_x and (step % t.eval_every == 0 or step == t.max_steps):
+            validate()
+        if main and (step % t.sample_every == 0 or step == t.max_steps):
+            previews()
     bar.close()
     batches.close()
     reader.close()

@@ -366,8 +366,11 @@ def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
     schedule = BatchSchedule([p.bucket for p in placements], cfg.batch_size, dist.world_size,
                              cfg.seed)
     if schedule.batches_per_epoch() == 0:
-        raise ConfigError(f"no bucket holds a global batch of {schedule.global_batch} images; "
-                          "lower --batch-size")
+        held = (f" of the {len(records)} left for training after data.holdout="
+                f"{cfg.data.holdout}" if cfg.data.holdout and not cfg.data.eval_dataset else "")
+        raise ConfigError(f"no bucket holds a global batch of {schedule.global_batch} "
+                          f"images{held}; lower --batch-size"
+                          f"{' or --holdout' if held else ''}")
     if schedule.unused_samples() and dist.is_main:
         print(f"warning: {schedule.unused_samples()} image(s) sit in buckets smaller than one "
               "global batch and are never used", flush=True)

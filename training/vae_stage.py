@@ -22,7 +22,7 @@ from tqdm import tqdm
 from models.discriminator import PatchDiscriminator, generator_hinge_loss, hinge_d_loss
 from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
 from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from training.config import Config, ConfigError, resolve_path
+from training.config import Config, ConfigError, resolve_path, validate_config
 from training.data import to_unit_range
 from training.distributed import DistInfo, agree, setup, teardown
 from training.ema import EMA
@@ -120,6 +120,7 @@ def check_resume_compatible(cfg: Config, saved: dict, path: Path) -> None:
 
 def train_vae(cfg: Config, resume: str | None = None) -> Path:
     """Run the VAE stage; returns the run folder."""
+    validate_config(cfg)  # also when called from Python, not train.py
     info: DistInfo = setup(cfg.train.device)
     try:
         return _train(cfg, resume, info)
@@ -159,6 +160,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         load_optimizer(opt_d, ckpt.torch_state["opt_d"])
         step = ckpt.step
         epoch, index = resume_position(ckpt.state, plan, resume_path, main)
+        if step >= t.max_steps:
+            raise ConfigError(f"{resume_path} is at step {step}, so train.max_steps "
+                              f"{t.max_steps} leaves nothing to train; raise --max-steps")
         if main:
             print(f"resumed from {resume_path} at step {step}", flush=True)
     run_dir = prepare_run_dir(cfg, resume_path, info, plan)
@@ -261,16 +265,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                             "train/samples_per_s": x.shape[0] * info.world_size * steps_done
                             / max(1e-9, elapsed)}, step)
             bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.0f}")
-        if main and len(eval_images) and (step % t.eval_every == 0 or step == t.max_steps):
-            ema.copy_to(ema_model)
-            p, s, pairs = evaluate(ema_model, eval_images, device)
-            logger.scalars({"eval/psnr": p, "eval/ssim": s}, step)
-            if step % t.sample_every == 0 or step == t.max_steps:
-                from inference.pipelines import image_grid
-
-                logger.image("eval/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
-            bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
-        if stopping or (t.ckpt_every and step % t.ckpt_every == 0):
+        # Save first: a failure in validation then loses no training.
+        if stopping or step == t.max_steps or (t.ckpt_every and step % t.ckpt_every == 0):
             checkpoint()
             logger.flush()
         if stopping:
@@ -280,9 +276,16 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             bar.close()
             logger.close()
             return run_dir
+        if main and len(eval_images) and (step % t.eval_every == 0 or step == t.max_steps):
+            ema.copy_to(ema_model)
+            p, s, pairs = evaluate(ema_model, eval_images, device)
+            logger.scalars({"eval/psnr": p, "eval/ssim": s}, step)
+            if step % t.sample_every == 0 or step == t.max_steps:
+                from inference.pipelines import image_grid
+
+                logger.image("eval/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
+            bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
     bar.close()
-    if not t.ckpt_every or step % t.ckpt_every:
-        checkpoint()
     if main:
         export_vae(vae, ema, ema_model, loader_for_scale(cfg, plan, info), device, run_dir / "vae",
                    v.scale_images)

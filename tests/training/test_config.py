@@ -104,3 +104,35 @@ def test_config_portable_path_reads_relative_paths_from_the_repo_not_the_cwd(
     assert absolute_config(saved).data.dataset == str(REPO_ROOT / "synthetic_photos")
     assert portable_config(from_dict(Config, {"data": {"dataset": "synthetic:8"}})
                            ).data.dataset == "synthetic:8"
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"stage": "gan"}, "stage"),
+    ({"train": {"precision": "fp16"}}, "train.precision"),
+    ({"train": {"lr_schedule": "cosin"}}, "train.lr_schedule"),
+    ({"vae": {"rec_loss": "l3"}}, "vae.rec_loss"),
+    ({"train": {"device": "gpu"}}, "train.device"),
+    ({"train": {"max_steps": 0}}, "train.max_steps"),
+    ({"train": {"log_every": 0}}, "train.log_every"),
+    ({"train": {"eval_every": 0}}, "train.eval_every"),
+    ({"train": {"sample_every": 0}}, "train.sample_every"),
+    ({"data": {"holdout": -3}}, "data.holdout"),
+    ({"data": {"num_workers": -1}}, "data.num_workers"),
+    ({"train": {"lr": float("nan")}}, "train.lr"),
+    ({"dit": {"sample_sizes": ["256x256", "64x"]}}, "dit.sample_sizes"),
+    ({"vae": {"lpips_vgg": "vgg.pth"}}, "vae.lpips_vgg"),
+])
+def test_config_validate_refuses_values_that_would_fail_later(override: dict, key: str) -> None:
+    from training.config import validate_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(from_dict(Config, override))
+
+
+def test_config_validate_accepts_the_shipped_configs() -> None:
+    from training.config import validate_config
+
+    for path in sorted((REPO_ROOT / "configs").glob("*.json")):
+        validate_config(load_config(path))
+    validate_config(Config())
+    validate_config(from_dict(Config, {"train": {"device": "cuda:1", "ckpt_every": 0}}))

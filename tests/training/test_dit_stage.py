@@ -328,6 +328,15 @@ def test_dit_stage_resume_with_added_images_starts_the_next_epoch(
     assert state["data_fingerprint"] != saved["data_fingerprint"]
 
 
+def test_dit_stage_resume_with_nothing_left_to_train_is_refused(tmp_path: Path,
+                                                                tiny_vae: Path) -> None:
+    run = train_dit(_tiny_cfg(tmp_path, tiny_vae, max_steps=2))
+    before = _files(run)
+    with pytest.raises(ConfigError, match=r"is at step 2, so train.max_steps 2 leaves nothing"):
+        train_dit(_tiny_cfg(tmp_path, tiny_vae, max_steps=2), resume="")
+    assert _files(run) == before
+
+
 def test_dit_stage_resume_checks_the_vae_fingerprint(tmp_path: Path, tiny_vae: Path) -> None:
     run = train_dit(_tiny_cfg(tmp_path, tiny_vae, max_steps=1))
     torch.manual_seed(1)  # another VAE with the same latent channels
