@@ -13,6 +13,7 @@ a config file are relative to the repository, so a config means the same from an
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import Counter
@@ -116,11 +117,11 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     """The run's config and the checkpoint to resume (None for a new run).
 
-    The config file named by --config (configs/default.json if none), with LDM_DATASET and
-    LDM_RUNS_DIR standing in for --dataset and --run-dir, and the flags on top. --resume without
-    --config instead takes the config saved with the checkpoint and applies only the flags, and
-    the run folder is the checkpoint's own unless --run-dir is given. The stages refuse a change
-    that would break the batch schedule (`training.loop.find_resume`).
+    The config file named by --config (configs/default.json if none), with LDM_DATASET as its
+    dataset when it names none, LDM_RUNS_DIR standing in for --run-dir, and the flags on top.
+    --resume without --config instead takes the config saved with the checkpoint and applies
+    only the flags, and the run folder is the checkpoint's own unless --run-dir is given. The
+    stages refuse a change that would break the batch schedule (`training.loop.find_resume`).
     """
     flags = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in
              FLAGS.items()}
@@ -132,13 +133,16 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     flags["data.allow_upscale"] = args.allow_upscale
     flags["train.compile"] = args.compile
     config_file = _from_cwd(args.config) if args.config else DEFAULT_CONFIG
+    from_file = load_config(config_file)
     env = {}
-    if args.dataset is None and os.environ.get("LDM_DATASET"):
+    # LDM_DATASET is the dataset of a config file that names none (the shipped ones do not)
+    names_dataset = "dataset" in json.loads(Path(config_file).read_text()).get("data", {})
+    if args.dataset is None and not names_dataset and os.environ.get("LDM_DATASET"):
         env["data.dataset"] = _from_cwd(os.environ["LDM_DATASET"])
     if args.run_dir is None and os.environ.get("LDM_RUNS_DIR"):
         env["run_dir"] = str(Path(_from_cwd(os.environ["LDM_RUNS_DIR"])) / Path(config_file).stem)
     # the file's relative paths are read from the repository, whatever the current folder
-    cfg = apply_overrides(apply_overrides(absolute_config(load_config(config_file)), env), flags)
+    cfg = apply_overrides(apply_overrides(absolute_config(from_file), env), flags)
     resume = args.resume
     if resume is not None:
         from training.checkpoint import read_state, resolve_resume
@@ -179,8 +183,6 @@ def dry_run(cfg: Config) -> None:
 def export(source: str, out: str | None) -> Path:
     """Export a run or checkpoint with its stage's exporter (the stage is read from the
     checkpoint's state.json)."""
-    import json
-
     from training.checkpoint import STATE_FILE, resolve_resume
 
     folder = resolve_resume(Path(_from_cwd(source)))

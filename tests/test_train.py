@@ -153,3 +153,20 @@ def test_train_command_line_paths_are_relative_to_the_current_folder(
     cfg, _ = resolve_config(parser.parse_args(["--dataset", "synthetic:8"]))
     assert cfg.dit.vae == str(REPO_ROOT / "vae") and cfg.data.dataset == "synthetic:8"
     assert portable_config(cfg).dit.vae == "vae"
+
+
+def test_train_ldm_dataset_fills_in_only_where_no_dataset_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from train import build_parser, resolve_config
+    from training.config import Config, from_dict
+
+    monkeypatch.setenv("LDM_DATASET", "synthetic:8")
+    parser = build_parser(from_dict(Config, {}))
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"data": {"dataset": str(tmp_path / "photos")}}))
+    named = parser.parse_args(["--config", str(mine)])
+    assert resolve_config(named)[0].data.dataset == str(tmp_path / "photos")  # the file's own
+    shipped = parser.parse_args([])  # configs/default.json names no dataset
+    assert resolve_config(shipped)[0].data.dataset == "synthetic:8"
+    flag = parser.parse_args(["--config", str(mine), "--dataset", "synthetic:4"])
+    assert resolve_config(flag)[0].data.dataset == "synthetic:4"
