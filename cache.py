@@ -1127,6 +1127,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad flags before any scan or VAE load (ValueError or FileNotFoundError naming the
+    flag or path)."""
+    from bucketing import make_buckets
+    from training.data import resolve_dataset
+
+    if args.dry_run and not args.prune:
+        raise ValueError("--dry-run previews a prune; add --prune (nothing is deleted "
+                         "with --dry-run)")
+    for flag, value, least in (("--batch-size", args.batch_size, 1),
+                               ("--global-batch", args.global_batch, 0),
+                               ("--shard-size", args.shard_size, 0),
+                               ("--num-workers", args.num_workers, 0)):
+        if value < least:
+            raise ValueError(f"{flag} {value}: must be {'positive' if least else '0 or more'}")
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r}: expected auto, cpu or cuda")
+    make_buckets(args.resolution, args.step, args.min_area_ratio, args.max_aspect)
+    cache_dir = Path(args.cache_dir)
+    existing = next(p for p in (cache_dir, *cache_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--cache-dir {cache_dir}: not a folder ({existing} is a file)")
+    if not Path(args.vae).exists():
+        raise FileNotFoundError(f"{args.vae}: VAE not found; expected a folder with "
+                                "config.json and weights, or a weights file")
+    resolve_dataset(args.dataset)  # last: synthetic data is generated here
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python cache.py`."""
     from dotenv import load_dotenv
@@ -1134,23 +1162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bucketing import bucket_dataset
     from models.vae import load_vae
     from training.config import REPO_ROOT, DataConfig
-    from training.data import resolve_dataset
     from training.distributed import setup, teardown
 
     load_dotenv(REPO_ROOT / ".env")
     args = build_parser().parse_args(argv)
     try:
-        if args.dry_run and not args.prune:
-            raise ValueError("--dry-run previews a prune; add --prune (nothing is deleted "
-                             "with --dry-run)")
-        resolve_dataset(args.dataset)
-        if not Path(args.vae).exists():
-            raise FileNotFoundError(f"{args.vae}: VAE not found; expected a folder with "
-                                    "config.json and weights, or a weights file")
-        if args.batch_size < 1 or args.shard_size < 0:
-            raise ValueError("--batch-size must be positive and --shard-size not negative")
+        _check_args(args)
         info = setup(None if args.device == "auto" else args.device)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -1165,12 +1184,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             scan, buckets, placements = bucket_dataset(cfg, args.global_batch or None)
             if info.is_main:
                 barrier()
+            for s in scan.skipped if info.is_main else []:
+                _warn(f"skipped {s.path}: {s.reason}")
+            if not scan.records:
+                listed = f" ({len(scan.skipped)} skipped, listed above)" if scan.skipped else ""
+                raise ValueError(f"{scan.root}: no usable image to cache{listed}")
             vae = load_vae(args.vae, device=info.device)
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        for s in scan.skipped if info.is_main else []:
-            _warn(f"skipped {s.path}: {s.reason}")
         summary = ensure_cache(scan.records, placements, buckets, vae, args.cache_dir,
                                flip=args.flip, batch_size=args.batch_size,
                                num_workers=args.num_workers, dist_info=info,

@@ -696,11 +696,14 @@ def _read_vae_tensors(path: Path) -> dict[str, Tensor]:
                     if k.startswith(prefix)
                 }
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise ValueError(f"{path}: cannot read as safetensors ({err})") from err
+            raise ValueError(f"{path}: cannot read as safetensors "
+                             f"({' '.join(str(err).split())})") from err
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValueError(f"{path}: cannot read as a torch checkpoint ({err})") from err
+        # torch's own message spans lines and suggests weights_only=False: not for a VAE file
+        raise ValueError(f"{path}: not a torch checkpoint of tensors alone "
+                         f"({type(err).__name__})") from err
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
     if not isinstance(data, Mapping):

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,24 +22,34 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.config import apply_overrides, load_config  # noqa: E402
+from training.data import resolve_dataset  # noqa: E402
 from training.distributed import setup  # noqa: E402
 from training.loop import autocast, autocast_dtype, pixel_loader, plan_data  # noqa: E402
 from training.vae_stage import build_vae  # noqa: E402
 
 
-def main() -> None:
-    """Time loader and step, print the step budget."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Time loader and step, print the step budget; 2 on bad input."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--seconds", type=float, required=True, help="training time budget")
     parser.add_argument("--fraction", type=float, default=0.85,
                         help="share of the budget for steps (the rest: start-up, eval, export)")
-    args = parser.parse_args()
-    cfg = apply_overrides(load_config(args.config), {"data.dataset": args.dataset})
-    info = setup(cfg.train.device)
-    device = info.device
-    plan = plan_data(cfg, info)
+    args = parser.parse_args(argv)
+    try:
+        if not args.seconds > 0:
+            raise ValueError(f"--seconds {args.seconds}: must be positive")
+        if not 0 < args.fraction <= 1:
+            raise ValueError(f"--fraction {args.fraction}: must lie in (0, 1]")
+        cfg = apply_overrides(load_config(args.config), {"data.dataset": args.dataset})
+        resolve_dataset(cfg.data.dataset)
+        info = setup(cfg.train.device)
+        device = info.device
+        plan = plan_data(cfg, info)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     loader = iter(pixel_loader(cfg, plan, info, 0, 0, random_crop=True))
     next(loader)  # workers started
     start = time.perf_counter()
@@ -75,7 +86,8 @@ def main() -> None:
     steps = max(100, int(args.seconds * args.fraction / per_step) // 100 * 100)
     print(json.dumps({"loader_s_per_batch": round(load_s, 4), "step_s": round(step_s, 4),
                       "batch": cfg.batch_size, "max_steps": steps}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,18 +13,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_TAGS = ["train/loss", "val/loss", "train/data_wait_fraction", "train/samples_per_s"]
 
 
-def read_scalars(run: Path, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) pairs per tag from every events file under `run`/tb, in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+def _events_files(run: Path) -> list[Path]:
+    """The TensorBoard events files of a run, oldest name first; FileNotFoundError if none."""
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: run folder not found")
     files = sorted((run / "tb").glob("events.out.tfevents.*"))
     if not files:
-        raise SystemExit(f"error: {run}/tb holds no TensorBoard events file")
+        raise FileNotFoundError(f"{run}/tb holds no TensorBoard events file")
+    return files
+
+
+def read_scalars(run: Path, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) pairs per tag from every events file under `run`/tb, in step order;
+    FileNotFoundError when the run has no events file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = _events_files(run)
     values: dict[str, dict[int, float]] = {tag: {} for tag in tags}
     for path in files:
         acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
@@ -46,20 +56,29 @@ def binned(points: list[tuple[int, float]], every: int) -> list[list[float]]:
     return out
 
 
-def main() -> None:
-    """Print the curves of the runs named on the command line."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the curves of the runs named on the command line; 2 on bad input."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (with tb/)")
     parser.add_argument("--tags", nargs="+", default=DEFAULT_TAGS, help="scalar tags")
     parser.add_argument("--every", type=int, default=50, help="report every this many steps")
-    args = parser.parse_args()
-    report = {}
-    for run in args.runs:
-        curves = read_scalars(run, args.tags)
-        report[str(run)] = {tag: {"curve": binned(points, args.every),
-                                  "mean": round(sum(v for _, v in points) / len(points), 5)}
-                            for tag, points in curves.items()}
+    args = parser.parse_args(argv)
+    try:
+        if args.every < 1:
+            raise ValueError(f"--every {args.every}: must be a positive number of steps")
+        for run in args.runs:  # every run checked before any is read
+            _events_files(run)
+        report = {}
+        for run in args.runs:
+            curves = read_scalars(run, args.tags)
+            report[str(run)] = {tag: {"curve": binned(points, args.every),
+                                      "mean": round(sum(v for _, v in points) / len(points), 5)}
+                                for tag, points in curves.items()}
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report))
+    return 0
 
 
 if __name__ == "__main__":

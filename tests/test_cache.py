@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fractions
 import hashlib
 import json
 import os
@@ -369,6 +370,92 @@ def test_cache_cli_json_fields_and_errors(tmp_path: Path, capsys) -> None:
         assert cache.main([*args, bad, str(name)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(name) in err
+
+
+def _cli_args(tmp_path: Path) -> list[str]:
+    """A valid invocation on two images and one too small to keep (whose skip line only a scan
+    prints), caching into tmp_path/c."""
+    root = _write_images(tmp_path / "img", 2)
+    _image(8, 8, np.random.default_rng(1)).save(root / "tiny.png")
+    if not (tmp_path / "vae").exists():
+        save_vae(_vae(), tmp_path / "vae")
+    return ["--dataset", str(root), "--vae", str(tmp_path / "vae"), "--resolution",
+            str(RESOLUTION), "--cache-dir", str(tmp_path / "c"), "--num-workers", "0",
+            "--device", "cpu", "--json"]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--global-batch", "-1"], "--global-batch -1: must be 0 or more"),
+    (["--num-workers", "-2"], "--num-workers -2: must be 0 or more"),
+    (["--device", "foo"], "--device 'foo': expected auto, cpu or cuda"),
+    (["--cache-dir", "{tmp}/file"], "--cache-dir {tmp}/file: not a folder ({tmp}/file is a"),
+    (["--cache-dir", "{tmp}/file/sub"], "not a folder ({tmp}/file is a file)"),
+    (["--vae", "{tmp}/missing"], "{tmp}/missing: VAE not found"),
+    (["--step", "0"], "step 0 must be positive"),
+], ids=["global-batch", "num-workers", "device-name", "cache-dir-file",
+        "cache-dir-under-file", "vae-missing", "step"])
+def test_cache_cli_bad_flag_is_one_line_error_before_scanning(
+        tmp_path: Path, capsys, monkeypatch, flags: list[str], phrase: str) -> None:
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "ldm"))  # where a scan caches its work
+    args = _cli_args(tmp_path)
+    (tmp_path / "file").write_text("# not weights, not a folder\n")
+    (tmp_path / "vae.safetensors").write_text("# not weights either\n")
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert cache.main([*args, *flags]) == 2
+    err = _one_error_line(capsys)  # one line: no scan ran, so no skip line came first
+    assert phrase.format(tmp=tmp_path) in err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "ldm").exists()
+    assert cache.main(args) == 0  # the same invocation without the bad flag scans and builds
+    assert (tmp_path / "c").is_dir() and (tmp_path / "ldm" / "scan").is_dir()
+
+
+def test_cache_cli_unavailable_cuda_device_is_one_line_error(tmp_path: Path, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert cache.main([*_cli_args(tmp_path), "--device", "cuda"]) == 2
+    assert "--device cuda was asked for, but CUDA is not available" in _one_error_line(capsys)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cache_cli_no_usable_image_is_an_error(tmp_path: Path, capsys) -> None:
+    args = _cli_args(tmp_path)
+    small = tmp_path / "small"
+    small.mkdir()
+    _image(8, 8, np.random.default_rng(2)).save(small / "a.png")
+    (small / "notes.txt").write_text("not an image")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, listed in ((small, " (1 skipped, listed above)"), (empty, "")):
+        assert cache.main([*args, "--dataset", str(folder)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1] == f"error: {folder.resolve()}: no usable image to cache{listed}"
+        assert len(lines) == (2 if listed else 1)  # the skip line, then the error
+    assert not (tmp_path / "c").exists()
+
+
+def test_cache_cli_unloadable_vae_is_one_line_error(tmp_path: Path, capsys) -> None:
+    args = _cli_args(tmp_path)
+    pickled = tmp_path / "vae.ckpt"  # a torch checkpoint, but not of tensors only
+    torch.save({"ratio": fractions.Fraction(1, 3)}, pickled)
+    text = tmp_path / "README.ckpt"
+    text.write_text("# not weights at all\n")
+    broken = tmp_path / "vae.safetensors"
+    broken.write_text("# not weights either\n")
+    for weights, message in (
+            (pickled, "not a torch checkpoint of tensors alone (UnpicklingError)"),
+            (text, "not a torch checkpoint of tensors alone (UnpicklingError)"),
+            (broken, "cannot read as safetensors")):
+        assert cache.main([*args, "--vae", str(weights)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith(f"error: {weights}: {message}"), lines
+        assert len(lines) == 2 and lines[0].startswith("skipped ")  # the scan ran first
+    assert not (tmp_path / "c").exists()
 
 
 def test_cache_prune_removes_unreferenced(tmp_path: Path) -> None:

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from scripts import loss_curves
 from training.logging import RunLogger
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -39,3 +42,21 @@ def test_loss_curves_missing_events_is_one_line_error(tmp_path: Path) -> None:
                           cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode != 0
     assert done.stderr.strip() == f"error: {tmp_path}/tb holds no TensorBoard events file"
+
+
+@pytest.mark.parametrize("every", ["0", "-5"])
+def test_loss_curves_non_positive_every_is_one_line_error(tmp_path: Path, capsys,
+                                                          every: str) -> None:
+    run = _run(tmp_path / "a", [4.0, 2.0])
+    assert loss_curves.main([str(run), "--every", every]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --every {every}: must be a positive number of steps"
+
+
+def test_loss_curves_missing_run_is_one_line_error_before_reading(tmp_path: Path,
+                                                                  capsys) -> None:
+    run = _run(tmp_path / "a", [4.0, 2.0])
+    assert loss_curves.main([str(run), str(tmp_path / "nope")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"error: {tmp_path / 'nope'}: run folder not found"
+    assert captured.out == ""  # refused before the first run was read or anything printed

@@ -1,0 +1,86 @@
+"""scripts/eval_vae.py: the curve of a run's TensorBoard scalars, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.vae import AutoencoderKL, VAEConfig, save_vae
+from scripts import eval_vae
+from training.logging import RunLogger
+
+
+def _run(folder: Path, steps: dict[int, dict[str, float]]) -> Path:
+    """A run folder whose tb/ holds `steps` (step -> scalars), as training logs them."""
+    logger = RunLogger(folder, True)
+    for step, values in steps.items():
+        logger.scalars(values, step)
+    logger.close()
+    return folder
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_eval_vae_curve_reads_psnr_and_ssim_per_step(tmp_path: Path, capsys) -> None:
+    run = _run(tmp_path / "vae_run", {1: {"loss/rec": 0.3},
+                                      2: {"loss/rec": 0.2, "eval/psnr": 21.5, "eval/ssim": 0.61},
+                                      4: {"loss/rec": 0.1, "eval/psnr": 23.25, "eval/ssim": 0.7}})
+    assert eval_vae.main(["--curve", str(run)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["step"], r["psnr"], r["ssim"]) for r in result["curve"]] == [
+        (2, 21.5, 0.61), (4, 23.25, 0.7)]
+
+
+@pytest.mark.parametrize("scalars, phrase", [
+    ({1: {"train/loss": 1.0}, 2: {"val/loss": 0.9}},
+     "no loss/rec, eval/psnr, eval/ssim scalars; it looks like a DiT run"),
+    ({1: {"loss/rec": 0.3}}, "no eval/psnr, eval/ssim scalars; it looks like a VAE run that has "
+                             "not been evaluated yet"),
+], ids=["dit-run", "vae-run-before-eval"])
+def test_eval_vae_curve_without_vae_scalars_is_one_line_error(
+        tmp_path: Path, capsys, scalars: dict, phrase: str) -> None:
+    run = _run(tmp_path / "run", scalars)
+    assert eval_vae.main(["--curve", str(run)]) == 2
+    assert _error(capsys).startswith(f"error: {run}: {phrase}")
+
+
+def test_eval_vae_curve_without_events_is_one_line_error(tmp_path: Path, capsys) -> None:
+    assert eval_vae.main(["--curve", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'}: no TensorBoard events file" in _error(capsys)
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--vae", "{tmp}/missing"], "{tmp}/missing: VAE not found"),
+    (["--crop", "0"], "--crop 0: must be a positive multiple of the VAE's downsampling factor"),
+    (["--crop", "-8"], "--crop -8: must be a positive multiple"),
+    (["--crop", "31"], "--crop 31: must be a positive multiple of 2, the downsampling factor"),
+    (["--limit", "0"], "--limit 0: must be positive"),
+    (["--dataset", "{tmp}/missing"], "{tmp}/missing: dataset folder not found"),
+    (["--dataset", "{tmp}/empty"], "{tmp}/empty: no usable image to evaluate"),
+], ids=["vae-missing", "crop-zero", "crop-negative", "crop-not-multiple", "limit-zero",
+        "dataset-missing", "dataset-empty"])
+def test_eval_vae_bad_input_is_one_line_error(tmp_path: Path, capsys, flags: list[str],
+                                              phrase: str) -> None:
+    torch.manual_seed(0)
+    save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                     latent_channels=4, layers_per_block=1, sample_size=32,
+                                     mid_block_add_attention=False)), tmp_path / "vae")
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(images / "a.png")
+    (tmp_path / "empty").mkdir()
+    args = ["--vae", str(tmp_path / "vae"), "--dataset", str(images), "--crop", "32"]
+    assert eval_vae.main([*args, *(f.format(tmp=tmp_path) for f in flags)]) == 2
+    assert phrase.format(tmp=tmp_path) in _error(capsys)
+    assert eval_vae.main(args) == 0  # the same call without the bad flag works
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["crops"] == 1
