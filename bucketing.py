@@ -332,13 +332,14 @@ def format_report(rep: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from training.config import DataConfig
-    from dotenv import load_dotenv
-    from training.config import REPO_ROOT
     import os
 
+    from dotenv import load_dotenv
+
+    from training.config import REPO_ROOT, DataConfig, load_config
+
     load_dotenv(REPO_ROOT / ".env")
-    d = DataConfig()
+    d = load_config(REPO_ROOT / "configs" / "default.json").data  # what training uses
     parser = argparse.ArgumentParser(description="Show the aspect-ratio buckets of a folder.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", default=os.environ.get("LDM_DATASET", d.dataset),

@@ -1081,9 +1081,10 @@ class LatentReader:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag with its default (read after .env is loaded)."""
-    from training.config import REPO_ROOT, Config, DataConfig
+    from training.config import REPO_ROOT, load_config
 
-    d = DataConfig()
+    defaults = load_config(REPO_ROOT / "configs" / "default.json")  # what training uses
+    d = defaults.data
     parser = argparse.ArgumentParser(
         description="Build or update the latent cache of an image folder and print a summary.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1101,12 +1102,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-upscale", action="store_true",
                         help="keep images smaller than every bucket by upscaling them")
     parser.add_argument("--classes", action="store_true", help="label = first sub-folder")
-    parser.add_argument("--global-batch", type=int, default=Config().batch_size,
+    parser.add_argument("--global-batch", type=int, default=defaults.batch_size,
                         help="training's batch size × ranks: smaller buckets are merged into "
                              "their neighbours exactly as training does (0: no merging)")
     parser.add_argument("--cache-dir", default=str(default_latent_dir()),
                         help="latent cache folder (env LDM_CACHE_DIR sets its parent)")
-    parser.add_argument("--flip", action="store_true", help="cache mirrored crops too")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=d.flip,
+                        help="cache the mirrored crops too, as training with data.flip does")
     parser.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
     parser.add_argument("--num-workers", type=int, default=d.num_workers,
                         help="decoding worker processes")

@@ -356,7 +356,7 @@ def test_cache_cli_json_fields_and_errors(tmp_path: Path, capsys) -> None:
     save_vae(_vae(), tmp_path / "vae")
     args = ["--dataset", str(root), "--vae", str(tmp_path / "vae"), "--resolution",
             str(RESOLUTION), "--cache-dir", str(tmp_path / "c"), "--num-workers", "0",
-            "--device", "cpu", "--json", "--global-batch", "0"]
+            "--device", "cpu", "--json", "--global-batch", "0", "--no-flip"]
     assert cache.main(args) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for field in ("total", "encoded", "reused", "skipped", "repaired", "bytes"):
@@ -381,7 +381,7 @@ def _cli_args(tmp_path: Path) -> list[str]:
         save_vae(_vae(), tmp_path / "vae")
     return ["--dataset", str(root), "--vae", str(tmp_path / "vae"), "--resolution",
             str(RESOLUTION), "--cache-dir", str(tmp_path / "c"), "--num-workers", "0",
-            "--device", "cpu", "--json"]
+            "--device", "cpu", "--json", "--no-flip"]
 
 
 def _one_error_line(capsys) -> str:
@@ -555,7 +555,7 @@ def test_cache_cli_dry_run_needs_prune_and_still_builds(tmp_path: Path, capsys) 
     c = tmp_path / "c"
     args = ["--dataset", str(root), "--vae", str(tmp_path / "vae"), "--resolution",
             str(RESOLUTION), "--cache-dir", str(c), "--num-workers", "0", "--device", "cpu",
-            "--global-batch", "0", "--step", "16", "--json"]
+            "--global-batch", "0", "--step", "16", "--json", "--no-flip"]
     assert cache.main([*args, "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--prune" in err
@@ -598,3 +598,13 @@ def test_cache_out_of_memory_halves_batch(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="bad shape"):  # other errors are not retried
         cache.encode_moments(broken, x, 4)
+
+
+def test_cache_cli_defaults_are_the_training_defaults() -> None:
+    from training.config import REPO_ROOT, load_config
+
+    trained = load_config(REPO_ROOT / "configs" / "default.json")
+    args = cache.build_parser().parse_args([])
+    assert (args.resolution, args.step, args.flip, args.global_batch) == (
+        trained.data.resolution, trained.data.step, trained.data.flip, trained.batch_size)
+    assert cache.build_parser().parse_args(["--no-flip"]).flip is False
