@@ -88,13 +88,14 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
                             choices=MODEL_NAMES if flag == "--model" else None,
                             help=f"{text} (config {key}; "
                                  f"default: {_config_default(defaults, key)})")
-    parser.add_argument("--classes", action="store_const", const=True, default=None,
+    # --X / --no-X: a resumed run keeps its saved value unless one of them is given
+    parser.add_argument("--classes", action=argparse.BooleanOptionalAction, default=None,
                         help="label = first-level sub-folder name (config data.use_classes; "
                              f"default: {defaults.data.use_classes})")
-    parser.add_argument("--allow-upscale", action="store_const", const=True, default=None,
+    parser.add_argument("--allow-upscale", action=argparse.BooleanOptionalAction, default=None,
                         help="upscale images smaller than their bucket instead of skipping them "
                              f"(config data.allow_upscale; default: {defaults.data.allow_upscale})")
-    parser.add_argument("--compile", action="store_const", const=True, default=None,
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile each DiT block (config train.compile; "
                              f"default: {defaults.train.compile})")
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
@@ -203,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_dotenv(REPO_ROOT / ".env")
     parser = build_parser(load_config(DEFAULT_CONFIG))  # --help shows the defaults that apply
     args = parser.parse_args(argv)
+    if args.out is not None and not args.export:
+        parser.error("--out is where --export writes; give --export RUN too")
     try:
         if args.export:
             print(f"exported to {export(args.export, args.out)}")

@@ -170,3 +170,17 @@ def test_train_ldm_dataset_fills_in_only_where_no_dataset_is_named(
     assert resolve_config(shipped)[0].data.dataset == "synthetic:8"
     flag = parser.parse_args(["--config", str(mine), "--dataset", "synthetic:4"])
     assert resolve_config(flag)[0].data.dataset == "synthetic:4"
+
+
+def test_train_boolean_flags_turn_off_and_out_needs_export() -> None:
+    from train import build_parser, resolve_config
+    from training.config import Config, from_dict
+
+    parser = build_parser(from_dict(Config, {}))
+    off = parser.parse_args(["--dataset", "synthetic:8", "--no-compile", "--no-classes"])
+    cfg, _ = resolve_config(off)
+    assert cfg.train.compile is False and cfg.data.use_classes is False
+    assert parser.parse_args(["--compile"]).compile is True
+    assert parser.parse_args([]).compile is None  # not given: the config's value stays
+    out = _train("--out", "somewhere")
+    assert out.returncode == 2 and "--out is where --export writes" in out.stderr

@@ -339,6 +339,9 @@ def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
         eval_scan = scan_folder(resolve_dataset(cfg.data.eval_dataset),
                                 use_classes=cfg.data.use_classes,
                                 max_pixels=cfg.data.max_image_pixels, num_workers=1)
+        if not eval_scan.records:
+            raise ConfigError(f"{cfg.data.eval_dataset}: no usable validation image "
+                              f"({len(eval_scan.skipped)} file(s) skipped)")
         unknown = sorted(set(eval_scan.class_names) - set(scan.class_names))
         if unknown:
             raise ConfigError(f"{cfg.data.eval_dataset}: validation classes {unknown} are not "

@@ -105,3 +105,7 @@ def test_loop_plan_data_gives_validation_images_the_training_labels(tmp_path: Pa
         tmp_path / "val" / "dogs" / "0.png")
     with pytest.raises(ConfigError, match=r"validation classes \['dogs'\] are not among"):
         plan_data(cfg, one)
+    (tmp_path / "empty").mkdir()
+    cfg.data.eval_dataset = str(tmp_path / "empty")  # no silent run without validation
+    with pytest.raises(ConfigError, match="empty: no usable validation image"):
+        plan_data(cfg, one)
