@@ -367,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      num_workers=args.num_workers)
     try:
         scan, buckets, placements = bucket_dataset(cfg, args.batch_size)
+        if not scan.records:
+            raise ValueError(f"{scan.root}: no usable image ({len(scan.skipped)} file(s) "
+                             "skipped)")
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1195,14 +1195,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        summary = ensure_cache(scan.records, placements, buckets, vae, args.cache_dir,
-                               flip=args.flip, batch_size=args.batch_size,
-                               num_workers=args.num_workers, dist_info=info,
-                               shard_size=args.shard_size, max_pixels=cfg.max_image_pixels)
-        pruned = None
-        if args.prune and info.is_main:
-            pruned = prune_cache(args.cache_dir, [k for ks in summary.keys for k in ks],
-                                 dry_run=args.dry_run)
+        try:
+            summary = ensure_cache(scan.records, placements, buckets, vae, args.cache_dir,
+                                   flip=args.flip, batch_size=args.batch_size,
+                                   num_workers=args.num_workers, dist_info=info,
+                                   shard_size=args.shard_size, max_pixels=cfg.max_image_pixels)
+            pruned = None
+            if args.prune and info.is_main:
+                pruned = prune_cache(args.cache_dir, [k for ks in summary.keys for k in ks],
+                                     dry_run=args.dry_run)
+        except (RuntimeError, OSError, ValueError) as exc:  # a busy cache, a full disk...
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         barrier()
         if info.is_main:
             print(summary.format())

@@ -284,3 +284,12 @@ def test_bucketing_cli_refuses_a_batch_size_below_one(tmp_path: Path, batch: str
                          env={**os.environ, "LDM_CACHE_DIR": str(tmp_path)})
     assert out.returncode == 2
     assert f"--batch-size {batch} must be positive" in out.stderr
+
+
+def test_bucketing_cli_folder_without_images_is_an_error(tmp_path: Path, capsys) -> None:
+    from bucketing import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    assert main(["--dataset", str(tmp_path / "empty")]) == 2
+    assert "empty: no usable image" in capsys.readouterr().err

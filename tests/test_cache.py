@@ -608,3 +608,18 @@ def test_cache_cli_defaults_are_the_training_defaults() -> None:
     assert (args.resolution, args.step, args.flip, args.global_batch) == (
         trained.data.resolution, trained.data.step, trained.data.flip, trained.batch_size)
     assert cache.build_parser().parse_args(["--no-flip"]).flip is False
+
+
+def test_cache_cli_prune_of_a_busy_cache_is_one_line_error(tmp_path: Path, capsys) -> None:
+    args = _cli_args(tmp_path)
+    assert cache.main(args) == 0
+    capsys.readouterr()
+    reader = cache._Store(tmp_path / "c")  # a training run reading the cache holds this
+    reader.lock(exclusive=False)
+    try:
+        assert cache.main([*args, "--prune"]) == 1
+    finally:
+        reader.unlock()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "another process is using the latent cache" in err[-1]
+    assert cache.main([*args, "--prune"]) == 0  # once it is done

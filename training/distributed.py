@@ -30,15 +30,22 @@ class DistInfo:
 def setup(device: str | None = None) -> DistInfo:
     """Initialise the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs).
 
-    `device` is "cpu", "cuda" or None (CUDA when available). Each rank takes GPU `LOCAL_RANK`.
+    `device` is "cpu", "cuda", "cuda:N" (one process only) or None/"auto" (CUDA when
+    available). Under torchrun each rank takes GPU `LOCAL_RANK`.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available")
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        raise ValueError(f"--device {device} was asked for, but CUDA is not available")
+    index = local_rank
+    if use_cuda and device and ":" in device:
+        if world_size > 1:
+            raise ValueError(f"--device {device}: under torchrun each process takes GPU "
+                             "LOCAL_RANK; give --device cuda")
+        index = int(device.split(":", 1)[1])
+    dev = torch.device("cuda", index) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
