@@ -27,15 +27,19 @@ teardown()
 """
 
 
-def test_distributed_agree_spreads_a_nonfinite_loss_and_a_stop(tmp_path: Path) -> None:
-    script = tmp_path / "agree.py"
-    script.write_text(AGREE)
+def _two_ranks(source: str, tmp_path: Path, port: int) -> None:
+    """Run `source` as a script in a real two-process torchrun group; its argv[1] is tmp_path."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29531", str(script), str(tmp_path)],
-                         cwd=REPO_ROOT,
-                         capture_output=True, text=True, env=env, timeout=120)
+                          "--master_port", str(port), str(script), str(tmp_path)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_distributed_agree_spreads_a_nonfinite_loss_and_a_stop(tmp_path: Path) -> None:
+    _two_ranks(AGREE, tmp_path, 29531)
     for rank in (0, 1):  # every rank sees the same: the mean, and rank 1's inf and stop
         views = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert views == [[2.0, False], [float("inf"), True]]
@@ -62,13 +66,7 @@ teardown()
 
 
 def test_distributed_main_first_raises_a_refusal_on_every_rank(tmp_path: Path) -> None:
-    script = tmp_path / "main_first.py"
-    script.write_text(MAIN_FIRST)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29532", str(script), str(tmp_path)],
-                         cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
+    _two_ranks(MAIN_FIRST, tmp_path, 29532)
     error = "ConfigError: runs/x already holds checkpoints"
     assert json.loads((tmp_path / "rank0.json").read_text()) == ["scanned", error]
     assert json.loads((tmp_path / "rank1.json").read_text()) == [None, error]
