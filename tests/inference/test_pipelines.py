@@ -180,3 +180,30 @@ def test_pipelines_save_images_refuses_nonfinite_samples(tmp_path: Path) -> None
     with pytest.raises(ValueError, match=r"sample\(s\) \[1, 2\] came out NaN or infinite"):
         save_images(images, tmp_path / "out", [{"index": i} for i in range(3)])
     assert not (tmp_path / "out").exists()  # not even the good one: nothing black, nothing half
+
+
+def test_pipelines_loader_gives_the_ema_weights(tiny_run: Path, loaded) -> None:
+    from training.checkpoint import latest_checkpoint, load_checkpoint
+
+    tensors = load_checkpoint(latest_checkpoint(tiny_run)).tensors
+    model = loaded[0]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, tensors["ema"][key]), key
+    assert any(not torch.equal(tensors["ema"][k], tensors["model"][k]) for k in tensors["ema"])
+
+
+def test_pipelines_sampler_label_and_guidance_each_change_the_image(loaded) -> None:
+    import copy
+
+    model, vae, info = loaded
+    # the 2-step tiny run's conditioning has barely moved (adaLN-Zero): move every weight
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+    args = dict(steps=3, seed=5, base_tokens=info.base_tokens)
+    base = generate(model, vae, 32, 32, 1, [0], cfg_scale=4.0, **args)
+    for changed in (dict(labels=[0], cfg_scale=4.0, sampler="heun"),
+                    dict(labels=[3], cfg_scale=4.0), dict(labels=[0], cfg_scale=1.0)):
+        assert not torch.allclose(base, generate(model, vae, 32, 32, 1, **changed, **args),
+                                  atol=1e-3), changed

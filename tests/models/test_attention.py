@@ -140,3 +140,17 @@ def test_attention_norm_rope_compiled_matches_the_autograd_node():
         results.append((y, *torch.autograd.grad(y, (x, weight), g)))
     for eager, traced in zip(*results):  # output, x's and weight's gradients
         torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_rope_tables_rotate_rows_then_columns() -> None:
+    # Pins the layout saved checkpoints depend on: of each half of a head, the first quarter of
+    # the pairs turns with the token's row, the second with its column (row-major tokens).
+    from models.attention import ROPE_BASE
+
+    h, w, d = 3, 5, 16
+    cos, sin = rope_2d(h, w, d, dtype=torch.float64)
+    freqs = ROPE_BASE ** (-torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+    r, c = 2, 1
+    angles = torch.cat((r * freqs, c * freqs))  # (D/2,)
+    torch.testing.assert_close(cos[r * w + c], torch.cat((angles.cos(), angles.cos())))
+    torch.testing.assert_close(sin[r * w + c], torch.cat((-angles.sin(), angles.sin())))

@@ -231,3 +231,17 @@ def test_dit_loads_weights_saved_before_the_mlp_names(tiny, tmp_path):
     loaded.load_state_dict(load_file(tmp_path / "old.safetensors"))  # strict
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
     torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
+
+
+def test_dit_unpatchify_puts_each_patch_entry_at_its_pixel() -> None:
+    # Pins the token layout saved checkpoints depend on: a token's output holds its p x p patch
+    # as (row in patch, column in patch, channel), as in the original DiT.
+    model = build_dit("dit-t/2", in_channels=4, num_classes=0)  # final.linear starts at zero
+    p, channels = model.config.patch_size, 4
+    with torch.no_grad():
+        model.final.linear.bias.copy_(torch.arange(p * p * channels, dtype=torch.float32))
+    out = model(torch.randn(1, channels, 4, 6), torch.rand(1))
+    for row in range(p):
+        for col in range(p):
+            for ch in range(channels):  # the same in every patch, e.g. the one at (2, 4)
+                assert out[0, ch, 2 + row, 4 + col] == (row * p + col) * channels + ch

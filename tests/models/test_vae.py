@@ -433,3 +433,14 @@ def test_vae_cpu_upsample_equals_nearest_then_conv_with_gradients():
     plain_grads = torch.autograd.grad(plain, [x, upsample.conv.weight], grad_out)
     for fast_grad, plain_grad in zip(fast_grads, plain_grads):
         torch.testing.assert_close(fast_grad, plain_grad, atol=1e-4, rtol=0)
+
+
+def test_vae_posterior_sample_is_mean_plus_std_times_noise() -> None:
+    from models.vae import DiagonalGaussian
+
+    moments = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(6)) * 2
+    posterior = DiagonalGaussian(moments)  # mean, logvar = the two halves of the channels
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(posterior.sample(torch.Generator().manual_seed(7)),
+                               moments[:, :4] + (0.5 * moments[:, 4:].clamp(-30, 20)).exp()
+                               * noise)

@@ -328,6 +328,20 @@ def test_dit_stage_resume_with_added_images_starts_the_next_epoch(
     assert state["data_fingerprint"] != saved["data_fingerprint"]
 
 
+def test_dit_stage_trains_the_class_embeddings_and_the_ema(tmp_path: Path,
+                                                          tiny_vae: Path) -> None:
+    from models.registry import build_dit
+
+    run = train_dit(_tiny_cfg(tmp_path, tiny_vae, max_steps=4))
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    # final.linear starts at zero and the model's moves from step 1 on: so must the EMA's
+    assert ckpt.tensors["ema"]["final.linear.weight"].abs().max() > 0
+    names = [n for n, _ in build_dit("dit-t/2", in_channels=4, num_classes=4).named_parameters()]
+    moments = ckpt.torch_state["optimizer"]["state"][names.index("y_embed.weight")]["exp_avg"]
+    trained = moments.abs().sum(1) > 0  # embedding rows that received a gradient
+    assert trained[:4].any()  # the real classes: labels reach the model
+
+
 def test_dit_stage_resume_with_nothing_left_to_train_is_refused(tmp_path: Path,
                                                                 tiny_vae: Path) -> None:
     run = train_dit(_tiny_cfg(tmp_path, tiny_vae, max_steps=2))

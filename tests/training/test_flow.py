@@ -95,3 +95,31 @@ def test_flow_euler_with_oracle_velocity_recovers_the_data_point():
     for shift in (1.0, 3.0):
         sample = flow.sample(oracle, torch.randn(2, 4, 6, 10), steps=7, shift=shift)
         torch.testing.assert_close(sample, x0, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_loss_is_zero_for_the_exact_velocity() -> None:
+    # With x_t = (1 - t) x0 + t ε the target is ε - x0 = (x_t - x0) / t: a model that returns
+    # exactly that must score 0 (a swapped target or interpolation would not).
+    x0 = torch.randn(6, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def exact(x_t: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
+        return (x_t - x0) / t.view(-1, 1, 1, 1)
+
+    loss = RectifiedFlow().loss(exact, x0, generator=torch.Generator().manual_seed(1))
+    assert loss.shape == (6,) and loss.max() < 1e-12
+
+
+def test_flow_loss_drops_labels_and_shifts_t_for_the_latent_size() -> None:
+    seen = {}
+
+    def spy(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen["t"], seen["y"] = t, y
+        return torch.zeros_like(x_t)
+
+    flow = RectifiedFlow(num_classes=10, patch_size=2, base_tokens=256, label_dropout=0.1)
+    count = 20_000
+    x0 = torch.zeros(count, 1, 64, 64)  # 1024 tokens at patch 2: shift sqrt(1024 / 256) = 2
+    flow.loss(spy, x0, torch.zeros(count, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert abs((seen["y"] == 10).float().mean().item() - 0.1) < 0.01  # the null class, 10 %
+    # shifting by s adds log s to logit(t); logit(t) is N(0, 1) before the shift
+    assert abs(torch.logit(seen["t"].double()).mean().item() - math.log(2.0)) < 0.03

@@ -149,3 +149,20 @@ def test_lpips_wrong_keys_or_shapes_are_named(weight_files, tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pth"):
         LPIPS.from_files(vgg_path, garbage)
+
+
+def test_lpips_distance_is_the_weighted_mean_of_normalised_feature_differences(weight_files,
+                                                                                 lpips):
+    # d(x, y) = sum over taps of mean over positions of sum_c w_c (x̂_c - ŷ_c)^2, with x̂ the
+    # features scaled to unit length over channels (Zhang et al. 2018), rebuilt from the lin
+    # weights in the file rather than from the module's layers.
+    _, _, _, lin_state = weight_files
+    x, y = images(2), images(3)
+    expected = torch.zeros(2)
+    with torch.no_grad():
+        for i, (a, b) in enumerate(zip(lpips.feature_maps(x), lpips.feature_maps(y))):
+            a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            weights = lin_state[f"lin{i}.model.1.weight"].view(1, -1, 1, 1)
+            expected += (weights * (a - b) ** 2).sum(1).mean(dim=(1, 2))
+        torch.testing.assert_close(lpips(x, y), expected, rtol=1e-4, atol=1e-6)

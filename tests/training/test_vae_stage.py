@@ -196,3 +196,31 @@ def test_vae_stage_sigterm_to_process_group_saves_checkpoint(tmp_path: Path) -> 
     assert "signal 15: saved step" in output
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt is not None and load_checkpoint(ckpt).step > 0
+
+
+def test_vae_stage_measured_scale_makes_latents_unit_normal() -> None:
+    from models.vae import AutoencoderKL, VAEConfig
+    from training.vae_stage import measure_latent_scale
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                  latent_channels=4, sample_size=32, force_upcast=False))
+    with torch.no_grad():
+        vae.encoder.conv_out.bias.add_(3.0)  # latents far from N(0, 1)
+    batches = [{"pixels": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8,
+                                        generator=torch.Generator().manual_seed(i))}
+               for i in range(4)]
+    shift, scale = measure_latent_scale(vae, batches, torch.device("cpu"), 16)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(b["pixels"].float() / 127.5 - 1).sample(
+            torch.Generator().manual_seed(9)) for b in batches])
+    normalised = (z - shift) * scale
+    assert abs(normalised.mean().item()) < 0.1 and abs(normalised.std().item() - 1) < 0.1
+
+
+def test_vae_stage_adaptive_weight_is_the_gradient_norm_ratio() -> None:
+    from training.vae_stage import adaptive_weight
+
+    last = torch.ones(3, requires_grad=True)
+    nll, gan = (2 * last).sum(), (0.5 * last).sum()  # gradients 2 and 0.5 per element
+    assert abs(adaptive_weight(nll, gan, last).item() - 4.0) < 1e-3
