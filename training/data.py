@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps
 
-from training.config import REPO_ROOT
+from training.config import REPO_ROOT, is_synthetic
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 SCAN_CACHE_VERSION = 3  # bump when `_probe` changes what it records
@@ -429,7 +429,7 @@ def resolve_dataset(spec: str, cache_dir: str | os.PathLike[str] | None = None) 
     """Turn a `--dataset` value into a folder: a path, or `synthetic` / `synthetic:N`."""
     if not spec:
         raise ValueError("no dataset given: name an image folder or synthetic[:N]")
-    if spec == "synthetic" or spec.startswith("synthetic:"):
+    if is_synthetic(spec):
         try:
             count = int(spec.split(":", 1)[1]) if ":" in spec else 256
         except ValueError:
