@@ -149,6 +149,43 @@ def test_data_scan_is_deterministic_and_cached(mixed_folder: Path) -> None:
     assert edited.sha256 != next(r for r in first.records if r.rel == "good.JPG").sha256
 
 
+def test_data_scan_reuses_its_cache_for_unchanged_files(mixed_folder: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.data as data
+
+    first = scan_folder(mixed_folder, num_workers=1)
+    probed: list[str] = []
+    real_probe = data._probe
+
+    def probe(path: str, *args) -> dict:
+        probed.append(path)
+        return real_probe(path, *args)
+
+    monkeypatch.setattr(data, "_probe", probe)
+    assert scan_folder(mixed_folder, num_workers=1).records == first.records
+    assert probed == []  # nothing re-read: every file's stamp matched
+    _photo(320, 240, 9).save(mixed_folder / "good.JPG", "JPEG")
+    scan_folder(mixed_folder, num_workers=1)
+    assert [Path(p).name for p in probed] == ["good.JPG"]  # only the edited one
+
+
+def test_data_random_crop_box_scales_between_cover_and_native(tmp_path: Path) -> None:
+    from training.data import random_crop_box
+
+    rng = np.random.default_rng(0)
+    scales = []
+    for _ in range(200):
+        (rw, rh), (left, top, right, bottom) = random_crop_box(400, 300, (128, 96), rng)
+        assert (right - left, bottom - top) == (128, 96)  # always the bucket
+        assert 0 <= left and right <= rw and 0 <= top and bottom <= rh  # inside the image
+        assert 128 <= rw <= 400 and 96 <= rh <= 300  # never above native, never below cover
+        scales.append(rw / 400)
+    assert min(scales) < 0.4 and max(scales) > 0.9  # spread from cover (0.32) to native (1)
+    # smaller than the bucket: upscaled just to cover it
+    (rw, rh), box = random_crop_box(64, 64, (128, 96), rng)
+    assert (rw, rh) == (128, 128) and box[2] - box[0] == 128 and box[3] - box[1] == 96
+
+
 def test_data_scan_parallel_matches_serial(tmp_path: Path) -> None:
     root = tmp_path / "many"
     root.mkdir()

@@ -109,3 +109,16 @@ def test_loop_plan_data_gives_validation_images_the_training_labels(tmp_path: Pa
     cfg.data.eval_dataset = str(tmp_path / "empty")  # no silent run without validation
     with pytest.raises(ConfigError, match="empty: no usable validation image"):
         plan_data(cfg, one)
+
+
+def test_loop_lr_factor_warms_up_then_follows_the_schedule() -> None:
+    import math
+
+    from training.loop import lr_factor
+
+    assert [lr_factor(s, 4, 100, "constant") for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor(0, 0, 100, "constant") == 1.0  # no warmup: the full rate from step 0
+    assert lr_factor(4, 4, 104, "cosine") == 1.0  # cosine starts at the peak after warmup
+    assert math.isclose(lr_factor(54, 4, 104, "cosine"), 0.55)  # halfway: (1 + 0.1) / 2
+    assert math.isclose(lr_factor(104, 4, 104, "cosine"), 0.1)  # ends at 10 %
+    assert math.isclose(lr_factor(500, 4, 104, "cosine"), 0.1)  # and stays there
