@@ -156,6 +156,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
             cfg = apply_overrides(saved_config(read_state(checkpoint), checkpoint), flags)
             if args.run_dir is None:
                 cfg.run_dir = str(checkpoint.parent.parent)
+    if cfg.stage == "vae":  # DiT-only flags would be silently ignored
+        given = [flag for flag, value in (("--model", args.model), ("--vae", args.vae),
+                                          ("--compile", args.compile)) if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: DiT-stage flags, not used by --stage vae")
     return validate_config(cfg), resume  # bad values fail here, not steps into training
 
 

@@ -184,3 +184,14 @@ def test_train_boolean_flags_turn_off_and_out_needs_export() -> None:
     assert parser.parse_args([]).compile is None  # not given: the config's value stays
     out = _train("--out", "somewhere")
     assert out.returncode == 2 and "--out is where --export writes" in out.stderr
+
+
+def test_train_dit_flags_are_refused_for_the_vae_stage() -> None:
+    from train import build_parser, resolve_config
+    from training.config import Config, ConfigError, from_dict
+
+    parser = build_parser(from_dict(Config, {}))
+    args = parser.parse_args(["--stage", "vae", "--dataset", "synthetic:8", "--model", "dit-b/2",
+                              "--no-compile"])
+    with pytest.raises(ConfigError, match="--model, --compile: DiT-stage flags"):
+        resolve_config(args)
