@@ -36,10 +36,10 @@ from training.distributed import DistInfo, agree, setup, teardown
 from training.ema import EMA
 from training.flow import RectifiedFlow
 from training.logging import RunLogger
-from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, clip_and_check,
-                           data_state, find_resume, keep_freed_memory, load_optimizer, lr_factor,
-                           plan_data, prepare_run_dir, resume_position, seed_everything,
-                           state_for_json)
+from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, checkpoint_due,
+                           clip_and_check, data_state, find_resume, keep_freed_memory,
+                           load_optimizer, lr_factor, plan_data, prepare_run_dir,
+                           resume_position, seed_everything, state_for_json)
 
 
 def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
@@ -328,7 +328,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             tick, waited, logged_at = time.perf_counter(), 0.0, step
             bucket_losses.clear()
         # Save first: a failure in validation or previews then loses no training.
-        if stopping or step == t.max_steps or (t.ckpt_every and step % t.ckpt_every == 0):
+        if checkpoint_due(step, t, stopping):
             checkpoint()
             logger.flush()
         if stopping:

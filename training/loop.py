@@ -109,6 +109,12 @@ def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
     raise ConfigError(f"train.lr_schedule must be constant or cosine, got {schedule!r}")
 
 
+def checkpoint_due(step: int, t, stopping: bool) -> bool:
+    """Whether a stage saves after `step` (TrainConfig `t`): on a stop, at max_steps, and every
+    ckpt_every steps (0: only those two). Stages save before validation and previews."""
+    return stopping or step == t.max_steps or bool(t.ckpt_every and step % t.ckpt_every == 0)
+
+
 def clip_and_check(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip gradients (when max_norm > 0) and return the total norm before clipping."""
     if max_norm > 0:

@@ -27,8 +27,8 @@ from training.data import to_unit_range
 from training.distributed import DistInfo, agree, setup, teardown
 from training.ema import EMA
 from training.logging import RunLogger
-from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, clip_and_check,
-                           data_state, eval_crops, find_resume, keep_freed_memory,
+from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, checkpoint_due,
+                           clip_and_check, data_state, eval_crops, find_resume, keep_freed_memory,
                            load_optimizer, lr_factor, pixel_loader, plan_data, prepare_run_dir,
                            resume_position, seed_everything, state_for_json)
 from training.metrics import psnr, ssim
@@ -266,7 +266,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                             / max(1e-9, elapsed)}, step)
             bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.0f}")
         # Save first: a failure in validation then loses no training.
-        if stopping or step == t.max_steps or (t.ckpt_every and step % t.ckpt_every == 0):
+        if checkpoint_due(step, t, stopping):
             checkpoint()
             logger.flush()
         if stopping:
