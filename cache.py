@@ -28,8 +28,9 @@ for it. `--prune --dry-run` builds as usual, then lists what a prune would delet
 bytes per VAE and latent size) and deletes nothing.
 
 Under `torchrun` every rank encodes a disjoint share of the missing entries; the result equals
-the single-process cache. Training builds or updates the cache itself with `ensure_cache` and
-reads it with `LatentReader`.
+the single-process cache. Across machines the folder must be one folder on a filesystem every
+machine shares (checked before any work: ranks that do not see rank 0's probe file refuse).
+Training builds or updates the cache itself with `ensure_cache` and reads it with `LatentReader`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import io
 import json
 import os
 import secrets
+import socket
 import sqlite3
 import sys
 import time
@@ -68,6 +70,9 @@ SHARD_SUFFIX = ".safetensors"
 TMP_SUFFIX = ".tmp"
 TARGET_SHARD_BYTES = 64 << 20  # automatic shard size: about this many bytes per shard file
 BUSY_TIMEOUT_S = 600.0  # sqlite waits this long for another writer's lock
+# How long a rank looks for the file rank 0 just created before it concludes that they do not
+# share the cache folder: network filesystems may report a new name as missing for a while.
+SHARED_PROBE_WAIT_S = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -663,6 +668,38 @@ class CacheSummary:
         return "\n".join(lines)
 
 
+def _check_shared(root: Path, rank: int, share: Callable, gather: Callable) -> None:
+    """Refuse, on every rank, a cache folder that is not one folder for all ranks.
+
+    Ranks encode disjoint shares into one index, so a multi-machine run whose cache folders are
+    each machine's own disk would leave every machine with part of the cache. Rank 0 creates a
+    probe file; each rank looks for it (waiting up to SHARED_PROBE_WAIT_S).
+    """
+    token = None
+    if rank == 0:
+        try:
+            token = secrets.token_hex(8)
+            (root / f".probe-{token}").touch()
+        except OSError as exc:
+            token = f"error: {exc}"
+    token = share(token)
+    if token.startswith("error: "):
+        raise ValueError(f"{root}: rank 0 cannot write to the latent cache ({token[7:]})")
+    probe = root / f".probe-{token}"
+    deadline = time.monotonic() + SHARED_PROBE_WAIT_S
+    while not probe.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = gather((probe.exists(), socket.gethostname()))
+    if rank == 0:
+        probe.unlink()
+    blind = [f"{r} ({host})" for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise ValueError(
+            f"{root}: rank(s) {', '.join(blind)} do not see the latent cache folder rank 0 "
+            f"({seen[0][1]}) writes to; across machines the cache ($LDM_CACHE_DIR or --cache-dir) "
+            "must be on a filesystem every machine shares")
+
+
 def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: Sequence,
                  vae, cache_dir: str | os.PathLike[str] | None = None, flip: bool = False,
                  batch_size: int = 8, num_workers: int = 2, dist_info: DistInfo | None = None,
@@ -704,6 +741,8 @@ def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_latent_dir()
     store = _Store(cache_dir)
     try:
+        if together:
+            _check_shared(store.root, rank, share, gather)
         # A failure on one rank is passed to all of them, so none waits forever on the others.
         plan: _Plan | str | None = None
         if rank == 0:

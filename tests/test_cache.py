@@ -276,10 +276,41 @@ def test_cache_two_ranks_match_one_process(tmp_path: Path, capsys) -> None:
     assert (two["total"], two["encoded"], two["skipped"]) == (20, 20, 0)
     names = [p.name for p in (tmp_path / "two" / "shards").iterdir()]
     assert any("-r0-" in n for n in names) and any("-r1-" in n for n in names)
+    assert not list((tmp_path / "two").glob(".probe-*"))  # the shared-folder check cleans up
     assert cache.main([*common, "--cache-dir", str(tmp_path / "one")]) == 0
     one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert one["total"] == 20 and one["fingerprint"] == two["fingerprint"]
     _assert_same_entries(_entries(tmp_path / "two"), _entries(tmp_path / "one"))
+
+
+SEPARATE_FOLDERS = """
+import os, sys
+import cache
+cache.SHARED_PROBE_WAIT_S = 1.0
+sys.exit(cache.main([*sys.argv[2:], "--cache-dir", f"{sys.argv[1]}/r{os.environ['RANK']}"]))
+"""
+
+
+def test_cache_ranks_without_a_shared_folder_refused(tmp_path: Path) -> None:
+    # Two machines, each with its own cache folder: each would hold half of the cache. Both
+    # ranks stop before encoding anything, with the same one-line reason.
+    root = _write_images(tmp_path / "img", 3)
+    save_vae(_vae(), tmp_path / "vae")
+    script = tmp_path / "separate.py"
+    script.write_text(SEPARATE_FOLDERS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", str(script), str(tmp_path), "--dataset",
+                          str(root), "--vae", str(tmp_path / "vae"), "--resolution",
+                          str(RESOLUTION), "--num-workers", "0", "--device", "cpu"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if "do not see the latent cache" in line]
+    assert len(lines) == 2 and "rank(s) 1 (" in lines[0] and "shares" in lines[0], out.stderr
+    assert 'cache.py", line' not in out.stderr  # no traceback from a rank (torchrun has its own)
+    for rank in (0, 1):
+        assert not list((tmp_path / f"r{rank}" / "shards").iterdir())
+        assert not list((tmp_path / f"r{rank}").glob(".probe-*"))
 
 
 def test_cache_samples_fresh_and_reproducible(tmp_path: Path) -> None:
