@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -123,6 +124,25 @@ def main_first(info: DistInfo, work: Callable[[], T]) -> T | None:
     if error is not None:
         raise error
     return result
+
+
+def on_every_rank(work: Callable[[], T]) -> list[T]:
+    """Run `work` on every process; every rank's result, in rank order (one in a single process).
+
+    Bad input found on any rank (ValueError, which ConfigError is, or FileNotFoundError) is raised
+    on every rank, the lowest rank's, prefixed with that rank and its host when it is not rank 0:
+    the ranks of a multi-machine run may see different files, and none may be left waiting in a
+    collective for one that has exited.
+    """
+    try:
+        mine = (work(), None, socket.gethostname())
+    except (ValueError, FileNotFoundError) as exc:
+        mine = (None, exc, socket.gethostname())
+    every = all_gather_objects(mine)
+    for rank, (_, error, host) in enumerate(every):
+        if error is not None:
+            raise error if rank == 0 else type(error)(f"rank {rank} ({host}): {error}")
+    return [result for result, _, _ in every]
 
 
 def teardown() -> None:

@@ -26,7 +26,7 @@ from training.checkpoint import (CHECKPOINTS, STATE_FILE, capture_rng_state, rea
 from training.config import (Config, ConfigError, TrainingAborted, absolute_config, from_dict,
                              portable_config, resolve_path, save_config, to_dict)
 from training.data import ImageRecord, PixelDataset, ScheduleSampler, resolve_dataset, scan_folder
-from training.distributed import DistInfo, main_first
+from training.distributed import DistInfo, main_first, on_every_rank
 
 
 @dataclass
@@ -226,8 +226,20 @@ def find_resume(cfg: Config, resume: str | None, world_size: int) -> Path | None
     checkpoint), or the newest of `cfg.run_dir` when it is "".
 
     Refuses (ConfigError naming what differs) a config whose batch schedule differs from the
-    checkpoint's: `SCHEDULE_KEYS` and the global batch (batch_size × processes).
+    checkpoint's: `SCHEDULE_KEYS` and the global batch (batch_size × processes). Under torchrun
+    every rank must find the same checkpoint: ranks on machines that see another run folder (or
+    an older state of it) would train from other weights and another position.
     """
+    found = on_every_rank(lambda: _find_resume(cfg, resume, world_size))
+    if len(set(found)) > 1:
+        seen = ", ".join(f"rank {r}: {path}" for r, path in enumerate(found))
+        raise ConfigError(f"the ranks found different checkpoints to resume ({seen}); across "
+                          "machines the run folder must be on a filesystem every machine shares")
+    return found[0]
+
+
+def _find_resume(cfg: Config, resume: str | None, world_size: int) -> Path | None:
+    """`find_resume` on this process alone."""
     if resume is None:
         return None
     path = resolve_resume(resolve_path(resume or cfg.run_dir))

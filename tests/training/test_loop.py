@@ -1,5 +1,6 @@
 """Tests for training/loop.py helpers that the stage tests do not exercise directly."""
 
+import json
 import platform
 import subprocess
 import sys
@@ -122,3 +123,48 @@ def test_loop_lr_factor_warms_up_then_follows_the_schedule() -> None:
     assert math.isclose(lr_factor(54, 4, 104, "cosine"), 0.55)  # halfway: (1 + 0.1) / 2
     assert math.isclose(lr_factor(104, 4, 104, "cosine"), 0.1)  # ends at 10 %
     assert math.isclose(lr_factor(500, 4, 104, "cosine"), 0.1)  # and stays there
+
+
+_RESUME_VIEWS = """
+import json, shutil, sys
+from pathlib import Path
+import torch
+from training.checkpoint import save_checkpoint
+from training.config import Config, ConfigError
+from training.distributed import barrier, setup, teardown
+from training.loop import find_resume, state_for_json
+
+root, cfg = Path(sys.argv[1]), Config()
+info = setup("cpu")
+if info.rank == 0:
+    for step in (1, 2):
+        save_checkpoint(root / "run", step, {"model": {"w": torch.zeros(1)}}, {},
+                        state_for_json(cfg, step, 0, 0, 2, {}))
+    shutil.copytree(root / "run", root / "stale")
+    shutil.rmtree(root / "stale" / "checkpoints" / "step_0000002")
+barrier()
+errors = []
+# rank 1 sees the same run, an older state of it (a lagging network filesystem), no run at all
+for theirs in ("run", "stale", "missing"):
+    try:
+        found = find_resume(cfg, str(root / ("run" if info.rank == 0 else theirs)), 2)
+        errors.append(["ok", found.name])
+    except (ConfigError, FileNotFoundError) as exc:
+        errors.append([type(exc).__name__, str(exc)])
+(root / f"rank{info.rank}.json").write_text(json.dumps(errors))
+teardown()
+"""
+
+
+def test_loop_find_resume_ranks_agree_on_the_checkpoint(tmp_path: Path) -> None:
+    from tests.training.test_distributed import _two_ranks
+
+    _two_ranks(_RESUME_VIEWS, tmp_path, 29541)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # every rank ends the same way
+    same, stale, missing = ranks[0]
+    assert same == ["ok", "step_0000002"]
+    assert stale[0] == "ConfigError" and "different checkpoints" in stale[1]
+    assert "rank 1: " + str(tmp_path / "stale" / "checkpoints" / "step_0000001") in stale[1]
+    assert missing[0] == "FileNotFoundError" and missing[1].startswith("rank 1 (")
+    assert str(tmp_path / "missing") in missing[1]
