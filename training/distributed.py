@@ -126,23 +126,23 @@ def main_first(info: DistInfo, work: Callable[[], T]) -> T | None:
     return result
 
 
-def on_every_rank(work: Callable[[], T]) -> list[T]:
-    """Run `work` on every process; every rank's result, in rank order (one in a single process).
+def on_every_rank(work: Callable[[], T]) -> T:
+    """Run `work` on every process and return this process's result.
 
     Bad input found on any rank (ValueError, which ConfigError is, or FileNotFoundError) is raised
     on every rank, the lowest rank's, prefixed with that rank and its host when it is not rank 0:
     the ranks of a multi-machine run may see different files, and none may be left waiting in a
     collective for one that has exited.
     """
+    result, error = None, None
     try:
-        mine = (work(), None, socket.gethostname())
+        result = work()
     except (ValueError, FileNotFoundError) as exc:
-        mine = (None, exc, socket.gethostname())
-    every = all_gather_objects(mine)
-    for rank, (_, error, host) in enumerate(every):
-        if error is not None:
-            raise error if rank == 0 else type(error)(f"rank {rank} ({host}): {error}")
-    return [result for result, _, _ in every]
+        error = exc
+    for rank, (found, host) in enumerate(all_gather_objects((error, socket.gethostname()))):
+        if found is not None:
+            raise found if rank == 0 else type(found)(f"rank {rank} ({host}): {found}")
+    return result
 
 
 def teardown() -> None:

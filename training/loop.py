@@ -26,7 +26,7 @@ from training.checkpoint import (CHECKPOINTS, STATE_FILE, capture_rng_state, rea
 from training.config import (Config, ConfigError, TrainingAborted, absolute_config, from_dict,
                              portable_config, resolve_path, save_config, to_dict)
 from training.data import ImageRecord, PixelDataset, ScheduleSampler, resolve_dataset, scan_folder
-from training.distributed import DistInfo, main_first, on_every_rank
+from training.distributed import DistInfo, all_gather_objects, main_first, on_every_rank
 
 
 @dataclass
@@ -230,7 +230,7 @@ def find_resume(cfg: Config, resume: str | None, world_size: int) -> Path | None
     every rank must find the same checkpoint: ranks on machines that see another run folder (or
     an older state of it) would train from other weights and another position.
     """
-    found = on_every_rank(lambda: _find_resume(cfg, resume, world_size))
+    found = all_gather_objects(on_every_rank(lambda: _find_resume(cfg, resume, world_size)))
     if len(set(found)) > 1:
         seen = ", ".join(f"rank {r}: {path}" for r, path in enumerate(found))
         raise ConfigError(f"the ranks found different checkpoints to resume ({seen}); across "
@@ -340,12 +340,28 @@ def prepare_run_dir(cfg: Config, resume: Path | None, dist: DistInfo,
 
 def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
     """Scan and bucket the data (rank 0 first, so the others read its scan cache), split off
-    the validation images, and build the batch schedule for this world size."""
+    the validation images, and build the batch schedule for this world size. Under torchrun
+    every rank must end with the same plan; bad input found on any rank stops all of them."""
     def scan_and_bucket() -> tuple:
         return bucket_dataset(cfg.data, cfg.batch_size, dist.world_size)
 
     scanned = main_first(dist, scan_and_bucket)  # a bad dataset stops every process
-    scan, buckets, placements = scanned if dist.is_main else scan_and_bucket()
+    plan = on_every_rank(lambda: _plan_from_scan(
+        cfg, dist, scanned if dist.is_main else scan_and_bucket()))
+    # Every rank scans on its own: across machines, or with files still being copied in, two
+    # ranks could see other images and would train on batches that do not fit together.
+    views = all_gather_objects((plan.fingerprint(), len(plan.records), len(plan.eval_records)))
+    if len(set(views)) > 1:
+        seen = ", ".join(f"rank {r}: {n} images, {e} for validation"
+                         for r, (_, n, e) in enumerate(views))
+        raise ConfigError(f"the ranks see different training data ({seen}); every machine must "
+                          "see the same dataset, unchanged while the run starts")
+    return plan
+
+
+def _plan_from_scan(cfg: Config, dist: DistInfo, scanned: tuple) -> DataPlan:
+    """`plan_data` from this rank's (scan, buckets, placements)."""
+    scan, buckets, placements = scanned
     if dist.is_main:
         print(scan.summary(), flush=True)
     records = scan.records

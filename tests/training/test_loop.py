@@ -168,3 +168,49 @@ def test_loop_find_resume_ranks_agree_on_the_checkpoint(tmp_path: Path) -> None:
     assert "rank 1: " + str(tmp_path / "stale" / "checkpoints" / "step_0000001") in stale[1]
     assert missing[0] == "FileNotFoundError" and missing[1].startswith("rank 1 (")
     assert str(tmp_path / "missing") in missing[1]
+
+
+_DATA_VIEWS = """
+import json, sys
+from pathlib import Path
+from training.config import Config, ConfigError, from_dict
+from training.distributed import setup, teardown
+from training.loop import plan_data
+
+root = Path(sys.argv[1])
+info = setup("cpu")
+outcomes = []
+# rank 1 sees the same folder, one with an extra image (still being copied in), none at all
+for theirs in ("a", "b", "missing"):
+    mine = "a" if info.rank == 0 else theirs
+    cfg = from_dict(Config, {"batch_size": 1, "data": {
+        "dataset": str(root / mine), "resolution": 32, "num_workers": 0}})
+    try:
+        outcomes.append(["ok", len(plan_data(cfg, info).records)])
+    except (ConfigError, FileNotFoundError) as exc:
+        outcomes.append([type(exc).__name__, str(exc)])
+(root / f"rank{info.rank}.json").write_text(json.dumps(outcomes))
+teardown()
+"""
+
+
+def test_loop_plan_data_ranks_agree_on_the_images(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from tests.training.test_distributed import _two_ranks
+
+    rng = np.random.default_rng(0)
+    for folder, count in (("a", 4), ("b", 5)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / folder / f"{i}.png")
+    _two_ranks(_DATA_VIEWS, tmp_path, 29542)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # every rank ends the same way
+    same, extra, missing = ranks[0]
+    assert same == ["ok", 4]
+    assert extra[0] == "ConfigError" and "see different training data" in extra[1]
+    assert "rank 0: 4 images" in extra[1] and "rank 1: 5 images" in extra[1]
+    assert missing[1].startswith("rank 1 (") and str(tmp_path / "missing") in missing[1]
