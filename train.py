@@ -104,7 +104,8 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
                              "--config, with the config saved in it and in its own run folder "
                              "unless --run-dir names an empty one (default: off)")
     parser.add_argument("--export", metavar="RUN", default=None,
-                        help="export inference weights from a run folder or checkpoint and exit "
+                        help="export inference weights from a run folder or checkpoint and exit; "
+                             "with --vae, a DiT export records that VAE instead of the run's "
                              "(default: off)")
     parser.add_argument("--out", default=None,
                         help="where --export writes (default: RUN/vae for a VAE run, "
@@ -186,9 +187,9 @@ def dry_run(cfg: Config) -> None:
         print(f"  {w}x{h}: {n} batch(es)")
 
 
-def export(source: str, out: str | None) -> Path:
+def export(source: str, out: str | None, vae: str | None = None) -> Path:
     """Export a run or checkpoint with its stage's exporter (the stage is read from the
-    checkpoint's state.json)."""
+    checkpoint's state.json); `vae` replaces the VAE a DiT run recorded."""
     from training.checkpoint import STATE_FILE, resolve_resume
 
     folder = resolve_resume(Path(_from_cwd(source)))
@@ -199,7 +200,9 @@ def export(source: str, out: str | None) -> Path:
     if stage == "dit":
         from training.export import export_dit
 
-        return export_dit(folder, out and _from_cwd(out))
+        return export_dit(folder, out and _from_cwd(out), vae and _from_cwd(vae))
+    if vae is not None:
+        raise ConfigError(f"{folder}: a VAE run exports its own weights; --vae is for a DiT run")
     from training.vae_stage import export_checkpoint
 
     return export_checkpoint(folder, out and _from_cwd(out))
@@ -211,9 +214,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out is not None and not args.export:
         parser.error("--out is where --export writes; give --export RUN too")
+    if args.export:
+        given = [flag for flag in (*FLAGS, "--config", "--classes", "--allow-upscale",
+                                   "--compile", "--resume")
+                 if flag != "--vae" and getattr(args, flag[2:].replace("-", "_")) is not None]
+        given += ["--dry-run"] if args.dry_run else []
+        if given:
+            parser.error(f"--export takes only --out and --vae; {', '.join(given)} would be "
+                         "ignored")
     try:
         if args.export:
-            print(f"exported to {export(args.export, args.out)}")
+            print(f"exported to {export(args.export, args.out, args.vae)}")
             return 0
         cfg, resume = resolve_config(args)
         if args.dry_run:

@@ -15,7 +15,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -814,35 +816,78 @@ def load_vae(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def save_vae(model: AutoencoderKL, folder: str | Path, *, overwrite: bool = False) -> Path:
-    """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout) into folder.
+def kept_vae_folder(folder: str | Path, fingerprint: str) -> Path:
+    """Where `save_vae` keeps an earlier VAE it replaced: the sibling `<folder>-<fingerprint[:12]>`
+    (`fingerprint` is that VAE's `vae_fingerprint`)."""
+    folder = Path(folder)
+    return folder.with_name(f"{folder.name}-{fingerprint[:12]}")
 
-    Refuses to replace existing files unless `overwrite` (FileExistsError), and even then unless
-    the folder holds a VAE, i.e. its config.json is a VAE config (ValueError): another model's
-    export is never overwritten. Files are written under a temporary name and renamed into place,
-    so an interrupted save never leaves a half-written VAE.
+
+def _folder_fingerprint(folder: Path) -> str:
+    """`vae_fingerprint` of the VAE in `folder` as `load_vae` reads it (as a DiT run records it)."""
+    try:
+        return vae_fingerprint(load_vae(folder))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder}: holds a VAE config but no loadable VAE "
+                         f"({' '.join(str(err).split())}); refusing to replace it") from None
+
+
+def save_vae(model: AutoencoderKL, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout) as `folder`.
+
+    An existing VAE folder is replaced only with `overwrite` (else FileExistsError); a non-empty
+    folder that does not hold a VAE (no config.json, or not a VAE config) is never replaced
+    (ValueError). A replaced VAE whose fingerprint differs from the new one's is kept: renamed to
+    `kept_vae_folder(folder, its fingerprint)`, with a printed line saying so (if that folder
+    exists, it already holds that VAE). The new VAE is written whole into a temporary sibling
+    folder first and then renamed into place, so each VAE is always complete under some name: no
+    crash leaves new weights beside an old config. On an error nothing changes.
     """
     folder = Path(folder)
-    targets = [folder / CONFIG_NAME, folder / WEIGHTS_NAME]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing}: already exist; pass overwrite=True to replace them")
-    if existing:
+    earlier = None  # fingerprint of the VAE being replaced
+    if folder.exists():
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: exists and is not a folder; refusing to replace it")
+        files = [str(folder / n) for n in (CONFIG_NAME, WEIGHTS_NAME) if (folder / n).exists()]
+        if files and not overwrite:
+            raise FileExistsError(f"{files}: already exist; pass overwrite=True to replace them")
         try:
-            VAEConfig.from_json(targets[0])
+            VAEConfig.from_json(folder / CONFIG_NAME)
         except (OSError, ValueError):
-            raise ValueError(
-                f"{folder}: not a VAE folder ({CONFIG_NAME} missing or not a VAE config); "
-                f"refusing to overwrite {existing}"
-            ) from None
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp_weights = folder / (WEIGHTS_NAME + ".tmp")
-    save_file(state, tmp_weights, metadata={"format": "pt"})
-    tmp_config = folder / (CONFIG_NAME + ".tmp")
-    tmp_config.write_text(json.dumps(model.config.to_diffusers_dict(), indent=2) + "\n")
-    tmp_weights.replace(targets[1])
-    tmp_config.replace(targets[0])
+            if any(folder.iterdir()):
+                raise ValueError(f"{folder}: not a VAE folder ({CONFIG_NAME} missing or not a "
+                                 "VAE config); refusing to overwrite it") from None
+        else:
+            earlier = _folder_fingerprint(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    aside = folder.with_name(f".old-{folder.name}-{os.getpid()}")  # deleted once replaced
+    moved_to = None  # where the earlier folder went
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed process of the same id
+    try:
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        config = json.dumps(model.config.to_diffusers_dict(), indent=2) + "\n"
+        (tmp / CONFIG_NAME).write_text(config)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            with open(tmp / name, "rb") as file:
+                os.fsync(file.fileno())
+        if folder.exists():
+            kept = None if earlier is None else kept_vae_folder(folder, earlier)
+            keep = kept is not None and not kept.exists() and earlier != _folder_fingerprint(tmp)
+            moved_to = kept if keep else aside  # aside: empty, the same VAE, or kept already
+            os.rename(folder, moved_to)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved_to is not None and moved_to.exists() and not folder.exists():
+            os.rename(moved_to, folder)  # the earlier folder back where it was
+        raise
+    if moved_to == aside:
+        shutil.rmtree(aside)
+    elif moved_to is not None:
+        print(f"{folder}: the VAE it held (fingerprint {earlier[:12]}) differs from the new one; "
+              f"kept it in {moved_to}", flush=True)
     return folder
 
 

@@ -184,6 +184,9 @@ def test_train_boolean_flags_turn_off_and_out_needs_export() -> None:
     assert parser.parse_args([]).compile is None  # not given: the config's value stays
     out = _train("--out", "somewhere")
     assert out.returncode == 2 and "--out is where --export writes" in out.stderr
+    out = _train("--export", "somewhere", "--max-steps", "5", "--dry-run")
+    assert out.returncode == 2
+    assert "--export takes only --out and --vae; --max-steps, --dry-run would be" in out.stderr
 
 
 def test_train_dit_flags_are_refused_for_the_vae_stage() -> None:

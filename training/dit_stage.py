@@ -64,7 +64,10 @@ def flow_generator(noise: torch.Generator, device: torch.device) -> torch.Genera
 def check_resume_compatible(cfg: Config, state: dict, class_names: list[str],
                             vae: AutoencoderKL, fingerprint: str, path: Path) -> None:
     """Refuse a checkpoint of another model, class set or VAE (`fingerprint`, that of `vae`,
-    against the checkpoint's where it records one)."""
+    against the checkpoint's where it records one). When a VAE export replaced the recorded
+    VAE and kept it (`models.vae.kept_vae_folder`), the error names that folder for `--vae`."""
+    from models.vae import kept_vae_folder
+
     saved = state.get("config", {})
     problems = []
     if saved.get("stage") != "dit":
@@ -79,7 +82,11 @@ def check_resume_compatible(cfg: Config, state: dict, class_names: list[str],
     if state.get("latent_channels") != latent:
         problems.append(f"{state.get('latent_channels')} latent channels vs {latent}")
     elif state.get("vae_fingerprint", fingerprint) != fingerprint:
-        problems.append(f"VAE fingerprint {state['vae_fingerprint'][:12]} vs {fingerprint[:12]}")
+        kept = kept_vae_folder(resolve_path(state.get("vae") or cfg.dit.vae),
+                               state["vae_fingerprint"])
+        problems.append(f"VAE fingerprint {state['vae_fingerprint'][:12]} vs {fingerprint[:12]}"
+                        + (f"; the VAE it was trained with was kept in {kept}: resume with "
+                           f"--vae {kept}" if kept.is_dir() else ""))
     if problems:
         raise ConfigError(f"{path}: checkpoint is of another model ({'; '.join(problems)})")
 

@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.dit import DiT, DiTConfig
-from models.vae import AutoencoderKL, load_vae, state_dict_problems, vae_fingerprint
+from models.vae import (AutoencoderKL, kept_vae_folder, load_vae, state_dict_problems,
+                        vae_fingerprint)
 from training.checkpoint import STATE_FILE, list_checkpoints, resolve_resume, step_dir_name
 from training.config import REPO_ROOT, portable_path, resolve_path
 
@@ -197,23 +198,34 @@ def load_generator(path: str | os.PathLike, step: int | None = None,
 def _checked_fingerprint(autoencoder: AutoencoderKL, vae_path: Path, info: GeneratorInfo,
                          remedy: str) -> str:
     """`autoencoder`'s fingerprint; ExportError ending in `remedy` if it is not the one that
-    `info` recorded in training (where it recorded one)."""
+    `info` recorded in training (where it recorded one). The error names the folder where a VAE
+    export that replaced the recorded one kept it (`models.vae.kept_vae_folder`), if it exists."""
     found = vae_fingerprint(autoencoder)
     if info.vae_fingerprint is not None and found != info.vae_fingerprint:
+        kept = kept_vae_folder(info.vae, info.vae_fingerprint)
+        where = f"; it was kept in {kept}" if kept.is_dir() else ""
         raise ExportError(f"{vae_path}: not the VAE {info.source} was trained with (fingerprint "
-                          f"{found[:12]}, expected {info.vae_fingerprint[:12]}); {remedy}")
+                          f"{found[:12]}, expected {info.vae_fingerprint[:12]}{where}); {remedy}")
     return found
 
 
-def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
+               vae: str | os.PathLike | None = None) -> Path:
     """Export the EMA weights of a DiT run's newest checkpoint (or of a checkpoint folder) to
     `out` (default `checkpoints/<run name>`); returns the export folder.
 
-    Refuses to replace a non-empty folder that is not an earlier export of the same run.
+    The export records the run's VAE, or `vae` when given (the run's VAE moved, or kept aside
+    by a VAE export that replaced it); either must be the VAE the run was trained with, by
+    fingerprint. Refuses to replace a non-empty folder that is not an earlier export of the
+    same run.
     """
     folder = resolve_resume(resolve_path(checkpoint))
     config, weights, info = _read_source(folder, None)
     _build(config, weights, folder)  # refuse weights that would not load
+    if vae is not None:
+        info.vae = Path(vae)
+        if not info.vae.exists():
+            raise FileNotFoundError(f"{info.vae}: VAE not found (given by --vae)")
     if not info.vae.exists():
         raise FileNotFoundError(f"{info.vae}: the run's VAE is missing (recorded in "
                                 f"{folder / STATE_FILE}); it is needed for its fingerprint")

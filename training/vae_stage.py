@@ -6,7 +6,8 @@ from `disc_start`, a PatchGAN hinge term whose weight adapts to the ratio of gra
 the decoder's last layer and ramps in over `disc_ramp` steps. The discriminator itself starts
 `disc_warmup` steps earlier, so it is not a random judge when its verdict starts to count.
 At the end the EMA weights are exported to `RUN_DIR/vae/` in the diffusers layout, with
-`scaling_factor` and `shift_factor` measured so that normalised latents have unit variance.
+`scaling_factor` and `shift_factor` measured so that normalised latents have unit variance; an
+earlier export holding another VAE (a DiT may be trained on it) is kept as `vae-<fingerprint>`.
 """
 
 from __future__ import annotations
@@ -323,7 +324,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> 
 
 def export_vae(vae: AutoencoderKL, ema: EMA, ema_model: AutoencoderKL, loader,
                device: torch.device, folder: Path, images: int) -> Path:
-    """Write the EMA weights in the diffusers layout with measured scale and shift."""
+    """Write the EMA weights in the diffusers layout with measured scale and shift as `folder`.
+
+    `save_vae` replaces an earlier export there whole, keeping it as
+    `kept_vae_folder(folder, its fingerprint)` when it is another VAE; the same VAE exported
+    again (the measured factors are deterministic) just replaces it.
+    """
     ema.copy_to(ema_model)
     shift, scale = measure_latent_scale(ema_model, loader, device, images)
     ema_model.config.shift_factor = round(shift, 6)

@@ -2,7 +2,10 @@
 
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +23,13 @@ from models.vae import (
     _ldm_key_to_diffusers,
     _run_tiled,
     _to_diffusers_layout,
+    kept_vae_folder,
     load_vae,
     save_vae,
     vae_fingerprint,
 )
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 # Widths are multiples of 32 so that the GroupNorm count inferred for single files (32) is right.
 SD_LIKE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, sample_size=32)
@@ -273,6 +279,85 @@ def test_vae_save_vae_overwrites_only_a_vae(tmp_path):
     with pytest.raises(ValueError, match=re.escape(str(other)) + ".*not a VAE folder"):
         save_vae(_our_vae(SD_LIKE), other, overwrite=True)
     assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    notes = tmp_path / "notes"  # no config.json at all
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=re.escape(str(notes)) + ".*not a VAE folder"):
+        save_vae(_our_vae(SD_LIKE), notes, overwrite=True)
+    broken = tmp_path / "broken"  # a VAE config without its weights: no fingerprint to keep it by
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps(SD_LIKE.to_diffusers_dict()))
+    with pytest.raises(ValueError, match=re.escape(str(broken)) + ".*no loadable VAE"):
+        save_vae(_our_vae(SD_LIKE), broken, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "dit_export", "notes"]
+    assert (notes / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in broken.iterdir()] == ["config.json"]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_vae_save_vae_keeps_an_earlier_vae_it_replaces(tmp_path, capsys):
+    a, b = _our_vae(GROUPS_4, seed=0), _our_vae(GROUPS_4, seed=1)
+    out = tmp_path / "vae"
+    written_a = _files(save_vae(a, out))
+    fp_a = vae_fingerprint(load_vae(out))
+    save_vae(b, out, overwrite=True)
+    kept_a = kept_vae_folder(out, fp_a)
+    assert kept_a == tmp_path / f"vae-{fp_a[:12]}" and _files(kept_a) == written_a
+    assert vae_fingerprint(load_vae(out)) == vae_fingerprint(b)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].endswith(f"kept it in {kept_a}")
+    written_b, fp_b = _files(out), vae_fingerprint(b)
+    save_vae(b, out, overwrite=True)  # the same VAE again: replaced in place, nothing kept
+    assert _files(out) == written_b and sorted(tmp_path.iterdir()) == [out, kept_a]
+    assert capsys.readouterr().out == ""
+    save_vae(a, out, overwrite=True)  # b is kept in its turn
+    assert _files(kept_vae_folder(out, fp_b)) == written_b and _files(out) == written_a
+    save_vae(b, out, overwrite=True)  # a is kept already under its name: simply replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["vae", f"vae-{fp_a[:12]}", f"vae-{fp_b[:12]}"])
+    assert _files(out) == written_b and _files(kept_a) == written_a
+
+
+def test_vae_save_vae_interrupted_replacement_leaves_each_vae_whole(tmp_path, monkeypatch):
+    out, source = tmp_path / "vae", tmp_path / "source"
+    written_a = _files(save_vae(_our_vae(GROUPS_4, seed=0), out))
+    fp_a = vae_fingerprint(load_vae(out))
+    fp_b = vae_fingerprint(load_vae(save_vae(_our_vae(GROUPS_4, seed=1), source)))
+    rename = os.rename
+
+    def failing_rename(src, dst):  # the new folder cannot take its place
+        if Path(src).name.startswith(".tmp-"):
+            raise OSError(28, "No space left on device")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="No space left"):
+        save_vae(load_vae(source), out, overwrite=True)
+    monkeypatch.undo()
+    assert _files(out) == written_a  # an error changes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source", "vae"]
+    # The process dies there instead: each VAE is whole under its own name, none is mixed.
+    crash = (
+        "import os, sys\n"
+        "from models.vae import load_vae, save_vae\n"
+        "rename = os.rename\n"
+        "def crash(src, dst):\n"
+        "    if os.path.basename(src).startswith('.tmp-'):\n"
+        "        os._exit(3)\n"
+        "    rename(src, dst)\n"
+        "os.rename = crash\n"
+        "save_vae(load_vae(sys.argv[1]), sys.argv[2], overwrite=True)\n"
+    )
+    died = subprocess.run([sys.executable, "-c", crash, str(source), str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    assert died.returncode == 3, died.stderr[-2000:]
+    assert not out.exists()
+    assert _files(kept_vae_folder(out, fp_a)) == written_a
+    (new,) = tmp_path.glob(".tmp-vae-*")
+    assert vae_fingerprint(load_vae(new)) == fp_b
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from inference.pipelines import generate
-from models.vae import AutoencoderKL, VAEConfig, save_vae
+from models.vae import AutoencoderKL, VAEConfig, kept_vae_folder, save_vae, vae_fingerprint
 from training.data import SYNTHETIC_CLASSES
 from training.export import ExportError, export_dit, is_export, load_generator
 
@@ -108,3 +108,33 @@ def test_export_refuses_a_vae_changed_since_training(tiny_run: Path, tmp_path: P
     with pytest.raises(ExportError, match="changed since training"):
         export_dit(run, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_export_names_the_kept_vae_when_a_vae_export_replaced_it(tiny_run: Path,
+                                                                  tmp_path: Path) -> None:
+    # A VAE run resumed after a DiT was trained on its export replaces the export and keeps the
+    # earlier one beside it (models.vae.save_vae): the DiT's errors name that folder.
+    run, vae = tmp_path / "run", tmp_path / "vae"
+    shutil.copytree(tiny_run, run)
+    recorded = json.loads((run / "checkpoints" / "step_0000002" / "state.json").read_text())
+    shutil.copytree(recorded["vae"], vae)
+    for state_file in run.glob("checkpoints/*/state.json"):
+        state = json.loads(state_file.read_text())
+        state["vae"] = str(vae)  # trained on tmp_path/vae
+        state_file.write_text(json.dumps(state))
+    torch.manual_seed(1)
+    save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                     latent_channels=4, sample_size=32)), vae, overwrite=True)
+    kept = kept_vae_folder(vae, recorded["vae_fingerprint"])
+    assert kept.is_dir()
+    with pytest.raises(ExportError, match=rf"kept in {re.escape(str(kept))}\); pass --vae"):
+        load_generator(run)
+    _, autoencoder, info = load_generator(run, vae=kept)
+    assert info.vae == kept and vae_fingerprint(autoencoder) == recorded["vae_fingerprint"]
+    with pytest.raises(ExportError, match=rf"kept in {re.escape(str(kept))}\); it changed"):
+        export_dit(run, tmp_path / "export")
+    export_dit(run, tmp_path / "export", vae=kept)  # train.py --export RUN --vae KEPT
+    meta = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert meta["vae"] == str(kept) and meta["vae_fingerprint"] == recorded["vae_fingerprint"]
+    _, autoencoder, _ = load_generator(tmp_path / "export")
+    assert vae_fingerprint(autoencoder) == recorded["vae_fingerprint"]

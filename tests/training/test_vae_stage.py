@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,6 +171,54 @@ def test_vae_stage_export_from_checkpoint(tmp_path: Path) -> None:
     assert again.config.scaling_factor == vae.config.scaling_factor
     assert again.config.shift_factor == vae.config.shift_factor
     assert vae_fingerprint(again) == vae_fingerprint(vae)
+    # exported again to the same folder, it replaces itself: no earlier export to keep
+    export_checkpoint(run, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "exported", "run"]
+    assert vae_fingerprint(load_vae(out)) == vae_fingerprint(vae)
+    # a folder that holds something other than a VAE is refused, untouched
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"format": "dit-export"}))
+    with pytest.raises(ValueError, match=f"{re.escape(str(other))}: not a VAE folder"):
+        export_checkpoint(run, other)
+    assert [p.name for p in other.iterdir()] == ["config.json"]
+
+
+def test_vae_stage_resumed_export_keeps_the_vae_a_dit_was_trained_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Train a VAE, a DiT on its export, then resume the VAE: the DiT's VAE is kept beside the
+    new export, the DiT's resume names it, and `train.py --resume --vae KEPT` continues."""
+    from training.dit_stage import train_dit
+
+    run = train_vae(_cfg(tmp_path / "vae_run"))
+    first = {p.name: p.read_bytes() for p in (run / "vae").iterdir()}
+    trained_on = vae_fingerprint(load_vae(run / "vae"))
+    dit_cfg = from_dict(Config, {
+        "description": "tiny DiT on the VAE run's export", "stage": "dit",
+        "run_dir": str(tmp_path / "dit_run"), "seed": 3, "batch_size": 2,
+        "data": {"dataset": "synthetic:12", "resolution": 32, "num_workers": 0, "holdout": 2},
+        "train": {"max_steps": 1, "log_every": 1, "eval_every": 1000, "sample_every": 1000,
+                  "precision": "fp32", "device": "cpu"},
+        "dit": {"model": "dit-t/2", "vae": str(run / "vae"), "sample_sizes": ["32x32"],
+                "sample_steps": 1, "num_samples": 1}})
+    dit_run = train_dit(dit_cfg)
+    capsys.readouterr()
+    train_vae(_cfg(run, max_steps=2), resume="")
+    kept = run / f"vae-{trained_on[:12]}"
+    assert f"kept it in {kept}" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("vae")) == ["vae", kept.name]
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == first
+    assert vae_fingerprint(load_vae(run / "vae")) != trained_on
+    dit_cfg.train.max_steps = 2
+    with pytest.raises(ConfigError, match=re.escape(f"kept in {kept}: resume with --vae {kept})")):
+        train_dit(dit_cfg, resume="")
+    resumed = subprocess.run([sys.executable, "train.py", "--resume", str(dit_run), "--vae",
+                              str(kept), "--max-steps", "2"], cwd=REPO_ROOT,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    state = load_checkpoint(latest_checkpoint(dit_run)).state
+    assert state["step"] == 2 and state["vae_fingerprint"] == trained_on
+    assert state["vae"] == str(kept)
 
 
 def test_vae_stage_sigterm_to_process_group_saves_checkpoint(tmp_path: Path) -> None:
