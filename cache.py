@@ -994,9 +994,10 @@ def _prune(cache_dir: str | os.PathLike[str], keep: set[str], result: dict) -> l
 # Reading
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """CPU generator for the latent noise of one training step on one rank (reproducible)."""
-    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """CPU generator for the latent noise of one training (micro-)step, the same on every rank:
+    `LatentReader.batch` draws from it for the global batch (reproducible)."""
+    state = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -1091,11 +1092,20 @@ class LatentReader:
         return torch.from_numpy(mean), torch.from_numpy(logvar)
 
     def batch(self, indices: Sequence[int], generator: torch.Generator,
-              flip_flags: Sequence[bool] | None = None) -> torch.Tensor:
+              flip_flags: Sequence[bool] | None = None,
+              part: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Fresh normalised latents (B, C, h, w) float32: ((mean + exp(logvar / 2)·ε) − shift)
-        × scale, with ε drawn from `generator` (see `step_generator`)."""
+        × scale, with ε drawn from `generator` (see `step_generator`).
+
+        `indices` are one rank's share of a global batch, `part` = (rank, world size): ε is
+        drawn for the whole global batch (world size × B samples) and this rank keeps rows
+        rank·B to (rank + 1)·B, so a run does not depend on how its batch is split across
+        processes. The extra draws cost little next to reading the batch.
+        """
         mean, logvar = self._gather(indices, flip_flags)
-        noise = torch.randn(mean.shape, generator=generator).numpy()  # (B, C, h, w)
+        (rank, world), B = part, len(indices)
+        noise = torch.randn((world * B, *mean.shape[1:]), generator=generator)  # (W·B, C, h, w)
+        noise = noise[rank * B:(rank + 1) * B].numpy()  # (B, C, h, w)
         # NumPy for the arithmetic: single-threaded, so no thread-pool wake-ups per batch
         latent = mean + np.exp(0.5 * logvar) * noise
         latent -= np.float32(self.shift_factor)

@@ -142,14 +142,14 @@ def bench_training(vae, records, buckets, placements, keys, cache_dir: Path, arg
         x = torch.stack([torch.from_numpy(crop_to_bucket(
             load_image(records[i].path, min_size=placements[i].resized),
             placements[i].resized, placements[i].crop)).permute(2, 0, 1) for i in b])
-        gen = cache.step_generator(args.seed, step, 0)
+        gen = cache.step_generator(args.seed, step)
         vae.normalize(vae.encode(to_unit_range(x)).sample(gen))  # (B, C, h, w)
     fly_bps = len(fly) / (time.perf_counter() - start)
     steps = 0
     start = time.perf_counter()
     while time.perf_counter() - start < 2.0:
         b = plan_batches[steps % len(plan_batches)]
-        reader.batch(b, cache.step_generator(args.seed, steps, 0))
+        reader.batch(b, cache.step_generator(args.seed, steps))
         steps += 1
     cached_bps = steps / (time.perf_counter() - start)
     reader.close()

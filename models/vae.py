@@ -163,12 +163,22 @@ class DiagonalGaussian:
         """Standard deviation, exp(logvar / 2)."""
         return torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """Draw mean + std * noise; the noise comes from `generator` (on its device) if given."""
+    def sample(
+        self, generator: torch.Generator | None = None, part: tuple[int, int] = (0, 1)
+    ) -> Tensor:
+        """Draw mean + std * noise; the noise comes from `generator` (on its device) if given.
+
+        Under torchrun, with `part` = (rank, world size), this batch of B is one rank's slice
+        of a global batch: the noise is drawn for all world size × B samples and this rank
+        keeps rows rank·B to (rank + 1)·B, so training does not depend on how its batch is
+        split across processes.
+        """
+        (rank, world), B = part, self.mean.shape[0]
         noise_device = generator.device if generator is not None else self.mean.device
         noise = torch.randn(
-            self.mean.shape, generator=generator, device=noise_device, dtype=self.mean.dtype
-        ).to(self.mean.device)
+            (world * B, *self.mean.shape[1:]), generator=generator, device=noise_device,
+            dtype=self.mean.dtype,
+        )[rank * B:(rank + 1) * B].to(self.mean.device)  # (B, C, h, w)
         return self.mean + self.std * noise
 
     def mode(self) -> Tensor:

@@ -319,14 +319,17 @@ def test_cache_samples_fresh_and_reproducible(tmp_path: Path) -> None:
     summary = _build(root, vae, tmp_path / "c", flip=True)
     reader = cache.LatentReader(tmp_path / "c", summary.keys, 0.5, 0.2)
     idx, flips = [0, 2, 4], [False, True, False]
-    a = reader.batch(idx, cache.step_generator(7, 10, 0), flips)
+    a = reader.batch(idx, cache.step_generator(7, 10), flips)
     assert a.shape == (3, 4, 16, 16) and a.dtype == torch.float32
-    assert torch.equal(a, reader.batch(idx, cache.step_generator(7, 10, 0), flips))
-    assert not torch.allclose(a, reader.batch(idx, cache.step_generator(7, 11, 0), flips))
-    assert not torch.allclose(a, reader.batch(idx, cache.step_generator(7, 10, 1), flips))
+    assert torch.equal(a, reader.batch(idx, cache.step_generator(7, 10), flips))
+    assert not torch.allclose(a, reader.batch(idx, cache.step_generator(7, 11), flips))
+    # split across 3 ranks, each rank's share draws what the whole batch draws for it
+    shares = [reader.batch([i], cache.step_generator(7, 10), [f], part=(rank, 3))
+              for rank, (i, f) in enumerate(zip(idx, flips))]
+    assert torch.equal(torch.cat(shares), a)
     mean, logvar = reader.moments(idx, flips)
     n = 1000
-    draws = torch.stack([reader.batch(idx, cache.step_generator(7, s, 0), flips)
+    draws = torch.stack([reader.batch(idx, cache.step_generator(7, s), flips)
                          for s in range(n)])  # (n, B, C, h, w)
     std = (logvar / 2).exp() * 0.5  # of the normalised latent
     assert ((draws.mean(0) - (mean - 0.2) * 0.5).abs() <= 6 * std / n ** 0.5 + 1e-5).all()

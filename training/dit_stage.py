@@ -9,6 +9,12 @@ grids at several bucket shapes, checkpoints, and a clean stop on SIGTERM/SIGINT.
 The next micro-batch is read from the cache on a background thread while the current one
 trains (`BatchPrefetcher`): its samples, noise and flips depend only on the schedule and the
 step index, so reading ahead changes no number, and the loop rarely waits for data.
+
+Under torchrun every rank draws a micro-step's randomness (the latents' ε, then the flow's t,
+noise and label dropout) for the whole global batch from generators seeded without the rank,
+and keeps its own slice (`part` = (rank, world size)), so a run does not depend on how its
+batch is split across processes: 2 ranks × batch 2 train as 1 rank × batch 4 does. The world
+size × more draws are negligible next to the model.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from cache import LatentReader, ensure_cache, flip_from_seed, step_generator
 from inference.pipelines import generate, image_grid, parse_size, tensor_to_pil
 from models.dit import DiT
 from models.registry import MODEL_NAMES, build_dit
-from models.vae import AutoencoderKL, load_vae, vae_fingerprint
+from models.vae import AutoencoderKL, kept_vae_folder, load_vae, vae_fingerprint
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import Config, ConfigError, portable_path, resolve_path, validate_config
 from training.data import ScheduleSampler
@@ -53,7 +59,8 @@ def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
 
 def flow_generator(noise: torch.Generator, device: torch.device) -> torch.Generator:
     """The generator of a micro-step's flow times and noise on `device`, seeded from `noise`,
-    the CPU generator that drew the latent sample x0 (`cache.step_generator`), after that draw.
+    the CPU generator that drew the latent sample x0 (`cache.step_generator`), after that draw
+    (of the global batch's ε, so the seed is the same on every rank).
 
     Seeding it with `noise`'s own seed instead would, on a CPU (the same generator algorithm),
     replay x0's noise as the flow's noise, which rectified flow assumes independent of x0.
@@ -66,8 +73,6 @@ def check_resume_compatible(cfg: Config, state: dict, class_names: list[str],
     """Refuse a checkpoint of another model, class set or VAE (`fingerprint`, that of `vae`,
     against the checkpoint's where it records one). When a VAE export replaced the recorded
     VAE and kept it (`models.vae.kept_vae_folder`), the error names that folder for `--vae`."""
-    from models.vae import kept_vae_folder
-
     saved = state.get("config", {})
     problems = []
     if saved.get("stage") != "dit":
@@ -111,18 +116,18 @@ class BatchPrefetcher:
     once.
     """
 
-    def __init__(self, reader: LatentReader, batches, seed: int, rank: int, flip: bool,
-                 pin: bool, start: int) -> None:
-        self.reader, self.batches, self.seed, self.rank = reader, batches, seed, rank
+    def __init__(self, reader: LatentReader, batches, seed: int, part: tuple[int, int],
+                 flip: bool, pin: bool, start: int) -> None:
+        self.reader, self.batches, self.seed, self.part = reader, batches, seed, part
         self.flip, self.pin = flip, pin
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="latent-prefetch")
         self.pending = self.pool.submit(self._read, start)
 
     def _read(self, k: int):
         items = next(self.batches)
-        noise = step_generator(self.seed, k, self.rank)
+        noise = step_generator(self.seed, k)
         flips = [flip_from_seed(s) for _, s, _, _ in items] if self.flip else None
-        x0 = self.reader.batch([i for i, _, _, _ in items], noise, flips)  # (B, C, h, w)
+        x0 = self.reader.batch([i for i, _, _, _ in items], noise, flips, self.part)  # (B, C, h, w)
         return k, items, noise, x0.pin_memory() if self.pin else x0
 
     def get(self):
@@ -230,9 +235,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # eager: previews, validation
     if t.compile:
         model.compile_blocks()  # in place, so DDP and checkpoints see the same module
+    part = (info.rank, info.world_size)  # this rank's slice of every step's random draws
     batches = BatchPrefetcher(reader, iter(ScheduleSampler(plan.schedule, info.rank, cfg.seed,
                                                            epoch, index)),
-                              cfg.seed, info.rank, cfg.data.flip, device.type == "cuda",
+                              cfg.seed, part, cfg.data.flip, device.type == "cuda",
                               start=step * t.grad_accum)
     logger = RunLogger(run_dir, main)
     stop = StopSignal()
@@ -305,7 +311,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             sync = micro == t.grad_accum - 1 or info.world_size == 1
             no_sync = contextlib.nullcontext() if sync else train_model.no_sync()
             with no_sync, autocast(device, amp):
-                per_sample = flow.loss(train_model, x0, y, generator=gen)  # (B,)
+                per_sample = flow.loss(train_model, x0, y, gen, part)  # (B,)
                 loss = per_sample.mean()
             (loss / t.grad_accum).backward()
             total += loss.detach() / t.grad_accum

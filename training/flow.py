@@ -3,6 +3,11 @@
 Training draws t from a logit-normal and shifts it towards noise for larger latents,
 t' = s t / (1 + (s - 1) t) with s = sqrt(tokens / base_tokens) (SD3). Sampling integrates
 dx/dt = v from t = 1 to 0 on the same shifted schedule.
+
+Under torchrun each rank passes `part` = (rank, world size) to `loss`: t, the noise and the label
+dropout are drawn for the whole global batch and each rank keeps its own slice, so a run does not
+depend on how its batch is split across processes. The world size × more draws are negligible
+next to the model's forward and backward.
 """
 
 import math
@@ -53,10 +58,16 @@ class RectifiedFlow:
         return time_shift(torch.sigmoid(self.logit_mean + self.logit_std * z), shift)
 
     def drop_labels(
-        self, y: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        part: tuple[int, int] = (0, 1),
     ) -> torch.Tensor:
-        """Replace each label (B,) by the null class with probability `label_dropout`."""
-        drop = torch.rand(y.shape, device=y.device, generator=generator) < self.label_dropout
+        """Replace each label (B,) by the null class with probability `label_dropout`; the
+        draws are those of slice `part` = (rank, world size) of the global batch."""
+        (rank, world), B = part, len(y)
+        u = torch.rand(world * B, device=y.device, generator=generator)  # (world·B,)
+        drop = u[rank * B:(rank + 1) * B] < self.label_dropout  # (B,)
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def loss(
@@ -65,16 +76,21 @@ class RectifiedFlow:
         x0: torch.Tensor,
         y: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        part: tuple[int, int] = (0, 1),
     ) -> torch.Tensor:
         """Per-sample training loss (B,) for clean latents x0 (B, C, H, W); `.mean()` to train.
 
-        Draws t and noise, and drops labels for classifier-free guidance.
+        Draws t and noise, and drops labels for classifier-free guidance, for the global batch
+        of world size × B samples; x0 and y are slice `part` = (rank, world size) of it.
         """
-        B = x0.shape[0]
-        t = self.sample_t(B, self.shift_for(*x0.shape[-2:]), x0.device, generator)  # (B,)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        (rank, world), B = part, x0.shape[0]
+        rows = slice(rank * B, (rank + 1) * B)  # this rank's rows of the global batch
+        shift = self.shift_for(*x0.shape[-2:])
+        t = self.sample_t(world * B, shift, x0.device, generator)[rows]  # (B,)
+        noise = torch.randn((world * B, *x0.shape[1:]), device=x0.device, dtype=x0.dtype,
+                            generator=generator)[rows]  # (B, C, H, W)
         if y is not None:
-            y = self.drop_labels(y, generator)
+            y = self.drop_labels(y, generator, part)
         return self._mse(model, x0, noise, t, y)
 
     @staticmethod

@@ -13,6 +13,7 @@ earlier export holding another VAE (a DiT may be trained on it) is kept as `vae-
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -20,20 +21,22 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from bucketing import BatchSchedule
 from models.discriminator import PatchDiscriminator, generator_hinge_loss, hinge_d_loss
 from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
 from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from training.config import Config, ConfigError, resolve_path, validate_config
 from training.data import to_unit_range
-from training.distributed import DistInfo, agree, setup, teardown
+from training.distributed import DistInfo, agree, all_reduce_mean, setup, teardown
 from training.ema import EMA
 from training.logging import RunLogger
-from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, checkpoint_due,
-                           clip_and_check, data_state, eval_crops, find_resume, keep_freed_memory,
-                           load_optimizer, lr_factor, pixel_loader, plan_data, prepare_run_dir,
-                           resume_position, seed_everything, state_for_json)
+from training.loop import (DataPlan, NonFiniteGuard, StopSignal, autocast, autocast_dtype,
+                           checkpoint_due, clip_and_check, data_state, eval_crops, find_resume,
+                           keep_freed_memory, load_optimizer, lr_factor, pixel_loader, plan_data,
+                           prepare_run_dir, resume_position, seed_everything, state_for_json)
 from training.metrics import psnr, ssim
 
+SCALE_CHUNK = 8  # images encoded at once when measuring the latent scale (a fixed noise order)
 ARCH_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
              "mid_block_add_attention", "use_quant_conv")
 
@@ -97,8 +100,9 @@ def measure_latent_scale(model: AutoencoderKL, loader, device: torch.device,
     model.eval()
     total, total_sq, count = 0.0, 0.0, 0
     gen = torch.Generator().manual_seed(0)
-    for batch in loader:
-        z = model.encode(to_unit_range(batch["pixels"]).to(device)).sample(gen).double()
+    chunks = (pixels for batch in loader for pixels in batch["pixels"].split(SCALE_CHUNK))
+    for pixels in chunks:  # (<= SCALE_CHUNK, 3, H, W) uint8
+        z = model.encode(to_unit_range(pixels).to(device)).sample(gen).double()
         total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), \
             count + z.numel()
         images -= len(z)
@@ -204,12 +208,15 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
         gen_weight = 0.0 if step < v.disc_start else min(1.0, (step - v.disc_start + 1)
                                                          / max(1, v.disc_ramp))
-        noise = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 97 + info.rank)
+        # The posterior noise is drawn for the global batch and each rank keeps its slice, so
+        # the run does not depend on how its batch is split across processes (world size × the
+        # draws: negligible next to the autoencoder).
+        noise = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 97)
 
         # Generator (autoencoder) step.
         with autocast(device, amp):
             posterior = vae.encode(x)
-            rec = vae.decode(posterior.sample(noise))  # (B, 3, H, W)
+            rec = vae.decode(posterior.sample(noise, (info.rank, info.world_size)))  # (B, 3, H, W)
             err = rec.float() - x
             rec_loss = err.abs().mean() if v.rec_loss == "l1" else err.pow(2).mean()
             p_loss = lpips(rec.float(), x).mean() if lpips is not None else rec_loss.new_zeros(())
@@ -251,21 +258,24 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         step += 1
         epoch, index = int(batch["epoch"][0]), int(batch["batch_index"][0]) + 1
         bar.update(1)
+        if step % t.log_every == 0 or step == 1:
+            # The terms' means over every rank's share of the global batch (one all-reduce).
+            names = ("loss/total", "loss/rec", "loss/perceptual", "loss/kl",
+                     "loss/gan_generator", "loss/disc", "gan/adaptive_weight",
+                     "gan/logits_real", "gan/logits_fake")
+            terms = all_reduce_mean(torch.stack([
+                loss, rec_loss, p_loss, kl, g_loss, d_loss, d_weight, logits_real, logits_fake
+            ]).detach().float()).tolist()  # (9,)
         if main and (step % t.log_every == 0 or step == 1):
             elapsed, steps_done, waited_then = time.perf_counter() - tick, step - logged_at, waited
             tick, waited, logged_at = time.perf_counter(), 0.0, step
-            logger.scalars({"loss/total": loss.item(), "loss/rec": rec_loss.item(),
-                            "loss/perceptual": p_loss.item(), "loss/kl": kl.item(),
-                            "loss/gan_generator": g_loss.item(), "loss/disc": d_loss.item(),
-                            "gan/adaptive_weight": d_weight.item(), "gan/ramp": gen_weight,
-                            "gan/logits_real": logits_real.item(),
-                            "gan/logits_fake": logits_fake.item(),
+            logger.scalars({**dict(zip(names, terms)), "gan/ramp": gen_weight,
                             "train/grad_norm": grad_norm.item(),
                             "train/lr": opt_g.param_groups[0]["lr"],
                             "train/data_wait_fraction": waited_then / max(1e-9, elapsed),
                             "train/samples_per_s": x.shape[0] * info.world_size * steps_done
                             / max(1e-9, elapsed)}, step)
-            bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.0f}")
+            bar.set_postfix(rec=f"{terms[1]:.4f}", kl=f"{terms[3]:.0f}")
         # Save first: a failure in validation then loses no training.
         if checkpoint_due(step, t, stopping):
             checkpoint()
@@ -288,16 +298,20 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
     bar.close()
     if main:
-        export_vae(vae, ema, ema_model, loader_for_scale(cfg, plan, info), device, run_dir / "vae",
-                   v.scale_images)
+        export_vae(vae, ema, ema_model, loader_for_scale(cfg, plan, info, info.world_size),
+                   device, run_dir / "vae", v.scale_images)
     logger.close()
     stop.restore()
     return run_dir
 
 
-def loader_for_scale(cfg: Config, plan, info: DistInfo):
-    """Centre-cropped training batches for measuring the latent scale."""
-    return pixel_loader(cfg, plan, info, 0, 0, random_crop=False)
+def loader_for_scale(cfg: Config, plan: DataPlan, info: DistInfo, world_size: int):
+    """Centre-cropped whole global batches (batch_size × world_size) of the run's schedule for
+    this process alone, to measure the latent scale on: the same images, hence the same factors,
+    at the end of training under torchrun as from `train.py --export` in one process."""
+    whole = BatchSchedule([p.bucket for p in plan.placements], cfg.batch_size * world_size, 1,
+                          cfg.seed)
+    return pixel_loader(cfg, dataclasses.replace(plan, schedule=whole), info, 0, 0)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> Path:
@@ -318,8 +332,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> 
     ema = EMA(vae, cfg.train.ema_decay)
     ema.load_state_dict(ckpt.group("ema"), ckpt.state["ema_updates"])
     folder = Path(out) if out else path.parent.parent / "vae"
-    return export_vae(vae, ema, copy.deepcopy(vae), loader_for_scale(cfg, plan, info),
-                      info.device, folder, cfg.vae.scale_images)
+    scale_data = loader_for_scale(cfg, plan, info, int(ckpt.state.get("world_size", 1)))
+    return export_vae(vae, ema, copy.deepcopy(vae), scale_data, info.device, folder,
+                      cfg.vae.scale_images)
 
 
 def export_vae(vae: AutoencoderKL, ema: EMA, ema_model: AutoencoderKL, loader,

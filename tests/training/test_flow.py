@@ -123,3 +123,18 @@ def test_flow_loss_drops_labels_and_shifts_t_for_the_latent_size() -> None:
     assert abs((seen["y"] == 10).float().mean().item() - 0.1) < 0.01  # the null class, 10 %
     # shifting by s adds log s to logit(t); logit(t) is N(0, 1) before the shift
     assert abs(torch.logit(seen["t"].double()).mean().item() - math.log(2.0)) < 0.03
+
+
+def test_flow_loss_split_across_ranks_is_the_loss_of_the_whole_batch() -> None:
+    # Rank r of 2 passes its half of the batch with part (r, 2): the halves draw the t, noise and
+    # label dropout that one process draws for the whole batch.
+    def each_alone(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x_t * t.view(-1, 1, 1, 1) + y.view(-1, 1, 1, 1)  # sees its t and label
+
+    flow = RectifiedFlow(num_classes=3, label_dropout=0.5)
+    x0 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    whole = flow.loss(each_alone, x0, y, torch.Generator().manual_seed(5))  # (6,)
+    halves = [flow.loss(each_alone, x0[3 * r:3 * r + 3], y[3 * r:3 * r + 3],
+                        torch.Generator().manual_seed(5), part=(r, 2)) for r in range(2)]
+    assert torch.equal(torch.cat(halves), whole)
