@@ -55,9 +55,13 @@ def build_vae(cfg: Config) -> AutoencoderKL:
 
 
 def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """‖∇nll‖ / (‖∇g‖ + 1e-4) at the decoder's last layer, clamped to [0, 1e4], detached."""
-    nll_grad = torch.autograd.grad(nll, last, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+    """‖∇nll‖ / (‖∇g‖ + 1e-4) at the decoder's last layer, clamped to [0, 1e4], detached.
+
+    Under torchrun the gradients are averaged over the ranks first (they are small), so every
+    rank weighs the GAN term as one process would for the whole global batch.
+    """
+    nll_grad = all_reduce_mean(torch.autograd.grad(nll, last, retain_graph=True)[0])
+    g_grad = all_reduce_mean(torch.autograd.grad(g_loss, last, retain_graph=True)[0])
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 

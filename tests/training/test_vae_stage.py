@@ -273,3 +273,32 @@ def test_vae_stage_adaptive_weight_is_the_gradient_norm_ratio() -> None:
     last = torch.ones(3, requires_grad=True)
     nll, gan = (2 * last).sum(), (0.5 * last).sum()  # gradients 2 and 0.5 per element
     assert abs(adaptive_weight(nll, gan, last).item() - 4.0) < 1e-3
+
+
+ADAPTIVE_TWO_RANKS = """
+import json, sys
+from pathlib import Path
+import torch
+from training.distributed import setup, teardown
+from training.vae_stage import adaptive_weight
+
+info = setup("cpu")
+last = torch.ones(2, requires_grad=True)
+# rank 0's share has gradients (3, 0) and (1, 0), rank 1's (1, 0) and (1, 2): the global batch's
+# mean gradients are (2, 0) and (1, 1), a ratio of 2 / sqrt(2), where the ranks alone see 3 and 1/2
+nll_grad, g_grad = ([3.0, 0.0], [1.0, 0.0]) if info.rank == 0 else ([1.0, 0.0], [1.0, 2.0])
+nll, gan = (torch.tensor(nll_grad) * last).sum(), (torch.tensor(g_grad) * last).sum()
+weight = adaptive_weight(nll, gan, last).item()
+Path(sys.argv[1], f"rank{info.rank}.json").write_text(json.dumps(weight))
+teardown()
+"""
+
+
+def test_vae_stage_adaptive_weight_is_that_of_the_global_batch_under_torchrun(
+        tmp_path: Path) -> None:
+    from tests.training.test_distributed import _two_ranks
+
+    _two_ranks(ADAPTIVE_TWO_RANKS, tmp_path, 29543)
+    for rank in (0, 1):
+        weight = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert abs(weight - 2 / 2 ** 0.5) < 1e-3, (rank, weight)
