@@ -72,6 +72,30 @@ def test_vae_stage_reconstruction_loss_falls(tmp_path: Path) -> None:
     assert events.Scalars("eval/psnr")[-1].value > 10
 
 
+def test_vae_stage_loss_is_the_sum_of_its_logged_terms(tmp_path: Path) -> None:
+    # loss = rec + perceptual_weight × LPIPS + kl_weight × KL / pixels + ramp × weight × GAN, with
+    # KL summed over latent elements (models/vae.py: kl) against a per-pixel reconstruction
+    # mean: the LDM balance. Step 1 is before disc_start, steps 2-3 ramp the GAN term in.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path / "run", max_steps=3)
+    cfg.vae.kl_weight = 1.0  # large enough for the KL term to show in the sum
+    run = train_vae(cfg)
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    term = {tag: [e.value for e in events.Scalars(tag)] for tag in (
+        "loss/total", "loss/rec", "loss/perceptual", "loss/kl", "loss/gan_generator",
+        "gan/adaptive_weight", "gan/ramp")}
+    assert term["gan/ramp"] == [0.0, 0.5, 1.0] and term["loss/perceptual"] == [0.0] * 3
+    pixels = 3 * 32 * 32
+    for i in range(3):
+        kl = cfg.vae.kl_weight * term["loss/kl"][i] / pixels
+        gan = term["gan/ramp"][i] * term["gan/adaptive_weight"][i] * term["loss/gan_generator"][i]
+        assert kl > 0.01 * term["loss/total"][i] and (i == 0 or abs(gan) > 0)
+        expected = term["loss/rec"][i] + kl + gan
+        assert abs(term["loss/total"][i] - expected) < 1e-5 * abs(expected), (i, term)
+
+
 def test_vae_stage_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     straight = train_vae(_cfg(tmp_path / "a", max_steps=4, ckpt_every=2))
     train_vae(_cfg(tmp_path / "b", max_steps=2, ckpt_every=2))
