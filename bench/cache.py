@@ -191,6 +191,8 @@ def bench_rss(args, work: Path) -> dict:
                "--workers", str(args.workers), "--rss-resolution", str(args.rss_resolution)]
         if args.vae:
             cmd += ["--vae", str(args.vae)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[count] = json.loads(done.stdout.strip().splitlines()[-1])
     small, large = out[args.rss_images], out[4 * args.rss_images]

@@ -15,8 +15,8 @@ warm-up steps, less what was allocated before the build (in process, so a compil
 compiled once). On CPU each (model, bucket, dtype, implementation) runs `--memory-steps` steps in
 a fresh subprocess and reports the rise of the peak resident
 set (VmHWM) over the resident set just before the model is built, so it counts parameters,
-gradients, AdamW state, activations, allocator slack and the libraries' lazily allocated
-workspaces (about 0.2 GB here even for a tiny model) alike for both models.
+gradients, AdamW state, activations and allocator slack alike for both models; the modules a
+step imports lazily (diffusers, torch._dynamo) are imported before that baseline in both.
 
 diffusers' DiT unpatchifies its output as a square (side = sqrt(tokens)), so it cannot run a
 non-square bucket; such rows report the peer as null with the error in `note`.
@@ -138,14 +138,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step: Step, steps: int, device: torch.device) -> float:
-    """Seconds per step over `steps` back-to-back steps."""
+def timed(step: Step, steps: int, device: torch.device,
+          faults: list[float] | None = None) -> float:
+    """Seconds per step over `steps` back-to-back steps; appends the process's minor page
+    faults per step (host memory touched for the first time) to `faults` if given."""
     synchronize(device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for _ in range(steps):
         step()
     synchronize(device)
-    return (time.perf_counter() - start) / steps
+    seconds = (time.perf_counter() - start) / steps
+    if faults is not None:
+        faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps)
+    return seconds
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, size: int) -> Callable[[], float]:
@@ -208,6 +214,12 @@ def memory_child(spec: dict) -> None:
     device = torch.device(spec["device"])
     h, w = spec["height"], spec["width"]
     torch.ones(1, device=device)  # initialise the device before the baseline
+    # Import before the baseline, for both models alike, the modules a step would otherwise
+    # import inside the measured window: diffusers (else only the peer is charged its import,
+    # about 35 MB here) and torch._dynamo, which constructing AdamW imports (about 0.15 GB).
+    # Module code is not training memory.
+    import torch._dynamo as _dynamo  # noqa: F401  (binds no local `torch`)
+    from diffusers import DiTTransformer2DModel  # noqa: F401
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -285,11 +297,12 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
         steps[impl] = step
     peak_fn = matmul_peak(dtype, device, args.peak_size)
     times: dict[str, list[float]] = {impl: [] for impl in steps}
+    faults: dict[str, list[float]] = {impl: [] for impl in steps}
     row_peaks = []
     for repeat in range(args.repeats):
         order = list(steps) if repeat % 2 == 0 else list(steps)[::-1]
         for impl in order:
-            times[impl].append(timed(steps[impl], args.steps, device))
+            times[impl].append(timed(steps[impl], args.steps, device, faults[impl]))
         row_peaks.append(peak_fn())
     peaks[dtype_name] += row_peaks
     impls = list(steps)
@@ -315,6 +328,9 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
         "ours_step_s": [round(t, 4) for t in times["ours"]],
         "peer_step_s": [round(t, 4) for t in times.get("peer", [])],
         "ours_peak_mem": memory["ours"], "peer_peak_mem": memory.get("peer"),
+        # minor page faults per step (median): freed memory returned to the OS and re-touched
+        "ours_page_faults": statistics.median(faults["ours"]),
+        "peer_page_faults": statistics.median(faults["peer"]) if peer else None,
         "ours_params": params["ours"], "peer_params": params["peer"],
         "ours_compiled": compiled(args, "ours"), "peer_compiled": compiled(args, "peer"),
         "flops_per_sample": flops, "peak_flops": round(peak),
