@@ -4,7 +4,8 @@
     sample) against loading, decoding, resizing and encoding the same batches on the fly.
 (b) Cache-building images/s on generated 1-megapixel JPEGs against the bare VAE encoder on the
     same crops already in memory (the build decodes in DataLoader workers while the VAE encodes).
-(c) Peak RSS of a build of N and of 4N images, each in its own subprocess (VmHWM on Linux).
+(c) Peak RSS of a build of N and of 4N images, each in its own subprocess (VmHWM on Linux), as
+    the growth over the resident set before the build (torch and the VAE are not the build's).
 
 The last line printed is one JSON object.
 
@@ -177,7 +178,7 @@ def rss_child(root: Path, cache_dir: Path, resolution: int, args) -> None:
     summary = cache.ensure_cache(records, placements, buckets, vae, cache_dir,
                                  batch_size=args.batch, num_workers=args.workers, progress=False)
     print(json.dumps({"images": summary.encoded, "max_rss_before_build_mb": before,
-                      "max_rss_mb": peak_rss_mb()}))
+                      "max_rss_mb": peak_rss_mb(), "cache_mb": summary.bytes / 2**20}))
 
 
 def bench_rss(args, work: Path) -> dict:
@@ -196,12 +197,19 @@ def bench_rss(args, work: Path) -> dict:
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[count] = json.loads(done.stdout.strip().splitlines()[-1])
     small, large = out[args.rss_images], out[4 * args.rss_images]
+    growth = {k: v["max_rss_mb"] - v["max_rss_before_build_mb"] for k, v in out.items()}
     return {"resolution": args.rss_resolution, "n": small["images"],
             "n_max_rss_mb": round(small["max_rss_mb"], 1),
             "n_max_rss_before_build_mb": round(small["max_rss_before_build_mb"], 1),
+            "n_growth_mb": round(growth[args.rss_images], 1),
+            "n_cache_mb": round(small["cache_mb"], 2),
             "4n": large["images"], "4n_max_rss_mb": round(large["max_rss_mb"], 1),
             "4n_max_rss_before_build_mb": round(large["max_rss_before_build_mb"], 1),
-            "ratio": round(large["max_rss_mb"] / small["max_rss_mb"], 3)}
+            "4n_growth_mb": round(growth[4 * args.rss_images], 1),
+            "4n_cache_mb": round(large["cache_mb"], 2),
+            # the build's own memory (peak over the baseline), 4N images against N: 1 when it
+            # streams; keeping the latents would add the difference of the cache sizes
+            "ratio": round(growth[4 * args.rss_images] / growth[args.rss_images], 3)}
 
 
 def main() -> None:
@@ -250,8 +258,9 @@ def main() -> None:
           f"{training['on_the_fly_batches_per_s']} ({training['ratio']}x)")
     print(f"(b) build {build['build_images_per_s']} images/s vs bare encoder "
           f"{build['bare_encoder_images_per_s']} ({build['ratio']:.0%})")
-    print(f"(c) peak RSS: {rss['n']} images {rss['n_max_rss_mb']} MB, {rss['4n']} images "
-          f"{rss['4n_max_rss_mb']} MB (x{rss['ratio']})")
+    print(f"(c) peak RSS growth while building: {rss['n']} images {rss['n_growth_mb']} MB, "
+          f"{rss['4n']} images {rss['4n_growth_mb']} MB (x{rss['ratio']}; caches of "
+          f"{rss['n_cache_mb']} and {rss['4n_cache_mb']} MB)")
     print(json.dumps(report))
 
 
