@@ -110,20 +110,11 @@ T = TypeVar("T")
 def main_first(info: DistInfo, work: Callable[[], T]) -> T | None:
     """Run `work` on the main process while the others wait; its result there, None elsewhere.
 
-    Bad input found by `work` (ValueError, which ConfigError is, or FileNotFoundError) is raised
-    on every process, so that no rank is left waiting in a collective for one that has exited
-    and each ends with the same one-line error.
+    Bad input found by `work` is raised on every process (`on_every_rank`), so that no rank is
+    left waiting in a collective for one that has exited and each ends with the same one-line
+    error.
     """
-    result, error = None, None
-    if info.is_main:
-        try:
-            result = work()
-        except (ValueError, FileNotFoundError) as exc:
-            error = exc
-    error = broadcast_object(error)  # doubles as the barrier
-    if error is not None:
-        raise error
-    return result
+    return on_every_rank(lambda: work() if info.is_main else None)
 
 
 def on_every_rank(work: Callable[[], T]) -> T:
