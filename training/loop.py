@@ -354,8 +354,9 @@ def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
     if len(set(views)) > 1:
         seen = ", ".join(f"rank {r}: {n} images, {e} for validation"
                          for r, (_, n, e) in enumerate(views))
-        raise ConfigError(f"the ranks see different training data ({seen}); every machine must "
-                          "see the same dataset, unchanged while the run starts")
+        raise ConfigError(f"the ranks see different training data ({seen}; or other names or "
+                          "buckets); every machine must see the same dataset, unchanged while "
+                          "the run starts")
     return plan
 
 
