@@ -182,7 +182,7 @@ def test_vae_stage_resume_applies_new_optimizer_settings(tmp_path: Path) -> None
     assert groups["opt_d"]["param_groups"][0]["lr"] == 3e-5
 
 
-def test_vae_stage_export_from_checkpoint(tmp_path: Path) -> None:
+def test_vae_stage_export_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = train_vae(_cfg(tmp_path / "run"))
     out = export_checkpoint(run, tmp_path / "exported")
     vae = load_vae(out)
@@ -199,6 +199,13 @@ def test_vae_stage_export_from_checkpoint(tmp_path: Path) -> None:
     export_checkpoint(run, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "exported", "run"]
     assert vae_fingerprint(load_vae(out)) == vae_fingerprint(vae)
+    # --vae names a DiT run's VAE; a VAE run exports its own weights
+    from train import main
+
+    capsys.readouterr()
+    assert main(["--export", str(run), "--vae", str(out), "--out", str(tmp_path / "x")]) == 2
+    assert "a VAE run exports its own weights" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     # a folder that holds something other than a VAE is refused, untouched
     other = tmp_path / "other"
     other.mkdir()
