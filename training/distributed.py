@@ -131,8 +131,14 @@ def on_every_rank(work: Callable[[], T]) -> T:
     except (ValueError, FileNotFoundError) as exc:
         error = exc
     for rank, (found, host) in enumerate(all_gather_objects((error, socket.gethostname()))):
+        if found is not None and rank == 0:
+            raise found
         if found is not None:
-            raise found if rank == 0 else type(found)(f"rank {rank} ({host}): {found}")
+            try:  # the same kind of error, named by rank and host
+                named = type(found)(f"rank {rank} ({host}): {found}")
+            except TypeError:  # a kind that takes other arguments (UnicodeDecodeError)
+                named = ValueError(f"rank {rank} ({host}): {found}")
+            raise named
     return result
 
 
