@@ -36,6 +36,8 @@ from training.loop import (DataPlan, NonFiniteGuard, StopSignal, autocast, autoc
                            prepare_run_dir, resume_position, seed_everything, state_for_json)
 from training.metrics import psnr, ssim
 
+LOGGED_TERMS = ("loss/total", "loss/rec", "loss/perceptual", "loss/kl", "loss/gan_generator",
+                "loss/disc", "gan/adaptive_weight", "gan/logits_real", "gan/logits_fake")
 SCALE_CHUNK = 8  # images encoded at once when measuring the latent scale (a fixed noise order)
 ARCH_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
              "mid_block_add_attention", "use_quant_conv")
@@ -263,23 +265,21 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         epoch, index = int(batch["epoch"][0]), int(batch["batch_index"][0]) + 1
         bar.update(1)
         if step % t.log_every == 0 or step == 1:
-            # The terms' means over every rank's share of the global batch (one all-reduce).
-            names = ("loss/total", "loss/rec", "loss/perceptual", "loss/kl",
-                     "loss/gan_generator", "loss/disc", "gan/adaptive_weight",
-                     "gan/logits_real", "gan/logits_fake")
-            terms = all_reduce_mean(torch.stack([
+            # On every rank: the terms' means over the global batch (one all-reduce).
+            terms = dict(zip(LOGGED_TERMS, all_reduce_mean(torch.stack([
                 loss, rec_loss, p_loss, kl, g_loss, d_loss, d_weight, logits_real, logits_fake
-            ]).detach().float()).tolist()  # (9,)
-        if main and (step % t.log_every == 0 or step == 1):
-            elapsed, steps_done, waited_then = time.perf_counter() - tick, step - logged_at, waited
-            tick, waited, logged_at = time.perf_counter(), 0.0, step
-            logger.scalars({**dict(zip(names, terms)), "gan/ramp": gen_weight,
-                            "train/grad_norm": grad_norm.item(),
-                            "train/lr": opt_g.param_groups[0]["lr"],
-                            "train/data_wait_fraction": waited_then / max(1e-9, elapsed),
-                            "train/samples_per_s": x.shape[0] * info.world_size * steps_done
-                            / max(1e-9, elapsed)}, step)
-            bar.set_postfix(rec=f"{terms[1]:.4f}", kl=f"{terms[3]:.0f}")
+            ]).detach().float()).tolist()))
+            if main:
+                elapsed, steps_done, waited_then = (time.perf_counter() - tick, step - logged_at,
+                                                    waited)
+                tick, waited, logged_at = time.perf_counter(), 0.0, step
+                logger.scalars({**terms, "gan/ramp": gen_weight,
+                                "train/grad_norm": grad_norm.item(),
+                                "train/lr": opt_g.param_groups[0]["lr"],
+                                "train/data_wait_fraction": waited_then / max(1e-9, elapsed),
+                                "train/samples_per_s": x.shape[0] * info.world_size * steps_done
+                                / max(1e-9, elapsed)}, step)
+                bar.set_postfix(rec=f"{terms['loss/rec']:.4f}", kl=f"{terms['loss/kl']:.0f}")
         # Save first: a failure in validation then loses no training.
         if checkpoint_due(step, t, stopping):
             checkpoint()
