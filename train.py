@@ -238,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from training.dit_stage import train_dit
 
             run_dir = train_dit(cfg, resume)
-        print(f"run folder: {run_dir}")
+        if int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
+            print(f"run folder: {run_dir}")
     except (ConfigError, FileNotFoundError, ValueError, TrainingAborted) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -195,6 +195,7 @@ def test_dit_stage_torchrun_two_ranks_train_as_one_rank(tmp_path: Path, tiny_vae
                           "--master_port", "29517", "train.py", "--config", str(two)],
                          cwd=REPO_ROOT, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("run folder:") == 1  # said by rank 0 alone
     a, b = _scalars(tmp_path / "one", "train/loss"), _scalars(tmp_path / "two", "train/loss")
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     # Measured: losses within 1.2e-7 relative, weights within 1.2e-7 (an ulp at |w| ~ 1). The
