@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from models.dit import DiT, DiTConfig
 from models.vae import (AutoencoderKL, kept_vae_folder, load_vae, state_dict_problems,
                         vae_fingerprint)
-from training.checkpoint import STATE_FILE, list_checkpoints, resolve_resume, step_dir_name
+from training.checkpoint import (SET_ASIDE, STATE_FILE, list_checkpoints, resolve_resume,
+                                 step_dir_name)
 from training.config import REPO_ROOT, portable_path, resolve_path
 
 EXPORT_FORMAT = "dit-export"
@@ -209,6 +210,13 @@ def _checked_fingerprint(autoencoder: AutoencoderKL, vae_path: Path, info: Gener
     return found
 
 
+def export_name(checkpoint: Path) -> str:
+    """The default export name of `checkpoint` (RUN/checkpoints/step_N): the run's name, or
+    `<run>-<branch>` for a branch that a resume set aside (RUN/set_aside/<branch>/checkpoints/)."""
+    run = checkpoint.parent.parent
+    return f"{run.parent.parent.name}-{run.name}" if run.parent.name == SET_ASIDE else run.name
+
+
 def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
                vae: str | os.PathLike | None = None) -> Path:
     """Export the EMA weights of a DiT run's newest checkpoint (or of a checkpoint folder) to
@@ -229,8 +237,8 @@ def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = No
     if not info.vae.exists():
         raise FileNotFoundError(f"{info.vae}: the run's VAE is missing (recorded in "
                                 f"{folder / STATE_FILE}); it is needed for its fingerprint")
-    run_name = folder.parent.parent.name
-    target = resolve_path(out) if out is not None else REPO_ROOT / "checkpoints" / run_name
+    target = (resolve_path(out) if out is not None
+              else REPO_ROOT / "checkpoints" / export_name(folder))
     if target.exists():
         if not target.is_dir():
             raise ExportError(f"{target}: exists and is not a folder; choose another --out")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from inference.pipelines import generate
 from models.vae import AutoencoderKL, VAEConfig, kept_vae_folder, save_vae, vae_fingerprint
 from training.data import SYNTHETIC_CLASSES
-from training.export import ExportError, export_dit, is_export, load_generator
+from training.export import ExportError, export_dit, export_name, is_export, load_generator
 
 CLASSES = sorted(SYNTHETIC_CLASSES)  # class names are the sorted sub-folder names
 
@@ -138,3 +138,10 @@ def test_export_names_the_kept_vae_when_a_vae_export_replaced_it(tiny_run: Path,
     assert meta["vae"] == str(kept) and meta["vae_fingerprint"] == recorded["vae_fingerprint"]
     _, autoencoder, _ = load_generator(tmp_path / "export")
     assert vae_fingerprint(autoencoder) == recorded["vae_fingerprint"]
+
+
+def test_export_name_is_the_run_or_the_set_aside_branch_of_the_run() -> None:
+    # a branch moved aside by resuming an older checkpoint keeps its run's name in its export's
+    assert export_name(Path("runs/dit/checkpoints/step_0000400")) == "dit"
+    branch = Path("runs/dit/set_aside/20261130-071200_after_step_0000200/checkpoints/step_0000400")
+    assert export_name(branch) == "dit-20261130-071200_after_step_0000200"
