@@ -32,6 +32,18 @@ def cache_dir(_session_cache_dir: Path) -> Path:
     return _session_cache_dir
 
 
+@pytest.fixture
+def error_line(capsys: pytest.CaptureFixture):
+    """A reader of what a command line wrote to stderr: checks that it is one line starting
+    "error: " (bad input is a one-line error) and returns it."""
+    def read() -> str:
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        return err
+
+    return read
+
+
 def make_tiny_run(root: Path) -> Path:
     """A tiny VAE (f = 2) and a dit-t/2 trained for 2 steps on it, checkpoints at steps 1, 2."""
     import torch

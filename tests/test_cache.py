@@ -419,12 +419,6 @@ def _cli_args(tmp_path: Path) -> list[str]:
             "--device", "cpu", "--json", "--no-flip"]
 
 
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 @pytest.mark.parametrize("flags, phrase", [
     (["--global-batch", "-1"], "--global-batch -1: must be 0 or more"),
     (["--num-workers", "-2"], "--num-workers -2: must be 0 or more"),
@@ -436,25 +430,26 @@ def _one_error_line(capsys) -> str:
 ], ids=["global-batch", "num-workers", "device-name", "cache-dir-file",
         "cache-dir-under-file", "vae-missing", "step"])
 def test_cache_cli_bad_flag_is_one_line_error_before_scanning(
-        tmp_path: Path, capsys, monkeypatch, flags: list[str], phrase: str) -> None:
+        tmp_path: Path, error_line, monkeypatch, flags: list[str], phrase: str) -> None:
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "ldm"))  # where a scan caches its work
     args = _cli_args(tmp_path)
     (tmp_path / "file").write_text("# not weights, not a folder\n")
     (tmp_path / "vae.safetensors").write_text("# not weights either\n")
     flags = [f.format(tmp=tmp_path) for f in flags]
     assert cache.main([*args, *flags]) == 2
-    err = _one_error_line(capsys)  # one line: no scan ran, so no skip line came first
+    err = error_line()  # one line: no scan ran, so no skip line came first
     assert phrase.format(tmp=tmp_path) in err
     assert not (tmp_path / "c").exists() and not (tmp_path / "ldm").exists()
     assert cache.main(args) == 0  # the same invocation without the bad flag scans and builds
     assert (tmp_path / "c").is_dir() and (tmp_path / "ldm" / "scan").is_dir()
 
 
-def test_cache_cli_unavailable_cuda_device_is_one_line_error(tmp_path: Path, capsys) -> None:
+def test_cache_cli_unavailable_cuda_device_is_one_line_error(tmp_path: Path,
+                                                           error_line) -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     assert cache.main([*_cli_args(tmp_path), "--device", "cuda"]) == 2
-    assert "--device cuda was asked for, but CUDA is not available" in _one_error_line(capsys)
+    assert "--device cuda was asked for, but CUDA is not available" in error_line()
     assert not (tmp_path / "c").exists()
 
 

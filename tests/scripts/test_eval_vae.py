@@ -24,12 +24,6 @@ def _run(folder: Path, steps: dict[int, dict[str, float]]) -> Path:
     return folder
 
 
-def _error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 def test_eval_vae_curve_reads_psnr_and_ssim_per_step(tmp_path: Path, capsys) -> None:
     run = _run(tmp_path / "vae_run", {1: {"loss/rec": 0.3},
                                       2: {"loss/rec": 0.2, "eval/psnr": 21.5, "eval/ssim": 0.61},
@@ -47,15 +41,15 @@ def test_eval_vae_curve_reads_psnr_and_ssim_per_step(tmp_path: Path, capsys) -> 
                              "not been evaluated yet"),
 ], ids=["dit-run", "vae-run-before-eval"])
 def test_eval_vae_curve_without_vae_scalars_is_one_line_error(
-        tmp_path: Path, capsys, scalars: dict, phrase: str) -> None:
+        tmp_path: Path, error_line, scalars: dict, phrase: str) -> None:
     run = _run(tmp_path / "run", scalars)
     assert eval_vae.main(["--curve", str(run)]) == 2
-    assert _error(capsys).startswith(f"error: {run}: {phrase}")
+    assert error_line().startswith(f"error: {run}: {phrase}")
 
 
-def test_eval_vae_curve_without_events_is_one_line_error(tmp_path: Path, capsys) -> None:
+def test_eval_vae_curve_without_events_is_one_line_error(tmp_path: Path, error_line) -> None:
     assert eval_vae.main(["--curve", str(tmp_path / "nope")]) == 2
-    assert f"{tmp_path / 'nope'}: no TensorBoard events file" in _error(capsys)
+    assert f"{tmp_path / 'nope'}: no TensorBoard events file" in error_line()
 
 
 @pytest.mark.parametrize("flags, phrase", [
@@ -68,8 +62,8 @@ def test_eval_vae_curve_without_events_is_one_line_error(tmp_path: Path, capsys)
     (["--dataset", "{tmp}/empty"], "{tmp}/empty: no usable image to evaluate"),
 ], ids=["vae-missing", "crop-zero", "crop-negative", "crop-not-multiple", "limit-zero",
         "dataset-missing", "dataset-empty"])
-def test_eval_vae_bad_input_is_one_line_error(tmp_path: Path, capsys, flags: list[str],
-                                              phrase: str) -> None:
+def test_eval_vae_bad_input_is_one_line_error(tmp_path: Path, capsys, error_line,
+                                              flags: list[str], phrase: str) -> None:
     torch.manual_seed(0)
     save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
                                      latent_channels=4, layers_per_block=1, sample_size=32,
@@ -81,6 +75,6 @@ def test_eval_vae_bad_input_is_one_line_error(tmp_path: Path, capsys, flags: lis
     (tmp_path / "empty").mkdir()
     args = ["--vae", str(tmp_path / "vae"), "--dataset", str(images), "--crop", "32"]
     assert eval_vae.main([*args, *(f.format(tmp=tmp_path) for f in flags)]) == 2
-    assert phrase.format(tmp=tmp_path) in _error(capsys)
+    assert phrase.format(tmp=tmp_path) in error_line()
     assert eval_vae.main(args) == 0  # the same call without the bad flag works
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["crops"] == 1

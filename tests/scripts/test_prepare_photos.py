@@ -59,15 +59,13 @@ def test_prepare_photos_output_names_stay_distinct() -> None:
     (["--exclude", "src"], "no image file that --exclude keeps under --source {tmp}/src"),
 ], ids=["holdout-every", "max-side", "min-side", "source-missing", "source-file", "out-file",
         "all-excluded"])
-def test_prepare_photos_bad_input_is_one_line_error(tmp_path: Path, capsys, flags: list[str],
+def test_prepare_photos_bad_input_is_one_line_error(tmp_path: Path, error_line, flags: list[str],
                                                     phrase: str) -> None:
     _photo(tmp_path / "src" / "a.png", RED)
     (tmp_path / "file").write_text("not a folder")
     args = ["--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--min-side", "16"]
     assert prepare_photos.main([*args, *(f.format(tmp=tmp_path) for f in flags)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
-    assert phrase.format(tmp=tmp_path) in err
+    assert phrase.format(tmp=tmp_path) in error_line()
     assert not (tmp_path / "out").exists()
 
 
