@@ -14,6 +14,7 @@ and an (B, 3, H, W) image gives a (B, 1, H/8 - 2, W/8 - 2) map of per-patch logi
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -84,6 +85,20 @@ class PatchDiscriminator(nn.Module):
                 f"got {tuple(x.shape[-2:])}"
             )
         return self.main(x)  # (B, 1, H / 2**n_layers - 2, W / 2**n_layers - 2), floored
+
+
+def share_batch_statistics(disc: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """`disc` with its BatchNorms normalising over the global batch when ranks train together.
+
+    Under torchrun each rank sees only its share of a batch, so plain BatchNorm would normalise
+    (and keep running statistics of) that share alone, and the discriminator would depend on
+    how the batch is split. SyncBatchNorm gathers the statistics over all ranks; it needs a GPU,
+    so on CPUs (gloo) the per-rank statistics stay. Parameter and buffer names are unchanged, so
+    checkpoints load either way.
+    """
+    if world_size > 1 and device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+    return disc
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bucketing import BatchSchedule
-from models.discriminator import PatchDiscriminator, generator_hinge_loss, hinge_d_loss
+from models.discriminator import (PatchDiscriminator, generator_hinge_loss, hinge_d_loss,
+                                  share_batch_statistics)
 from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
 from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from training.config import Config, ConfigError, resolve_path, validate_config
@@ -152,6 +153,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
 
     vae = build_vae(cfg).to(device)
     disc = PatchDiscriminator(3, v.disc_channels, v.disc_layers).to(device)
+    disc = share_batch_statistics(disc, device, info.world_size)
     lpips = None
     if v.lpips_vgg and v.lpips_lin:
         from training.lpips import LPIPS

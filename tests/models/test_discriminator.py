@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.discriminator import PatchDiscriminator, generator_hinge_loss, hinge_d_loss
+from models.discriminator import (PatchDiscriminator, generator_hinge_loss, hinge_d_loss,
+                                  share_batch_statistics)
 
 
 def test_discriminator_default_layout_matches_patchgan_recipe():
@@ -82,3 +83,22 @@ def test_discriminator_losses_backpropagate_to_parameters():
     real, fake = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     hinge_d_loss(d(real), d(fake)).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in d.parameters())
+
+
+def test_discriminator_shares_batch_statistics_across_gpu_ranks_only():
+    torch.manual_seed(0)
+    d = PatchDiscriminator(ndf=4)
+    d(torch.randn(2, 3, 32, 32))  # move the running statistics off their initial values
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+
+    def norms(m):
+        return [type(x) for x in m.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm)]
+
+    synced = share_batch_statistics(d, torch.device("cuda"), world_size=2)
+    assert norms(synced) == [nn.SyncBatchNorm] * 3
+    after = synced.state_dict()
+    assert list(after) == list(before)  # checkpoints load either way
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    for device, world in (("cuda", 1), ("cpu", 2)):  # one rank; gloo has no SyncBatchNorm
+        same = share_batch_statistics(PatchDiscriminator(ndf=4), torch.device(device), world)
+        assert norms(same) == [nn.BatchNorm2d] * 3
