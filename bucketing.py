@@ -256,7 +256,8 @@ def bucket_dataset(cfg_data, batch_size: int | None = None, world_size: int = 1,
 
     Returns (scan, buckets, placements) where `placements[i]` belongs to `scan.records[i]`;
     images that cover no bucket (too small or too thin) are moved from the records to
-    `scan.skipped`.
+    `scan.skipped`. Buckets are merged over the training images alone: the `held_out` ones keep
+    their own placements and do not count towards a bucket's size.
     """
     from training.data import SkippedFile, resolve_dataset, scan_folder
 
@@ -287,10 +288,26 @@ def bucket_dataset(cfg_data, batch_size: int | None = None, world_size: int = 1,
     scan.records = records
     scan.skipped.sort(key=lambda s: s.path)
     if cfg_data.merge_small_buckets and batch_size:
-        sizes = [(r.width, r.height) for r in records]
-        placements = merge_small_buckets(sizes, placements, grid, batch_size * world_size,
-                                         cfg_data.allow_upscale)
+        # Only the images training will use count towards a bucket's size: merging before the
+        # held-out images leave could let a bucket drop back below one global batch.
+        held = set(held_out(records, cfg_data))
+        train = [i for i in range(len(records)) if i not in held]
+        merged = merge_small_buckets([(records[i].width, records[i].height) for i in train],
+                                     [placements[i] for i in train], grid,
+                                     batch_size * world_size, cfg_data.allow_upscale)
+        for i, p in zip(train, merged):
+            placements[i] = p
     return scan, buckets, placements
+
+
+def held_out(records: Sequence, cfg_data) -> list[int]:
+    """Indices (ascending) of the `cfg_data.holdout` images kept out of training for validation:
+    those with the smallest content hashes, so the choice is stable when files are added,
+    renamed or reordered. None when a separate `eval_dataset` is given."""
+    if cfg_data.eval_dataset or cfg_data.holdout <= 0:
+        return []
+    return sorted(sorted(range(len(records)), key=lambda i: records[i].sha256)
+                  [:cfg_data.holdout])
 
 
 def report(scan, buckets, placements) -> dict:

@@ -1154,6 +1154,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--global-batch", type=int, default=defaults.batch_size,
                         help="training's batch size × ranks: smaller buckets are merged into "
                              "their neighbours exactly as training does (0: no merging)")
+    parser.add_argument("--holdout", type=int, default=d.holdout,
+                        help="training's data.holdout: the images it keeps for validation do "
+                             "not count towards a bucket's size when merging (0 when training "
+                             "validates on --eval-dataset)")
     parser.add_argument("--cache-dir", default=str(default_latent_dir()),
                         help="latent cache folder (env LDM_CACHE_DIR sets its parent)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=d.flip,
@@ -1189,6 +1193,7 @@ def _check_args(args: argparse.Namespace) -> None:
                          "with --dry-run)")
     for flag, value, least in (("--batch-size", args.batch_size, 1),
                                ("--global-batch", args.global_batch, 0),
+                               ("--holdout", args.holdout, 0),
                                ("--shard-size", args.shard_size, 0),
                                ("--num-workers", args.num_workers, 0)):
         if value < least:
@@ -1227,7 +1232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = DataConfig(dataset=args.dataset, resolution=args.resolution, step=args.step,
                          min_area_ratio=args.min_area_ratio, max_aspect=args.max_aspect,
                          use_classes=args.classes, allow_upscale=args.allow_upscale,
-                         merge_small_buckets=args.global_batch > 0,
+                         merge_small_buckets=args.global_batch > 0, holdout=args.holdout,
                          num_workers=args.num_workers)
         try:
             if not info.is_main:
@@ -1250,6 +1255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    num_workers=args.num_workers, dist_info=info,
                                    shard_size=args.shard_size, max_pixels=cfg.max_image_pixels)
             pruned = None
+            barrier()  # every rank has released its share lock before rank 0 takes it whole
             if args.prune and info.is_main:
                 pruned = prune_cache(args.cache_dir, [k for ks in summary.keys for k in ks],
                                      dry_run=args.dry_run)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from bucketing import (BatchSchedule, assign, bucket_dataset, bucket_stats, format_report,
-                       make_buckets, merge_small_buckets, place, report)
+                       held_out, make_buckets, merge_small_buckets, place, report)
 from training.config import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -293,3 +293,26 @@ def test_bucketing_cli_folder_without_images_is_an_error(tmp_path: Path, capsys)
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     assert main(["--dataset", str(tmp_path / "empty")]) == 2
     assert "empty: no usable image" in capsys.readouterr().err
+
+
+def test_bucketing_merges_buckets_over_training_images_only(tmp_path: Path) -> None:
+    # Held-out images leave before training: had they counted when small buckets were merged,
+    # some buckets would fall back below one global batch and their images never be trained on.
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(_log_uniform_sizes(40, 32, seed=0)):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    batch = 5  # merging over all 40 images instead leaves 7 of the 30 unused
+    cfg = DataConfig(dataset=str(tmp_path), resolution=32, step=8, holdout=10, num_workers=1)
+    scan, buckets, placements = bucket_dataset(cfg, batch)
+    held = held_out(scan.records, cfg)
+    assert len(held) == 10 and held == sorted(held)
+    assert held == sorted(sorted(range(len(scan.records)), key=lambda i: scan.records[i].sha256)
+                          [:10])  # smallest content hashes
+    train = [placements[i].bucket for i in range(len(placements)) if i not in held]
+    counts = Counter(train)
+    assert len(counts) > 1 and min(counts.values()) >= batch, counts
+    assert BatchSchedule(train, batch).unused_samples() == 0
+    for i in held:  # held-out images keep their own bucket, as training validates them
+        r = scan.records[i]
+        assert placements[i] == assign(r.width, r.height, np.asarray(buckets))
+    assert held_out(scan.records, DataConfig(dataset="x", holdout=10, eval_dataset="y")) == []

@@ -421,13 +421,14 @@ def _cli_args(tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize("flags, phrase", [
     (["--global-batch", "-1"], "--global-batch -1: must be 0 or more"),
+    (["--holdout", "-1"], "--holdout -1: must be 0 or more"),
     (["--num-workers", "-2"], "--num-workers -2: must be 0 or more"),
     (["--device", "foo"], "--device 'foo': expected auto, cpu or cuda"),
     (["--cache-dir", "{tmp}/file"], "--cache-dir {tmp}/file: not a folder ({tmp}/file is a"),
     (["--cache-dir", "{tmp}/file/sub"], "not a folder ({tmp}/file is a file)"),
     (["--vae", "{tmp}/missing"], "{tmp}/missing: VAE not found"),
     (["--step", "0"], "step 0 must be positive"),
-], ids=["global-batch", "num-workers", "device-name", "cache-dir-file",
+], ids=["global-batch", "holdout", "num-workers", "device-name", "cache-dir-file",
         "cache-dir-under-file", "vae-missing", "step"])
 def test_cache_cli_bad_flag_is_one_line_error_before_scanning(
         tmp_path: Path, error_line, monkeypatch, flags: list[str], phrase: str) -> None:
@@ -635,8 +636,9 @@ def test_cache_cli_defaults_are_the_training_defaults() -> None:
 
     trained = load_config(REPO_ROOT / "configs" / "default.json")
     args = cache.build_parser().parse_args([])
-    assert (args.resolution, args.step, args.flip, args.global_batch) == (
-        trained.data.resolution, trained.data.step, trained.data.flip, trained.batch_size)
+    assert (args.resolution, args.step, args.flip, args.global_batch, args.holdout) == (
+        trained.data.resolution, trained.data.step, trained.data.flip, trained.batch_size,
+        trained.data.holdout)
     assert cache.build_parser().parse_args(["--no-flip"]).flip is False
 
 
@@ -653,3 +655,40 @@ def test_cache_cli_prune_of_a_busy_cache_is_one_line_error(tmp_path: Path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "another process is using the latent cache" in err[-1]
     assert cache.main([*args, "--prune"]) == 0  # once it is done
+
+
+def test_cache_cli_builds_what_training_reads(tmp_path: Path, monkeypatch, capsys) -> None:
+    # cache.py given training's global batch and holdout places every image as training does, so
+    # training encodes nothing; with another holdout, other buckets merge and some entries differ.
+    from training.config import Config
+    from training.distributed import DistInfo
+    from training.loop import plan_data
+
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "ldm"))
+    rng = np.random.default_rng(0)
+    root = tmp_path / "img"
+    root.mkdir()
+    for i in range(40):
+        side = np.exp(rng.uniform(np.log(1 / 3), np.log(3)))
+        area = rng.uniform(1.1, 4.0) * RESOLUTION**2
+        _image(int((area * side) ** 0.5), int((area / side) ** 0.5), rng).save(root / f"{i}.png")
+    save_vae(_vae(), tmp_path / "vae")
+    cfg = Config()
+    cfg.batch_size = 5
+    cfg.data = DataConfig(dataset=str(root), resolution=RESOLUTION, step=8, holdout=10,
+                          num_workers=0, flip=False)
+    plan = plan_data(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    vae = _vae()
+    encoded = {}
+    for holdout in ("10", "0"):
+        cache_dir = tmp_path / f"c{holdout}"
+        assert cache.main(["--dataset", str(root), "--vae", str(tmp_path / "vae"), "--resolution",
+                           str(RESOLUTION), "--step", "8", "--cache-dir", str(cache_dir),
+                           "--global-batch", "5", "--holdout", holdout, "--num-workers", "0",
+                           "--device", "cpu", "--no-flip"]) == 0
+        encoded[holdout] = sum(
+            cache.ensure_cache(records, placements, plan.buckets, vae, cache_dir, flip=False,
+                               num_workers=0, progress=False, log=lambda m: None).encoded
+            for records, placements in ((plan.records, plan.placements),
+                                        (plan.eval_records, plan.eval_placements)))
+    assert encoded["10"] == 0 and encoded["0"] > 0, encoded

@@ -42,7 +42,7 @@ def test_train_dry_run_prints_buckets_and_plan(tmp_path: Path) -> None:
     assert "crop loss" in out.stdout and "epoch 0:" in out.stdout
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
     # what training refuses, the dry run refuses: 8 images left after the default holdout
-    out = _train("--dataset", "synthetic:24", "--resolution", "128", "--batch-size", "4",
+    out = _train("--dataset", "synthetic:24", "--resolution", "128", "--batch-size", "12",
                  "--dry-run")
     assert out.returncode == 2
     assert out.stderr.strip().endswith("of the 8 left for training after data.holdout=16; "

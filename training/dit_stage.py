@@ -45,7 +45,7 @@ from training.logging import RunLogger
 from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, checkpoint_due,
                            clip_and_check, data_state, find_resume, keep_freed_memory,
                            load_optimizer, lr_factor, plan_data, prepare_run_dir,
-                           resume_position, seed_everything, state_for_json)
+                           resume_position, seed_everything, state_for_json, warn_unused)
 
 
 def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
@@ -194,6 +194,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         keys = [keys[i] for i in keep]
         plan.schedule = BatchSchedule([p.bucket for p in plan.placements], cfg.batch_size,
                                       info.world_size, cfg.seed)
+        if main:  # their buckets stay as they were cached, so some may now be too small
+            warn_unused(plan.schedule)
     if saved_state is not None:
         epoch, index = resume_position(saved_state, plan, resume_path, main)
     data = data_state(plan)  # recorded in every checkpoint

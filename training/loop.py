@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bucketing import BatchSchedule, assign, bucket_dataset
+from bucketing import BatchSchedule, assign, bucket_dataset, held_out
 from training.checkpoint import (CHECKPOINTS, STATE_FILE, capture_rng_state, read_state,
                                  resolve_resume, set_aside_newer)
 from training.config import (Config, ConfigError, TrainingAborted, absolute_config, from_dict,
@@ -391,10 +391,7 @@ def _plan_from_scan(cfg: Config, dist: DistInfo, scanned: tuple) -> DataPlan:
                 eval_records.append(rec)
                 eval_placements.append(p)
     elif cfg.data.holdout > 0:
-        # The held-out images are those with the smallest content hashes: stable when files
-        # are added, renamed or reordered.
-        held = set(sorted(range(len(records)), key=lambda i: records[i].sha256)
-                   [:cfg.data.holdout])
+        held = set(held_out(records, cfg.data))  # as `bucket_dataset` left them out of merging
         eval_records = [records[i] for i in sorted(held)]
         eval_placements = [placements[i] for i in sorted(held)]
         keep = [i for i in range(len(records)) if i not in held]
@@ -409,11 +406,17 @@ def _plan_from_scan(cfg: Config, dist: DistInfo, scanned: tuple) -> DataPlan:
         raise ConfigError(f"no bucket holds a global batch of {schedule.global_batch} "
                           f"images{held}; lower --batch-size"
                           f"{' or --holdout' if held else ''}")
-    if schedule.unused_samples() and dist.is_main:
-        print(f"warning: {schedule.unused_samples()} image(s) sit in buckets smaller than one "
-              "global batch and are never used", flush=True)
+    if dist.is_main:
+        warn_unused(schedule)
     return DataPlan(records, placements, buckets, schedule, eval_records, eval_placements,
                     scan.class_names, scan.skipped)
+
+
+def warn_unused(schedule: BatchSchedule) -> None:
+    """Print how many images sit in buckets too small for one global batch, if any."""
+    if schedule.unused_samples():
+        print(f"warning: {schedule.unused_samples()} image(s) sit in buckets smaller than one "
+              "global batch and are never used", flush=True)
 
 
 def pixel_loader(cfg: Config, plan: DataPlan, dist: DistInfo, epoch: int, index: int,
