@@ -62,7 +62,11 @@ from training.data import (ImageLoadError, ImageRecord, crop_to_bucket, default_
 from training.checkpoint import fsync_dir
 from training.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 
-FORMAT_VERSION = 1  # bump when the key recipe, the pixel pipeline or the shard layout changes
+FORMAT_VERSION = 1  # of the index and shard layout: a folder of another version is refused
+# Of the key recipe and the pixels an entry is encoded from: bumping it gives every image new
+# keys, so entries made by older code are no longer read (and `--prune` removes them). 2: JPEGs
+# decoded at reduced scale are resized from the exact area of the file (`load_image`).
+KEY_VERSION = 2
 INDEX_NAME = "index.sqlite"
 SHARD_DIR = "shards"
 LOCK_NAME = "lock"
@@ -103,7 +107,7 @@ def entry_key(sha256: str, bucket: tuple[int, int], resized: tuple[int, int],
               crop: tuple[int, int, int, int], flip: bool, fingerprint: str) -> str:
     """Content address of one cache entry (64 hex digits)."""
     (bw, bh), (rw, rh), (left, top, right, bottom) = bucket, resized, crop
-    text = (f"ldm-latent-cache/{FORMAT_VERSION}|{sha256}|{bw}x{bh}|{rw}x{rh}|"
+    text = (f"ldm-latent-cache/{KEY_VERSION}|{sha256}|{bw}x{bh}|{rw}x{rh}|"
             f"{left},{top},{right},{bottom}|flip={int(flip)}|{fingerprint}")
     return hashlib.sha256(text.encode()).hexdigest()
 

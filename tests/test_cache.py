@@ -692,3 +692,12 @@ def test_cache_cli_builds_what_training_reads(tmp_path: Path, monkeypatch, capsy
             for records, placements in ((plan.records, plan.placements),
                                         (plan.eval_records, plan.eval_placements)))
     assert encoded["10"] == 0 and encoded["0"] > 0, encoded
+
+
+def test_cache_keys_change_with_the_key_version(monkeypatch) -> None:
+    # Entries encoded by an older pixel pipeline must not be read as current ones.
+    args = ("ab" * 32, (32, 32), (40, 32), (4, 0, 36, 32), False, "f" * 64)
+    key = cache.entry_key(*args)
+    assert key == cache.entry_key(*args) and len(key) == 64
+    monkeypatch.setattr(cache, "KEY_VERSION", cache.KEY_VERSION - 1)
+    assert cache.entry_key(*args) != key

@@ -110,6 +110,15 @@ def _open(data: bytes | str | os.PathLike[str]) -> Image.Image:
         return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
 
 
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1..8) still to be applied to `img`; 1 when there is none."""
+    try:
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # a broken EXIF block must not make the image unusable
+        return 1
+    return orientation if orientation in range(1, 9) else 1  # `exif_transpose` ignores others
+
+
 def _turn_pending(img: Image.Image) -> bool:
     """Whether the EXIF orientation still to be applied to `img` turns it by 90 or 270 degrees.
 
@@ -118,10 +127,24 @@ def _turn_pending(img: Image.Image) -> bool:
     `exif_transpose`. So after `load()`, whatever the format, the header's size swapped when
     this holds is the size `to_rgb` returns.
     """
-    try:
-        return img.getexif().get(_ORIENTATION_TAG, 1) in _SWAPPED_ORIENTATIONS
-    except Exception:  # a broken EXIF block must not make the image unusable
-        return False
+    return _orientation(img) in _SWAPPED_ORIENTATIONS
+
+
+def _oriented_box(box: tuple[float, float, float, float], size: tuple[int, int],
+                  orientation: int) -> tuple[float, float, float, float]:
+    """`box` (l, t, r, b) of an image of `size` (w, h), moved to where `exif_transpose` puts it.
+
+    Orientations 5-8 transpose the image (swap x and y), then these and 2-4 mirror it.
+    """
+    left, top, right, bottom = box
+    width, height = size
+    if orientation in _SWAPPED_ORIENTATIONS:
+        left, top, right, bottom, width, height = top, left, bottom, right, height, width
+    if orientation in (2, 3, 6, 7):  # mirrored left to right
+        left, right = width - right, width - left
+    if orientation in (3, 4, 7, 8):  # mirrored top to bottom
+        top, bottom = height - bottom, height - top
+    return left, top, right, bottom
 
 
 def _same_aspect(size: tuple[int, int], other: tuple[int, int]) -> bool:
@@ -178,17 +201,28 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = 100_000_000,
     `min_size` (width, height after orientation), when given, is the size the caller resizes
     the image to. It lets JPEGs decode at a reduced scale that is still at least that large
     (Pillow's draft mode), which is much faster for big photographs that are resized down
-    anyway; and an image whose aspect ratio differs from it (say, a file replaced since it was
+    anyway; such an image comes back resized to exactly `min_size`, from the same area of the
+    photograph that a full decode would be resized from. Other images come back at full size.
+    An image whose aspect ratio differs from `min_size` (say, a file replaced since it was
     scanned) is refused rather than stretched. Raises `ImageLoadError` naming the file.
     """
+    source = None  # the area of a reduced-scale decode that stands for the whole file
     try:
         with _open(path) as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageLoadError(f"{path}: decompression bomb: {w}x{h} pixels exceeds the "
                                      f"limit of {max_pixels}")
-            if min_size is not None and img.format == "JPEG":  # the turn is still to come
-                img.draft("RGB", min_size[::-1] if _turn_pending(img) else min_size)
+            if min_size is not None and img.format == "JPEG":
+                # A decode at 1/s scale rounds each side up to whole pixels (617 at 1/8: 78,
+                # which stand for 624), so its last column and row reach past the file's edge.
+                # `draft` returns the area that stands for the file; the EXIF turn, still to
+                # come, can move the excess to the left or top.
+                orientation = _orientation(img)
+                turned = orientation in _SWAPPED_ORIENTATIONS
+                drafted = img.draft("RGB", min_size[::-1] if turned else min_size)
+                if drafted is not None and img.size != (w, h):
+                    source = _oriented_box(drafted[1], img.size, orientation)
             img.load()
             rgb = to_rgb(img)
     except ImageLoadError:
@@ -198,7 +232,7 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = 100_000_000,
     if min_size is not None and not _same_aspect(rgb.size, min_size):
         raise ImageLoadError(f"{path}: wrong shape: decodes to {rgb.size[0]}x{rgb.size[1]}, not "
                              f"the aspect ratio of {min_size[0]}x{min_size[1]}; rescan the folder")
-    return rgb
+    return rgb if source is None else _resize(rgb, min_size, source)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,12 +482,18 @@ def resolve_dataset(spec: str, cache_dir: str | os.PathLike[str] | None = None) 
 # Pixel batches for training
 
 
+def _resize(img: Image.Image, size: tuple[int, int],
+            box: tuple[float, float, float, float] | None = None) -> Image.Image:
+    """`box` (l, t, r, b; all of `img` by default) of `img` resampled to `size` (w, h)."""
+    # Pillow's reducing_gap resamples large downscales in two cheap stages, nearly losslessly
+    return img.resize(size, Image.BICUBIC, box=box, reducing_gap=3.0)
+
+
 def crop_to_bucket(img: Image.Image, resized: tuple[int, int],
                    crop: tuple[int, int, int, int], flip: bool = False) -> np.ndarray:
     """Resize `img` to `resized` (w, h), cut `crop` (l, t, r, b), optionally mirror: (H, W, 3)."""
     if img.size != resized:
-        # Pillow's reducing_gap resamples large downscales in two cheap stages, nearly losslessly
-        img = img.resize(resized, Image.BICUBIC, reducing_gap=3.0)
+        img = _resize(img, resized)
     out = np.array(img.crop(crop))  # a writable copy, (H, W, 3)
     return np.ascontiguousarray(out[:, ::-1]) if flip else out
 

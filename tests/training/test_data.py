@@ -16,13 +16,20 @@ import pytest
 from PIL import Image
 
 from bucketing import assign, make_buckets
-from training.data import (ImageLoadError, PixelDataset, load_image, make_synthetic,
-                           resolve_dataset, scan_folder)
+from training.data import (ImageLoadError, PixelDataset, crop_to_bucket, load_image,
+                           make_synthetic, resolve_dataset, scan_folder)
 
 
 def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+
+
+def _smooth_photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Smooth random colours, features about 40 pixels across: a photograph's kind of detail."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(h // 40 + 2, w // 40 + 2, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
 
 
 def _png16_rgb(path: Path, arr: np.ndarray) -> None:
@@ -336,8 +343,33 @@ def test_data_load_error_names_file(tmp_path: Path) -> None:
 
 def test_data_load_draft_decodes_at_reduced_scale(tmp_path: Path) -> None:
     _photo(1600, 1200).save(tmp_path / "big.jpg", quality=90)
-    small = load_image(tmp_path / "big.jpg", min_size=(300, 225))
-    assert small.size[0] >= 300 and small.size[1] >= 225 and small.size[0] < 1600
+    assert load_image(tmp_path / "big.jpg", min_size=(300, 225)).size == (300, 225)
+    # Less than twice the size asked for: decoded in full, exactly as without `min_size`.
+    near = load_image(tmp_path / "big.jpg", min_size=(900, 675))
+    assert near.size == (1600, 1200)
+    assert np.array_equal(np.asarray(near), np.asarray(load_image(tmp_path / "big.jpg")))
+
+
+def test_data_load_draft_crops_what_a_full_decode_crops(tmp_path: Path) -> None:
+    # 617 = 8 * 77 + 1 and 521 = 8 * 65 + 1: decoded at 1/8 scale, each side is rounded up to
+    # whole 8x8 blocks, by 7/8 of a decoded pixel; every EXIF orientation puts that excess on
+    # another side. Ignoring it shifts the crop by nearly a pixel: a mean difference above 10.
+    photo = _smooth_photo(617, 521)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        photo.save(tmp_path / f"orientation{orientation}.jpg", quality=95, exif=exif)
+    records = scan_folder(tmp_path, num_workers=1).records
+    buckets = make_buckets(64)
+    placements = [assign(r.width, r.height, buckets) for r in records]
+    dataset = PixelDataset(records, placements, buckets)  # the path of training and the cache
+    assert len(records) == 8
+    for i, (rec, place) in enumerate(zip(records, placements)):
+        assert min(rec.width // place.resized[0], rec.height // place.resized[1]) >= 8
+        full = crop_to_bucket(load_image(rec.path), place.resized, place.crop)  # (H, W, 3)
+        pixels = dataset[(i, 0)]["pixels"].permute(1, 2, 0).numpy()  # (H, W, 3)
+        diff = np.abs(pixels.astype(float) - full).mean()
+        assert diff < 2.0, f"{rec.rel}: mean difference {diff:.2f} from a full decode"
 
 
 def _dataset(root: Path, names: list[bytes]) -> PixelDataset:
