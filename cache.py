@@ -1020,11 +1020,14 @@ class LatentReader:
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], keys: Sequence[Sequence[str]],
-                 scaling_factor: float = 1.0, shift_factor: float | None = None,
+                 affine: tuple[Sequence[float], Sequence[float]] | None = None,
                  max_open: int = 256) -> None:
         self.store = _Store(cache_dir)
         self.store.lock(exclusive=False)
-        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor or 0.0
+        # normalisation (latent - shift) * scale, per channel: `VAEConfig.latent_affine`
+        shift, scale = affine if affine is not None else ([0.0], [1.0])
+        self.shift = np.asarray(shift, dtype=np.float32).reshape(-1, 1, 1)  # (C or 1, 1, 1)
+        self.scale = np.asarray(scale, dtype=np.float32).reshape(-1, 1, 1)  # (C or 1, 1, 1)
         self.max_open = max_open
         flat = [k for ks in keys for k in ks]
         try:
@@ -1099,7 +1102,7 @@ class LatentReader:
               flip_flags: Sequence[bool] | None = None,
               part: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Fresh normalised latents (B, C, h, w) float32: ((mean + exp(logvar / 2)·ε) − shift)
-        × scale, with ε drawn from `generator` (see `step_generator`).
+        × scale (per channel, see `affine`), with ε drawn from `generator` (`step_generator`).
 
         `indices` are one rank's share of a global batch, `part` = (rank, world size): ε is
         drawn for the whole global batch (world size × B samples) and this rank keeps rows
@@ -1112,8 +1115,8 @@ class LatentReader:
         noise = noise[rank * B:(rank + 1) * B].numpy()  # (B, C, h, w)
         # NumPy for the arithmetic: single-threaded, so no thread-pool wake-ups per batch
         latent = mean + np.exp(0.5 * logvar) * noise
-        latent -= np.float32(self.shift_factor)
-        latent *= np.float32(self.scaling_factor)
+        latent -= self.shift
+        latent *= self.scale
         return torch.from_numpy(latent)
 
     def close(self) -> None:

@@ -135,8 +135,7 @@ def bench_build(vae, records, buckets, placements, args, work: Path) -> dict:
 def bench_training(vae, records, buckets, placements, keys, cache_dir: Path, args) -> dict:
     """(a): batches/s from the cache against decoding and encoding the same batches."""
     plan_batches = bucket_batches(placements, buckets, args.batch)
-    reader = cache.LatentReader(cache_dir, keys, vae.config.scaling_factor,
-                                vae.config.shift_factor)
+    reader = cache.LatentReader(cache_dir, keys, vae.config.latent_affine())
     fly = plan_batches[:args.fly_batches]
     start = time.perf_counter()
     for step, b in enumerate(fly):

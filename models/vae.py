@@ -45,9 +45,9 @@ _DIFFUSERS_ONLY_KEYS = {
     "act_fn",
     "down_block_types",
     "up_block_types",
-    "latents_mean",
-    "latents_std",
 }
+# Per-channel latent statistics; both are set or neither (see VAEConfig).
+_LATENT_STATS_KEYS = ("latents_mean", "latents_std")
 
 
 @dataclass
@@ -56,6 +56,15 @@ class VAEConfig:
 
     Defaults are the published SD-family layout (SD 1.x scale). `sample_size` is also the tile size
     in pixels for tiled encode/decode.
+
+    Latent normalisation (`AutoencoderKL.normalize`) takes one of two forms, as in diffusers:
+    - scalar: (latent - shift_factor) * scaling_factor, shift_factor None meaning 0 (SD, SDXL,
+      SD3, FLUX.1);
+    - per channel, when `latents_mean` and `latents_std` are set (one value per latent channel,
+      e.g. Playground v2.5): (latent - latents_mean) * scaling_factor / latents_std. The two come
+      together: diffusers' pipelines ignore one given alone, so a config holding only one is
+      refused rather than silently normalised the scalar way. diffusers never applies
+      shift_factor with them, so a non-zero shift_factor beside them is refused too.
     """
 
     in_channels: int = 3
@@ -67,6 +76,8 @@ class VAEConfig:
     sample_size: int = 256
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
+    latents_mean: list[float] | None = None  # (latent_channels,) per-channel mean, with std
+    latents_std: list[float] | None = None  # (latent_channels,) per-channel std > 0, with mean
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
@@ -87,6 +98,52 @@ class VAEConfig:
                 f"VAEConfig.sample_size must be an int >= the downsample factor "
                 f"{self.downsample_factor}, got {self.sample_size!r}"
             )
+        self._check_latent_stats()
+
+    def _check_latent_stats(self) -> None:
+        """Validate latents_mean / latents_std and store them as lists of floats."""
+        given = [k for k in _LATENT_STATS_KEYS if getattr(self, k) is not None]
+        if len(given) == 1:
+            (missing,) = set(_LATENT_STATS_KEYS) - set(given)
+            raise ValueError(
+                f"VAEConfig.{given[0]} is set but {missing} is not; per-channel normalisation "
+                f"needs both (diffusers ignores one given alone)"
+            )
+        if not given:
+            return
+        for key in _LATENT_STATS_KEYS:
+            values = getattr(self, key)
+            if not isinstance(values, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in values
+            ):
+                raise ValueError(
+                    f"VAEConfig.{key} must be a list of finite numbers, got {values!r}"
+                )
+            if len(values) != self.latent_channels:
+                raise ValueError(
+                    f"VAEConfig.{key} must hold one value per latent channel "
+                    f"({self.latent_channels}), got {len(values)}"
+                )
+            setattr(self, key, [float(v) for v in values])
+        if any(v <= 0 for v in self.latents_std):
+            raise ValueError(f"VAEConfig.latents_std entries must be > 0, got {self.latents_std}")
+        if self.shift_factor:
+            raise ValueError(
+                f"VAEConfig.shift_factor {self.shift_factor} cannot be combined with latents_mean "
+                f"/ latents_std (the per-channel mean is the shift); leave it null"
+            )
+
+    def latent_affine(self) -> tuple[list[float], list[float]]:
+        """(shift, scale), one value per latent channel: `normalize` is (latent - shift) * scale.
+
+        The same map in either form of normalisation, for code that normalises latents without
+        the model (the latent cache's reader).
+        """
+        if self.latents_mean is not None and self.latents_std is not None:
+            return list(self.latents_mean), [self.scaling_factor / s for s in self.latents_std]
+        return ([self.shift_factor or 0.0] * self.latent_channels,
+                [self.scaling_factor] * self.latent_channels)
 
     @property
     def downsample_factor(self) -> int:
@@ -134,9 +191,16 @@ class VAEConfig:
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        """Our fields as plain JSON data."""
+        """Our fields as plain JSON data; latents_mean / latents_std only when set.
+
+        Leaving the unset statistics out keeps the JSON, and so `vae_fingerprint`, of configs
+        without them what it was before these fields existed.
+        """
         data = dataclasses.asdict(self)
         data["block_out_channels"] = list(self.block_out_channels)
+        for key in _LATENT_STATS_KEYS:
+            if data[key] is None:
+                del data[key]
         return data
 
     def to_diffusers_dict(self) -> dict[str, Any]:
@@ -469,13 +533,47 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
+    def _channel_stats(self, latent: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(mean, std), each (C, 1, 1) on latent's device in at least float32, or None if the
+        config has no per-channel statistics. Broadcasts over (..., C, h, w) latents."""
+        cfg = self.config
+        if cfg.latents_mean is None or cfg.latents_std is None:
+            return None
+        if latent.ndim < 3 or latent.shape[-3] != len(cfg.latents_mean):
+            raise ValueError(
+                f"latent {tuple(latent.shape)}: expected (..., {len(cfg.latents_mean)}, h, w) "
+                f"to match the config's latents_mean / latents_std"
+            )
+        dtype = torch.promote_types(latent.dtype, torch.float32)
+        mean = torch.tensor(cfg.latents_mean, dtype=dtype, device=latent.device)  # (C,)
+        std = torch.tensor(cfg.latents_std, dtype=dtype, device=latent.device)  # (C,)
+        return mean.view(-1, 1, 1), std.view(-1, 1, 1)  # (C, 1, 1) each
+
     def normalize(self, latent: Tensor) -> Tensor:
-        """Raw latent -> the diffusion model's space: (latent - shift) * scale."""
-        return (latent - (self.config.shift_factor or 0.0)) * self.config.scaling_factor
+        """Raw latent (..., C, h, w) -> the diffusion model's space, same shape and dtype.
+
+        With per-channel statistics: (latent - latents_mean) * scale / latents_std, computed in
+        at least float32; otherwise (latent - shift) * scale. See `VAEConfig`.
+        """
+        stats = self._channel_stats(latent)
+        if stats is None:
+            return (latent - (self.config.shift_factor or 0.0)) * self.config.scaling_factor
+        mean, std = stats
+        out = (latent.to(mean.dtype) - mean) * self.config.scaling_factor / std  # (..., C, h, w)
+        return out.to(latent.dtype)
 
     def denormalize(self, z: Tensor) -> Tensor:
-        """Diffusion model's space -> raw latent for `decode`: z / scale + shift."""
-        return z / self.config.scaling_factor + (self.config.shift_factor or 0.0)
+        """Diffusion model's space (..., C, h, w) -> raw latent for `decode`, same shape and dtype.
+
+        With per-channel statistics: z * latents_std / scale + latents_mean, computed in at least
+        float32; otherwise z / scale + shift. Inverts `normalize`.
+        """
+        stats = self._channel_stats(z)
+        if stats is None:
+            return z / self.config.scaling_factor + (self.config.shift_factor or 0.0)
+        mean, std = stats
+        out = z.to(mean.dtype) * std / self.config.scaling_factor + mean  # (..., C, h, w)
+        return out.to(z.dtype)
 
 
 # --- tiling ------------------------------------------------------------------------------------
@@ -543,8 +641,9 @@ def _run_tiled(
 # (latent_channels, has quant convs), with the VAE they belong to. Four channels with quant convs
 # is ambiguous: SD 1.x uses 0.18215, SDXL 0.13025; we pick SD 1.x. Sixteen channels without quant
 # convs is ambiguous too: FLUX.1 uses (0.3611, 0.1159), SD3 (1.5305, 0.0609); we pick FLUX.1 (its
-# ae.safetensors is the common single file). A config.json beside the file, or scaling_factor /
-# shift_factor passed to load_vae, override them.
+# ae.safetensors is the common single file). None of them has per-channel statistics (Playground
+# v2.5's VAE, also 4 channels with quant convs, does). A config.json beside the file, or the
+# scaling_factor / shift_factor / latents_mean / latents_std passed to load_vae, override them.
 _KNOWN_SINGLE_FILE_VAES: dict[tuple[int, bool], tuple[str, dict[str, Any]]] = {
     (4, True): (
         "SD 1.x; SDXL uses 0.13025",
@@ -772,6 +871,8 @@ def load_vae(
     *,
     scaling_factor: float | None = None,
     shift_factor: float | None = None,
+    latents_mean: list[float] | None = None,
+    latents_std: list[float] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> AutoencoderKL:
@@ -788,9 +889,12 @@ def load_vae(
     the GroupNorm group count (32, or fewer where the widths need it) and scaling/shift, taken
     from published values by latent channels and quant convs: 4 channels with quant convs ->
     SD 1.x (0.18215; SDXL files need scaling_factor=0.13025), 16 without -> FLUX.1 (0.3611,
-    0.1159; SD3 files need scaling_factor=1.5305, shift_factor=0.0609). The keyword arguments
-    override the config or table. `dtype` defaults to float32; a VAE whose config sets
-    force_upcast keeps float32 weights whatever `dtype` says (it computes in float32).
+    0.1159; SD3 files need scaling_factor=1.5305, shift_factor=0.0609); no per-channel
+    statistics (Playground v2.5 files need its latents_mean, latents_std and scaling_factor=0.5).
+    The keyword arguments override the config or table; passing latents_mean / latents_std
+    without shift_factor also clears shift_factor (the two forms of normalisation do not mix, see
+    `VAEConfig`). `dtype` defaults to float32; a VAE whose config sets force_upcast keeps float32
+    weights whatever `dtype` says (it computes in float32).
     """
     path = Path(path)
     if not path.exists():
@@ -798,11 +902,15 @@ def load_vae(
             f"{path}: not found; expected a diffusers VAE folder ({CONFIG_NAME} + {WEIGHTS_NAME}), "
             f"its {CONFIG_NAME}, or a single .safetensors/.ckpt/.pt VAE file"
         )
-    overrides = {
-        key: value
-        for key, value in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor))
-        if value is not None
+    given = {
+        "scaling_factor": scaling_factor,
+        "shift_factor": shift_factor,
+        "latents_mean": latents_mean,
+        "latents_std": latents_std,
     }
+    overrides = {key: value for key, value in given.items() if value is not None}
+    if (latents_mean is not None or latents_std is not None) and shift_factor is None:
+        overrides["shift_factor"] = None  # per-channel statistics replace the shift
     if path.is_dir() or path.suffix == ".json":
         config_path = path / CONFIG_NAME if path.is_dir() else path
         if not config_path.is_file():
@@ -815,7 +923,11 @@ def load_vae(
         weights_path = path
         state = _to_diffusers_layout(_read_vae_tensors(path), path)
         config = _config_beside(path) or _infer_config(state, path, overrides)
-    config = dataclasses.replace(config, **overrides)
+    try:
+        config = dataclasses.replace(config, **overrides)
+    except ValueError as err:
+        raise ValueError(f"{path}: the overrides {sorted(overrides)} do not fit its VAE config: "
+                         f"{err}") from None
 
     with torch.device("meta"):  # no random init: every parameter comes from the file
         model = AutoencoderKL(config)

@@ -318,7 +318,7 @@ def test_cache_samples_fresh_and_reproducible(tmp_path: Path) -> None:
     root = _write_images(tmp_path / "img", 6)
     vae = _vae(scaling_factor=0.5, shift_factor=0.2)
     summary = _build(root, vae, tmp_path / "c", flip=True)
-    reader = cache.LatentReader(tmp_path / "c", summary.keys, 0.5, 0.2)
+    reader = cache.LatentReader(tmp_path / "c", summary.keys, vae.config.latent_affine())
     idx, flips = [0, 2, 4], [False, True, False]
     a = reader.batch(idx, cache.step_generator(7, 10), flips)
     assert a.shape == (3, 4, 16, 16) and a.dtype == torch.float32
@@ -701,3 +701,20 @@ def test_cache_keys_change_with_the_key_version(monkeypatch) -> None:
     assert key == cache.entry_key(*args) and len(key) == 64
     monkeypatch.setattr(cache, "KEY_VERSION", cache.KEY_VERSION - 1)
     assert cache.entry_key(*args) != key
+
+
+@pytest.mark.parametrize("stats", [
+    {"scaling_factor": 0.5, "shift_factor": 0.2},
+    {"scaling_factor": 0.5, "latents_mean": [0.1, -0.2, 0.3, 0.0],
+     "latents_std": [0.5, 2.0, 1.0, 4.0]},  # per channel, as diffusers' latents_mean/std
+], ids=["scalar", "per-channel"])
+def test_cache_reader_normalises_as_the_vae(tmp_path: Path, stats: dict) -> None:
+    root = _write_images(tmp_path / "img", 4)
+    vae = _vae(**stats)
+    summary = _build(root, vae, tmp_path / "c")
+    with cache.LatentReader(tmp_path / "c", summary.keys, vae.config.latent_affine()) as reader:
+        idx = [0, 1]
+        mean, logvar = reader.moments(idx)  # (B, C, h, w) each
+        noise = torch.randn(mean.shape, generator=cache.step_generator(3, 5))
+        expected = vae.normalize(mean + (logvar / 2).exp() * noise)
+        torch.testing.assert_close(reader.batch(idx, cache.step_generator(3, 5)), expected)

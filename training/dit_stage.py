@@ -199,8 +199,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     if saved_state is not None:
         epoch, index = resume_position(saved_state, plan, resume_path, main)
     data = data_state(plan)  # recorded in every checkpoint
-    reader = LatentReader(summary.cache_dir, keys, vae.config.scaling_factor,
-                          vae.config.shift_factor)
+    reader = LatentReader(summary.cache_dir, keys, vae.config.latent_affine())
     val_x, val_y = [], []
     if plan.eval_records and main:
         n = min(d.val_images, len(plan.eval_records))
@@ -209,8 +208,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         print(val.format(), flush=True)
         unusable = set(val.unusable)  # reported by that summary; validate on the rest
         usable = [i for i in range(n) if i not in unusable]
-        val_reader = LatentReader(val.cache_dir, [val.keys[i] for i in usable],
-                                  vae.config.scaling_factor, vae.config.shift_factor)
+        # raw moments: their means are normalised by the VAE below
+        val_reader = LatentReader(val.cache_dir, [val.keys[i] for i in usable])
         groups = defaultdict(list)  # bucket -> positions in the reader, i.e. in `usable`
         for pos, i in enumerate(usable):
             groups[plan.eval_placements[i].bucket].append(pos)

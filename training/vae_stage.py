@@ -8,14 +8,20 @@ the decoder's last layer and ramps in over `disc_ramp` steps. The discriminator 
 At the end the EMA weights are exported to `RUN_DIR/vae/` in the diffusers layout, with
 `scaling_factor` and `shift_factor` measured so that normalised latents have unit variance; an
 earlier export holding another VAE (a DiT may be trained on it) is kept as `vae-<fingerprint>`.
+
+With `vae.init` the run fine-tunes an existing VAE: its architecture comes from the weights, so
+the config's architecture keys must agree with it (they are refused otherwise, never ignored),
+while the config's usage settings (`sample_size`, the tile size) replace the loaded VAE's.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,8 +30,8 @@ from tqdm import tqdm
 from bucketing import BatchSchedule
 from models.discriminator import (PatchDiscriminator, generator_hinge_loss, hinge_d_loss,
                                   share_batch_statistics)
-from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
-from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae, state_dict_problems
+from training.checkpoint import Checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from training.config import Config, ConfigError, resolve_path, validate_config
 from training.data import to_unit_range
 from training.distributed import DistInfo, agree, all_reduce_mean, setup, teardown
@@ -40,21 +46,55 @@ from training.metrics import psnr, ssim
 LOGGED_TERMS = ("loss/total", "loss/rec", "loss/perceptual", "loss/kl", "loss/gan_generator",
                 "loss/disc", "gan/adaptive_weight", "gan/logits_real", "gan/logits_fake")
 SCALE_CHUNK = 8  # images encoded at once when measuring the latent scale (a fixed noise order)
+# The keys of the config's `vae` section that fix the VAE's architecture (VAEConfig fields).
 ARCH_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
              "mid_block_add_attention", "use_quant_conv")
+# VAEConfig fields the weights do not depend on: how the VAE is used, not what it is.
+USAGE_FIELDS = ("sample_size", "scaling_factor", "shift_factor", "latents_mean", "latents_std",
+                "force_upcast")
+
+
+def vae_architecture(config: VAEConfig) -> dict[str, Any]:
+    """The fields of `config` that its weights depend on (all but `USAGE_FIELDS`), as JSON data."""
+    return {k: v for k, v in config.to_dict().items() if k not in USAGE_FIELDS}
 
 
 def build_vae(cfg: Config) -> AutoencoderKL:
-    """A fresh VAE from the config's architecture, or the weights named by `vae.init`."""
+    """A fresh VAE from the config's architecture, or the VAE named by `vae.init` with the
+    config's `sample_size` (the tile size).
+
+    `vae.init`'s architecture comes from its weights; a config whose architecture keys differ
+    from it is refused (ConfigError naming each key and both values), since its saved copy
+    would describe another model than the one trained. A key left at its default counts as
+    set: a config with `vae.init` spells out the architecture of the VAE it names.
+    """
     v = cfg.vae
-    if v.init:
-        return load_vae(resolve_path(v.init)).float()
-    return AutoencoderKL(VAEConfig(
-        latent_channels=v.latent_channels, block_out_channels=tuple(v.block_out_channels),
-        layers_per_block=v.layers_per_block, norm_num_groups=v.norm_num_groups,
-        mid_block_add_attention=v.mid_block_add_attention, use_quant_conv=v.use_quant_conv,
-        use_post_quant_conv=v.use_quant_conv, sample_size=v.sample_size, scaling_factor=1.0,
-        shift_factor=0.0, force_upcast=False))
+    if not v.init:
+        try:
+            return AutoencoderKL(VAEConfig(
+                latent_channels=v.latent_channels, block_out_channels=tuple(v.block_out_channels),
+                layers_per_block=v.layers_per_block, norm_num_groups=v.norm_num_groups,
+                mid_block_add_attention=v.mid_block_add_attention,
+                use_quant_conv=v.use_quant_conv, use_post_quant_conv=v.use_quant_conv,
+                sample_size=v.sample_size, scaling_factor=1.0, shift_factor=0.0,
+                force_upcast=False))
+        except ValueError as err:
+            raise ConfigError(f"vae: {err}") from None
+    path = resolve_path(v.init)
+    vae = load_vae(path).float().train()
+    values = {k: (json.dumps(getattr(v, k)), json.dumps(getattr(vae.config, k)))
+              for k in ARCH_KEYS}  # as the config file spells them (tuples as lists)
+    conflicts = [f"vae.{k} is {ours} in the config, {theirs} in the VAE"
+                 for k, (ours, theirs) in values.items() if ours != theirs]
+    if conflicts:
+        raise ConfigError(f"{path}: vae.init names a VAE of another architecture than the "
+                          f"config's: {'; '.join(conflicts)} (set these keys to the VAE's values: "
+                          "fine-tuning keeps its architecture)")
+    try:  # the model reads its tile size from its config on every tiled call
+        vae.config = dataclasses.replace(vae.config, sample_size=v.sample_size)
+    except ValueError as err:
+        raise ConfigError(f"vae.sample_size {v.sample_size} does not suit {path}: {err}") from None
+    return vae
 
 
 def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -121,13 +161,25 @@ def measure_latent_scale(model: AutoencoderKL, loader, device: torch.device,
     return mean, 1.0 / std
 
 
-def check_resume_compatible(cfg: Config, saved: dict, path: Path) -> None:
-    """Refuse a checkpoint whose VAE architecture differs from the config's."""
-    theirs = saved.get("vae", {})
-    diff = [k for k in ARCH_KEYS if theirs.get(k) != getattr(cfg.vae, k)]
+def check_resume_compatible(vae: AutoencoderKL, ckpt: Checkpoint) -> None:
+    """Refuse (ConfigError) a checkpoint that does not hold a model of `vae`'s architecture.
+
+    Compared: the architecture the checkpoint recorded of the model it trained (checkpoints
+    written before it was recorded: its config's architecture keys, unless that config had
+    `vae.init`, whose weights those keys did not then describe), and the shapes of its weights.
+    """
+    saved = ckpt.state.get("config", {})
+    saved_vae = saved.get("vae", {})
+    theirs = ckpt.state.get("vae_architecture")
+    if theirs is None:  # written before the architecture was recorded
+        theirs = {} if saved_vae.get("init") else {k: saved_vae.get(k) for k in ARCH_KEYS}
+    ours = vae_architecture(vae.config)
+    diff = [f"{k} {theirs[k]!r} -> {ours.get(k)!r}" for k in theirs if theirs[k] != ours.get(k)]
+    if saved.get("stage") == "vae" and "model" in ckpt.tensors:
+        diff += [f"weights: {p}" for p in state_dict_problems(vae, ckpt.tensors["model"])]
     if saved.get("stage") != "vae" or diff:
-        raise ConfigError(f"{path}: checkpoint is of another model (stage "
-                          f"{saved.get('stage')!r}, differing: {', '.join(diff) or '-'})")
+        raise ConfigError(f"{ckpt.path}: checkpoint is of another model (stage "
+                          f"{saved.get('stage')!r}, differing: {'; '.join(diff) or '-'})")
 
 
 def train_vae(cfg: Config, resume: str | None = None) -> Path:
@@ -165,7 +217,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     step, epoch, index = 0, 0, 0
     if resume_path is not None:  # refuse another model before anything is written
         ckpt = load_checkpoint(resume_path)
-        check_resume_compatible(cfg, ckpt.state["config"], resume_path)
+        check_resume_compatible(vae, ckpt)
         vae.load_state_dict(ckpt.group("model"))
         disc.load_state_dict(ckpt.group("discriminator"))
         ema.load_state_dict(ckpt.group("ema"), ckpt.state["ema_updates"])
@@ -203,6 +255,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                             {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()},
                             state_for_json(cfg, step, epoch, index, info.world_size,
                                            {"stage": "vae", "ema_updates": ema.num_updates,
+                                            "vae_architecture": vae_architecture(vae.config),
                                             **data_state(plan)}),
                             keep_last=t.keep_last)
 
@@ -334,6 +387,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> 
                  else cfg.train.device)
     plan = plan_data(cfg, info)
     vae = build_vae(cfg).to(info.device)
+    check_resume_compatible(vae, ckpt)
     vae.load_state_dict(ckpt.group("model"))
     ema = EMA(vae, cfg.train.ema_decay)
     ema.load_state_dict(ckpt.group("ema"), ckpt.state["ema_updates"])
@@ -353,8 +407,10 @@ def export_vae(vae: AutoencoderKL, ema: EMA, ema_model: AutoencoderKL, loader,
     """
     ema.copy_to(ema_model)
     shift, scale = measure_latent_scale(ema_model, loader, device, images)
-    ema_model.config.shift_factor = round(shift, 6)
-    ema_model.config.scaling_factor = round(scale, 6)
+    # measured on raw latents: they replace any per-channel statistics a `vae.init` came with
+    ema_model.config = dataclasses.replace(ema_model.config, shift_factor=round(shift, 6),
+                                           scaling_factor=round(scale, 6), latents_mean=None,
+                                           latents_std=None)
     out = save_vae(ema_model, folder, overwrite=True)
     print(f"exported {folder} (scaling_factor {scale:.4f}, shift_factor {shift:.4f})", flush=True)
     return out

@@ -50,6 +50,12 @@ NO_ATTENTION = VAEConfig(
     mid_block_add_attention=False,
 )
 SINGLE_FILE_CONFIGS = [SD_LIKE, FLUX_LIKE, NO_ATTENTION]
+# Playground v2.5's published per-channel latent statistics and scale, on the small SD layout.
+PLAYGROUND_MEAN = [-1.6574, 1.886, -1.383, 2.5155]
+PLAYGROUND_STD = [8.4927, 5.9022, 6.5498, 5.2299]
+PLAYGROUND_LIKE = dataclasses.replace(
+    SD_LIKE, scaling_factor=0.5, latents_mean=PLAYGROUND_MEAN, latents_std=PLAYGROUND_STD
+)
 # Diffusers folders carry their config, so any GroupNorm count works there.
 GROUPS_4 = VAEConfig(
     block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, sample_size=32
@@ -529,3 +535,109 @@ def test_vae_posterior_sample_is_mean_plus_std_times_noise() -> None:
     torch.testing.assert_close(posterior.sample(torch.Generator().manual_seed(7)),
                                moments[:, :4] + (0.5 * moments[:, 4:].clamp(-30, 20)).exp()
                                * noise)
+
+
+def test_vae_loads_diffusers_folder_with_latent_stats(tmp_path):
+    peer = _diffusers_vae(PLAYGROUND_LIKE)  # diffusers writes config.json and the safetensors
+    peer.save_pretrained(tmp_path / "vae")
+    written = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert (written["latents_mean"], written["latents_std"]) == (PLAYGROUND_MEAN, PLAYGROUND_STD)
+    assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    ours = load_vae(tmp_path / "vae")
+    assert ours.config == PLAYGROUND_LIKE
+    assert (ours.config.latents_mean, ours.config.latents_std) == (PLAYGROUND_MEAN, PLAYGROUND_STD)
+    _assert_same_outputs(ours, peer)
+    # The statistics change the latents the DiT sees, so they are part of the fingerprint.
+    assert vae_fingerprint(ours) != vae_fingerprint(_our_vae(dataclasses.replace(
+        PLAYGROUND_LIKE, latents_mean=None, latents_std=None)))
+
+
+@torch.no_grad()
+def test_vae_normalize_per_channel_matches_diffusers_formula():
+    ltx = pytest.importorskip("diffusers.pipelines.ltx.pipeline_ltx_latent_upsample")
+    peer = ltx.LTXLatentUpsamplePipeline  # its static (de)normalisers: the formula SDXL uses
+    model = _our_vae(PLAYGROUND_LIKE)
+    latent = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(10)) * 6 + 1
+    mean, std = torch.tensor(PLAYGROUND_MEAN), torch.tensor(PLAYGROUND_STD)
+
+    normalized = model.normalize(latent)  # (2, 4, 6, 5)
+    # diffusers' video helpers take (B, C, F, H, W): one frame.
+    expected = peer._normalize_latents(latent.unsqueeze(2), mean, std, 0.5).squeeze(2)
+    torch.testing.assert_close(normalized, expected)
+    for c in range(4):  # spelled out per channel, too
+        torch.testing.assert_close(
+            normalized[:, c], (latent[:, c] - PLAYGROUND_MEAN[c]) * 0.5 / PLAYGROUND_STD[c]
+        )
+    expected = peer._denormalize_latents(normalized.unsqueeze(2), mean, std, 0.5).squeeze(2)
+    torch.testing.assert_close(model.denormalize(normalized), expected)
+    torch.testing.assert_close(model.denormalize(normalized), latent)
+    assert normalized.std() < latent.std() / 2  # the statistics really were applied
+
+    half = model.normalize(latent.bfloat16())  # dtype kept, computed in fp32, rounded once
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half, model.normalize(latent.bfloat16().float()).bfloat16())
+    assert model.denormalize(half).dtype == torch.bfloat16
+    assert model.normalize(latent[0]).shape == (4, 6, 5)  # unbatched (C, h, w) broadcasts too
+    with pytest.raises(ValueError, match=r"\(2, 16, 6, 5\).*latents_mean"):
+        model.normalize(torch.zeros(2, 16, 6, 5))
+
+
+def test_vae_normalize_without_latent_stats_is_unchanged():
+    model = _our_vae(SD_LIKE)
+    latent = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(model.normalize(latent), latent * 0.18215)
+    assert torch.equal(model.denormalize(latent), latent / 0.18215)
+    assert "latents_mean" not in SD_LIKE.to_dict()  # serialised as before the fields existed
+    assert "latents_std" not in SD_LIKE.to_diffusers_dict()
+
+
+def test_vae_save_vae_round_trips_latent_stats(tmp_path):
+    ours = _our_vae(PLAYGROUND_LIKE)
+    save_vae(ours, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["latents_mean"], written["latents_std"]) == (PLAYGROUND_MEAN, PLAYGROUND_STD)
+    again = load_vae(tmp_path / "out")
+    assert again.config == PLAYGROUND_LIKE
+    assert vae_fingerprint(again) == vae_fingerprint(ours)
+    peer = DiffusersAutoencoderKL.from_pretrained(tmp_path / "out")
+    assert list(peer.config.latents_mean) == PLAYGROUND_MEAN
+    assert list(peer.config.latents_std) == PLAYGROUND_STD
+    assert peer.config.scaling_factor == 0.5
+
+
+def test_vae_config_refuses_bad_latent_stats(tmp_path):
+    good = PLAYGROUND_LIKE.to_diffusers_dict()
+    bad = {
+        "latents_mean": {**good, "latents_mean": PLAYGROUND_MEAN[:3]},  # 3 for 4 channels
+        "latents_std": {**good, "latents_std": [*PLAYGROUND_STD[:3], 0.0]},
+        "latents_std is not": {**good, "latents_std": None},  # mean alone
+        "latents_mean is not": {**good, "latents_mean": None},  # std alone
+        "shift_factor": {**good, "shift_factor": 0.1},  # the two normalisations do not mix
+        "finite numbers": {**good, "latents_mean": ["-1.6", 1.9, -1.4, 2.5]},
+    }
+    for i, (key, data) in enumerate(bad.items()):
+        path = tmp_path / f"bad{i}" / "config.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + key):
+            load_vae(path.parent)
+    with pytest.raises(ValueError, match=r"latents_mean must hold one value per latent channel "
+                                         r"\(16\), got 4"):
+        dataclasses.replace(FLUX_LIKE, shift_factor=None, latents_mean=PLAYGROUND_MEAN,
+                            latents_std=PLAYGROUND_STD)
+    assert VAEConfig.from_dict({**good, "shift_factor": 0.0}).shift_factor == 0.0  # a no-op
+    save_vae(_our_vae(PLAYGROUND_LIKE), tmp_path / "vae")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "vae")) + ".*shift_factor"):
+        load_vae(tmp_path / "vae", shift_factor=0.1)
+
+
+def test_vae_single_file_takes_latent_stats_overrides(tmp_path):
+    peer = _diffusers_vae(FLUX_LIKE)  # the table guesses FLUX.1's shift for this layout
+    save_file(_ldm_state_dict(peer), tmp_path / "ae.safetensors")
+    mean, std = [0.1 * c for c in range(16)], [1.0 + 0.1 * c for c in range(16)]
+    with pytest.warns(UserWarning, match=r"scaling_factor 0.3611 \(FLUX.1") as caught:
+        ours = load_vae(tmp_path / "ae.safetensors", latents_mean=mean, latents_std=std)
+    assert "shift_factor" not in str(caught[0].message)  # not guessed: the statistics replace it
+    assert (ours.config.latents_mean, ours.config.latents_std) == (mean, std)
+    assert ours.config.shift_factor is None
+    _assert_same_outputs(ours, peer)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.vae import load_vae, vae_fingerprint
+from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.config import Config, ConfigError, from_dict, save_config
-from training.vae_stage import export_checkpoint, train_vae
+from training.vae_stage import build_vae, export_checkpoint, train_vae
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -144,6 +144,100 @@ def test_vae_stage_refused_resume_leaves_the_run_untouched(tmp_path: Path, case:
     with pytest.raises(error, match=expected):
         train_vae(other, resume="")
     assert _files(run) == before  # config.json included
+
+
+def _init_vae(folder: Path, latent_channels: int = 4, sample_size: int = 16,
+              **stats) -> Path:
+    """A VAE folder of `_cfg`'s architecture (unless `latent_channels` says otherwise)."""
+    torch.manual_seed(0)
+    return save_vae(AutoencoderKL(VAEConfig(
+        block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+        latent_channels=latent_channels, mid_block_add_attention=False, use_quant_conv=False,
+        use_post_quant_conv=False, sample_size=sample_size, force_upcast=False, **stats)),
+        folder)
+
+
+def test_vae_stage_init_takes_the_configs_sample_size(tmp_path: Path) -> None:
+    # The init also has per-channel latent statistics; the export's measured scalar scale and
+    # shift replace them (they were measured on the raw latents).
+    init = _init_vae(tmp_path / "init", sample_size=16, latents_mean=[0.0, 1.0, 0.0, -1.0],
+                     latents_std=[1.0, 2.0, 3.0, 4.0])
+    cfg = _cfg(tmp_path / "run")
+    cfg.vae.init, cfg.vae.sample_size = str(init), 64
+    vae, loaded = build_vae(cfg), load_vae(init)
+    assert vae.config.sample_size == 64
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(vae.state_dict()[k], v), k
+    # the model tiles by the new size: a 64-px image is one tile, where the init used 16-px ones
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        whole = vae.encode(x).mean  # (1, 4, 32, 32)
+        assert torch.equal(vae.encode_tiled(x).mean, whole)
+        assert not torch.allclose(loaded.encode_tiled(x).mean, whole)
+    run = train_vae(cfg)
+    exported = json.loads((run / "vae" / "config.json").read_text())
+    assert exported["sample_size"] == 64
+    assert "latents_mean" not in exported and "latents_std" not in exported
+    assert load_vae(run / "vae").config.shift_factor == exported["shift_factor"] != 0
+    assert json.loads((run / "config.json").read_text())["vae"]["sample_size"] == 64
+
+
+def test_vae_stage_init_refuses_a_conflicting_architecture(tmp_path: Path) -> None:
+    init = _init_vae(tmp_path / "init")
+    cfg = _cfg(tmp_path / "run")
+    cfg.vae.init, cfg.vae.latent_channels, cfg.vae.block_out_channels = str(init), 8, [8, 32]
+    expected = (f"{init}: vae.init names a VAE of another architecture than the config's: "
+                "vae.latent_channels is 8 in the config, 4 in the VAE; vae.block_out_channels "
+                "is [8, 32] in the config, [8, 16] in the VAE (set these keys")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        train_vae(cfg)
+    assert not (tmp_path / "run").exists()
+    cfg.vae.latent_channels, cfg.vae.block_out_channels = 4, [8, 16]
+    cfg.vae.sample_size = 1  # below the downsampling factor 2
+    with pytest.raises(ConfigError, match=re.escape(f"vae.sample_size 1 does not suit {init}")):
+        train_vae(cfg)
+
+
+@pytest.mark.parametrize("keys", ["unchanged", "set_to_the_new_init"])
+def test_vae_stage_resume_refuses_an_init_of_another_architecture(tmp_path: Path,
+                                                                  keys: str) -> None:
+    cfg = _cfg(tmp_path / "run")
+    cfg.vae.init = str(_init_vae(tmp_path / "a"))
+    run = train_vae(cfg)
+    other = _cfg(tmp_path / "run", max_steps=2)
+    other.vae.init = str(_init_vae(tmp_path / "b", latent_channels=8))
+    if keys == "unchanged":  # they conflict with the new init
+        expected = "vae.latent_channels is 4 in the config, 8 in the VAE"
+    else:  # they describe the new init, which is not the checkpoint's model
+        other.vae.latent_channels = 8
+        expected = "checkpoint is of another model .*latent_channels 4 -> 8; weights: "
+    before = _files(run)
+    with pytest.raises(ConfigError, match=expected):
+        train_vae(other, resume="")
+    assert _files(run) == before
+
+
+def test_vae_stage_resumes_a_checkpoint_without_a_recorded_architecture(tmp_path: Path) -> None:
+    """Checkpoints written before the architecture was recorded: an init run's config keys were
+    not checked against the init then, so its weights alone say which model it holds."""
+    init = _init_vae(tmp_path / "init")
+    cfg = _cfg(tmp_path / "run")
+    cfg.vae.init = str(init)
+    run = train_vae(cfg)
+    state_file = latest_checkpoint(run) / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("vae_architecture")["latent_channels"] == 4
+    state["config"]["vae"]["latent_channels"] = 16  # a key that did not describe the init
+    state_file.write_text(json.dumps(state))
+    cfg.train.max_steps = 2
+    train_vae(cfg, resume="")
+    assert load_checkpoint(latest_checkpoint(run)).state["vae_architecture"]["latent_channels"] == 4
+    # step 1 again, with an init of 8 latent channels: its weights refuse it
+    cfg = _cfg(run, max_steps=3)
+    cfg.vae.init = str(_init_vae(tmp_path / "other", latent_channels=8))
+    cfg.vae.latent_channels = 8
+    with pytest.raises(ConfigError, match="another model .*differing: weights: .*wrongly shaped"):
+        train_vae(cfg, resume=str(state_file.parent))
 
 
 def test_vae_stage_resume_refuses_another_runs_folder(tmp_path: Path) -> None:
