@@ -22,9 +22,9 @@ from typing import Sequence
 
 from dotenv import load_dotenv
 
-from training.config import (REPO_ROOT, Config, ConfigError, TrainingAborted, absolute_config,
-                             apply_overrides, is_synthetic, load_config, resolve_path,
-                             validate_config)
+from training.config import (REPO_ROOT, Config, ConfigError, TrainingAborted, TrainingStopped,
+                             absolute_config, apply_overrides, is_synthetic, load_config,
+                             resolve_path, validate_config)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.json"
 
@@ -240,6 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_dir = train_dit(cfg, resume)
         if int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
             print(f"run folder: {run_dir}")
+    except TrainingStopped as exc:  # saved and stopped early: not done, so not a success
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(exc, file=sys.stderr)
+        return 128 + exc.signum  # the shell's status for a process ended by that signal
     except (ConfigError, FileNotFoundError, ValueError, TrainingAborted) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -30,6 +30,14 @@ class TrainingAborted(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped early on signal `signum` (SIGTERM, SIGINT), after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
 @dataclass
 class DataConfig:
     """Where images come from and how they are bucketed."""

@@ -75,6 +75,11 @@ class ScanResult:
         if self.class_names:
             lines.append(f"  {len(self.class_names)} classes: {', '.join(self.class_names[:10])}"
                          + (" ..." if len(self.class_names) > 10 else ""))
+            used = {r.label for r in self.records}
+            empty = [name for i, name in enumerate(self.class_names) if i not in used]
+            if empty:  # a label the model never trains on, yet previews and sampling offer it
+                lines.append(f"  warning: {len(empty)} class(es) without a usable image: "
+                             f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
         return printable("\n".join(lines))
 
     def write_skip_list(self, path: str | os.PathLike[str]) -> None:

@@ -45,7 +45,8 @@ from training.logging import RunLogger
 from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, checkpoint_due,
                            clip_and_check, data_state, find_resume, keep_freed_memory,
                            load_optimizer, lr_factor, plan_data, prepare_run_dir,
-                           resume_position, seed_everything, state_for_json, warn_unused)
+                           resume_position, seed_everything, state_for_json, stopped,
+                           warn_unused)
 
 
 def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
@@ -266,6 +267,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         samples_dir = run_dir / "samples"
         samples_dir.mkdir(exist_ok=True)
         for k, size in enumerate(d.sample_sizes):
+            if stop.received:  # a stop request must not wait for the remaining grids
+                return
             w, h = parse_size(size)
             w, h = max(step_px, w // step_px * step_px), max(step_px, h // step_px * step_px)
             labels = [i % num_classes for i in range(d.num_samples)] if num_classes else None
@@ -292,7 +295,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         logger.scalars(values, step)
         bar.write(f"step {step}: validation loss {values['val/loss']:.4f}")
 
-    tick, waited, logged_at = time.perf_counter(), 0.0, step  # the current logging window
+    # The current logging window: its start, and the time in it spent waiting for data and on
+    # checkpoints, validation and previews (left out of the step rate).
+    tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
+    stopping = False
     bucket_losses: dict[str, list[float]] = defaultdict(list)
     while step < t.max_steps:
         for group in opt.param_groups:
@@ -321,14 +327,14 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                 bucket_losses[f"{bw}x{bh}"].append(loss.detach())
         total, stopping = agree(total, stop.received is not None)  # the same on every rank
         grad_norm = clip_and_check(params, t.grad_clip)
-        if guard.ok(step, total, grad_norm, files):
+        if guard.ok(step + 1, total, grad_norm, files):  # numbered as it is logged
             opt.step()
             ema.update(model)
         opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
         if main and (step % t.log_every == 0 or step == 1):
-            elapsed = time.perf_counter() - tick
+            elapsed = time.perf_counter() - tick - paused
             steps_done = step - logged_at
             values = {"train/loss": total.item(), "train/lr": opt.param_groups[0]["lr"],
                       "train/grad_norm": grad_norm.item(),
@@ -339,25 +345,29 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                            for k, v in bucket_losses.items()})
             logger.scalars(values, step)
             bar.set_postfix(loss=f"{total.item():.4f}")
-            tick, waited, logged_at = time.perf_counter(), 0.0, step
+            tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
             bucket_losses.clear()
-        # Save first: a failure in validation or previews then loses no training.
+        # Save first: a failure in validation or previews then loses no training. A stop
+        # request skips them (it is acted on at the next step): the scheduler's grace period
+        # after SIGTERM is short, and they can take longer than a step.
+        started = time.perf_counter()
         if checkpoint_due(step, t, stopping):
             checkpoint()
             logger.flush()
         if stopping:
-            if main:
-                bar.write(f"signal {stop.received or 'on another process'}: saved step {step} "
-                          "and stopped")
             break
-        if main and val_x and (step % t.eval_every == 0 or step == t.max_steps):
+        due = step == t.max_steps
+        if main and val_x and not stop.received and (step % t.eval_every == 0 or due):
             validate()
-        if main and (step % t.sample_every == 0 or step == t.max_steps):
+        if main and not stop.received and (step % t.sample_every == 0 or due):
             previews()
+        paused += time.perf_counter() - started
     bar.close()
     batches.close()
     reader.close()
     logger.close()
     stop.restore()
+    if stopping:
+        stopped(stop, step, run_dir)
     return run_dir
 

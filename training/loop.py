@@ -16,6 +16,7 @@ import random
 import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -23,10 +24,12 @@ import torch
 from bucketing import BatchSchedule, assign, bucket_dataset, held_out
 from training.checkpoint import (CHECKPOINTS, STATE_FILE, capture_rng_state, read_state,
                                  resolve_resume, set_aside_newer)
-from training.config import (Config, ConfigError, TrainingAborted, absolute_config, from_dict,
-                             portable_config, resolve_path, save_config, to_dict)
+from training.config import (Config, ConfigError, TrainingAborted, TrainingStopped,
+                             absolute_config, from_dict, portable_config, resolve_path,
+                             save_config, to_dict)
 from training.data import ImageRecord, PixelDataset, ScheduleSampler, resolve_dataset, scan_folder
-from training.distributed import DistInfo, all_gather_objects, main_first, on_every_rank
+from training.distributed import (DistInfo, all_gather_objects, barrier, main_first,
+                                  on_every_rank)
 
 
 @dataclass
@@ -145,6 +148,16 @@ class NonFiniteGuard:
             raise TrainingAborted(f"{self.in_a_row} non-finite steps in a row at step {step}; "
                                   "lower the learning rate or check the files listed above")
         return False
+
+
+def stopped(stop: StopSignal, step: int, run_dir: Path) -> NoReturn:
+    """End a run that stopped on a signal after saving `step`: raise `TrainingStopped` on every
+    rank once all of them are here (rank 0 has then saved; torchrun ends the other ranks as soon
+    as one exits with an error)."""
+    barrier()
+    signum = stop.received or signal.SIGTERM  # ranks the signal did not reach stop with it too
+    raise TrainingStopped(f"signal {stop.received or 'on another process'}: saved step {step} "
+                          f"and stopped; `train.py --resume {run_dir}` continues it", signum)
 
 
 class StopSignal:

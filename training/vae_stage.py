@@ -40,7 +40,8 @@ from training.logging import RunLogger
 from training.loop import (DataPlan, NonFiniteGuard, StopSignal, autocast, autocast_dtype,
                            checkpoint_due, clip_and_check, data_state, eval_crops, find_resume,
                            keep_freed_memory, load_optimizer, lr_factor, pixel_loader, plan_data,
-                           prepare_run_dir, resume_position, seed_everything, state_for_json)
+                           prepare_run_dir, resume_position, seed_everything, state_for_json,
+                           stopped)
 from training.metrics import psnr, ssim
 
 LOGGED_TERMS = ("loss/total", "loss/rec", "loss/perceptual", "loss/kl", "loss/gan_generator",
@@ -259,7 +260,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                                             **data_state(plan)}),
                             keep_last=t.keep_last)
 
-    tick, waited, logged_at = time.perf_counter(), 0.0, step  # the current logging window
+    # The current logging window: its start, and the time in it spent waiting for data and on
+    # checkpoints and evaluation (left out of the step rate).
+    tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
+    stopping = False
     while step < t.max_steps:
         t_data = time.perf_counter()
         batch = next(batches)
@@ -298,8 +302,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         average_gradients(list(vae.parameters()))
         grad_norm = clip_and_check(list(vae.parameters()), t.grad_clip)
         mean_loss, stopping = agree(loss, stop.received is not None)  # the same on every rank
-        finite = guard.ok(step, mean_loss, grad_norm, [plan.records[int(i)].path
-                                                  for i in batch["index"]])
+        finite = guard.ok(step + 1, mean_loss, grad_norm,  # numbered as it is logged
+                          [plan.records[int(i)].path for i in batch["index"]])
         if finite:
             opt_g.step()
             ema.update(vae)
@@ -325,9 +329,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                 loss, rec_loss, p_loss, kl, g_loss, d_loss, d_weight, logits_real, logits_fake
             ]).detach().float()).tolist()))
             if main:
-                elapsed, steps_done, waited_then = (time.perf_counter() - tick, step - logged_at,
-                                                    waited)
-                tick, waited, logged_at = time.perf_counter(), 0.0, step
+                elapsed, steps_done, waited_then = (time.perf_counter() - tick - paused,
+                                                    step - logged_at, waited)
+                tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
                 logger.scalars({**terms, "gan/ramp": gen_weight,
                                 "train/grad_norm": grad_norm.item(),
                                 "train/lr": opt_g.param_groups[0]["lr"],
@@ -335,18 +339,16 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                                 "train/samples_per_s": x.shape[0] * info.world_size * steps_done
                                 / max(1e-9, elapsed)}, step)
                 bar.set_postfix(rec=f"{terms['loss/rec']:.4f}", kl=f"{terms['loss/kl']:.0f}")
-        # Save first: a failure in validation then loses no training.
+        # Save first: a failure in validation then loses no training. A stop request skips
+        # it (see the DiT stage).
+        started = time.perf_counter()
         if checkpoint_due(step, t, stopping):
             checkpoint()
             logger.flush()
         if stopping:
-            if main:
-                bar.write(f"signal {stop.received or 'on another process'}: saved step {step} "
-                          "and stopped")
-            bar.close()
-            logger.close()
-            return run_dir
-        if main and len(eval_images) and (step % t.eval_every == 0 or step == t.max_steps):
+            break
+        if (main and len(eval_images) and not stop.received
+                and (step % t.eval_every == 0 or step == t.max_steps)):
             ema.copy_to(ema_model)
             p, s, pairs = evaluate(ema_model, eval_images, device)
             logger.scalars({"eval/psnr": p, "eval/ssim": s}, step)
@@ -355,12 +357,15 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
 
                 logger.image("eval/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
             bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
+        paused += time.perf_counter() - started
     bar.close()
-    if main:
+    if main and not stopping:
         export_vae(vae, ema, ema_model, loader_for_scale(cfg, plan, info, info.world_size),
                    device, run_dir / "vae", v.scale_images)
     logger.close()
     stop.restore()
+    if stopping:
+        stopped(stop, step, run_dir)
     return run_dir
 
 

@@ -238,6 +238,20 @@ def test_data_scan_labels_from_subfolders(tmp_path: Path) -> None:
     assert scan.skipped[0].reason.startswith("no class")
 
 
+def test_data_scan_warns_of_classes_without_a_usable_image(tmp_path: Path) -> None:
+    root = tmp_path / "classes"
+    for name in ("ant", "bee", "cat"):
+        (root / name).mkdir(parents=True)
+    _photo(64, 64).save(root / "ant" / "x.png")
+    (root / "bee" / "broken.png").write_bytes(b"not an image")
+    _photo(64, 64).save(root / "cat" / "y.png")
+    scan = scan_folder(root, use_classes=True, num_workers=1)
+    assert scan.class_names == ["ant", "bee", "cat"]  # labels stay put
+    assert "warning: 1 class(es) without a usable image: bee" in scan.summary()
+    scan.records = [r for r in scan.records if r.label != 2]  # as bucketing skips small images
+    assert "without a usable image: bee, cat" in scan.summary()
+
+
 def test_data_scan_reports_unreadable_folder(tmp_path: Path) -> None:
     root = tmp_path / "images"
     (root / "locked").mkdir(parents=True)

@@ -366,7 +366,7 @@ def test_vae_stage_sigterm_to_process_group_saves_checkpoint(tmp_path: Path) -> 
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]  # stopped early, not done
     assert "signal 15: saved step" in output
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt is not None and load_checkpoint(ckpt).step > 0
