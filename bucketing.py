@@ -371,16 +371,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="merge buckets smaller than this into their neighbours")
+    parser.add_argument("--holdout", type=int, default=d.holdout,
+                        help="images training keeps for validation: they do not count towards "
+                             "a bucket's size when merging (0 with --eval-dataset)")
     parser.add_argument("--num-workers", type=int, default=d.num_workers)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size} must be positive")
+    if args.holdout < 0:
+        parser.error(f"--holdout {args.holdout} must be 0 or more")
     cfg = DataConfig(dataset=args.dataset, resolution=args.resolution, step=args.step,
                      min_area_ratio=args.min_area_ratio, max_aspect=args.max_aspect,
                      use_classes=args.classes, allow_upscale=args.allow_upscale,
                      max_image_pixels=args.max_image_pixels,
-                     merge_small_buckets=args.batch_size is not None,
+                     merge_small_buckets=args.batch_size is not None, holdout=args.holdout,
                      num_workers=args.num_workers)
     try:
         scan, buckets, placements = bucket_dataset(cfg, args.batch_size)

@@ -284,6 +284,9 @@ def test_bucketing_cli_refuses_a_batch_size_below_one(tmp_path: Path, batch: str
                          env={**os.environ, "LDM_CACHE_DIR": str(tmp_path)})
     assert out.returncode == 2
     assert f"--batch-size {batch} must be positive" in out.stderr
+    out = subprocess.run([sys.executable, "bucketing.py", "--dataset", "synthetic:8",
+                          "--holdout", "-1"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "--holdout -1 must be 0 or more" in out.stderr
 
 
 def test_bucketing_cli_folder_without_images_is_an_error(tmp_path: Path, capsys) -> None:
@@ -295,7 +298,7 @@ def test_bucketing_cli_folder_without_images_is_an_error(tmp_path: Path, capsys)
     assert "empty: no usable image" in capsys.readouterr().err
 
 
-def test_bucketing_merges_buckets_over_training_images_only(tmp_path: Path) -> None:
+def test_bucketing_merges_buckets_over_training_images_only(tmp_path: Path, capsys) -> None:
     # Held-out images leave before training: had they counted when small buckets were merged,
     # some buckets would fall back below one global batch and their images never be trained on.
     rng = np.random.default_rng(0)
@@ -316,3 +319,11 @@ def test_bucketing_merges_buckets_over_training_images_only(tmp_path: Path) -> N
         r = scan.records[i]
         assert placements[i] == assign(r.width, r.height, np.asarray(buckets))
     assert held_out(scan.records, DataConfig(dataset="x", holdout=10, eval_dataset="y")) == []
+    # the command line's table, given training's holdout, shows these buckets
+    from bucketing import main
+
+    assert main(["--dataset", str(tmp_path), "--resolution", "32", "--step", "8", "--batch-size",
+                 str(batch), "--holdout", "10", "--num-workers", "1", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(b["count"] for b in rep["buckets"]) == sorted(
+        Counter(p.bucket for p in placements).values())

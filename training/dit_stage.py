@@ -98,7 +98,8 @@ def check_resume_compatible(cfg: Config, state: dict, class_names: list[str],
 
 
 def train_dit(cfg: Config, resume: str | None = None) -> Path:
-    """Run the DiT stage; returns the run folder."""
+    """Run the DiT stage; returns the run folder. A signal that stops it before
+    `train.max_steps` raises `TrainingStopped` once the checkpoint is saved."""
     validate_config(cfg)  # also when called from Python, not train.py
     info = setup(cfg.train.device)
     try:
@@ -298,7 +299,6 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     # The current logging window: its start, and the time in it spent waiting for data and on
     # checkpoints, validation and previews (left out of the step rate).
     tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
-    stopping = False
     bucket_losses: dict[str, list[float]] = defaultdict(list)
     while step < t.max_steps:
         for group in opt.param_groups:
@@ -367,7 +367,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     reader.close()
     logger.close()
     stop.restore()
-    if stopping:
+    if step < t.max_steps:  # stopped early by a signal (at the last step it is done anyway)
         stopped(stop, step, run_dir)
     return run_dir
 

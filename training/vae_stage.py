@@ -31,7 +31,8 @@ from bucketing import BatchSchedule
 from models.discriminator import (PatchDiscriminator, generator_hinge_loss, hinge_d_loss,
                                   share_batch_statistics)
 from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae, state_dict_problems
-from training.checkpoint import Checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from training.checkpoint import (Checkpoint, load_checkpoint, read_state, resolve_resume,
+                                 save_checkpoint)
 from training.config import Config, ConfigError, resolve_path, validate_config
 from training.data import to_unit_range
 from training.distributed import DistInfo, agree, all_reduce_mean, setup, teardown
@@ -60,7 +61,7 @@ def vae_architecture(config: VAEConfig) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in USAGE_FIELDS}
 
 
-def build_vae(cfg: Config) -> AutoencoderKL:
+def build_vae(cfg: Config, check_keys: bool = True) -> AutoencoderKL:
     """A fresh VAE from the config's architecture, or the VAE named by `vae.init` with the
     config's `sample_size` (the tile size).
 
@@ -68,6 +69,8 @@ def build_vae(cfg: Config) -> AutoencoderKL:
     from it is refused (ConfigError naming each key and both values), since its saved copy
     would describe another model than the one trained. A key left at its default counts as
     set: a config with `vae.init` spells out the architecture of the VAE it names.
+    `check_keys=False` skips that check, for the configs of checkpoints written before it
+    existed (their weights are checked against the model instead: `check_resume_compatible`).
     """
     v = cfg.vae
     if not v.init:
@@ -86,7 +89,7 @@ def build_vae(cfg: Config) -> AutoencoderKL:
     values = {k: (json.dumps(getattr(v, k)), json.dumps(getattr(vae.config, k)))
               for k in ARCH_KEYS}  # as the config file spells them (tuples as lists)
     conflicts = [f"vae.{k} is {ours} in the config, {theirs} in the VAE"
-                 for k, (ours, theirs) in values.items() if ours != theirs]
+                 for k, (ours, theirs) in values.items() if ours != theirs and check_keys]
     if conflicts:
         raise ConfigError(f"{path}: vae.init names a VAE of another architecture than the "
                           f"config's: {'; '.join(conflicts)} (set these keys to the VAE's values: "
@@ -184,7 +187,8 @@ def check_resume_compatible(vae: AutoencoderKL, ckpt: Checkpoint) -> None:
 
 
 def train_vae(cfg: Config, resume: str | None = None) -> Path:
-    """Run the VAE stage; returns the run folder."""
+    """Run the VAE stage; returns the run folder. A signal that stops it before
+    `train.max_steps` raises `TrainingStopped` once the checkpoint is saved."""
     validate_config(cfg)  # also when called from Python, not train.py
     info: DistInfo = setup(cfg.train.device)
     try:
@@ -204,7 +208,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     resume_path = find_resume(cfg, resume, info.world_size)
     plan = plan_data(cfg, info)
 
-    vae = build_vae(cfg).to(device)
+    recorded = resume_path is None or "vae_architecture" in read_state(resume_path)
+    vae = build_vae(cfg, check_keys=recorded).to(device)
     disc = PatchDiscriminator(3, v.disc_channels, v.disc_layers).to(device)
     disc = share_batch_statistics(disc, device, info.world_size)
     lpips = None
@@ -263,7 +268,6 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     # The current logging window: its start, and the time in it spent waiting for data and on
     # checkpoints and evaluation (left out of the step rate).
     tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
-    stopping = False
     while step < t.max_steps:
         t_data = time.perf_counter()
         batch = next(batches)
@@ -359,12 +363,12 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
         paused += time.perf_counter() - started
     bar.close()
-    if main and not stopping:
+    if main and step >= t.max_steps:  # trained to the end (a stop at the last step included)
         export_vae(vae, ema, ema_model, loader_for_scale(cfg, plan, info, info.world_size),
                    device, run_dir / "vae", v.scale_images)
     logger.close()
     stop.restore()
-    if stopping:
+    if step < t.max_steps:  # stopped early by a signal (at the last step it is done anyway)
         stopped(stop, step, run_dir)
     return run_dir
 
@@ -391,7 +395,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> 
     info = setup("cpu" if cfg.train.device == "auto" and not torch.cuda.is_available()
                  else cfg.train.device)
     plan = plan_data(cfg, info)
-    vae = build_vae(cfg).to(info.device)
+    vae = build_vae(cfg, check_keys="vae_architecture" in ckpt.state).to(info.device)
     check_resume_compatible(vae, ckpt)
     vae.load_state_dict(ckpt.group("model"))
     ema = EMA(vae, cfg.train.ema_decay)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from training.config import Config, ConfigError, from_dict
+from training.config import Config, ConfigError, TrainingStopped, from_dict
 from training.dit_stage import train_dit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -181,6 +181,23 @@ def test_dit_stage_stop_signal_skips_the_remaining_previews(tmp_path: Path,
     assert len(list(samples.glob("step_0000002_*.png"))) < 3  # the last grid was skipped
     assert "signal 15: saved step 3 and stopped" in err
     assert load_checkpoint(latest_checkpoint(tmp_path / "run")).step == 3
+
+
+def test_dit_stage_stop_at_the_last_step_is_a_finished_run(tmp_path: Path, tiny_vae: Path,
+                                                          monkeypatch) -> None:
+    # A stop request in every step (as from a signal to another rank): at the last step the run
+    # is done, so it returns as usual rather than saying it stopped early.
+    from training import dit_stage
+
+    real_agree = dit_stage.agree
+    monkeypatch.setattr(dit_stage, "agree", lambda loss, stop: real_agree(loss, True))
+    cfg = json.loads(_config(tmp_path / "c.json", tmp_path / "run", tiny_vae,
+                             max_steps=1).read_text())
+    assert train_dit(from_dict(Config, cfg)) == tmp_path / "run"
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run")).step == 1
+    cfg["train"]["max_steps"] = 3
+    with pytest.raises(TrainingStopped, match="saved step 2 and stopped"):
+        train_dit(from_dict(Config, cfg), resume=str(tmp_path / "run"))
 
 
 def test_dit_stage_resume_skips_incomplete_checkpoint(tmp_path: Path, tiny_vae: Path) -> None:

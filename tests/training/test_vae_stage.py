@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from training.config import Config, ConfigError, from_dict, save_config
+from training import vae_stage
+from training.config import Config, ConfigError, TrainingStopped, from_dict, save_config
 from training.vae_stage import build_vae, export_checkpoint, train_vae
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -229,8 +230,11 @@ def test_vae_stage_resumes_a_checkpoint_without_a_recorded_architecture(tmp_path
     assert state.pop("vae_architecture")["latent_channels"] == 4
     state["config"]["vae"]["latent_channels"] = 16  # a key that did not describe the init
     state_file.write_text(json.dumps(state))
-    cfg.train.max_steps = 2
-    train_vae(cfg, resume="")
+    exported = export_checkpoint(run, tmp_path / "exported")  # with the config it holds
+    assert load_vae(exported).config.latent_channels == 4
+    saved = from_dict(Config, state["config"])
+    saved.train.max_steps = 2
+    train_vae(saved, resume="")
     assert load_checkpoint(latest_checkpoint(run)).state["vae_architecture"]["latent_channels"] == 4
     # step 1 again, with an init of 8 latent channels: its weights refuse it
     cfg = _cfg(run, max_steps=3)
@@ -238,6 +242,27 @@ def test_vae_stage_resumes_a_checkpoint_without_a_recorded_architecture(tmp_path
     cfg.vae.latent_channels = 8
     with pytest.raises(ConfigError, match="another model .*differing: weights: .*wrongly shaped"):
         train_vae(cfg, resume=str(state_file.parent))
+
+
+@pytest.mark.parametrize("max_steps", [1, 2])
+def test_vae_stage_signal_stops_early_but_not_at_the_end(tmp_path: Path, monkeypatch,
+                                                          max_steps: int) -> None:
+    # A stop request every step (as if a signal had reached another rank): a run stopped before
+    # max_steps raises TrainingStopped after saving; one stopped at its last step is finished,
+    # so it exports its VAE and returns as usual.
+    real_agree = vae_stage.agree
+    monkeypatch.setattr(vae_stage, "agree", lambda loss, stop: real_agree(loss, True))
+    cfg = _cfg(tmp_path / "run", max_steps=max_steps)
+    if max_steps == 1:
+        assert train_vae(cfg) == tmp_path / "run"
+        assert (tmp_path / "run" / "vae" / "config.json").is_file()
+    else:
+        with pytest.raises(TrainingStopped, match="signal on another process: saved step 1 and "
+                           "stopped; `train.py --resume .*/run` continues it") as stopped:
+            train_vae(cfg)
+        assert stopped.value.signum == signal.SIGTERM
+        assert not (tmp_path / "run" / "vae").exists()
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run")).step == 1
 
 
 def test_vae_stage_resume_refuses_another_runs_folder(tmp_path: Path) -> None:
