@@ -989,6 +989,9 @@ def save_vae(model: AutoencoderKL, folder: str | Path, *, overwrite: bool = Fals
         tmp.mkdir(parents=True)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        umask = os.umask(0)  # safetensors creates the file owner-only (0600): as other files
+        os.umask(umask)
+        os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~umask)
         config = json.dumps(model.config.to_diffusers_dict(), indent=2) + "\n"
         (tmp / CONFIG_NAME).write_text(config)
         for name in (WEIGHTS_NAME, CONFIG_NAME):

@@ -33,6 +33,20 @@ def cache_dir(_session_cache_dir: Path) -> Path:
 
 
 @pytest.fixture
+def assert_shared_mode():
+    """A check that files have the permissions the umask gives any new file (safetensors alone
+    would leave weights readable by their owner only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def check(*paths: Path) -> None:
+        for path in paths:
+            assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, (path, oct(umask))
+
+    return check
+
+
+@pytest.fixture
 def error_line(capsys: pytest.CaptureFixture):
     """A reader of what a command line wrote to stderr: checks that it is one line starting
     "error: " (bad input is a one-line error) and returns it."""

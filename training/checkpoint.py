@@ -259,6 +259,7 @@ def save_checkpoint(
         for group, named in tensors.items():
             file = tmp / f"{group}{TENSOR_SUFFIX}"
             safetensors.torch.save_file(_cpu_copies(named), file, metadata={"format": "pt"})
+            share_like_other_files(file)
             _fsync_file(file)
         with open(tmp / TORCH_STATE_FILE, "wb") as f:
             torch.save(torch_state, f)
@@ -344,6 +345,17 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def share_like_other_files(path: Path) -> None:
+    """Give a file safetensors wrote the permissions the umask gives any new file.
+
+    safetensors creates its files readable by their owner alone (0600), so on a shared disk
+    nobody else could read the weights of a run or an export.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def fsync_dir(path: Path) -> None:

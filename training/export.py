@@ -32,7 +32,7 @@ from models.dit import DiT, DiTConfig
 from models.vae import (AutoencoderKL, kept_vae_folder, load_vae, state_dict_problems,
                         vae_fingerprint)
 from training.checkpoint import (SET_ASIDE, STATE_FILE, list_checkpoints, resolve_resume,
-                                 step_dir_name)
+                                 share_like_other_files, step_dir_name)
 from training.config import REPO_ROOT, portable_path, resolve_path
 
 EXPORT_FORMAT = "dit-export"
@@ -267,6 +267,7 @@ def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = No
         tmp.mkdir()
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS_FILE,
                   metadata={"format": "pt"})
+        share_like_other_files(tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for file in (tmp / WEIGHTS_FILE, tmp / CONFIG_FILE):
             with open(file, "rb") as f:

@@ -264,9 +264,10 @@ def test_vae_loads_old_attention_names_from_bin(tmp_path):
 
 
 @pytest.mark.parametrize("config", [SD_LIKE, FLUX_LIKE], ids=IDS[:2])
-def test_vae_save_vae_loads_in_diffusers(tmp_path, config):
+def test_vae_save_vae_loads_in_diffusers(tmp_path, config, assert_shared_mode):
     ours = _our_vae(config)
     save_vae(ours, tmp_path / "out")
+    assert_shared_mode(*(tmp_path / "out").iterdir())
     peer = DiffusersAutoencoderKL.from_pretrained(tmp_path / "out").eval()
     assert peer.config.scaling_factor == config.scaling_factor
     assert peer.config.shift_factor == config.shift_factor

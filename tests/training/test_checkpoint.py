@@ -40,7 +40,7 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def test_checkpoint_round_trip_resumes_optimizer_exactly(tmp_path):
+def test_checkpoint_round_trip_resumes_optimizer_exactly(tmp_path, assert_shared_mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -77,6 +77,7 @@ def test_checkpoint_round_trip_resumes_optimizer_exactly(tmp_path):
         "optim.pt",
         "state.json",
     ]
+    assert_shared_mode(*path.iterdir())
     assert set(torch.load(path / "optim.pt", weights_only=True)) == {"optimizer", "scheduler"}
 
     ckpt = load_checkpoint(tmp_path)

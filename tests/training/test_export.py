@@ -20,10 +20,12 @@ from training.export import ExportError, export_dit, export_name, is_export, loa
 CLASSES = sorted(SYNTHETIC_CLASSES)  # class names are the sorted sub-folder names
 
 
-def test_export_gives_the_pixels_of_its_run(tiny_run: Path, loaded, tmp_path: Path) -> None:
+def test_export_gives_the_pixels_of_its_run(tiny_run: Path, loaded, tmp_path: Path,
+                                            assert_shared_mode) -> None:
     out = export_dit(tiny_run, tmp_path / "export")
     assert is_export(out) and sorted(p.name for p in out.iterdir()) == ["config.json",
                                                                          "model.safetensors"]
+    assert_shared_mode(*out.iterdir())
     meta = json.loads((out / "config.json").read_text())
     assert meta["step"] == 2 and meta["class_names"] == CLASSES and meta["base_tokens"] == 64
     assert len(meta["vae_fingerprint"]) == 64 and meta["model_config"]["hidden_size"] == 64
