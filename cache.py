@@ -933,7 +933,7 @@ def prune_cache(cache_dir: str | os.PathLike[str], keep: Iterable[str],
     entries, removed = result["entries_removed"], result["shards_removed"]
     rewritten, freed = result["shards_rewritten"], _size(result["bytes_freed"])
     if dry_run:
-        log(f"dry run, nothing changed: prune would remove {_entries(entries)} ({removed} "
+        log(f"dry run, nothing pruned: prune would remove {_entries(entries)} ({removed} "
             f"shard(s) deleted, {rewritten} rewritten) and would free about {freed}")
     else:
         log(f"pruned {_entries(entries)}: {removed} shard(s) removed, {rewritten} rewritten, "

@@ -176,6 +176,7 @@ def dry_run(cfg: Config) -> None:
     from training.loop import plan_data
 
     scan, buckets, placements = bucket_dataset(cfg.data, cfg.batch_size, progress=True)
+    print("all images, the held-out validation ones included:")
     print(format_report(report(scan, buckets, placements)))
     plan = plan_data(cfg, DistInfo(0, 1, 0, torch.device("cpu")))  # prints the scan summary
     epoch = plan.schedule.epoch_plan(0)

@@ -563,7 +563,7 @@ def test_cache_prune_dry_run_reports_groups_and_changes_nothing(tmp_path: Path) 
     assert (dry["shards_reindexed"], dry["leftovers_removed"]) == (1, 1)
     assert dry["shards_removed"] > 0 and dry["shards_rewritten"] > 0
     assert sum(g["bytes"] for g in dry["groups"]) == dry["bytes_freed"] > 0
-    assert logs[0].startswith(f"dry run, nothing changed: prune would remove "
+    assert logs[0].startswith(f"dry run, nothing pruned: prune would remove "
                               f"{dry['entries_removed']} entries (")
     assert len(logs) == 2 + len(previewed) and "(not counted above)" in logs[-1]
     for group, line in zip(dry["groups"], logs[1:]):

@@ -125,7 +125,8 @@ class DiTStageConfig:
     adam_beta2: float = 0.95
     val_bins: int = 8  # validation loss is reported per timestep bin
     val_images: int = 64  # at most this many held-out images for the validation loss
-    sample_sizes: list[str] = field(default_factory=lambda: ["256x256", "320x192", "192x320"])
+    # preview grids, "WxH" in pixels; empty: the run's buckets nearest to 1:1, 5:3 and 3:5
+    sample_sizes: list[str] = field(default_factory=list)
     sample_steps: int = 28
     cfg_scale: float = 4.0
     num_samples: int = 4  # images per sample grid

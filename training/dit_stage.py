@@ -26,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from bucketing import BatchSchedule
+from bucketing import BatchSchedule, assign
 from cache import LatentReader, ensure_cache, flip_from_seed, step_generator
 from inference.pipelines import generate, image_grid, parse_size, tensor_to_pil
 from models.dit import DiT
@@ -108,6 +109,24 @@ def train_dit(cfg: Config, resume: str | None = None) -> Path:
         teardown()
 
 
+PREVIEW_ASPECTS = (1.0, 5 / 3, 3 / 5)  # width / height of the default preview grids
+
+
+def preview_sizes(sizes: list[str], buckets: list[tuple[int, int]],
+                  step_px: int) -> list[tuple[int, int]]:
+    """(width, height) in pixels of the preview grids: `sizes` ("WxH") rounded down to whole
+    tokens (multiples of `step_px`), or when empty the buckets of the run nearest in aspect to
+    `PREVIEW_ASPECTS` (ties: the larger), so the previews follow `data.resolution`."""
+    if sizes:
+        out = [parse_size(size) for size in sizes]
+        return [(max(step_px, w // step_px * step_px), max(step_px, h // step_px * step_px))
+                for w, h in out]
+    grid = np.asarray(buckets)
+    # an image far larger than any bucket, of the aspect wanted, covers them all
+    picks = [buckets[assign(round(10_000 * a), 10_000, grid).bucket] for a in PREVIEW_ASPECTS]
+    return list(dict.fromkeys(picks))  # distinct, in order
+
+
 class BatchPrefetcher:
     """Reads the next micro-batch from the latent cache on one background thread while the
     current one trains.
@@ -176,9 +195,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         if step >= t.max_steps:
             raise ConfigError(f"{resume_path} is at step {step}, so train.max_steps "
                               f"{t.max_steps} leaves nothing to train; raise --max-steps")
-        if main:
-            print(f"resumed from {resume_path} at step {step}", flush=True)
     run_dir = prepare_run_dir(cfg, resume_path, info, plan)
+    if main and resume_path is not None:  # once nothing is left to refuse it
+        print(f"resumed from {resume_path} at step {step}", flush=True)
 
     # Latent cache: build or update, then read from memory-mapped shards.
     cache_dir = resolve_path(d.cache_dir) if d.cache_dir else None
@@ -263,15 +282,15 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                             state_for_json(cfg, step, epoch, index, info.world_size, extra),
                             keep_last=t.keep_last)
 
+    grid_sizes = preview_sizes(d.sample_sizes, plan.buckets, step_px)
+
     def previews() -> None:
         ema.copy_to(ema_model)
         samples_dir = run_dir / "samples"
         samples_dir.mkdir(exist_ok=True)
-        for k, size in enumerate(d.sample_sizes):
+        for k, (w, h) in enumerate(grid_sizes):
             if stop.received:  # a stop request must not wait for the remaining grids
                 return
-            w, h = parse_size(size)
-            w, h = max(step_px, w // step_px * step_px), max(step_px, h // step_px * step_px)
             labels = [i % num_classes for i in range(d.num_samples)] if num_classes else None
             images = generate(ema_model, vae, h, w, d.num_samples, labels, d.cfg_scale,
                               d.sample_steps, seed=cfg.seed + k, base_tokens=d.base_tokens,

@@ -27,7 +27,8 @@ from training.checkpoint import (CHECKPOINTS, STATE_FILE, capture_rng_state, rea
 from training.config import (Config, ConfigError, TrainingAborted, TrainingStopped,
                              absolute_config, from_dict, portable_config, resolve_path,
                              save_config, to_dict)
-from training.data import ImageRecord, PixelDataset, ScheduleSampler, resolve_dataset, scan_folder
+from training.data import (ImageRecord, PixelDataset, ScheduleSampler, SkippedFile,
+                           resolve_dataset, scan_folder)
 from training.distributed import (DistInfo, all_gather_objects, barrier, main_first,
                                   on_every_rank)
 
@@ -383,10 +384,14 @@ def _plan_from_scan(cfg: Config, dist: DistInfo, scanned: tuple) -> DataPlan:
         raise ConfigError(f"{scan.root}: no usable image (see the skip list above)")
     eval_records: list[ImageRecord] = []
     eval_placements: list = []
+    skipped = list(scan.skipped)  # with the validation folder's, for skipped.json
     if cfg.data.eval_dataset:
         eval_scan = scan_folder(resolve_dataset(cfg.data.eval_dataset),
                                 use_classes=cfg.data.use_classes,
                                 max_pixels=cfg.data.max_image_pixels, num_workers=1)
+        if dist.is_main:
+            print(eval_scan.summary(), flush=True)
+        skipped += eval_scan.skipped
         if not eval_scan.records:
             raise ConfigError(f"{cfg.data.eval_dataset}: no usable validation image "
                               f"({len(eval_scan.skipped)} file(s) skipped)")
@@ -397,12 +402,19 @@ def _plan_from_scan(cfg: Config, dist: DistInfo, scanned: tuple) -> DataPlan:
         grid = np.asarray(buckets)
         for rec in eval_scan.records:
             p = assign(rec.width, rec.height, grid, cfg.data.allow_upscale)
-            if p is not None:
-                if rec.label >= 0:  # by name: the folder may hold only some of the classes
-                    rec = replace(rec, label=scan.class_names.index(
-                        eval_scan.class_names[rec.label]))
-                eval_records.append(rec)
-                eval_placements.append(p)
+            if p is None:
+                skipped.append(SkippedFile(rec.path, f"too small or too thin: {rec.width}x"
+                                           f"{rec.height} covers no bucket (validation image)"))
+                continue
+            if rec.label >= 0:  # by name: the folder may hold only some of the classes
+                rec = replace(rec, label=scan.class_names.index(
+                    eval_scan.class_names[rec.label]))
+            eval_records.append(rec)
+            eval_placements.append(p)
+        if not eval_records:
+            raise ConfigError(f"{cfg.data.eval_dataset}: none of its {len(eval_scan.records)} "
+                              "usable validation images covers a bucket (too small or too thin; "
+                              "allow upscaling to keep them)")
     elif cfg.data.holdout > 0:
         held = set(held_out(records, cfg.data))  # as `bucket_dataset` left them out of merging
         eval_records = [records[i] for i in sorted(held)]
@@ -422,7 +434,7 @@ def _plan_from_scan(cfg: Config, dist: DistInfo, scanned: tuple) -> DataPlan:
     if dist.is_main:
         warn_unused(schedule)
     return DataPlan(records, placements, buckets, schedule, eval_records, eval_placements,
-                    scan.class_names, scan.skipped)
+                    scan.class_names, skipped)
 
 
 def warn_unused(schedule: BatchSchedule) -> None:

@@ -234,9 +234,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         if step >= t.max_steps:
             raise ConfigError(f"{resume_path} is at step {step}, so train.max_steps "
                               f"{t.max_steps} leaves nothing to train; raise --max-steps")
-        if main:
-            print(f"resumed from {resume_path} at step {step}", flush=True)
     run_dir = prepare_run_dir(cfg, resume_path, info, plan)
+    if main and resume_path is not None:  # once nothing is left to refuse it
+        print(f"resumed from {resume_path} at step {step}", flush=True)
     if main:
         n = sum(p.numel() for p in vae.parameters())
         print(f"VAE: {n / 1e6:.2f}M parameters, downsampling {vae.downsample_factor}, "

@@ -200,6 +200,18 @@ def test_dit_stage_stop_at_the_last_step_is_a_finished_run(tmp_path: Path, tiny_
         train_dit(from_dict(Config, cfg), resume=str(tmp_path / "run"))
 
 
+def test_dit_stage_preview_sizes_follow_the_bucket_grid() -> None:
+    from bucketing import make_buckets
+    from training.dit_stage import preview_sizes
+
+    # by default the run's own buckets nearest 1:1, 5:3 and 3:5, whatever its resolution
+    assert preview_sizes([], make_buckets(128, 16), 16) == [(128, 128), (160, 96), (96, 160)]
+    assert preview_sizes([], make_buckets(64, 16), 16) == [(64, 64), (80, 48), (48, 80)]
+    assert preview_sizes([], make_buckets(32, 16), 16) == [(32, 32)]  # one shape only
+    # sizes given are kept, rounded down to whole tokens
+    assert preview_sizes(["100x50", "8x40"], make_buckets(64, 16), 16) == [(96, 48), (16, 32)]
+
+
 def test_dit_stage_resume_skips_incomplete_checkpoint(tmp_path: Path, tiny_vae: Path) -> None:
     cfg = _config(tmp_path / "c.json", tmp_path / "run", tiny_vae, max_steps=2, ckpt_every=2)
     assert _train("--config", str(cfg)).returncode == 0

@@ -112,6 +112,41 @@ def test_loop_plan_data_gives_validation_images_the_training_labels(tmp_path: Pa
         plan_data(cfg, one)
 
 
+def test_loop_plan_data_lists_the_validation_folders_skipped_files(tmp_path: Path,
+                                                                   capsys) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from training.config import Config, ConfigError, from_dict
+    from training.distributed import DistInfo
+    from training.loop import plan_data
+
+    rng = np.random.default_rng(0)
+    for folder in ("train", "val"):
+        (tmp_path / folder).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / folder / f"{i}.png")
+    (tmp_path / "val" / "broken.png").write_bytes(b"not an image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "tiny.png")
+    cfg = from_dict(Config, {"batch_size": 2, "data": {
+        "dataset": str(tmp_path / "train"), "eval_dataset": str(tmp_path / "val"),
+        "resolution": 32, "num_workers": 0}})
+    one = DistInfo(0, 1, 0, torch.device("cpu"))
+    plan = plan_data(cfg, one)
+    assert len(plan.eval_records) == 2
+    reasons = {Path(s.path).name: s.reason for s in plan.skipped}  # what skipped.json lists
+    assert set(reasons) == {"broken.png", "tiny.png"}
+    assert reasons["tiny.png"].startswith("too small or too thin: 8x8 covers no bucket")
+    summary = f"{(tmp_path / 'val').resolve()}: 3 usable image(s), 1 skipped"
+    assert summary in capsys.readouterr().out
+    (tmp_path / "val" / "0.png").unlink()
+    (tmp_path / "val" / "1.png").unlink()
+    with pytest.raises(ConfigError, match="none of its 1 usable validation images covers a bucket"):
+        plan_data(cfg, one)
+
+
 def test_loop_lr_factor_warms_up_then_follows_the_schedule() -> None:
     import math
 

@@ -265,13 +265,15 @@ def test_vae_stage_signal_stops_early_but_not_at_the_end(tmp_path: Path, monkeyp
     assert load_checkpoint(latest_checkpoint(tmp_path / "run")).step == 1
 
 
-def test_vae_stage_resume_refuses_another_runs_folder(tmp_path: Path) -> None:
+def test_vae_stage_resume_refuses_another_runs_folder(tmp_path: Path, capsys) -> None:
     a = train_vae(_cfg(tmp_path / "a", max_steps=2, ckpt_every=1))
     b = train_vae(_cfg(tmp_path / "b", max_steps=2, keep_last=1))
     before = _files(b)
+    capsys.readouterr()
     with pytest.raises(ConfigError, match="already holds checkpoints of another run"):
         train_vae(_cfg(b, max_steps=3, keep_last=1), resume=str(a / "checkpoints" / "step_0000001"))
     assert _files(b) == before
+    assert "resumed from" not in capsys.readouterr().out  # refused: nothing was resumed
     # an empty folder takes a fork of the run
     fork = train_vae(_cfg(tmp_path / "fork", max_steps=3), resume=str(a))
     assert [p.name for p in list_checkpoints(fork)] == ["step_0000003"]
