@@ -478,6 +478,8 @@ def resolve_dataset(spec: str, cache_dir: str | os.PathLike[str] | None = None) 
         base = Path(cache_dir) if cache_dir else default_cache_dir()
         return make_synthetic(base / "synthetic" / f"v{SYNTHETIC_VERSION}_n{count}", count)
     path = Path(spec).expanduser()
+    if path.is_file():
+        raise FileNotFoundError(f"{spec}: a file, not a dataset folder")
     if not path.is_dir():
         raise FileNotFoundError(f"{spec}: dataset folder not found")
     return path

@@ -256,8 +256,9 @@ def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = No
             "class_names": info.class_names, "base_tokens": info.base_tokens,
             "resolution": info.resolution, "vae": portable_path(info.vae),
             "vae_fingerprint": _checked_fingerprint(
-                load_vae(info.vae), info.vae, info, "it changed since training, so an export "
-                "would pair the model with the wrong latent space"),
+                load_vae(info.vae), info.vae, info,
+                ("it changed since training, so " if vae is None else "given by --vae: ")
+                + "an export would pair the model with the wrong latent space"),
             "source": portable_path(folder)}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"

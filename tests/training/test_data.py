@@ -439,8 +439,11 @@ def test_data_synthetic_is_deterministic(tmp_path: Path) -> None:
 def test_data_resolve_dataset(tmp_path: Path, cache_dir: Path) -> None:
     path = resolve_dataset("synthetic:8")
     assert path.is_relative_to(cache_dir) and (path / "DONE").exists()
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(FileNotFoundError, match="missing: dataset folder not found"):
         resolve_dataset(str(tmp_path / "missing"))
+    (tmp_path / "one.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="one.png: a file, not a dataset folder"):
+        resolve_dataset(str(tmp_path / "one.png"))
     for spec in ("synthetic:abc", "synthetic:0"):
         with pytest.raises(ValueError, match=f"{spec}: expected synthetic:N with N a positive"):
             resolve_dataset(spec)

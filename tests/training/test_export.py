@@ -109,6 +109,8 @@ def test_export_refuses_a_vae_changed_since_training(tiny_run: Path, tmp_path: P
         state_file.write_text(json.dumps(state))
     with pytest.raises(ExportError, match="changed since training"):
         export_dit(run, tmp_path / "export")
+    with pytest.raises(ExportError, match="not the VAE .* given by --vae: an export would pair"):
+        export_dit(tiny_run, tmp_path / "export", vae=other)
     assert not (tmp_path / "export").exists()
 
 
