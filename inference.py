@@ -19,7 +19,13 @@ takes the diffusers config.json beside it, else its config is inferred with a wa
 Each sample i is drawn from noise seeded with seed + i; its PNG carries the parameters that
 made it as text chunks, and grid_NNNN.png shows them all; numbering continues after the
 images and grids already in --out, so nothing there is overwritten. A reconstruction never
-replaces an existing file. --out is checked before any model is loaded.
+replaces an existing file.
+
+Checks run in this order: the flags (a flag the chosen mode would ignore is refused), the input
+paths (and the image is decoded), --out, then the model and VAE are loaded; what only they can
+tell (weights that do not fit, an unknown class, an image below the grid) is refused then.
+Exit status: 0 done; 2 bad input, refused before anything is written; 1 a failure while
+sampling, reconstructing or writing.
 """
 
 from __future__ import annotations
@@ -39,74 +45,135 @@ from dotenv import load_dotenv
 
 REPO_ROOT = Path(__file__).resolve().parent
 DTYPES = ("fp32", "bf16", "fp16")
+BAD_INPUT = 2  # refused before anything is written, as argparse does for its own errors
+FAILED = 1  # the input was accepted, then sampling, reconstructing or writing failed
+
+# The sampling flags default to None in the parser, so that one given to reconstruction, which
+# would ignore it, can be told from one left out (even when given its default value); sampling
+# fills in these values.
+SAMPLING_DEFAULTS = {"num_samples": 4, "cfg_scale": 4.0, "steps": 28, "sampler": "euler",
+                     "seed": 0}
+IMG2IMG_STRENGTH = 0.6
+RECONSTRUCTION_FLAGS = ("--config", "--vae", "--image", "--out", "--device", "--dtype", "--json")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every flag with its default; --checkpoint selects sampling, else reconstruction."""
+    """Every flag; --checkpoint selects sampling, else reconstruction. Flags that only sampling
+    uses default to None (False for switches), so `usage_error` can tell which were given."""
     parser = argparse.ArgumentParser(
         description="Sample from a DiT (--checkpoint), re-imagine an image (--checkpoint "
                     "--image), or reconstruct an image through a VAE (--config/--vae --image).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", default=None,
+        epilog="Exit status: 0 done; 2 bad input, refused before anything is written; 1 a "
+               "failure while sampling, reconstructing or writing.")
+    inputs = parser.add_argument_group("inputs and output")
+    inputs.add_argument("--checkpoint", metavar="PATH",
                         help="DiT run folder (newest complete checkpoint), checkpoint folder or "
                              "export folder; selects sampling")
-    parser.add_argument("--step", type=int, default=None,
+    inputs.add_argument("--step", type=int, metavar="N",
                         help="with a run folder: load this step's checkpoint")
-    parser.add_argument("--config", default=None,
+    inputs.add_argument("--config", metavar="JSON",
                         help="reconstruction: a VAE config.json; weights from the same folder")
-    parser.add_argument("--vae", default=None,
+    inputs.add_argument("--vae", metavar="PATH",
                         help="a VAE folder, config.json, or single .safetensors/.ckpt file (with "
-                             "the diffusers config.json beside it, if there is one; sampling: "
-                             "overrides the VAE recorded with the checkpoint)")
-    parser.add_argument("--image", default=None,
+                             "the diffusers config.json beside it, if there is one); "
+                             "reconstruction: instead of --config; sampling: overrides the VAE "
+                             "recorded with the checkpoint")
+    inputs.add_argument("--image", metavar="PATH",
                         help="input image: reconstruction, or image-to-image with --checkpoint")
-    parser.add_argument("--out", default=None,
+    inputs.add_argument("--out", metavar="PATH",
                         help="sampling: output folder (required); reconstruction: output image "
                              "file (.png, .jpg, ...) or folder (ending in /, or existing) for "
                              "*_recon.png (default: next to the input); never overwritten")
-    parser.add_argument("--num-samples", type=int, default=4, help="images to sample")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per forward pass (default: all at once)")
-    parser.add_argument("--size", default=None,
-                        help="WIDTHxHEIGHT, snapped to multiples of VAE factor × patch (default: "
-                             "the training resolution, square; image-to-image: the input's "
-                             "size)")
-    parser.add_argument("--class-label", default=None,
-                        help="class name or index (default: cycle through the classes)")
-    parser.add_argument("--cfg-scale", type=float, default=4.0,
-                        help="classifier-free guidance scale (1: conditional model alone)")
-    parser.add_argument("--steps", type=int, default=28,
-                        help="integration steps from noise to image (image-to-image: about "
-                             "strength × steps)")
-    parser.add_argument("--sampler", default="euler", choices=["euler", "heun"],
-                        help="heun evaluates the model twice per step")
-    parser.add_argument("--seed", type=int, default=0, help="sample i uses noise seed + i")
-    parser.add_argument("--strength", type=float, default=None,
-                        help="image-to-image only: 0 keeps the input, 1 ignores it (default 0.6)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="fp32", choices=DTYPES,
-                        help="DiT autocast dtype; the VAE too unless its config forces fp32")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    sampling = parser.add_argument_group(
+        "sampling and image-to-image (--checkpoint); refused in reconstruction")
+    sampling.add_argument("--num-samples", type=int, metavar="N",
+                          help=f"images to sample (default: {SAMPLING_DEFAULTS['num_samples']})")
+    sampling.add_argument("--batch-size", type=int, metavar="N",
+                          help="images per forward pass (default: all at once)")
+    sampling.add_argument("--size", metavar="WxH",
+                          help="WIDTHxHEIGHT, snapped to multiples of VAE factor × patch "
+                               "(default: the training resolution, square; image-to-image: the "
+                               "input's size)")
+    sampling.add_argument("--class-label", metavar="NAME_OR_INDEX",
+                          help="class name or index (default: cycle through the classes)")
+    sampling.add_argument("--cfg-scale", type=float, metavar="S",
+                          help="classifier-free guidance scale (1: conditional model alone; "
+                               f"default: {SAMPLING_DEFAULTS['cfg_scale']})")
+    sampling.add_argument("--steps", type=int, metavar="N",
+                          help="integration steps from noise to image (image-to-image: about "
+                               f"strength × steps; default: {SAMPLING_DEFAULTS['steps']})")
+    sampling.add_argument("--sampler", choices=["euler", "heun"],
+                          help="heun evaluates the model twice per step (default: "
+                               f"{SAMPLING_DEFAULTS['sampler']})")
+    sampling.add_argument("--seed", type=int, metavar="N",
+                          help="sample i uses noise seed + i (default: "
+                               f"{SAMPLING_DEFAULTS['seed']})")
+    sampling.add_argument("--strength", type=float, metavar="S",
+                          help="image-to-image only: 0 keeps the input, 1 ignores it (default: "
+                               f"{IMG2IMG_STRENGTH})")
+    sampling.add_argument("--no-progress", action="store_true", help="no progress bar")
+    every = parser.add_argument_group("every mode")
+    every.add_argument("--device", default="auto",
+                       help="auto, cpu, cuda or cuda:N (default: auto, a GPU if there is one)")
+    every.add_argument("--dtype", default="fp32", choices=DTYPES,
+                       help="DiT autocast dtype; the VAE too unless its config forces fp32 "
+                            "(default: fp32)")
+    every.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def usage_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """Why this combination of flags is refused (one line), or None if it is fine: the chosen
+    mode needs its inputs, and a flag it would ignore is refused. A flag counts as given when
+    its value differs from the parser's default (None, or False for a switch)."""
+    given = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
+             if value != parser.get_default(dest)]
+    if args.checkpoint is not None:
+        if args.config is not None:
+            return "--config is for reconstruction; with --checkpoint use --vae to override " \
+                   "the VAE"
+        if args.strength is not None and args.image is None:
+            return "--strength is for image-to-image; give --image too"
+        if args.out is None:
+            return "give --out DIR for the sampled images"
+        return None
+    if args.image is None or (args.config is None and args.vae is None):
+        return "give --checkpoint RUN to sample, or --image with --config/--vae to reconstruct"
+    if args.config is not None and args.vae is not None:
+        return "--config and --vae both name the VAE to reconstruct through; give one of them"
+    ignored = [flag for flag in given if flag not in RECONSTRUCTION_FLAGS]
+    if ignored:
+        return ("reconstruction takes only --config or --vae, --image, --out, --device, --dtype "
+                f"and --json; {', '.join(ignored)} would be ignored")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     load_dotenv(REPO_ROOT / ".env")
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line each
-    args = build_parser().parse_args(argv)
-    if args.checkpoint is not None:
-        return sample(args)
-    if args.image is None:
-        print("error: give --checkpoint RUN to sample, or --image with --config/--vae to "
-              "reconstruct", file=sys.stderr)
-        return 2
-    return reconstruct(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = usage_error(parser, args)
+    if problem is not None:
+        return _refuse(problem)
+    return sample(args) if args.checkpoint is not None else reconstruct(args)
+
+
+def _refuse(problem: object) -> int:
+    """Report bad input (a message or an exception) in one line; the exit status for it."""
+    print(f"error: {problem}", file=sys.stderr)
+    return BAD_INPUT
+
+
+def _fail(exc: Exception) -> int:
+    """Report a failure after the input was accepted in one line; the exit status for it."""
+    print(f"error: {exc}", file=sys.stderr)
+    return FAILED
 
 
 def _device_and_dtype(args: argparse.Namespace):
-    """(torch.device, dtype) of --device and --dtype; ValueError for a device torch does not
-    know."""
+    """(torch.device, dtype) of --device and --dtype; ValueError for a device that torch does
+    not know or this machine does not have."""
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
@@ -114,10 +181,54 @@ def _device_and_dtype(args: argparse.Namespace):
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {args.device}: not a device (auto, cpu, cuda or cuda:N)"
-                         ) from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device}: not a device (auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"--device {args.device}: this machine has {count} CUDA device(s)")
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16,
                     "fp16": torch.float16}[args.dtype]
+
+
+def _sampling_values(args: argparse.Namespace) -> tuple[int, int] | None:
+    """Refuse sampling flags out of range (ValueError naming the flag); the --size asked for,
+    as (width, height), or None."""
+    from inference.pipelines import parse_size, snap_size
+
+    for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
+                        ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+    if not math.isfinite(args.cfg_scale):
+        raise ValueError(f"--cfg-scale {args.cfg_scale}: not a finite number")
+    if args.strength is not None and not 0 <= args.strength <= 1:
+        raise ValueError(f"--strength {args.strength}: must lie in [0, 1]")
+    if args.size is None:
+        return None
+    requested = parse_size(args.size)
+    snap_size(*requested, 1)  # sides must be positive; the grid is known once a model is loaded
+    return requested
+
+
+def _check_vae(path: str, flag: str) -> None:
+    """Refuse a VAE path given by `flag` that does not exist, before anything is loaded."""
+    if not Path(path).exists():
+        what = "VAE config" if flag == "--config" else "VAE"
+        raise FileNotFoundError(f"{path}: the {what} given by {flag} was not found")
+
+
+def _read_image(path: str):
+    """The input image as RGB (`training.data.load_image`); "<path>: file not found" for a
+    path that does not exist."""
+    from training.data import load_image
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not an image file")
+    return load_image(path)
 
 
 def _check_folder(folder: Path) -> None:
@@ -162,47 +273,33 @@ def _recon_target(image: str, out: str | None) -> tuple[Path, str]:
 
 
 def sample(args: argparse.Namespace) -> int:
-    """Generate (or, with --image, image-to-image) into --out; one-line errors, exit 1 or 2."""
-    if args.out is None:
-        print("error: give --out DIR for the sampled images", file=sys.stderr)
-        return 2
-    if args.config is not None:
-        print("error: --config is for reconstruction; with --checkpoint use --vae to override "
-              "the VAE", file=sys.stderr)
-        return 2
-    if args.strength is not None and args.image is None:
-        print("error: --strength is for image-to-image; give --image too", file=sys.stderr)
-        return 2
-    if args.image is not None and args.strength is None:
-        args.strength = 0.6
-    if args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
-        print("error: --num-samples and --batch-size must be at least 1", file=sys.stderr)
-        return 2
-    if not math.isfinite(args.cfg_scale):
-        print(f"error: --cfg-scale {args.cfg_scale}: not a finite number", file=sys.stderr)
-        return 2
+    """Generate (or, with --image, image-to-image) into --out. Bad input is refused before
+    anything is written (exit 2); a failure while sampling or writing exits 1."""
     import torch
 
-    from inference.pipelines import (generate, grid_step, img2img, parse_size, prepare_image,
-                                     resolve_labels, save_images, snap_size)
-    from training.data import ImageLoadError, load_image
-    from training.export import load_generator
+    from inference.pipelines import (generate, grid_step, img2img, prepare_image, resolve_labels,
+                                     save_images, snap_size)
+    from training.export import checkpoint_folder, is_export, load_generator
 
+    for key, value in SAMPLING_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.image is not None and args.strength is None:
+        args.strength = IMG2IMG_STRENGTH
     started = time.perf_counter()
-    try:
+    try:  # the flags, the input files, --out, then the model; each refusal exits 2
         device, dtype = _device_and_dtype(args)
+        requested = _sampling_values(args)
+        if not is_export(Path(args.checkpoint)):
+            checkpoint_folder(Path(args.checkpoint), args.step)  # a missing run or step
+        if args.vae is not None:
+            _check_vae(args.vae, "--vae")
+        source = _read_image(args.image) if args.image is not None else None
         _check_folder(Path(args.out))
-        requested = parse_size(args.size) if args.size is not None else None
-        source = load_image(args.image) if args.image is not None else None
         model, vae, info = load_generator(args.checkpoint, args.step, device, args.vae,
                                           vae_dtype=dtype)
         step = grid_step(model, vae)
         labels = resolve_labels(args.class_label, info.class_names, args.num_samples)
-        common = dict(num_samples=args.num_samples, labels=labels, cfg_scale=args.cfg_scale,
-                      steps=args.steps, sampler=args.sampler, seed=args.seed,
-                      base_tokens=info.base_tokens,
-                      autocast_dtype=None if dtype == torch.float32 else dtype,
-                      progress=not args.no_progress, batch_size=args.batch_size)
         if requested is not None:
             width, height = snap_size(*requested, step)
             if requested != (width, height):
@@ -214,27 +311,35 @@ def sample(args: argparse.Namespace) -> int:
         else:  # square at the training resolution (older exports: sqrt(base_tokens) tokens)
             side = info.resolution or round(info.base_tokens ** 0.5) * step
             width, height = snap_size(side, side, step)
-        if source is not None:
-            image = prepare_image(source, step, (width, height))
+        image = prepare_image(source, step, (width, height)) if source is not None else None
+    except (OSError, ValueError) as exc:  # ImageLoadError and ExportError are ValueErrors
+        return _refuse(exc)
+    except RuntimeError as exc:  # out of memory while loading, say
+        return _fail(exc)
+    common = dict(num_samples=args.num_samples, labels=labels, cfg_scale=args.cfg_scale,
+                  steps=args.steps, sampler=args.sampler, seed=args.seed,
+                  base_tokens=info.base_tokens,
+                  autocast_dtype=None if dtype == torch.float32 else dtype,
+                  progress=not args.no_progress, batch_size=args.batch_size)
+    params = []
+    for i in range(args.num_samples):
+        meta = {"checkpoint": str(info.source), "step": info.step, "size": f"{width}x{height}",
+                "seed": args.seed, "index": i, "noise_seed": args.seed + i}
+        if labels is not None:
+            meta.update({"class": info.class_names[labels[i]], "class_index": labels[i],
+                         "cfg_scale": args.cfg_scale})
+        meta.update({"steps": args.steps, "sampler": args.sampler, "dtype": args.dtype})
+        if args.image is not None:
+            meta.update({"image": str(args.image), "strength": args.strength})
+        params.append(meta)
+    try:
+        if image is not None:
             images = img2img(model, vae, image, args.strength, **common)
         else:
             images = generate(model, vae, height, width, **common)
-        params = []
-        for i in range(args.num_samples):
-            meta = {"checkpoint": str(info.source), "step": info.step,
-                    "size": f"{width}x{height}", "seed": args.seed, "index": i,
-                    "noise_seed": args.seed + i}
-            if labels is not None:
-                meta.update({"class": info.class_names[labels[i]], "class_index": labels[i],
-                             "cfg_scale": args.cfg_scale})
-            meta.update({"steps": args.steps, "sampler": args.sampler, "dtype": args.dtype})
-            if args.image is not None:
-                meta.update({"image": str(args.image), "strength": args.strength})
-            params.append(meta)
-        paths = save_images(images, args.out, params)
-    except (OSError, ValueError, ImageLoadError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        paths = save_images(images, args.out, params)  # refuses NaN samples, writes nothing
+    except (OSError, ValueError, RuntimeError) as exc:
+        return _fail(exc)
     summary = {"out": str(args.out), "files": [str(p) for p in paths],
                "size": [width, height], "checkpoint": str(info.source), "step": info.step,
                "vae": str(info.vae), "classes": [info.class_names[i] for i in labels or []],
@@ -250,35 +355,40 @@ def sample(args: argparse.Namespace) -> int:
 
 
 def reconstruct(args: argparse.Namespace) -> int:
-    """Reconstruct --image through the VAE of --config or --vae; prints PSNR/SSIM."""
+    """Reconstruct --image through the VAE of --config or --vae; prints PSNR/SSIM. Bad input is
+    refused before anything is written (exit 2); a failure while reconstructing or writing
+    exits 1."""
     import torch
 
+    from inference.pipelines import crop_to_multiple
     from inference.pipelines import reconstruct as reconstruct_image
     from models.vae import load_vae
-    from training.data import ImageLoadError, load_image
 
-    source = args.vae or args.config
-    if source is None:
-        print("error: give --config vae/config.json or --vae PATH", file=sys.stderr)
-        return 2
-    try:
+    flag, source = ("--vae", args.vae) if args.vae is not None else ("--config", args.config)
+    try:  # the flags, the input files, --out, then the VAE; each refusal exits 2
         device, dtype = _device_and_dtype(args)
+        _check_vae(source, flag)
+        image = _read_image(args.image)
         out, image_format = _recon_target(args.image, args.out)
         vae = load_vae(source, device=device)
-        if dtype != torch.float32 and not vae.config.force_upcast:
-            vae = vae.to(dtype)
-        image = load_image(args.image)
+        if vae.config.force_upcast:
+            dtype = torch.float32
+        vae = vae.to(dtype)
         with _naming(args.image):
-            result = reconstruct_image(vae, image, device, dtype if not vae.config.force_upcast
-                                       else torch.float32)
+            image = crop_to_multiple(image, vae.downsample_factor)
+    except (OSError, ValueError) as exc:  # ImageLoadError is a ValueError
+        return _refuse(exc)
+    except RuntimeError as exc:  # out of memory while loading, say
+        return _fail(exc)
+    try:
+        result = reconstruct_image(vae, image, device, dtype)
         encoded = io.BytesIO()
         result.image.save(encoded, format=image_format)
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "xb") as file:  # "x": never replaces a file, even one made meanwhile
             file.write(encoded.getvalue())
-    except (OSError, ValueError, ImageLoadError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError, RuntimeError) as exc:
+        return _fail(exc)
     summary = {"image": str(args.image), "out": str(out), "size": list(result.image.size),
                "latent_shape": list(result.latent_shape), "psnr": round(result.psnr, 3),
                "ssim": round(result.ssim, 4), "tiled": result.tiled}

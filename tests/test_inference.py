@@ -3,6 +3,7 @@ and train.py --export of a DiT run, whose export inference.py loads."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -32,10 +33,24 @@ def tiny_vae(tmp_path: Path) -> Path:
     return save_vae(vae, tmp_path / "vae")
 
 
+@pytest.fixture(scope="module")
+def cli():
+    """inference.py loaded in process (the inference/ package shadows its module name)."""
+    spec = importlib.util.spec_from_file_location("inference_cli", REPO_ROOT / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _image(path: Path, w: int, h: int) -> Path:
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(path)
     return path
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: a snapshot to show that nothing was written."""
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_inference_reconstructs_at_own_size(tiny_vae: Path, tmp_path: Path) -> None:
@@ -99,7 +114,7 @@ def test_inference_reconstruction_never_overwrites(tiny_vae: Path, tmp_path: Pat
                             (str(tmp_path / "noext"), "noext: not an image file name")):
         args = ["--out", out_arg] if out_arg else []
         out = _run("--config", str(tiny_vae / "config.json"), "--image", str(img), *args)
-        assert out.returncode == 1
+        assert out.returncode == 2
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and reason in lines[0], out.stderr
     assert img.read_bytes() == original
@@ -114,7 +129,7 @@ def test_inference_image_too_small_error_names_it(tiny_vae: Path, tiny_run: Path
                  ["--checkpoint", str(tiny_run), "--out", str(tmp_path / "o")]):
         out = _run(*args, "--image", str(img), "--device", "cpu")
         lines = out.stderr.strip().splitlines()
-        assert out.returncode == 1 and len(lines) == 1, out.stderr
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
         assert lines[0].startswith(f"error: {img}: ") and "1x1" in lines[0]
 
 
@@ -122,7 +137,7 @@ def test_inference_missing_weights_is_one_line_error(tiny_vae: Path, tmp_path: P
     (tiny_vae / "diffusion_pytorch_model.safetensors").unlink()
     out = _run("--config", str(tiny_vae / "config.json"), "--image",
                str(_image(tmp_path / "a.png", 16, 16)))
-    assert out.returncode != 0
+    assert out.returncode == 2
     assert str(tiny_vae) in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
@@ -130,7 +145,7 @@ def test_inference_unknown_layout_is_one_line_error(tmp_path: Path) -> None:
     bad = tmp_path / "weights.safetensors"
     save_file({"something.else": torch.zeros(2)}, bad)
     out = _run("--vae", str(bad), "--image", str(_image(tmp_path / "a.png", 16, 16)))
-    assert out.returncode != 0
+    assert out.returncode == 2
     assert "weights.safetensors" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
@@ -138,7 +153,7 @@ def test_inference_unreadable_image_is_one_line_error(tiny_vae: Path, tmp_path: 
     bad = tmp_path / "broken.png"
     bad.write_text("not an image")
     out = _run("--config", str(tiny_vae / "config.json"), "--image", str(bad))
-    assert out.returncode != 0
+    assert out.returncode == 2
     assert "broken.png" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
@@ -199,17 +214,6 @@ def test_inference_default_size_is_the_training_resolution(tiny_run: Path,
         assert json.loads(out.stdout.strip().splitlines()[-1])["size"] == size
 
 
-def test_inference_out_that_is_a_file_is_refused_before_loading(tmp_path: Path) -> None:
-    taken = tmp_path / "taken.txt"
-    taken.write_text("not a folder")
-    for out_dir, reason in ((taken, "is a file, not a folder"),
-                            (taken / "sub", f"cannot be made, {taken} is a file")):
-        out = _run("--checkpoint", str(tmp_path / "no_such_run"), "--out", str(out_dir))
-        assert out.returncode == 1
-        assert out.stderr.strip() == f"error: {out_dir}: {reason}"  # not the missing run
-    assert taken.read_text() == "not a folder"
-
-
 def test_inference_strength_without_image_is_one_line_error(tiny_run: Path,
                                                             tmp_path: Path) -> None:
     out = _run("--checkpoint", str(tiny_run), "--strength", "0.5", "--out",
@@ -219,34 +223,173 @@ def test_inference_strength_without_image_is_one_line_error(tiny_run: Path,
     assert not (tmp_path / "o").exists()
 
 
-def test_inference_bad_device_or_cfg_scale_is_one_line_error(tiny_run: Path, tiny_vae: Path,
-                                                              tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture
-                                                              ) -> None:
-    import importlib.util  # in process: inference.py, not the inference/ package
-
-    spec = importlib.util.spec_from_file_location("inference_cli", REPO_ROOT / "inference.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    image = _image(tmp_path / "in.png", 32, 32)
-    for args, code, message in (
-            (["--checkpoint", str(tiny_run), "--device", "foo"], 1,
-             "error: --device foo: not a device (auto, cpu, cuda or cuda:N)"),
-            (["--config", str(tiny_vae / "config.json"), "--image", str(image), "--device",
-              "foo"], 1, "error: --device foo: not a device (auto, cpu, cuda or cuda:N)"),
-            (["--checkpoint", str(tiny_run), "--cfg-scale", "nan", "--device", "cpu"], 2,
-             "error: --cfg-scale nan: not a finite number")):
-        assert cli.main([*args, "--out", str(tmp_path / "o")]) == code
-        assert capsys.readouterr().err.strip() == message
-    assert not (tmp_path / "o").exists()
+def _fill(args: list[str], **paths: Path) -> list[str]:
+    """`args` with {run}, {config}, {img}, {taken}, {tmp} replaced by those paths."""
+    return [arg.format(**paths) for arg in args]
 
 
-def test_inference_impossible_size_is_one_line_error(tiny_run: Path, tmp_path: Path) -> None:
-    out = _run("--checkpoint", str(tiny_run), "--size", "2x64", "--out", str(tmp_path / "o"),
-               "--device", "cpu")
-    assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "2x64" in lines[0], out.stderr
+@pytest.fixture
+def places(tiny_run: Path, tiny_vae: Path, tmp_path: Path) -> dict[str, Path]:
+    """The paths the tables below name: a DiT run, a VAE config, an image with its
+    reconstruction already beside it, a file that is not a folder, and tmp_path."""
+    img = _image(tmp_path / "in.png", 32, 32)
+    (tmp_path / "in_recon.png").write_bytes(b"an earlier result")
+    (tmp_path / "taken.txt").write_text("not a folder")
+    return {"run": tiny_run, "config": tiny_vae / "config.json", "img": img,
+            "taken": tmp_path / "taken.txt", "tmp": tmp_path}
+
+
+# Each has a bad input and a bad output (in_recon.png exists, or --out is a file): the input is
+# named, not the output.
+INPUT_BEFORE_OUTPUT = [
+    (["--config", "{tmp}/nope.json", "--image", "{img}"],
+     "{tmp}/nope.json: the VAE config given by --config was not found"),
+    (["--vae", "{tmp}/nope", "--image", "{img}"],
+     "{tmp}/nope: the VAE given by --vae was not found"),
+    (["--config", "{config}", "--image", "{tmp}/gone.png", "--out", "{img}"],
+     "{tmp}/gone.png: file not found"),
+    (["--config", "{config}", "--image", "{tmp}", "--out", "{img}"],
+     "{tmp}: is a folder, not an image file"),
+    (["--checkpoint", "{tmp}/no_run", "--out", "{taken}"],
+     "{tmp}/no_run: no such checkpoint, checkpoints folder or run folder"),
+    (["--checkpoint", "{run}", "--step", "9", "--out", "{taken}"],
+     "{run}/checkpoints/step_0000009: no complete checkpoint of step 9 (complete steps: [1, 2])"),
+    (["--checkpoint", "{run}", "--vae", "{tmp}/nope", "--out", "{taken}"],
+     "{tmp}/nope: the VAE given by --vae was not found"),
+    (["--checkpoint", "{run}", "--image", "{tmp}/gone.png", "--out", "{taken}"],
+     "{tmp}/gone.png: file not found"),
+]
+
+
+@pytest.mark.parametrize("args, message", INPUT_BEFORE_OUTPUT,
+                         ids=[" ".join(a) for a, _ in INPUT_BEFORE_OUTPUT])
+def test_inference_inputs_are_checked_before_the_output(cli, places: dict[str, Path],
+                                                        error_line, args: list[str],
+                                                        message: str) -> None:
+    before = _files(places["tmp"])
+    assert cli.main([*_fill(args, **places), "--device", "cpu"]) == 2
+    assert error_line() == "error: " + message.format(**places)
+    assert _files(places["tmp"]) == before
+
+
+SAMPLE = ["--checkpoint", "{run}", "--out", "{tmp}/o", "--device", "cpu"]
+RECONSTRUCT = ["--config", "{config}", "--image", "{img}", "--out", "{tmp}/o.png", "--device",
+               "cpu"]
+# Bad input of every kind, each refused in one line with exit status 2 before anything is
+# written (a flag given twice: the last one counts).
+BAD_INPUT = [
+    (SAMPLE + ["--device", "foo"], "--device foo: not a device (auto, cpu, cuda or cuda:N)"),
+    (RECONSTRUCT + ["--device", "foo"], "--device foo: not a device (auto, cpu, cuda or cuda:N)"),
+    (SAMPLE + ["--device", "cuda:99"], "--device cuda:99: this machine has "),
+    (SAMPLE + ["--cfg-scale", "nan"], "--cfg-scale nan: not a finite number"),
+    (SAMPLE + ["--steps", "0"], "--steps 0: must be at least 1"),
+    (SAMPLE + ["--num-samples", "0"], "--num-samples 0: must be at least 1"),
+    (SAMPLE + ["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (SAMPLE + ["--image", "{img}", "--strength", "1.5"], "--strength 1.5: must lie in [0, 1]"),
+    (SAMPLE + ["--size", "wide"], "size 'wide' is not WIDTHxHEIGHT (e.g. 384x256)"),
+    (SAMPLE + ["--size", "0x64"], "size 0x64: sides must be positive"),
+    (SAMPLE + ["--size", "2x64"], "size 2x64 is smaller than one grid step: sides must be at "
+                                  "least 4 pixels (VAE factor × patch size)"),
+    (SAMPLE + ["--class-label", "nope"], "unknown class 'nope'; give a name or an index: "),
+    (SAMPLE + ["--out", "{taken}"], "{taken}: is a file, not a folder"),
+    (SAMPLE + ["--out", "{taken}/sub"], "{taken}/sub: cannot be made, {taken} is a file"),
+    (SAMPLE + ["--config", "{config}"],
+     "--config is for reconstruction; with --checkpoint use --vae to override the VAE"),
+    (["--checkpoint", "{run}"], "give --out DIR for the sampled images"),
+    (RECONSTRUCT + ["--vae", "{config}"],
+     "--config and --vae both name the VAE to reconstruct through; give one of them"),
+    (["--image", "{img}"],
+     "give --checkpoint RUN to sample, or --image with --config/--vae to reconstruct"),
+    (RECONSTRUCT[:4],
+     "{tmp}/in_recon.png: exists; refusing to overwrite it (choose another --out)"),
+]
+
+
+def _row_id(args: list[str]) -> str:
+    for base, name in ((SAMPLE, "sample"), (RECONSTRUCT, "reconstruct")):
+        if args[:len(base)] == base:
+            return " ".join([name, *args[len(base):]])
+    return " ".join(args)
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[_row_id(a) for a, _ in BAD_INPUT])
+def test_inference_bad_input_is_one_line_error_with_status_2(cli, places: dict[str, Path],
+                                                             error_line, args: list[str],
+                                                             message: str) -> None:
+    before = _files(places["tmp"])
+    assert cli.main(_fill(args, **places)) == 2
+    assert error_line().startswith("error: " + message.format(**places))
+    assert _files(places["tmp"]) == before
+
+
+RECONSTRUCTION_IGNORES = [
+    (["--steps", "28"], "--steps"),  # its sampling default, still given
+    (["--cfg-scale", "4"], "--cfg-scale"),
+    (["--class", "1"], "--class-label"),  # an abbreviation, named in full
+    (["--seed", "0"], "--seed"),
+    (["--num-samples", "1"], "--num-samples"),
+    (["--batch-size", "1"], "--batch-size"),
+    (["--size", "32x32"], "--size"),
+    (["--sampler", "euler"], "--sampler"),
+    (["--strength", "0.5"], "--strength"),
+    (["--step", "1"], "--step"),
+    (["--no-progress"], "--no-progress"),
+    (["--steps", "3", "--cfg-scale", "2", "--class", "1"], "--class-label, --cfg-scale, --steps"),
+]
+
+
+@pytest.mark.parametrize("flags, named", RECONSTRUCTION_IGNORES,
+                         ids=[" ".join(f) for f, _ in RECONSTRUCTION_IGNORES])
+def test_inference_reconstruction_refuses_sampling_flags(cli, tiny_vae: Path, tmp_path: Path,
+                                                         error_line, flags: list[str],
+                                                         named: str) -> None:
+    img = _image(tmp_path / "in.png", 16, 16)
+    for source in (["--config", str(tiny_vae / "config.json")], ["--vae", str(tiny_vae)]):
+        assert cli.main([*source, "--image", str(img), *flags, "--device", "cpu"]) == 2
+        assert error_line() == ("error: reconstruction takes only --config or --vae, --image, "
+                                "--out, --device, --dtype and --json; "
+                                f"{named} would be ignored")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "vae"]
+
+
+DOCUMENTED = [  # README.md, the docstring of inference.py and scripts/gpu_check.sh
+    "--checkpoint runs/NAME --num-samples 4 --size 384x256 --class-label discs --cfg-scale 4 "
+    "--steps 28 --sampler euler --seed 0 --out out/",
+    "--checkpoint runs/NAME --image in.png --strength 0.6 --out out/",
+    "--config vae/config.json --image in.png",
+    "--vae path/to/vae.safetensors --image in.png",
+    "--checkpoint runs/dit_gpu --num-samples 4 --size 384x256 --class-label 1 --device cuda "
+    "--dtype bf16 --out samples --no-progress --json",
+    "--config vae/config.json --image in.png --out recon/ --device cpu --dtype bf16 --json",
+    "--vae vae --image in.png --out in2.jpg --device auto --dtype fp32",
+    "--checkpoint runs/NAME --step 2 --vae vae --image in.png --strength 0.3 --num-samples 2 "
+    "--batch-size 1 --size 64x64 --class-label 0 --cfg-scale 1 --steps 4 --sampler heun "
+    "--seed 3 --out out/ --device cpu --dtype fp16 --no-progress --json",
+]
+
+
+@pytest.mark.parametrize("line", DOCUMENTED)
+def test_inference_documented_commands_pass_the_flag_checks(cli, line: str) -> None:
+    parser = cli.build_parser()
+    assert cli.usage_error(parser, parser.parse_args(line.split())) is None
+    text = " ".join(parser.format_help().split())  # the defaults sampling fills in are shown
+    assert "default: 28)" in text and "default: euler)" in text and "None" not in text
+
+
+def test_inference_failure_after_accepting_the_input_exits_1(cli, tiny_run: Path,
+                                                             tmp_path: Path, error_line) -> None:
+    from safetensors.torch import load_file
+
+    from train import main as train_main
+
+    export = tmp_path / "export"
+    assert train_main(["--export", str(tiny_run), "--out", str(export)]) == 0
+    weights = load_file(export / "model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()},
+              export / "model.safetensors")  # a valid file and model: NaN samples
+    assert cli.main(["--checkpoint", str(export), "--num-samples", "1", "--steps", "1",
+                     "--device", "cpu", "--no-progress", "--out", str(tmp_path / "o")]) == 1
+    assert "came out NaN or infinite, nothing written" in error_line()
     assert not (tmp_path / "o").exists()
 
 
