@@ -182,8 +182,10 @@ def load_generator(path: str | os.PathLike, step: int | None = None,
     model = _build(config, weights, info.source, device)
     vae_path = Path(vae) if vae is not None else info.vae
     if not vae_path.exists():
-        named = "given by --vae" if vae is not None else f"recorded in {info.source}"
-        raise FileNotFoundError(f"{vae_path}: VAE not found ({named}); pass --vae PATH")
+        if vae is not None:
+            raise FileNotFoundError(f"{vae_path}: VAE not found (given by --vae)")
+        raise FileNotFoundError(f"{vae_path}: VAE not found (recorded in {info.source}); pass "
+                                "--vae PATH")
     autoencoder = load_vae(vae_path)  # fp32 on the CPU: the fingerprint is taken in fp32
     if autoencoder.config.latent_channels != config.in_channels:
         raise ExportError(f"{vae_path}: VAE has {autoencoder.config.latent_channels} latent "

@@ -93,6 +93,9 @@ def test_export_refuses_a_mismatched_vae(tiny_run: Path, tmp_path: Path) -> None
     wide = _other_vae(tmp_path / "wide_vae", latent_channels=8)
     with pytest.raises(ExportError, match="8 latent channels"):
         load_generator(tiny_run, vae=wide)
+    with pytest.raises(FileNotFoundError) as missing:
+        load_generator(tiny_run, vae=tmp_path / "nope")
+    assert str(missing.value) == f"{tmp_path / 'nope'}: VAE not found (given by --vae)"
 
 
 def test_export_refuses_a_vae_changed_since_training(tiny_run: Path, tmp_path: Path) -> None:
