@@ -34,7 +34,7 @@ from inference.pipelines import decode_latents, initial_noise, sample_latents  #
 from models.dit import DiT  # noqa: E402
 from models.registry import MODEL_NAMES, build_dit  # noqa: E402
 from models.vae import VAEConfig  # noqa: E402
-from training.flow import RectifiedFlow  # noqa: E402
+from training.flow import token_shift  # noqa: E402
 
 DEFAULT_VAE = REPO / "vae" / "config.json"
 
@@ -124,8 +124,7 @@ def bench_device(device: torch.device, vae_config: VAEConfig, args: argparse.Nam
     ours = perturb(build_dit(args.model, vae_config.latent_channels, args.classes),
                    args.seed).to(device)
     peer = build_peer(ours, latent, args.classes, args.seed).to(device)
-    shift = RectifiedFlow(patch_size=ours.config.patch_size,
-                          base_tokens=args.base_tokens).shift_for(latent, latent)
+    shift = token_shift(latent, latent, ours.config.patch_size, args.base_tokens)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     labels = [i % args.classes for i in range(args.batch)]
     runners = {"ours": lambda n: run_ours(ours, vae, args, labels, n, device),

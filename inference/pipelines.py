@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from models.dit import DiT
 from models.vae import AutoencoderKL
-from training.flow import RectifiedFlow, shifted_timesteps, time_shift
+from training.flow import shifted_timesteps, time_shift, token_shift
 from training.metrics import psnr, ssim
 
 # Images up to this many pixels go through the VAE whole; larger ones in overlapping tiles of the
@@ -185,7 +185,7 @@ def sample_latents(model: DiT, latent_size: tuple[int, int], num_samples: int = 
     if h % p or w % p or h <= 0 or w <= 0:
         raise ValueError(f"latent size {h}x{w} is not a positive multiple of the patch {p}")
     x = initial_noise(num_samples, (model.config.in_channels, h, w), seed, first).to(device)
-    shift = RectifiedFlow(patch_size=p, base_tokens=base_tokens).shift_for(h, w)
+    shift = token_shift(h, w, p, base_tokens)
     ts = sampling_timesteps(steps, shift, strength if init is not None else 1.0)
     if init is not None:  # image-to-image: the data point noised to the start time
         x = torch.lerp(init.to(device, torch.float32), x, ts[0].item())  # (1 − t0)·x0 + t0·ε
@@ -228,8 +228,7 @@ def generate(model: DiT, vae: AutoencoderKL, height: int, width: int, num_sample
     batch_size = batch_size or num_samples
     chunks = [range(i, min(i + batch_size, num_samples))
               for i in range(0, num_samples, batch_size)]
-    shift = RectifiedFlow(patch_size=p, base_tokens=base_tokens).shift_for(height // f,
-                                                                           width // f)
+    shift = token_shift(height // f, width // f, p, base_tokens)
     ts_count = len(sampling_timesteps(steps, shift, strength if init is not None else 1.0)) - 1
     bar = tqdm(total=ts_count * len(chunks), desc=f"{sampler} {width}x{height}",
                disable=not progress, dynamic_ncols=True)

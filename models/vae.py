@@ -533,47 +533,29 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
-    def _channel_stats(self, latent: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(mean, std), each (C, 1, 1) on latent's device in at least float32, or None if the
-        config has no per-channel statistics. Broadcasts over (..., C, h, w) latents."""
-        cfg = self.config
-        if cfg.latents_mean is None or cfg.latents_std is None:
-            return None
-        if latent.ndim < 3 or latent.shape[-3] != len(cfg.latents_mean):
-            raise ValueError(
-                f"latent {tuple(latent.shape)}: expected (..., {len(cfg.latents_mean)}, h, w) "
-                f"to match the config's latents_mean / latents_std"
-            )
+    def _affine(self, latent: Tensor) -> tuple[Tensor, Tensor]:
+        """`VAEConfig.latent_affine` as (shift, scale), each (C, 1, 1) on latent's device in at
+        least float32, broadcasting over (..., C, h, w) latents."""
+        channels = self.config.latent_channels
+        if latent.ndim < 3 or latent.shape[-3] != channels:
+            raise ValueError(f"latent {tuple(latent.shape)}: expected (..., {channels}, h, w)")
         dtype = torch.promote_types(latent.dtype, torch.float32)
-        mean = torch.tensor(cfg.latents_mean, dtype=dtype, device=latent.device)  # (C,)
-        std = torch.tensor(cfg.latents_std, dtype=dtype, device=latent.device)  # (C,)
-        return mean.view(-1, 1, 1), std.view(-1, 1, 1)  # (C, 1, 1) each
+        shift, scale = (torch.tensor(v, dtype=dtype, device=latent.device).view(-1, 1, 1)
+                        for v in self.config.latent_affine())
+        return shift, scale  # (C, 1, 1) each
 
     def normalize(self, latent: Tensor) -> Tensor:
-        """Raw latent (..., C, h, w) -> the diffusion model's space, same shape and dtype.
-
-        With per-channel statistics: (latent - latents_mean) * scale / latents_std, computed in
-        at least float32; otherwise (latent - shift) * scale. See `VAEConfig`.
-        """
-        stats = self._channel_stats(latent)
-        if stats is None:
-            return (latent - (self.config.shift_factor or 0.0)) * self.config.scaling_factor
-        mean, std = stats
-        out = (latent.to(mean.dtype) - mean) * self.config.scaling_factor / std  # (..., C, h, w)
-        return out.to(latent.dtype)
+        """Raw latent (..., C, h, w) -> the diffusion model's space, same shape and dtype:
+        (latent - shift) * scale per channel (`VAEConfig.latent_affine`: the scalar shift and
+        scaling factor, or diffusers' per-channel statistics), computed in at least float32."""
+        shift, scale = self._affine(latent)
+        return ((latent.to(shift.dtype) - shift) * scale).to(latent.dtype)
 
     def denormalize(self, z: Tensor) -> Tensor:
-        """Diffusion model's space (..., C, h, w) -> raw latent for `decode`, same shape and dtype.
-
-        With per-channel statistics: z * latents_std / scale + latents_mean, computed in at least
-        float32; otherwise z / scale + shift. Inverts `normalize`.
-        """
-        stats = self._channel_stats(z)
-        if stats is None:
-            return z / self.config.scaling_factor + (self.config.shift_factor or 0.0)
-        mean, std = stats
-        out = z.to(mean.dtype) * std / self.config.scaling_factor + mean  # (..., C, h, w)
-        return out.to(z.dtype)
+        """Diffusion model's space (..., C, h, w) -> raw latent for `decode`, same shape and dtype:
+        z / scale + shift, the inverse of `normalize`."""
+        shift, scale = self._affine(z)
+        return (z.to(shift.dtype) / scale + shift).to(z.dtype)
 
 
 # --- tiling ------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Layout of one checkpoint, `RUN_DIR/checkpoints/step_XXXXXXX/` (step zero-padded to 7 digits):
 
 - `<group>.safetensors`: one file per named tensor group (`model`, `ema`, `discriminator`, ...);
-- `optim.pt`: optimizer / scheduler / grad-scaler state dicts, loadable with
-  `torch.load(path, weights_only=True)`;
-- `state.json`: plain JSON (step, epoch, schedule position, config, RNG states, ...).
+- `optim.pt`: optimizer state dicts, loadable with `torch.load(path, weights_only=True)`;
+- `state.json`: plain JSON (step, epoch, schedule position, config, ...). No RNG state: every
+  random draw of training is a function of (seed, step) or of (seed, sample), so a resumed run
+  draws what the uninterrupted one would.
 
 A checkpoint is written into `checkpoints/.tmp-step_XXXXXXX-<pid>/`, every file and the folder
 are fsynced, `state.json` goes last, and the folder is renamed into place. A folder counts as a
@@ -21,10 +22,8 @@ Continuing from an older checkpoint of a run first moves the newer ones out of `
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -33,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors.torch
 import torch
 
@@ -62,7 +60,7 @@ class Checkpoint:
 
     path: Path  # the step_XXXXXXX folder
     tensors: dict[str, dict[str, torch.Tensor]]  # group name -> tensor name -> tensor
-    torch_state: dict[str, Any]  # e.g. {"optimizer": ..., "scheduler": ..., "scaler": ...}
+    torch_state: dict[str, Any]  # e.g. {"optimizer": ...}
     state: dict[str, Any]  # the JSON state, always holding "step"
 
     @property
@@ -214,7 +212,7 @@ def save_checkpoint(
     """Write `run_dir/checkpoints/step_XXXXXXX/` atomically and return its path.
 
     tensors: group name -> state dict; each group becomes `<group>.safetensors`.
-    torch_state: optimizer / scheduler / scaler state dicts, saved to `optim.pt`; only types that
+    torch_state: optimizer state dicts (any name), saved to `optim.pt`; only types that
         `torch.load(weights_only=True)` accepts are allowed.
     state: plain JSON; `step` is added (and must agree if present).
     keep_last: after the new checkpoint is complete, delete older complete ones so that the
@@ -405,55 +403,3 @@ def _remove_stale(ckpt_dir: Path) -> None:
             else:
                 os.rename(folder, target)
 
-
-def capture_rng_state() -> dict[str, Any]:
-    """JSON-serialisable states of Python's `random`, NumPy's global RNG, torch CPU and CUDA.
-
-    Byte tensors are base64 strings; `cuda` lists one state per visible device and is present
-    only when CUDA is available.
-    """
-    version, internal, gauss_next = random.getstate()
-    np_state = np.random.get_state()  # ("MT19937", keys (624,) uint32, pos, has_gauss, cached)
-    out: dict[str, Any] = {
-        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
-        "numpy": {
-            "bit_generator": np_state[0],
-            "keys": np_state[1].tolist(),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": _b64(torch.get_rng_state()),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return out
-
-
-def restore_rng_state(d: dict[str, Any]) -> None:
-    """Restore what `capture_rng_state` captured; CUDA states beyond the visible devices are
-    ignored, and a missing `cuda` entry leaves the CUDA generators alone."""
-    py = d["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    n = d["numpy"]
-    np.random.set_state(
-        (
-            n["bit_generator"],
-            np.asarray(n["keys"], dtype=np.uint32),
-            n["pos"],
-            n["has_gauss"],
-            n["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(_unb64(d["torch"]))
-    if "cuda" in d and torch.cuda.is_available():
-        for i, s in enumerate(d["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(_unb64(s), i)
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)

@@ -60,7 +60,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping shared by both stages."""
+    """Optimisation and bookkeeping; `grad_accum`, `compile` and `grad_checkpointing` are for
+    the DiT stage (the VAE stage refuses them)."""
 
     max_steps: int = 1000
     lr: float = 1e-4
@@ -72,13 +73,13 @@ class TrainConfig:
     ema_decay: float = 0.999
     precision: str = "auto"  # "auto" (bf16 where supported), "bf16" or "fp32"
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    compile: bool = False  # torch.compile the model
-    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block (DiT.compile_blocks)
+    grad_checkpointing: bool = False  # recompute each block's activations in backward
     log_every: int = 10
     eval_every: int = 500
     ckpt_every: int = 1000
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one lands
-    sample_every: int = 1000  # image grids (VAE reconstructions, DiT samples)
+    sample_every: int = 1000  # DiT sample grids; VAE reconstruction grids (at evaluations)
     max_nonfinite: int = 5  # abort after this many non-finite steps in a row
 
 
@@ -134,7 +135,7 @@ class DiTStageConfig:
 
 @dataclass
 class Config:
-    """One training run. Sections for the VAE and DiT stages extend this as they land."""
+    """One training run: the data, optimisation, and the section of its stage (`vae` or `dit`)."""
 
     description: str = ""  # what this config is for and which environment variables it reads
     stage: str = "dit"  # "vae" or "dit"

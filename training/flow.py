@@ -1,8 +1,8 @@
 """Rectified flow: x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0.
 
 Training draws t from a logit-normal and shifts it towards noise for larger latents,
-t' = s t / (1 + (s - 1) t) with s = sqrt(tokens / base_tokens) (SD3). Sampling integrates
-dx/dt = v from t = 1 to 0 on the same shifted schedule.
+t' = s t / (1 + (s - 1) t) with s = sqrt(tokens / base_tokens) (SD3). Sampling
+(`inference/samplers.py`) integrates dx/dt = v from t = 1 to 0 on the same shifted schedule.
 
 Under torchrun each rank passes `part` = (rank, world size) to `loss`: t, the noise and the label
 dropout are drawn for the whole global batch and each rank keeps its own slice, so a run does not
@@ -25,6 +25,12 @@ def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def token_shift(height: int, width: int, patch_size: int, base_tokens: int) -> float:
+    """Shift s = sqrt(tokens / base_tokens) for a latent of height x width (SD3)."""
+    tokens = (height // patch_size) * (width // patch_size)
+    return math.sqrt(tokens / base_tokens)
+
+
 def shifted_timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
     """Sampling schedule (steps + 1,) from t = 1 down to t = 0, shifted like training."""
     return time_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
@@ -42,9 +48,8 @@ class RectifiedFlow:
     label_dropout: float = 0.1  # probability of replacing a label by the null class
 
     def shift_for(self, height: int, width: int) -> float:
-        """Shift s = sqrt(tokens / base_tokens) for a latent of height x width."""
-        tokens = (height // self.patch_size) * (width // self.patch_size)
-        return math.sqrt(tokens / self.base_tokens)
+        """`token_shift` of a latent of height x width for this model's patch size."""
+        return token_shift(height, width, self.patch_size, self.base_tokens)
 
     def sample_t(
         self,
@@ -128,26 +133,3 @@ class RectifiedFlow:
             t = torch.full((x0.shape[0],), (i + 0.5) / bins, device=x0.device)
             losses.append(self._mse(model, x0, noise, t, y).mean())
         return torch.stack(losses)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        model: VelocityModel,
-        noise: torch.Tensor,
-        y: torch.Tensor | None = None,
-        steps: int = 50,
-        shift: float | None = None,
-    ) -> torch.Tensor:
-        """Euler integration of dx/dt = v from noise (t = 1) to a sample (t = 0).
-
-        `shift` defaults to the training shift for noise's latent size. No guidance here; the
-        samplers in `inference/samplers.py` add CFG and higher-order steps.
-        """
-        if shift is None:
-            shift = self.shift_for(*noise.shape[-2:])
-        x = noise
-        ts = shifted_timesteps(steps, shift).tolist()
-        for t, t_next in zip(ts[:-1], ts[1:]):
-            t_batch = torch.full((x.shape[0],), t, device=x.device)
-            x = x + (t_next - t) * model(x, t_batch, y)
-        return x

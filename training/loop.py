@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bucketing import BatchSchedule, assign, bucket_dataset, held_out
-from training.checkpoint import (CHECKPOINTS, STATE_FILE, capture_rng_state, read_state,
+from training.checkpoint import (CHECKPOINTS, STATE_FILE, read_state,
                                  resolve_resume, set_aside_newer)
 from training.config import (Config, ConfigError, TrainingAborted, TrainingStopped,
                              absolute_config, from_dict, portable_config, resolve_path,
@@ -102,7 +102,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
-    """Multiplier of the base learning rate at `step`: linear warmup, then constant or cosine."""
+    """Multiplier of the base learning rate at `step`: linear warmup, then constant, or a cosine
+    from 1 down to 0.1 at max_steps (a floor of 10 % of the base rate)."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -487,5 +488,5 @@ def state_for_json(cfg: Config, step: int, epoch: int, index: int, world_size: i
                    extra: dict) -> dict:
     """The JSON part of a checkpoint."""
     return {"step": step, "epoch": epoch, "index": index, "world_size": world_size,
-            "config": to_dict(portable_config(cfg)), "rng": capture_rng_state(), **extra}
+            "config": to_dict(portable_config(cfg)), **extra}
 

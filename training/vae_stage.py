@@ -126,6 +126,7 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 def evaluate(model: AutoencoderKL, images: torch.Tensor, device: torch.device,
              batch: int = 8) -> tuple[float, float, torch.Tensor]:
     """Mean PSNR and SSIM of posterior-mean reconstructions; also a grid-ready pair tensor."""
+    was_training = model.training
     model.eval()
     scores_p, scores_s, recs = [], [], []
     for i in range(0, len(images), batch):
@@ -134,7 +135,7 @@ def evaluate(model: AutoencoderKL, images: torch.Tensor, device: torch.device,
         scores_p.append(psnr(rec, x))
         scores_s.append(ssim(rec, x))
         recs.append(rec.cpu())
-    model.train()
+    model.train(was_training)
     rec = torch.cat(recs)
     pairs = torch.stack([to_unit_range(images[:4]), rec[:4]], 1).flatten(0, 1)  # (8, 3, H, W)
     return float(torch.cat(scores_p).mean()), float(torch.cat(scores_s).mean()), pairs
@@ -148,6 +149,7 @@ def measure_latent_scale(model: AutoencoderKL, loader, device: torch.device,
     Measured on posterior samples, as the DiT trains on, with fixed noise: exporting the same
     checkpoint twice gives the same factors, hence the same VAE fingerprint.
     """
+    was_training = model.training
     model.eval()
     total, total_sq, count = 0.0, 0.0, 0
     gen = torch.Generator().manual_seed(0)
@@ -159,7 +161,7 @@ def measure_latent_scale(model: AutoencoderKL, loader, device: torch.device,
         images -= len(z)
         if images <= 0:
             break
-    model.train()
+    model.train(was_training)
     mean = total / count
     std = max((total_sq / count - mean ** 2) ** 0.5, 1e-6)
     return mean, 1.0 / std
@@ -203,6 +205,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     if t.grad_accum != 1:  # one batch per step: the GAN and adaptive weight see whole batches
         raise ConfigError(f"train.grad_accum {t.grad_accum}: the VAE stage takes one batch per "
                           "optimizer step; raise batch_size (or use more processes) instead")
+    dit_only = [f"train.{k}" for k in ("compile", "grad_checkpointing") if getattr(t, k)]
+    if dit_only:
+        raise ConfigError(f"{', '.join(dit_only)}: the DiT stage's; the VAE stage would ignore "
+                          "them")
     seed_everything(cfg.seed)
     keep_freed_memory()  # no page faults re-zeroing activations every step
     resume_path = find_resume(cfg, resume, info.world_size)

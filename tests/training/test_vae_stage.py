@@ -111,9 +111,12 @@ def test_vae_stage_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
             assert torch.equal(a[k], b[k]), (group, k)
 
 
-def test_vae_stage_refuses_gradient_accumulation(tmp_path: Path) -> None:
+def test_vae_stage_refuses_gradient_accumulation_and_dit_settings(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="train.grad_accum 2: the VAE stage takes one batch"):
         train_vae(_cfg(tmp_path / "run", grad_accum=2))
+    with pytest.raises(ConfigError, match="train.compile, train.grad_checkpointing: the DiT "
+                       "stage's; the VAE stage would ignore them"):
+        train_vae(_cfg(tmp_path / "run", compile=True, grad_checkpointing=True))
     assert not (tmp_path / "run").exists()
 
 
