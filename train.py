@@ -23,8 +23,8 @@ from typing import Sequence
 from dotenv import load_dotenv
 
 from training.config import (REPO_ROOT, Config, ConfigError, TrainingAborted, TrainingStopped,
-                             absolute_config, apply_overrides, is_synthetic, load_config,
-                             resolve_path, validate_config)
+                             absolute_config, apply_overrides, get_dotted, is_synthetic,
+                             load_config, resolve_path, validate_config)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.json"
 
@@ -65,13 +65,6 @@ def _from_cwd(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _config_default(cfg: Config, dotted: str):
-    value = cfg
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def build_parser(defaults: Config) -> argparse.ArgumentParser:
     """Every flag, with the value it takes when not given (from the default config)."""
     parser = argparse.ArgumentParser(
@@ -87,7 +80,7 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
         parser.add_argument(flag, type=tp, default=None,
                             choices=MODEL_NAMES if flag == "--model" else None,
                             help=f"{text} (config {key}; "
-                                 f"default: {_config_default(defaults, key)})")
+                                 f"default: {get_dotted(defaults, key)})")
     # --X / --no-X: a resumed run keeps its saved value unless one of them is given
     parser.add_argument("--classes", action=argparse.BooleanOptionalAction, default=None,
                         help="label = first-level sub-folder name (config data.use_classes; "
@@ -210,6 +203,12 @@ def export(source: str, out: str | None, vae: str | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (default: the command line), then export, dry-run or train as it says.
+
+    Returns the status for `sys.exit`: 2 for a refused config or bad input (a one-line message
+    on stderr), 128 + the signal number when a signal stopped training after it saved, else
+    0 on success. Bad flags exit via argparse.
+    """
     load_dotenv(REPO_ROOT / ".env")
     parser = build_parser(load_config(DEFAULT_CONFIG))  # --help shows the defaults that apply
     args = parser.parse_args(argv)
@@ -241,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_dir = train_dit(cfg, resume)
         if int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
             print(f"run folder: {run_dir}")
+        return 0
     except TrainingStopped as exc:  # saved and stopped early: not done, so not a success
         if int(os.environ.get("RANK", "0")) == 0:
             print(exc, file=sys.stderr)

@@ -260,19 +260,31 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     os.replace(tmp, path)
 
 
+def get_dotted(cfg: Any, key: str) -> Any:
+    """The value of dotted `key` ("data.resolution") in config `cfg` (or one of its sections)."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def set_dotted(cfg: Any, key: str, value: Any) -> None:
+    """Set dotted `key` ("data.resolution") of config `cfg` to `value`, checked against the
+    field's annotated type; ConfigError for a key the config does not have."""
+    section, _, name = key.rpartition(".")
+    target = get_dotted(cfg, section) if section else cfg
+    if name not in {f.name for f in dataclasses.fields(target)}:
+        raise ConfigError(f"unknown config key: {key}")
+    hint = typing.get_type_hints(type(target))[name]
+    setattr(target, name, _check_value(value, hint, key))
+
+
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     """Set dotted keys (e.g. ``{"data.resolution": 128}``), skipping values that are None."""
     for dotted, value in overrides.items():
         if value is None:
             continue
-        *parents, name = dotted.split(".")
-        target = cfg
-        for part in parents:
-            target = getattr(target, part)
-        if name not in {f.name for f in dataclasses.fields(target)}:
-            raise ConfigError(f"unknown config key: {dotted}")
-        hint = typing.get_type_hints(type(target))[name]
-        setattr(target, name, _check_value(value, hint, dotted))
+        set_dotted(cfg, dotted, value)
     return cfg
 
 
@@ -305,15 +317,13 @@ def absolute_config(cfg: Config) -> Config:
 
 
 def _map_paths(cfg: Config, convert: typing.Callable[[str], str]) -> Config:
+    """A copy of `cfg` with `convert` applied to each set `PATH_KEYS` path (not the synthetic
+    set's name)."""
     out = copy.deepcopy(cfg)
     for dotted in PATH_KEYS:
-        *parents, name = dotted.split(".")
-        target = out
-        for part in parents:
-            target = getattr(target, part)
-        value = getattr(target, name)
+        value = get_dotted(out, dotted)
         if value and not is_synthetic(value):
-            setattr(target, name, convert(value))
+            set_dotted(out, dotted, convert(value))
     return out
 
 

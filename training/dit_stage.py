@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -59,15 +60,17 @@ def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
     return load_vae(path, device=device).float().eval().requires_grad_(False)
 
 
-def flow_generator(noise: torch.Generator, device: torch.device) -> torch.Generator:
-    """The generator of a micro-step's flow times and noise on `device`, seeded from `noise`,
-    the CPU generator that drew the latent sample x0 (`cache.step_generator`), after that draw
-    (of the global batch's ε, so the seed is the same on every rank).
+def flow_generator(noise_gen: torch.Generator, device: torch.device) -> torch.Generator:
+    """The generator of a micro-step's flow times and noise on `device`, seeded from
+    `noise_gen`, the CPU generator that drew the latent sample x0 (`cache.step_generator`),
+    after that draw (of the global batch's ε, so the seed is the same on every rank).
 
-    Seeding it with `noise`'s own seed instead would, on a CPU (the same generator algorithm),
-    replay x0's noise as the flow's noise, which rectified flow assumes independent of x0.
+    Seeding it with `noise_gen`'s own seed instead would, on a CPU (the same generator
+    algorithm), replay x0's noise as the flow's noise, which rectified flow assumes
+    independent of x0.
     """
-    return torch.Generator(device).manual_seed(int(torch.randint(2**62, (), generator=noise)))
+    return torch.Generator(device).manual_seed(
+        int(torch.randint(2**62, (), generator=noise_gen)))
 
 
 def check_resume_compatible(cfg: Config, state: dict, class_names: list[str],
@@ -110,6 +113,15 @@ def train_dit(cfg: Config, resume: str | None = None) -> Path:
 
 
 PREVIEW_ASPECTS = (1.0, 5 / 3, 3 / 5)  # width / height of the default preview grids
+# Images per VAE encoder call when building the latent caches: the training batch, but at
+# least this many. The build encodes under inference mode (no activations kept for a backward
+# pass), so it can take more at once than a training step, and a small training batch (1 or 2)
+# does not turn it into many small encoder calls.
+MIN_CACHE_ENCODE_BATCH = 8
+# Held-out latents per validation forward pass (grouped by bucket): bounds the pass's memory.
+# The validation noise depends on each chunk's shape (`RectifiedFlow.validation_losses`), so
+# changing it changes the reported losses and their comparison with earlier runs.
+VAL_CHUNK = 16
 
 
 def preview_sizes(sizes: list[str], buckets: list[tuple[int, int]],
@@ -127,35 +139,41 @@ def preview_sizes(sizes: list[str], buckets: list[tuple[int, int]],
     return list(dict.fromkeys(picks))  # distinct, in order
 
 
+# One sample of a scheduled batch, as `ScheduleSampler` yields them:
+# (sample index, augment seed, epoch, batch index).
+ScheduleItem = tuple[int, int, int, int]
+
+
 class BatchPrefetcher:
     """Reads the next micro-batch from the latent cache on one background thread while the
     current one trains.
 
-    `get()` returns (schedule items, noise generator, x0 (B, C, h, w) on the CPU, pinned when
-    training on CUDA) for global micro-steps `start`, `start + 1`, ... in turn. One read is in
-    flight at a time, so the reader and the schedule iterator are never used by two threads at
-    once.
+    `get()` returns (schedule items, the noise generator that drew x0 (`cache.step_generator`),
+    x0 (B, C, h, w) on the CPU, pinned when training on CUDA) for global micro-steps `start`,
+    `start + 1`, ... in turn. One read is in flight at a time, so the reader and the schedule
+    iterator are never used by two threads at once.
     """
 
-    def __init__(self, reader: LatentReader, batches, seed: int, part: tuple[int, int],
-                 flip: bool, pin: bool, start: int) -> None:
+    def __init__(self, reader: LatentReader, batches: Iterator[list[ScheduleItem]], seed: int,
+                 part: tuple[int, int], flip: bool, pin: bool, start: int) -> None:
         self.reader, self.batches, self.seed, self.part = reader, batches, seed, part
         self.flip, self.pin = flip, pin
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="latent-prefetch")
         self.pending = self.pool.submit(self._read, start)
 
-    def _read(self, k: int):
+    def _read(self, k: int) -> tuple[int, list[ScheduleItem], torch.Generator, torch.Tensor]:
         items = next(self.batches)
-        noise = step_generator(self.seed, k)
+        noise_gen = step_generator(self.seed, k)
         flips = [flip_from_seed(s) for _, s, _, _ in items] if self.flip else None
-        x0 = self.reader.batch([i for i, _, _, _ in items], noise, flips, self.part)  # (B, C, h, w)
-        return k, items, noise, x0.pin_memory() if self.pin else x0
+        indices = [i for i, _, _, _ in items]
+        x0 = self.reader.batch(indices, noise_gen, flips, self.part)  # (B, C, h, w)
+        return k, items, noise_gen, x0.pin_memory() if self.pin else x0
 
-    def get(self):
+    def get(self) -> tuple[list[ScheduleItem], torch.Generator, torch.Tensor]:
         """The next micro-batch (waiting for its read if needed); starts reading the one after."""
-        k, items, noise, x0 = self.pending.result()
+        k, items, noise_gen, x0 = self.pending.result()
         self.pending = self.pool.submit(self._read, k + 1)
-        return items, noise, x0
+        return items, noise_gen, x0
 
     def close(self) -> None:
         """Wait for the read in flight and stop the thread."""
@@ -201,7 +219,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
 
     # Latent cache: build or update, then read from memory-mapped shards.
     cache_dir = resolve_path(d.cache_dir) if d.cache_dir else None
-    build = dict(flip=cfg.data.flip, batch_size=max(cfg.batch_size, 8),
+    build = dict(flip=cfg.data.flip, batch_size=max(cfg.batch_size, MIN_CACHE_ENCODE_BATCH),
                  num_workers=cfg.data.num_workers, dist_info=info,
                  max_pixels=cfg.data.max_image_pixels, progress=main, fingerprint=fingerprint)
     summary = ensure_cache(plan.records, plan.placements, plan.buckets, vae, cache_dir, **build)
@@ -221,7 +239,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         epoch, index = resume_position(saved_state, plan, resume_path, main)
     data = data_state(plan)  # recorded in every checkpoint
     reader = LatentReader(summary.cache_dir, keys, vae.config.latent_affine())
-    val_x, val_y = [], []
+    # Validation set: chunks of one bucket each, val_x[k] (n_k, C, h, w) with labels val_y[k]
+    # (n_k,), n_k <= VAL_CHUNK.
+    val_x: list[torch.Tensor] = []
+    val_y: list[torch.Tensor] = []
     if plan.eval_records and main:
         n = min(d.val_images, len(plan.eval_records))
         val = ensure_cache(plan.eval_records[:n], plan.eval_placements[:n], plan.buckets, vae,
@@ -235,10 +256,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         for pos, i in enumerate(usable):
             groups[plan.eval_placements[i].bucket].append(pos)
         for members in groups.values():
-            for j in range(0, len(members), 16):
-                chunk = members[j:j + 16]
+            for j in range(0, len(members), VAL_CHUNK):
+                chunk = members[j:j + VAL_CHUNK]
                 mean, _ = val_reader.moments(chunk)  # the posterior mean: a fixed target
-                val_x.append(vae.normalize(mean))
+                val_x.append(vae.normalize(mean))  # (len(chunk), C, h, w)
                 val_y.append(torch.tensor([plan.eval_records[usable[p]].label for p in chunk]))
         val_reader.close()
 
@@ -301,15 +322,15 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
 
     def validate() -> None:
         ema.copy_to(ema_model)
-        per_bin, count = torch.zeros(d.val_bins), 0
+        per_bin, count = torch.zeros(d.val_bins), 0  # (bins,): sample-weighted loss sums
         with autocast(device, amp):
-            for x0, y in zip(val_x, val_y):
+            for x0, y in zip(val_x, val_y):  # (n_k, C, h, w), (n_k,)
                 losses = flow.validation_losses(ema_model, x0.to(device),
                                                 y.to(device) if num_classes else None,
-                                                d.val_bins, seed=cfg.seed)
+                                                d.val_bins, seed=cfg.seed)  # (bins,)
                 per_bin += losses.float().cpu() * len(x0)
                 count += len(x0)
-        per_bin /= count
+        per_bin /= count  # (bins,): mean loss per timestep bin
         values = {f"val/loss_bin{i}": float(v) for i, v in enumerate(per_bin)}
         values["val/loss"] = float(per_bin.mean())
         logger.scalars(values, step)
@@ -325,7 +346,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         total, files = torch.zeros((), device=device), []
         for micro in range(t.grad_accum):
             t_data = time.perf_counter()
-            items, noise, x0 = batches.get()  # micro-step step * grad_accum + micro
+            items, noise_gen, x0 = batches.get()  # micro-step step * grad_accum + micro
             indices = [i for i, _, _, _ in items]
             epoch, index = items[0][2], items[0][3] + 1
             x0 = x0.to(device, non_blocking=True)  # (B, C, h, w)
@@ -333,7 +354,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                  if num_classes else None)
             waited += time.perf_counter() - t_data
             files += [plan.records[i].path for i in indices]
-            gen = flow_generator(noise, device)
+            gen = flow_generator(noise_gen, device)
             sync = micro == t.grad_accum - 1 or info.world_size == 1
             no_sync = contextlib.nullcontext() if sync else train_model.no_sync()
             with no_sync, autocast(device, amp):

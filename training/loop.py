@@ -24,9 +24,9 @@ import torch
 from bucketing import BatchSchedule, assign, bucket_dataset, held_out
 from training.checkpoint import (CHECKPOINTS, STATE_FILE, read_state,
                                  resolve_resume, set_aside_newer)
-from training.config import (Config, ConfigError, TrainingAborted, TrainingStopped,
-                             absolute_config, from_dict, portable_config, resolve_path,
-                             save_config, to_dict)
+from training.config import (Config, ConfigError, DataConfig, TrainConfig, TrainingAborted,
+                             TrainingStopped, absolute_config, from_dict, get_dotted,
+                             portable_config, resolve_path, save_config, to_dict)
 from training.data import (ImageRecord, PixelDataset, ScheduleSampler, SkippedFile,
                            resolve_dataset, scan_folder)
 from training.distributed import (DistInfo, all_gather_objects, barrier, main_first,
@@ -114,7 +114,7 @@ def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
     raise ConfigError(f"train.lr_schedule must be constant or cosine, got {schedule!r}")
 
 
-def checkpoint_due(step: int, t, stopping: bool) -> bool:
+def checkpoint_due(step: int, t: TrainConfig, stopping: bool) -> bool:
     """Whether a stage saves after `step` (TrainConfig `t`): on a stop, at max_steps, and every
     ckpt_every steps (0: only those two). Stages save before validation and previews."""
     return stopping or step == t.max_steps or bool(t.ckpt_every and step % t.ckpt_every == 0)
@@ -140,6 +140,9 @@ class NonFiniteGuard:
 
     def ok(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
            files: list[str]) -> bool:
+        """Whether optimizer step `step` may apply: True when `loss` and `grad_norm` are finite.
+        Otherwise counts it, prints it with the batch's `files`, and returns False, or raises
+        `TrainingAborted` once `limit` steps in a row were non-finite."""
         if bool(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item()):
             self.in_a_row = 0
             return True
@@ -175,6 +178,7 @@ class StopSignal:
         self.received = signum
 
     def restore(self) -> None:
+        """Reinstall the handlers that were in place before this object took the signals."""
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
@@ -260,8 +264,8 @@ def _find_resume(cfg: Config, resume: str | None, world_size: int) -> Path | Non
     path = resolve_resume(resolve_path(resume or cfg.run_dir))
     state = read_state(path)
     before, now = portable_config(saved_config(state, path)), portable_config(cfg)
-    changed = [f"{key} {_lookup(before, key)!r} -> {_lookup(now, key)!r}"
-               for key in SCHEDULE_KEYS if _lookup(before, key) != _lookup(now, key)]
+    changed = [f"{key} {get_dotted(before, key)!r} -> {get_dotted(now, key)!r}"
+               for key in SCHEDULE_KEYS if get_dotted(before, key) != get_dotted(now, key)]
     saved_batch = before.batch_size * state.get("world_size", world_size)
     if saved_batch != cfg.batch_size * world_size:
         changed.append(f"global batch (batch_size × processes) {saved_batch} -> "
@@ -299,12 +303,6 @@ def resume_position(state: dict, plan: DataPlan, checkpoint: Path,
               f"continuing from the start of epoch {epoch + 1} with the current images",
               flush=True)
     return epoch + 1, 0
-
-
-def _lookup(cfg: Config, dotted: str):
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
 
 
 def load_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
@@ -460,9 +458,11 @@ def pixel_loader(cfg: Config, plan: DataPlan, dist: DistInfo, epoch: int, index:
 
 
 def eval_crops(records: list[ImageRecord], crop: int, limit: int,
-               max_pixels: int = 100_000_000) -> torch.Tensor:
+               max_pixels: int = DataConfig.max_image_pixels) -> torch.Tensor:
     """Validation images: up to three crop×crop squares per image (start, centre, end of the
     long side) at native scale, or the image resized to cover the square when smaller.
+    `max_pixels` is the run's `data.max_image_pixels` (its default when not given): larger
+    images are refused as decompression bombs.
 
     Returns uint8 (N, 3, crop, crop).
     """

@@ -48,6 +48,9 @@ from training.metrics import psnr, ssim
 LOGGED_TERMS = ("loss/total", "loss/rec", "loss/perceptual", "loss/kl", "loss/gan_generator",
                 "loss/disc", "gan/adaptive_weight", "gan/logits_real", "gan/logits_fake")
 SCALE_CHUNK = 8  # images encoded at once when measuring the latent scale (a fixed noise order)
+# Adam (β1, β2) of the autoencoder and of the discriminator: LDM's autoencoder recipe, whose
+# low β1 (less momentum) is the usual choice for adversarial training.
+ADAM_BETAS = (0.5, 0.9)
 # The keys of the config's `vae` section that fix the VAE's architecture (VAEConfig fields).
 ARCH_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
              "mid_block_add_attention", "use_quant_conv")
@@ -142,8 +145,8 @@ def evaluate(model: AutoencoderKL, images: torch.Tensor, device: torch.device,
 
 
 @torch.no_grad()
-def measure_latent_scale(model: AutoencoderKL, loader, device: torch.device,
-                         images: int) -> tuple[float, float]:
+def measure_latent_scale(model: AutoencoderKL, loader: torch.utils.data.DataLoader,
+                         device: torch.device, images: int) -> tuple[float, float]:
     """(shift, scale) so that (latent − shift) × scale has zero mean and unit variance.
 
     Measured on posterior samples, as the DiT trains on, with fixed noise: exporting the same
@@ -155,6 +158,7 @@ def measure_latent_scale(model: AutoencoderKL, loader, device: torch.device,
     gen = torch.Generator().manual_seed(0)
     chunks = (pixels for batch in loader for pixels in batch["pixels"].split(SCALE_CHUNK))
     for pixels in chunks:  # (<= SCALE_CHUNK, 3, H, W) uint8
+        # posterior samples (<= SCALE_CHUNK, C, H/f, W/f), f = model.downsample_factor
         z = model.encode(to_unit_range(pixels).to(device)).sample(gen).double()
         total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), \
             count + z.numel()
@@ -222,9 +226,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     if v.lpips_vgg and v.lpips_lin:
         from training.lpips import LPIPS
         lpips = LPIPS.from_files(resolve_path(v.lpips_vgg), resolve_path(v.lpips_lin)).to(device)
-    opt_g = torch.optim.Adam(vae.parameters(), lr=t.lr, betas=(0.5, 0.9),
+    opt_g = torch.optim.Adam(vae.parameters(), lr=t.lr, betas=ADAM_BETAS,
                              weight_decay=t.weight_decay)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=v.disc_lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=v.disc_lr, betas=ADAM_BETAS)
     ema = EMA(vae, t.ema_decay)
     step, epoch, index = 0, 0, 0
     if resume_path is not None:  # refuse another model before anything is written
@@ -286,12 +290,14 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         # The posterior noise is drawn for the global batch and each rank keeps its slice, so
         # the run does not depend on how its batch is split across processes (world size × the
         # draws: negligible next to the autoencoder).
-        noise = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 97)
+        noise_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 97)
 
         # Generator (autoencoder) step.
         with autocast(device, amp):
             posterior = vae.encode(x)
-            rec = vae.decode(posterior.sample(noise, (info.rank, info.world_size)))  # (B, 3, H, W)
+            # (B, C, H/f, W/f), f = vae.downsample_factor
+            z = posterior.sample(noise_gen, (info.rank, info.world_size))
+            rec = vae.decode(z)  # (B, 3, H, W)
             err = rec.float() - x
             rec_loss = err.abs().mean() if v.rec_loss == "l1" else err.pow(2).mean()
             p_loss = lpips(rec.float(), x).mean() if lpips is not None else rec_loss.new_zeros(())
@@ -322,6 +328,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         d_loss = logits_real = logits_fake = torch.zeros((), device=device)
         if step >= v.disc_start - v.disc_warmup and finite:
             with autocast(device, amp):
+                # per-patch logits, (B, 1, h', w') each with h' ≈ H / 2**disc_layers, w' alike
                 real, fake = disc(x), disc(rec.detach())
                 d_loss = hinge_d_loss(real, fake)
             opt_d.zero_grad(set_to_none=True)
@@ -379,7 +386,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     return run_dir
 
 
-def loader_for_scale(cfg: Config, plan: DataPlan, info: DistInfo, world_size: int):
+def loader_for_scale(cfg: Config, plan: DataPlan, info: DistInfo,
+                     world_size: int) -> torch.utils.data.DataLoader:
     """Centre-cropped whole global batches (batch_size × world_size) of the run's schedule for
     this process alone, to measure the latent scale on: the same images, hence the same factors,
     at the end of training under torchrun as from `train.py --export` in one process."""
@@ -412,8 +420,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> 
                       cfg.vae.scale_images)
 
 
-def export_vae(vae: AutoencoderKL, ema: EMA, ema_model: AutoencoderKL, loader,
-               device: torch.device, folder: Path, images: int) -> Path:
+def export_vae(vae: AutoencoderKL, ema: EMA, ema_model: AutoencoderKL,
+               loader: torch.utils.data.DataLoader, device: torch.device, folder: Path,
+               images: int) -> Path:
     """Write the EMA weights in the diffusers layout with measured scale and shift as `folder`.
 
     `save_vae` replaces an earlier export there whole, keeping it as
