@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow `python bench/sample.py` as well as `python -m bench.sample`
     sys.path.insert(0, str(REPO))
 
-from bench.vae import SMALL_F8, build_pair  # noqa: E402
+from bench.vae import build_pair, read_config  # noqa: E402
 from inference.pipelines import decode_latents, initial_noise, sample_latents  # noqa: E402
 from models.dit import DiT  # noqa: E402
-from models.registry import MODEL_NAMES, build_dit  # noqa: E402
+from models.registry import MODEL_NAMES, build_dit, dit_config  # noqa: E402
 from models.vae import VAEConfig  # noqa: E402
 from training.flow import token_shift  # noqa: E402
 
@@ -187,7 +187,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.autocast = None if args.dtype == "float32" else getattr(torch, args.dtype)
     config_path = args.config or (DEFAULT_VAE if DEFAULT_VAE.is_file() else None)
-    vae_config = VAEConfig.from_json(config_path) if config_path else SMALL_F8
+    vae_config = read_config(parser, config_path)
+    factor = vae_config.downsample_factor
+    patch = dit_config(args.model, vae_config.latent_channels, args.classes).patch_size
+    if args.resolution <= 0 or args.resolution % (factor * patch):  # refused, not snapped:
+        # the report names the resolution asked for, so it must be the one benchmarked
+        parser.error(f"--resolution: got {args.resolution}, expected a positive multiple of "
+                     f"{factor * patch} (VAE factor {factor} x patch {patch} of {args.model})")
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     latent = args.resolution // vae_config.downsample_factor
     report = {

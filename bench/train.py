@@ -10,13 +10,18 @@ samples/s / that peak (`peer_mfu` uses the same FLOP count). bfloat16 rows run u
 with fp32 weights, as training does. Then a scaling table of our step time against token count
 and against batch size.
 
-Peak memory. On CUDA: torch.cuda.max_memory_allocated from each model's build through its
-warm-up steps, less what was allocated before the build (in process, so a compiled model is
-compiled once). On CPU each (model, bucket, dtype, implementation) runs `--memory-steps` steps in
-a fresh subprocess and reports the rise of the peak resident
-set (VmHWM) over the resident set just before the model is built, so it counts parameters,
-gradients, AdamW state, activations and allocator slack alike for both models; the modules a
-step imports lazily (diffusers, torch._dynamo) are imported before that baseline in both.
+Peak memory covers at least `--memory-steps` full training steps (default 2; 0 skips it, 1 is
+refused), so that one of them runs with the optimizer state alive: AdamW allocates its two moment
+buffers at the end of its first step, and from the second step on parameters, gradients, AdamW
+state and activations coexist, as all through training. On CUDA: torch.cuda.max_memory_allocated
+from each model's build through its untimed steps, max(--warmup, --memory-steps) of them for both
+models, compiled or not, less what was allocated before the build (in process, so a compiled
+model is compiled once): the tensors PyTorch's CUDA allocator hands out, not its cached free
+blocks or the CUDA context. On CPU each (model, bucket, dtype, implementation) runs
+`--memory-steps` steps in a fresh subprocess and reports the rise of the peak resident set
+(VmHWM) over the resident set just before the model is built, so it also counts allocator slack,
+alike for both models; the modules a step imports lazily (diffusers, torch._dynamo) are imported
+before that baseline in both.
 
 diffusers' DiT unpatchifies its output as a square (side = sqrt(tokens)), so it cannot run a
 non-square bucket; such rows report the peer as null with the error in `note`.
@@ -273,7 +278,7 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
     note = None
     cuda_peak: dict[str, int] = {}
     for impl in ("ours", "peer"):
-        if device.type == "cuda":  # peak from this model's build through its warm-up steps
+        if device.type == "cuda":  # peak from this model's build through its untimed steps
             synchronize(device)
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -281,8 +286,10 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
         params[impl] = sum(t.numel() for t in model.parameters())
         step = make_step(model, velocity, h, w, args.batch, dtype, device,
                          compiled(args, impl), args.seed)
+        # on CUDA the untimed steps are also the memory window: at least --memory-steps of them
+        untimed = max(args.warmup, args.memory_steps) if device.type == "cuda" else args.warmup
         try:
-            for _ in range(args.warmup):
+            for _ in range(untimed):
                 step()
             if device.type == "cuda":
                 synchronize(device)
@@ -310,11 +317,12 @@ def bench_row(name: str, latent: str, dtype_name: str, args: argparse.Namespace,
     peak = statistics.median(row_peaks)  # measured between this row's repeats
     sps = {impl: args.batch / statistics.median(t) for impl, t in times.items()}
     ours, peer = sps["ours"], sps.get("peer")
-    if device.type == "cuda":
+    if not args.memory_steps:
+        memory = {impl: None for impl in impls}
+    elif device.type == "cuda":
         memory = {impl: cuda_peak.get(impl) for impl in impls}
     else:
-        memory = {impl: measure_memory(impl, name, h, w, dtype_name, args)
-                  if args.memory_steps else None for impl in impls}
+        memory = {impl: measure_memory(impl, name, h, w, dtype_name, args) for impl in impls}
     row = {
         "model": name, "latent": latent, "tokens": (h // patch) * (w // patch),
         "batch": args.batch,
@@ -403,7 +411,9 @@ def main() -> None:
     parser.add_argument("--peak-size", type=int, default=4096,
                         help="side of the square matmul that measures the peak FLOP/s")
     parser.add_argument("--memory-steps", type=int, default=2,
-                        help="training steps of each peak-memory subprocess; 0 skips memory")
+                        help="training steps each peak memory covers (on CPU in a subprocess; "
+                        "on CUDA the untimed steps are at least this many); 0 skips memory, "
+                        "1 is refused: AdamW's state only exists from the second step on")
     parser.add_argument("--scaling-latents", nargs="*",
                         default=["16x16", "32x32", "64x64"],
                         help="buckets of the token-count sweep (64 to 1024 tokens at patch 2); "
@@ -431,11 +441,26 @@ def main() -> None:
     if args.memory_child:
         memory_child(json.loads(args.memory_child))
         return
-    for latent in args.latents + args.scaling_latents + [args.scaling_latents_for_batch]:
-        try:  # refuse a malformed size before any timing
-            parse_latent(latent)
-        except argparse.ArgumentTypeError as err:
-            parser.error(str(err))
+    if args.memory_steps < 0 or args.memory_steps == 1:
+        parser.error(f"--memory-steps: expected 0 (no memory figures) or at least 2 (a step "
+                     f"with AdamW's state allocated), got {args.memory_steps}")
+    # Refuse a bucket the models cannot patchify before any timing, not when its row is reached
+    # (which would lose the rows before it). The table runs every model, the sweeps the first.
+    buckets = [("--latents", latent, args.models) for latent in args.latents]
+    buckets += [("--scaling-latents", latent, args.models[:1]) for latent in args.scaling_latents]
+    if args.scaling_batches:
+        buckets.append(("--scaling-latents-for-batch", args.scaling_latents_for_batch,
+                        args.models[:1]))
+    for flag, latent, names in buckets:
+        try:
+            h, w = parse_latent(latent)
+        except argparse.ArgumentTypeError:
+            h = w = 0
+        patch = math.lcm(*(dit_config(n, LATENT_CHANNELS, NUM_CLASSES).patch_size
+                           for n in names))
+        if h <= 0 or w <= 0 or h % patch or w % patch:
+            parser.error(f"{flag}: got {latent!r}, expected WIDTHxHEIGHT with both sides "
+                         f"positive multiples of {patch} (patch size of {', '.join(names)})")
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are true fp32, like the peak
 

@@ -30,6 +30,18 @@ DEFAULT_CONFIG = REPO / "vae" / "config.json"
 SMALL_F8 = VAEConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=2, sample_size=256)
 
 
+def read_config(parser: argparse.ArgumentParser, path: Path | None) -> VAEConfig:
+    """The VAE config at `path`, or SMALL_F8 for None; refuses a missing or invalid file."""
+    if path is None:
+        return SMALL_F8
+    if not path.is_file():
+        parser.error(f"--config: {path} is not a file; expected a VAE config.json")
+    try:
+        return VAEConfig.from_json(path)
+    except (OSError, ValueError) as err:  # unreadable, not JSON, or not a VAE config
+        parser.error(f"--config: {str(err).splitlines()[0]}")
+
+
 def build_pair(config: VAEConfig, seed: int) -> tuple[AutoencoderKL, torch.nn.Module]:
     """Our model and diffusers' AutoencoderKL holding the same random weights."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
@@ -122,7 +134,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    config = VAEConfig.from_json(config_path) if config_path else SMALL_F8
+    config = read_config(parser, config_path)
+    factor = config.downsample_factor
+    if args.resolution <= 0 or args.resolution % factor:  # else decode would run a smaller image
+        parser.error(f"--resolution: got {args.resolution}, expected a positive multiple of "
+                     f"the VAE's downsample factor {factor}")
     if args.dtype != "float32":
         config.force_upcast = False
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
