@@ -73,26 +73,26 @@ def _run_kind(tags: set[str]) -> str:
 def curve(run_dir: str) -> dict:
     """Held-out PSNR and SSIM against training step and wall-clock minutes from TensorBoard.
 
+    A resumed run's abandoned branch is left out (`scripts/loss_curves.py: run_scalars`).
     Raises FileNotFoundError when the run has no events file, ValueError when it lacks one of
     the scalars a VAE run logs (`CURVE_TAGS`).
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from scripts.loss_curves import run_scalars
 
     tb = Path(run_dir) / "tb"
-    if not any(tb.glob("events.out.tfevents.*")):
+    files = sorted(tb.glob("events.out.tfevents.*"))
+    if not files:
         raise FileNotFoundError(f"{run_dir}: no TensorBoard events file in {tb}")
-    events = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every value
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
-    missing = [tag for tag in CURVE_TAGS if tag not in tags]
+    scalars = run_scalars(files)
+    missing = [tag for tag in CURVE_TAGS if tag not in scalars]
     if missing:
         raise ValueError(f"{run_dir}: no {', '.join(missing)} scalars; it looks like "
-                         f"{_run_kind(tags)}")
-    start = min(e.wall_time for e in events.Scalars("loss/rec"))
-    ssim = {e.step: e.value for e in events.Scalars("eval/ssim")}
+                         f"{_run_kind(set(scalars))}")
+    start = min(e.wall_time for e in scalars["loss/rec"])
+    ssim = {e.step: e.value for e in scalars["eval/ssim"]}
     rows = [{"step": e.step, "minutes": round((e.wall_time - start) / 60, 1),
              "psnr": round(e.value, 2), "ssim": round(ssim.get(e.step, float("nan")), 4)}
-            for e in events.Scalars("eval/psnr")]
+            for e in scalars["eval/psnr"]]
     return {"run": run_dir, "curve": rows}
 
 

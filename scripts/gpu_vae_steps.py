@@ -1,35 +1,82 @@
-"""How many VAE steps fit in a time budget on this machine: times the real data loader and the
-real training step of a VAE config, then prints max_steps for `train.py --max-steps`.
+"""How many VAE steps fit in a time budget on this machine: trains the config's VAE stage for a
+few hundred steps and prints max_steps for `train.py --max-steps`.
 
     python scripts/gpu_vae_steps.py --config configs/vae_f8c16_gpu.json --dataset DIR --seconds 150
 
-The step is timed on random pixels (encode, decode, L1 + KL, backward, Adam) under the config's
-precision; the loader on the config's data with its worker count. A step takes the slower of
-the two, as they overlap. Prints one JSON object.
+The timed run is the real stage (`training/vae_stage.py`) with the config's data, loader
+workers, precision and logging, in a temporary run folder, so each step costs what a training
+step costs: encode, decode, losses, backward, gradient clipping with its norm, the finiteness
+check, Adam, the EMA update, the discriminator's step where the config uses one, the logging
+syncs, and the wait for the loader where it is slower than the step. The first steps are left
+out: they include the warm-up and may be served from the batches the loader's workers queued
+meanwhile (num_workers × `PREFETCH`). The time per step is then taken over at least twice that
+many steps, from the wall times of the TensorBoard events the stage logs. A config whose
+discriminator starts before its `train.max_steps` is timed with the discriminator on from the
+first step, so its estimate errs short and the learning-rate schedule still completes.
+
+The stage prints as it trains; the last line printed is one JSON object. Bad input is one
+`error:` line, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-import time
+import tempfile
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.config import apply_overrides, load_config  # noqa: E402
+from training.config import (Config, ConfigError, TrainingAborted,  # noqa: E402
+                             TrainingStopped, apply_overrides, load_config)
 from training.data import resolve_dataset  # noqa: E402
-from training.distributed import setup  # noqa: E402
-from training.loop import autocast, autocast_dtype, pixel_loader, plan_data  # noqa: E402
-from training.vae_stage import build_vae  # noqa: E402
+from training.vae_stage import train_vae  # noqa: E402
+
+PREFETCH = 4  # batches each loader worker keeps ready (`training/loop.py: pixel_loader`)
+WARM_STEPS, TIMED_STEPS = 10, 20  # at least this many steps are left out, then timed
+
+
+def timing_plan(cfg: Config) -> tuple[int, int]:
+    """(left out, timed): the steps of the timing run, each a whole number of logging windows.
+
+    At least num_workers × `PREFETCH` steps are left out and twice that many timed, so the time
+    per step is that of the loader's sustained rate, not of draining its queue.
+    """
+    queue = cfg.data.num_workers * PREFETCH
+    window = cfg.train.log_every
+    warm = window * math.ceil(max(queue, WARM_STEPS) / window)
+    timed = window * math.ceil(max(2 * queue, TIMED_STEPS) / window)
+    return warm, timed
+
+
+def time_stage(cfg: Config, run_dir: Path) -> dict:
+    """Train `cfg`'s VAE stage in `run_dir` for `timing_plan` steps; the seconds per step over
+    the timed ones and the share of them spent waiting for data."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    warm, timed = timing_plan(cfg)
+    steps = warm + timed
+    # checkpoint and evaluate only at the end (after the last timed step); export little
+    overrides = {"run_dir": str(run_dir), "train.max_steps": steps, "train.ckpt_every": 0,
+                 "train.eval_every": steps, "train.sample_every": steps, "vae.scale_images": 1}
+    v = cfg.vae
+    if v.disc_start - v.disc_warmup < cfg.train.max_steps:  # the config trains a discriminator
+        overrides["vae.disc_start"] = 0
+    train_vae(apply_overrides(cfg, overrides))
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {e.step: e.wall_time for e in events.Scalars("loss/total")}  # when each was logged
+    waits = [e.value for e in events.Scalars("train/data_wait_fraction") if e.step > warm]
+    return {"step_s": (logged[steps] - logged[warm]) / timed,
+            "data_wait_fraction": sum(waits) / len(waits), "steps_timed": timed}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Time loader and step, print the step budget; 2 on bad input."""
+    """Time the VAE stage, print the step budget; 2 on bad input, 1 if training fails."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--dataset", required=True)
@@ -38,54 +85,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="share of the budget for steps (the rest: start-up, eval, export)")
     args = parser.parse_args(argv)
     try:
-        if not args.seconds > 0:
-            raise ValueError(f"--seconds {args.seconds}: must be positive")
+        if not (math.isfinite(args.seconds) and args.seconds > 0):
+            raise ValueError(f"--seconds {args.seconds}: must be a positive, finite number")
         if not 0 < args.fraction <= 1:
             raise ValueError(f"--fraction {args.fraction}: must lie in (0, 1]")
         cfg = apply_overrides(load_config(args.config), {"data.dataset": args.dataset})
+        if cfg.stage != "vae":
+            raise ConfigError(f"{args.config}: a {cfg.stage} config; this script times the VAE "
+                              "stage")
         resolve_dataset(cfg.data.dataset)
-        info = setup(cfg.train.device)
-        device = info.device
-        plan = plan_data(cfg, info)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        with tempfile.TemporaryDirectory(prefix="gpu_vae_steps-") as tmp:
+            timing = time_stage(cfg, Path(tmp) / "run")
+    except (FileNotFoundError, ValueError, TrainingAborted) as exc:  # ConfigError: ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    loader = iter(pixel_loader(cfg, plan, info, 0, 0, random_crop=True))
-    next(loader)  # workers started
-    start = time.perf_counter()
-    for _ in range(20):
-        next(loader)
-    load_s = (time.perf_counter() - start) / 20
-
-    vae = build_vae(cfg).to(device)
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-4, betas=(0.5, 0.9))
-    amp = autocast_dtype(cfg.train.precision, device)
-    side = cfg.data.resolution
-    x = torch.rand(cfg.batch_size, 3, side, side, device=device) * 2 - 1
-
-    def step() -> None:
-        with autocast(device, amp):
-            posterior = vae.encode(x)
-            rec = vae.decode(posterior.sample())
-            loss = (rec.float() - x).abs().mean() + 1e-6 * posterior.kl().mean() / x[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(5):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(20):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    step_s = (time.perf_counter() - start) / 20
-    per_step = max(step_s, load_s)
-    steps = max(100, int(args.seconds * args.fraction / per_step) // 100 * 100)
-    print(json.dumps({"loader_s_per_batch": round(load_s, 4), "step_s": round(step_s, 4),
-                      "batch": cfg.batch_size, "max_steps": steps}))
+    except TrainingStopped as exc:  # its run folder, named in its message, is gone
+        print(f"error: signal {exc.signum} stopped the timing run", file=sys.stderr)
+        return 128 + exc.signum
+    except Exception:
+        # Uncaught, it would keep the stage's frames, and with them its DataLoader, alive until
+        # after Python's exit-time wait for child processes: the workers ignore SIGTERM
+        # (`training/loop.py: ignore_stop_signals`), so that wait never ends. Handled here, the
+        # frames go, and the loader shuts its workers down.
+        traceback.print_exc()
+        return 1
+    steps = max(100, int(args.seconds * args.fraction / timing["step_s"]) // 100 * 100)
+    print(json.dumps({"step_s": round(timing["step_s"], 4),
+                      "data_wait_fraction": round(timing["data_wait_fraction"], 3),
+                      "steps_timed": timing["steps_timed"], "batch": cfg.batch_size,
+                      "max_steps": steps}))
     return 0
 
 

@@ -3,15 +3,17 @@
     UV_CACHE_DIR=.uv-cache uv run python scripts/loss_curves.py runs/a runs/b \\
         [--tags train/loss val/loss train/data_wait_fraction] [--every 50]
 
-For each run and tag: the value at every `--every`-th logged step, as the mean of the logged
-values since the previous reported step (training losses are noisy per step), and the mean of
-the whole run. The last line printed is one JSON object.
+For each run and tag: the mean of the values logged in each interval (k·every − every, k·every]
+that holds a logged step, reported at k·every (the last one at the run's last logged step;
+training losses are noisy per step), and the mean of the whole run. A resumed run's abandoned
+branch is left out (`run_scalars`). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +22,7 @@ DEFAULT_TAGS = ["train/loss", "val/loss", "train/data_wait_fraction", "train/sam
 
 
 def _events_files(run: Path) -> list[Path]:
-    """The TensorBoard events files of a run, oldest name first; FileNotFoundError if none."""
+    """The TensorBoard events files of a run, in name order; FileNotFoundError if none."""
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: run folder not found")
     files = sorted((run / "tb").glob("events.out.tfevents.*"))
@@ -29,31 +31,56 @@ def _events_files(run: Path) -> list[Path]:
     return files
 
 
-def read_scalars(run: Path, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) pairs per tag from every events file under `run`/tb, in step order;
-    FileNotFoundError when the run has no events file."""
+def run_scalars(files: list[Path]) -> dict[str, list]:
+    """Every scalar in a run's TensorBoard `files`: {tag: [ScalarEvent, ...] in step order}, with
+    the steps a resume abandoned left out.
+
+    Each process that trains a run adds an events file to its tb/. When a newer file starts at
+    step s (its first logged step), the run was resumed from a checkpoint before s, so what the
+    older files logged from step s on belongs to the branch that resume abandoned and is
+    dropped. Files are ordered by the wall time of their first event, written when the file is
+    created. (Their names are no reliable order: they hold that time in whole seconds, then the
+    host, the process id and a per-process counter, the last two not zero-padded.) A file
+    without events holds nothing and is passed over.
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    files = _events_files(run)
-    values: dict[str, dict[int, float]] = {tag: {} for tag in tags}
+    loaded = []
     for path in files:
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every value
         acc.Reload()
-        for tag in tags:
-            if tag in acc.Tags()["scalars"]:
-                values[tag].update({e.step: e.value for e in acc.Scalars(tag)})
-    return {tag: sorted(v.items()) for tag, v in values.items() if v}
+        try:
+            created = acc.FirstEventTimestamp()
+        except ValueError:  # no event at all
+            continue
+        loaded.append((created, path.name, {tag: acc.Scalars(tag)
+                                            for tag in acc.Tags()["scalars"]}))
+    kept: dict[str, list] = {}
+    cut = math.inf  # the first step of the newer files: older files count below it
+    for _, _, scalars in sorted(loaded, key=lambda f: f[:2], reverse=True):  # newest first
+        for tag, events in scalars.items():
+            kept.setdefault(tag, []).extend(e for e in events if e.step < cut)
+        cut = min([cut, *(e.step for events in scalars.values() for e in events)])
+    return {tag: sorted(events, key=lambda e: e.step) for tag, events in kept.items() if events}
+
+
+def read_scalars(run: Path, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) pairs per tag (those of `tags` the run logged) from the events files under
+    `run`/tb, in step order, without a resume's abandoned branch (`run_scalars`);
+    FileNotFoundError when the run has no events file."""
+    scalars = run_scalars(_events_files(run))
+    return {tag: [(e.step, e.value) for e in scalars[tag]] for tag in tags if tag in scalars}
 
 
 def binned(points: list[tuple[int, float]], every: int) -> list[list[float]]:
-    """[step, mean of the values logged in (step - every, step]] for each multiple of every."""
-    out, bucket = [], []
+    """[end, mean of the values logged in (end - every, end]] for each `end`, a multiple of
+    `every`, whose interval holds one of the (step, value) `points` (in step order); the last
+    interval, when the run stopped inside it, is reported at the last logged step."""
+    bins: dict[int, list[float]] = {}
     for step, value in points:
-        bucket.append(value)
-        if step % every == 0 or step == points[-1][0]:
-            out.append([step, round(sum(bucket) / len(bucket), 5)])
-            bucket = []
-    return out
+        bins.setdefault(-(-step // every) * every, []).append(value)  # ceil(step / every) * every
+    last = points[-1][0]
+    return [[min(end, last), round(sum(values) / len(values), 5)] for end, values in bins.items()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (with tb/)")
     parser.add_argument("--tags", nargs="+", default=DEFAULT_TAGS, help="scalar tags")
-    parser.add_argument("--every", type=int, default=50, help="report every this many steps")
+    parser.add_argument("--every", type=int, default=50,
+                        help="report the mean of each interval of this many steps")
     args = parser.parse_args(argv)
     try:
         if args.every < 1:

@@ -34,6 +34,20 @@ def test_eval_vae_curve_reads_psnr_and_ssim_per_step(tmp_path: Path, capsys) -> 
         (2, 21.5, 0.61), (4, 23.25, 0.7)]
 
 
+def test_eval_vae_curve_of_a_resumed_run_leaves_out_the_abandoned_branch(tmp_path: Path,
+                                                                         capsys) -> None:
+    run = tmp_path / "vae_run"
+    # evaluated at 250, 500 and 750, then resumed from the checkpoint at step 500
+    _run(run, {step: {"loss/rec": 0.3, "eval/psnr": 20.0 + step / 250, "eval/ssim": 0.5}
+               for step in (250, 500, 750)})
+    _run(run, {600: {"loss/rec": 0.2}, 750: {"loss/rec": 0.2, "eval/psnr": 23.5,
+                                             "eval/ssim": 0.6}})
+    assert eval_vae.main(["--curve", str(run)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["step"], r["psnr"], r["ssim"]) for r in result["curve"]] == [
+        (250, 21.0, 0.5), (500, 22.0, 0.5), (750, 23.5, 0.6)]
+
+
 @pytest.mark.parametrize("scalars, phrase", [
     ({1: {"train/loss": 1.0}, 2: {"val/loss": 0.9}},
      "no loss/rec, eval/psnr, eval/ssim scalars; it looks like a DiT run"),

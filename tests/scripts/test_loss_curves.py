@@ -15,6 +15,20 @@ from training.logging import RunLogger
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
+def _log(folder: Path, steps: dict[int, dict[str, float]]) -> Path:
+    """One training process's events file in `folder`/tb: `steps` (step -> scalars)."""
+    logger = RunLogger(folder, True)
+    for step, values in steps.items():
+        logger.scalars(values, step)
+    logger.close()
+    return folder
+
+
+def _curves(capsys, *args: str) -> dict:
+    assert loss_curves.main(list(args)) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
 def _run(folder: Path, losses: list[float]) -> Path:
     logger = RunLogger(folder, True)
     for step, loss in enumerate(losses, start=1):
@@ -35,6 +49,32 @@ def test_loss_curves_bins_and_compares_runs(tmp_path: Path) -> None:
     assert report[str(a)]["train/loss"]["mean"] == 3.0
     assert report[str(a)]["val/loss"]["curve"] == [[5, 5.0]]
     assert report[str(b)]["train/loss"]["curve"] == [[2, 1.0], [4, 1.0]]
+
+
+def test_loss_curves_bins_end_at_multiples_of_every(tmp_path: Path, capsys) -> None:
+    # logged every 10 steps, reported every 25: each point is the mean over (end - 25, end]
+    run = _log(tmp_path / "a", {step: {"train/loss": float(step)} for step in range(10, 111, 10)})
+    report = _curves(capsys, str(run), "--tags", "train/loss", "--every", "25")
+    assert report[str(run)]["train/loss"]["curve"] == [
+        [25, 15.0], [50, 40.0], [75, 65.0], [100, 90.0], [110, 110.0]]
+
+
+@pytest.mark.parametrize("names", ["as-created", "swapped"])
+def test_loss_curves_resumed_run_leaves_out_the_abandoned_branch(tmp_path: Path, capsys,
+                                                                names: str) -> None:
+    run = tmp_path / "run"
+    # trained to step 80, then resumed from its checkpoint at step 50 and trained to step 70
+    _log(run, {step: {"train/loss": 1.0} for step in range(10, 81, 10)})
+    _log(run, {step: {"train/loss": 0.5} for step in (60, 70)})
+    if names == "swapped":  # names out of creation order (as a same-second pid wrap gives)
+        old, new = sorted((run / "tb").iterdir())
+        old.rename(tmp_path / "old")
+        new.rename(old)
+        (tmp_path / "old").rename(new)
+    report = _curves(capsys, str(run), "--tags", "train/loss", "--every", "10")
+    assert report[str(run)]["train/loss"] == {
+        "curve": [[10, 1.0], [20, 1.0], [30, 1.0], [40, 1.0], [50, 1.0], [60, 0.5], [70, 0.5]],
+        "mean": round(6 / 7, 5)}
 
 
 def test_loss_curves_missing_events_is_one_line_error(tmp_path: Path) -> None:
