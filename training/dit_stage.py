@@ -340,73 +340,75 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     # checkpoints, validation and previews (left out of the step rate).
     tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
     bucket_losses: dict[str, list[float]] = defaultdict(list)
-    while step < t.max_steps:
-        for group in opt.param_groups:
-            group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
-        total, files = torch.zeros((), device=device), []
-        for micro in range(t.grad_accum):
-            t_data = time.perf_counter()
-            items, noise_gen, x0 = batches.get()  # micro-step step * grad_accum + micro
-            indices = [i for i, _, _, _ in items]
-            epoch, index = items[0][2], items[0][3] + 1
-            x0 = x0.to(device, non_blocking=True)  # (B, C, h, w)
-            y = (torch.tensor([plan.records[i].label for i in indices], device=device)
-                 if num_classes else None)
-            waited += time.perf_counter() - t_data
-            files += [plan.records[i].path for i in indices]
-            gen = flow_generator(noise_gen, device)
-            sync = micro == t.grad_accum - 1 or info.world_size == 1
-            no_sync = contextlib.nullcontext() if sync else train_model.no_sync()
-            with no_sync, autocast(device, amp):
-                per_sample = flow.loss(train_model, x0, y, gen, part)  # (B,)
-                loss = per_sample.mean()
-            (loss / t.grad_accum).backward()
-            total += loss.detach() / t.grad_accum
-            bw, bh = x0.shape[-1] * vae.downsample_factor, x0.shape[-2] * vae.downsample_factor
-            if main:  # read at log time (no sync), which only the main process does
-                bucket_losses[f"{bw}x{bh}"].append(loss.detach())
-        total, stopping = agree(total, stop.received is not None)  # the same on every rank
-        grad_norm = clip_and_check(params, t.grad_clip)
-        if guard.ok(step + 1, total, grad_norm, files):  # numbered as it is logged
-            opt.step()
-            ema.update(model)
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        if main and (step % t.log_every == 0 or step == 1):
-            elapsed = time.perf_counter() - tick - paused
-            steps_done = step - logged_at
-            values = {"train/loss": total.item(), "train/lr": opt.param_groups[0]["lr"],
-                      "train/grad_norm": grad_norm.item(),
-                      "train/samples_per_s": steps_done * t.grad_accum * cfg.batch_size
-                      * info.world_size / max(elapsed, 1e-9),
-                      "train/data_wait_fraction": waited / max(elapsed, 1e-9)}
-            values.update({f"loss_bucket/{k}": torch.stack(v).mean().item()
-                           for k, v in bucket_losses.items()})
-            logger.scalars(values, step)
-            bar.set_postfix(loss=f"{total.item():.4f}")
-            tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
-            bucket_losses.clear()
-        # Save first: a failure in validation or previews then loses no training. A stop
-        # request skips them (it is acted on at the next step): the scheduler's grace period
-        # after SIGTERM is short, and they can take longer than a step.
-        started = time.perf_counter()
-        if checkpoint_due(step, t, stopping):
-            checkpoint()
-            logger.flush()
-        if stopping:
-            break
-        due = step == t.max_steps
-        if main and val_x and not stop.received and (step % t.eval_every == 0 or due):
-            validate()
-        if main and not stop.received and (step % t.sample_every == 0 or due):
-            previews()
-        paused += time.perf_counter() - started
+    try:
+        while step < t.max_steps:
+            for group in opt.param_groups:
+                group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
+            total, files = torch.zeros((), device=device), []
+            for micro in range(t.grad_accum):
+                t_data = time.perf_counter()
+                items, noise_gen, x0 = batches.get()  # micro-step step * grad_accum + micro
+                indices = [i for i, _, _, _ in items]
+                epoch, index = items[0][2], items[0][3] + 1
+                x0 = x0.to(device, non_blocking=True)  # (B, C, h, w)
+                y = (torch.tensor([plan.records[i].label for i in indices], device=device)
+                     if num_classes else None)
+                waited += time.perf_counter() - t_data
+                files += [plan.records[i].path for i in indices]
+                gen = flow_generator(noise_gen, device)
+                sync = micro == t.grad_accum - 1 or info.world_size == 1
+                no_sync = contextlib.nullcontext() if sync else train_model.no_sync()
+                with no_sync, autocast(device, amp):
+                    per_sample = flow.loss(train_model, x0, y, gen, part)  # (B,)
+                    loss = per_sample.mean()
+                (loss / t.grad_accum).backward()
+                total += loss.detach() / t.grad_accum
+                bw, bh = x0.shape[-1] * vae.downsample_factor, x0.shape[-2] * vae.downsample_factor
+                if main:  # read at log time (no sync), which only the main process does
+                    bucket_losses[f"{bw}x{bh}"].append(loss.detach())
+            total, stopping = agree(total, stop.received is not None)  # the same on every rank
+            grad_norm = clip_and_check(params, t.grad_clip)
+            if guard.ok(step + 1, total, grad_norm, files):  # numbered as it is logged
+                opt.step()
+                ema.update(model)
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if main and (step % t.log_every == 0 or step == 1):
+                elapsed = time.perf_counter() - tick - paused
+                steps_done = step - logged_at
+                values = {"train/loss": total.item(), "train/lr": opt.param_groups[0]["lr"],
+                          "train/grad_norm": grad_norm.item(),
+                          "train/samples_per_s": steps_done * t.grad_accum * cfg.batch_size
+                          * info.world_size / max(elapsed, 1e-9),
+                          "train/data_wait_fraction": waited / max(elapsed, 1e-9)}
+                values.update({f"loss_bucket/{k}": torch.stack(v).mean().item()
+                               for k, v in bucket_losses.items()})
+                logger.scalars(values, step)
+                bar.set_postfix(loss=f"{total.item():.4f}")
+                tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
+                bucket_losses.clear()
+            # Save first: a failure in validation or previews then loses no training. A stop
+            # request skips them (it is acted on at the next step): the scheduler's grace period
+            # after SIGTERM is short, and they can take longer than a step.
+            started = time.perf_counter()
+            if checkpoint_due(step, t, stopping):
+                checkpoint()
+                logger.flush()
+            if stopping:
+                break
+            due = step == t.max_steps
+            if main and val_x and not stop.received and (step % t.eval_every == 0 or due):
+                validate()
+            if main and not stop.received and (step % t.sample_every == 0 or due):
+                previews()
+            paused += time.perf_counter() - started
+    finally:  # also when the loop raised: stop the prefetch thread, free the shards
+        batches.close()
+        reader.close()
+        stop.restore()
     bar.close()
-    batches.close()
-    reader.close()
     logger.close()
-    stop.restore()
     if step < t.max_steps:  # stopped early by a signal (at the last step it is done anyway)
         stopped(stop, step, run_dir)
     return run_dir

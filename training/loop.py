@@ -211,6 +211,18 @@ def keep_freed_memory() -> bool:
     return bool(mmap_set) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def close_loader(batches) -> None:
+    """Stop the worker processes of a DataLoader iterator now (a no-op for other iterables).
+
+    Needed where an error may escape a loop over a `pixel_loader`: its workers ignore SIGTERM
+    (`ignore_stop_signals`), so while a traceback keeps the iterator alive, Python's exit would
+    wait for them forever. torch has no public call for this; the iterator's own is used.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: workers ignore SIGTERM and SIGINT.
 

@@ -39,8 +39,9 @@ from training.distributed import DistInfo, agree, all_reduce_mean, setup, teardo
 from training.ema import EMA
 from training.logging import RunLogger
 from training.loop import (DataPlan, NonFiniteGuard, StopSignal, autocast, autocast_dtype,
-                           checkpoint_due, clip_and_check, data_state, eval_crops, find_resume,
-                           keep_freed_memory, load_optimizer, lr_factor, pixel_loader, plan_data,
+                           checkpoint_due, clip_and_check, close_loader, data_state, eval_crops,
+                           find_resume, keep_freed_memory, load_optimizer, lr_factor,
+                           pixel_loader, plan_data,
                            prepare_run_dir, resume_position, seed_everything, state_for_json,
                            stopped)
 from training.metrics import psnr, ssim
@@ -156,15 +157,19 @@ def measure_latent_scale(model: AutoencoderKL, loader: torch.utils.data.DataLoad
     model.eval()
     total, total_sq, count = 0.0, 0.0, 0
     gen = torch.Generator().manual_seed(0)
-    chunks = (pixels for batch in loader for pixels in batch["pixels"].split(SCALE_CHUNK))
-    for pixels in chunks:  # (<= SCALE_CHUNK, 3, H, W) uint8
-        # posterior samples (<= SCALE_CHUNK, C, H/f, W/f), f = model.downsample_factor
-        z = model.encode(to_unit_range(pixels).to(device)).sample(gen).double()
-        total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), \
-            count + z.numel()
-        images -= len(z)
-        if images <= 0:
-            break
+    batches = iter(loader)
+    try:
+        chunks = (pixels for batch in batches for pixels in batch["pixels"].split(SCALE_CHUNK))
+        for pixels in chunks:  # (<= SCALE_CHUNK, 3, H, W) uint8
+            # posterior samples (<= SCALE_CHUNK, C, H/f, W/f), f = model.downsample_factor
+            z = model.encode(to_unit_range(pixels).to(device)).sample(gen).double()
+            total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), \
+                count + z.numel()
+            images -= len(z)
+            if images <= 0:
+                break
+    finally:
+        close_loader(batches)
     model.train(was_training)
     mean = total / count
     std = max((total_sq / count - mean ** 2) ** 0.5, 1e-6)
@@ -278,109 +283,113 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     # The current logging window: its start, and the time in it spent waiting for data and on
     # checkpoints and evaluation (left out of the step rate).
     tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
-    while step < t.max_steps:
-        t_data = time.perf_counter()
-        batch = next(batches)
-        waited += time.perf_counter() - t_data
-        x = to_unit_range(batch["pixels"]).to(device, non_blocking=True)  # (B, 3, H, W)
-        for group in opt_g.param_groups:
-            group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
-        gen_weight = 0.0 if step < v.disc_start else min(1.0, (step - v.disc_start + 1)
-                                                         / max(1, v.disc_ramp))
-        # The posterior noise is drawn for the global batch and each rank keeps its slice, so
-        # the run does not depend on how its batch is split across processes (world size × the
-        # draws: negligible next to the autoencoder).
-        noise_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 97)
+    try:
+        while step < t.max_steps:
+            t_data = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - t_data
+            x = to_unit_range(batch["pixels"]).to(device, non_blocking=True)  # (B, 3, H, W)
+            for group in opt_g.param_groups:
+                group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
+            gen_weight = 0.0 if step < v.disc_start else min(1.0, (step - v.disc_start + 1)
+                                                             / max(1, v.disc_ramp))
+            # The posterior noise is drawn for the global batch and each rank keeps its slice, so
+            # the run does not depend on how its batch is split across processes (world size × the
+            # draws: negligible next to the autoencoder).
+            noise_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 97)
 
-        # Generator (autoencoder) step.
-        with autocast(device, amp):
-            posterior = vae.encode(x)
-            # (B, C, H/f, W/f), f = vae.downsample_factor
-            z = posterior.sample(noise_gen, (info.rank, info.world_size))
-            rec = vae.decode(z)  # (B, 3, H, W)
-            err = rec.float() - x
-            rec_loss = err.abs().mean() if v.rec_loss == "l1" else err.pow(2).mean()
-            p_loss = lpips(rec.float(), x).mean() if lpips is not None else rec_loss.new_zeros(())
-            nll = rec_loss + v.perceptual_weight * p_loss
-            kl = posterior.kl().mean()  # summed over latent elements, mean over the batch
-            # LDM sums the reconstruction over pixels; ours is a per-pixel mean, so the KL
-            # term is divided by the pixel count to keep LDM's balance at `kl_weight`.
-            loss = nll + v.kl_weight * kl / x[0].numel()
-            g_loss = d_weight = torch.zeros((), device=device)
-            if gen_weight > 0:
-                disc.requires_grad_(False)
-                g_loss = generator_hinge_loss(disc(rec))
-                disc.requires_grad_(True)
-                d_weight = adaptive_weight(nll, g_loss, last_layer) * v.disc_weight
-                loss = loss + gen_weight * d_weight * g_loss
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(list(vae.parameters()))
-        grad_norm = clip_and_check(list(vae.parameters()), t.grad_clip)
-        mean_loss, stopping = agree(loss, stop.received is not None)  # the same on every rank
-        finite = guard.ok(step + 1, mean_loss, grad_norm,  # numbered as it is logged
-                          [plan.records[int(i)].path for i in batch["index"]])
-        if finite:
-            opt_g.step()
-            ema.update(vae)
-
-        # Discriminator step.
-        d_loss = logits_real = logits_fake = torch.zeros((), device=device)
-        if step >= v.disc_start - v.disc_warmup and finite:
+            # Generator (autoencoder) step.
             with autocast(device, amp):
-                # per-patch logits, (B, 1, h', w') each with h' ≈ H / 2**disc_layers, w' alike
-                real, fake = disc(x), disc(rec.detach())
-                d_loss = hinge_d_loss(real, fake)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            average_gradients(list(disc.parameters()))
-            opt_d.step()
-            logits_real, logits_fake = real.detach().mean(), fake.detach().mean()
+                posterior = vae.encode(x)
+                # (B, C, H/f, W/f), f = vae.downsample_factor
+                z = posterior.sample(noise_gen, (info.rank, info.world_size))
+                rec = vae.decode(z)  # (B, 3, H, W)
+                err = rec.float() - x
+                rec_loss = err.abs().mean() if v.rec_loss == "l1" else err.pow(2).mean()
+                p_loss = (lpips(rec.float(), x).mean() if lpips is not None
+                          else rec_loss.new_zeros(()))
+                nll = rec_loss + v.perceptual_weight * p_loss
+                kl = posterior.kl().mean()  # summed over latent elements, mean over the batch
+                # LDM sums the reconstruction over pixels; ours is a per-pixel mean, so the KL
+                # term is divided by the pixel count to keep LDM's balance at `kl_weight`.
+                loss = nll + v.kl_weight * kl / x[0].numel()
+                g_loss = d_weight = torch.zeros((), device=device)
+                if gen_weight > 0:
+                    disc.requires_grad_(False)
+                    g_loss = generator_hinge_loss(disc(rec))
+                    disc.requires_grad_(True)
+                    d_weight = adaptive_weight(nll, g_loss, last_layer) * v.disc_weight
+                    loss = loss + gen_weight * d_weight * g_loss
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            average_gradients(list(vae.parameters()))
+            grad_norm = clip_and_check(list(vae.parameters()), t.grad_clip)
+            mean_loss, stopping = agree(loss, stop.received is not None)  # the same on every rank
+            finite = guard.ok(step + 1, mean_loss, grad_norm,  # numbered as it is logged
+                              [plan.records[int(i)].path for i in batch["index"]])
+            if finite:
+                opt_g.step()
+                ema.update(vae)
 
-        step += 1
-        epoch, index = int(batch["epoch"][0]), int(batch["batch_index"][0]) + 1
-        bar.update(1)
-        if step % t.log_every == 0 or step == 1:
-            # On every rank: the terms' means over the global batch (one all-reduce).
-            terms = dict(zip(LOGGED_TERMS, all_reduce_mean(torch.stack([
-                loss, rec_loss, p_loss, kl, g_loss, d_loss, d_weight, logits_real, logits_fake
-            ]).detach().float()).tolist()))
-            if main:
-                elapsed, steps_done, waited_then = (time.perf_counter() - tick - paused,
-                                                    step - logged_at, waited)
-                tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
-                logger.scalars({**terms, "gan/ramp": gen_weight,
-                                "train/grad_norm": grad_norm.item(),
-                                "train/lr": opt_g.param_groups[0]["lr"],
-                                "train/data_wait_fraction": waited_then / max(1e-9, elapsed),
-                                "train/samples_per_s": x.shape[0] * info.world_size * steps_done
-                                / max(1e-9, elapsed)}, step)
-                bar.set_postfix(rec=f"{terms['loss/rec']:.4f}", kl=f"{terms['loss/kl']:.0f}")
-        # Save first: a failure in validation then loses no training. A stop request skips
-        # it (see the DiT stage).
-        started = time.perf_counter()
-        if checkpoint_due(step, t, stopping):
-            checkpoint()
-            logger.flush()
-        if stopping:
-            break
-        if (main and len(eval_images) and not stop.received
-                and (step % t.eval_every == 0 or step == t.max_steps)):
-            ema.copy_to(ema_model)
-            p, s, pairs = evaluate(ema_model, eval_images, device)
-            logger.scalars({"eval/psnr": p, "eval/ssim": s}, step)
-            if step % t.sample_every == 0 or step == t.max_steps:
-                from inference.pipelines import image_grid
+            # Discriminator step.
+            d_loss = logits_real = logits_fake = torch.zeros((), device=device)
+            if step >= v.disc_start - v.disc_warmup and finite:
+                with autocast(device, amp):
+                    # per-patch logits, (B, 1, h', w') each with h' ≈ H / 2**disc_layers, w' alike
+                    real, fake = disc(x), disc(rec.detach())
+                    d_loss = hinge_d_loss(real, fake)
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                average_gradients(list(disc.parameters()))
+                opt_d.step()
+                logits_real, logits_fake = real.detach().mean(), fake.detach().mean()
 
-                logger.image("eval/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
-            bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
-        paused += time.perf_counter() - started
+            step += 1
+            epoch, index = int(batch["epoch"][0]), int(batch["batch_index"][0]) + 1
+            bar.update(1)
+            if step % t.log_every == 0 or step == 1:
+                # On every rank: the terms' means over the global batch (one all-reduce).
+                terms = dict(zip(LOGGED_TERMS, all_reduce_mean(torch.stack([
+                    loss, rec_loss, p_loss, kl, g_loss, d_loss, d_weight, logits_real, logits_fake
+                ]).detach().float()).tolist()))
+                if main:
+                    elapsed, steps_done, waited_then = (time.perf_counter() - tick - paused,
+                                                        step - logged_at, waited)
+                    tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
+                    logger.scalars({**terms, "gan/ramp": gen_weight,
+                                    "train/grad_norm": grad_norm.item(),
+                                    "train/lr": opt_g.param_groups[0]["lr"],
+                                    "train/data_wait_fraction": waited_then / max(1e-9, elapsed),
+                                    "train/samples_per_s": x.shape[0] * info.world_size * steps_done
+                                    / max(1e-9, elapsed)}, step)
+                    bar.set_postfix(rec=f"{terms['loss/rec']:.4f}", kl=f"{terms['loss/kl']:.0f}")
+            # Save first: a failure in validation then loses no training. A stop request skips
+            # it (see the DiT stage).
+            started = time.perf_counter()
+            if checkpoint_due(step, t, stopping):
+                checkpoint()
+                logger.flush()
+            if stopping:
+                break
+            if (main and len(eval_images) and not stop.received
+                    and (step % t.eval_every == 0 or step == t.max_steps)):
+                ema.copy_to(ema_model)
+                p, s, pairs = evaluate(ema_model, eval_images, device)
+                logger.scalars({"eval/psnr": p, "eval/ssim": s}, step)
+                if step % t.sample_every == 0 or step == t.max_steps:
+                    from inference.pipelines import image_grid
+
+                    logger.image("eval/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
+                bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
+            paused += time.perf_counter() - started
+    finally:  # also when the loop raised (see `close_loader`)
+        close_loader(batches)
+        stop.restore()
     bar.close()
     if main and step >= t.max_steps:  # trained to the end (a stop at the last step included)
         export_vae(vae, ema, ema_model, loader_for_scale(cfg, plan, info, info.world_size),
                    device, run_dir / "vae", v.scale_images)
     logger.close()
-    stop.restore()
     if step < t.max_steps:  # stopped early by a signal (at the last step it is done anyway)
         stopped(stop, step, run_dir)
     return run_dir

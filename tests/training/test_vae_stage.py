@@ -402,6 +402,29 @@ def test_vae_stage_sigterm_to_process_group_saves_checkpoint(tmp_path: Path) -> 
     assert ckpt is not None and load_checkpoint(ckpt).step > 0
 
 
+def test_vae_stage_error_in_a_loader_worker_ends_the_process(tmp_path: Path) -> None:
+    # The loader's workers ignore SIGTERM (so a signal to the process group cannot kill them
+    # before the checkpoint is saved). An error raised through the loader used to leave them
+    # alive in its traceback, and Python's exit then waited for them forever.
+    cfg = _cfg(tmp_path / "run", max_steps=100)
+    cfg.data.num_workers = 2
+    save_config(cfg, tmp_path / "c.json")
+    script = (
+        "import sys\n"
+        "from training import data, vae_stage\n"
+        "from training.config import load_config\n"
+        "load = data.PixelDataset._pixels\n"
+        "def fail(self, index, seed):\n"
+        "    if seed % 3 == 0:\n"
+        "        raise KeyError(f'broken sample {index}')\n"
+        "    return load(self, index, seed)\n"
+        "data.PixelDataset._pixels = fail  # inherited by the forked workers\n"
+        f"vae_stage.train_vae(load_config({str(tmp_path / 'c.json')!r}))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and "KeyError: 'broken sample" in out.stderr, out.stderr[-2000:]
+
+
 def test_vae_stage_measured_scale_makes_latents_unit_normal() -> None:
     from models.vae import AutoencoderKL, VAEConfig
     from training.vae_stage import measure_latent_scale
