@@ -12,16 +12,13 @@ from PIL import Image
 
 from models.vae import AutoencoderKL, VAEConfig, save_vae
 from scripts import eval_vae
-from training.logging import RunLogger
 
 
 def _run(folder: Path, steps: dict[int, dict[str, float]]) -> Path:
     """A run folder whose tb/ holds `steps` (step -> scalars), as training logs them."""
-    logger = RunLogger(folder, True)
-    for step, values in steps.items():
-        logger.scalars(values, step)
-    logger.close()
-    return folder
+    from tests.scripts.test_loss_curves import _log
+
+    return _log(folder, steps)
 
 
 def test_eval_vae_curve_reads_psnr_and_ssim_per_step(tmp_path: Path, capsys) -> None:
