@@ -1,10 +1,9 @@
 """The VAE stage: train a KL autoencoder on bucketed pixel batches.
 
-Loss per step (LDM recipe): reconstruction (L1 or L2) + optional LPIPS + kl_weight × KL (with
-LDM's balance: KL summed over latent elements against a reconstruction summed over pixels), plus,
-from `disc_start`, a PatchGAN hinge term whose weight adapts to the ratio of gradient norms at
-the decoder's last layer and ramps in over `disc_ramp` steps. The discriminator itself starts
-`disc_warmup` steps earlier, so it is not a random judge when its verdict starts to count.
+Loss per step: LDM's recipe (`training/vae_loss.py`): reconstruction + optional LPIPS + KL, plus,
+from `disc_start`, an adaptively weighted PatchGAN hinge term ramped in over `disc_ramp` steps.
+The discriminator itself trains from `disc_warmup` steps earlier, so it is not a random judge
+when its verdict starts to count.
 At the end the EMA weights are exported to `RUN_DIR/vae/` in the diffusers layout, with
 `scaling_factor` and `shift_factor` measured so that normalised latents have unit variance; an
 earlier export holding another VAE (a DiT may be trained on it) is kept as `vae-<fingerprint>`.
@@ -28,8 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bucketing import BatchSchedule
-from models.discriminator import (PatchDiscriminator, generator_hinge_loss, hinge_d_loss,
-                                  share_batch_statistics)
+from models.discriminator import PatchDiscriminator, hinge_d_loss, share_batch_statistics
 from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae, state_dict_problems
 from training.checkpoint import (Checkpoint, load_checkpoint, read_state, resolve_resume,
                                  save_checkpoint)
@@ -45,6 +43,7 @@ from training.loop import (DataPlan, NonFiniteGuard, StopSignal, autocast, autoc
                            prepare_run_dir, resume_position, seed_everything, state_for_json,
                            stopped)
 from training.metrics import psnr, ssim
+from training.vae_loss import autoencoder_loss, gan_ramp
 
 LOGGED_TERMS = ("loss/total", "loss/rec", "loss/perceptual", "loss/kl", "loss/gan_generator",
                 "loss/disc", "gan/adaptive_weight", "gan/logits_real", "gan/logits_fake")
@@ -103,17 +102,6 @@ def build_vae(cfg: Config, check_keys: bool = True) -> AutoencoderKL:
     except ValueError as err:
         raise ConfigError(f"vae.sample_size {v.sample_size} does not suit {path}: {err}") from None
     return vae
-
-
-def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """‖∇nll‖ / (‖∇g‖ + 1e-4) at the decoder's last layer, clamped to [0, 1e4], detached.
-
-    Under torchrun the gradients are averaged over the ranks first (they are small), so every
-    rank weighs the GAN term as one process would for the whole global batch.
-    """
-    nll_grad = all_reduce_mean(torch.autograd.grad(nll, last, retain_graph=True)[0])
-    g_grad = all_reduce_mean(torch.autograd.grad(g_loss, last, retain_graph=True)[0])
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -291,8 +279,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             x = to_unit_range(batch["pixels"]).to(device, non_blocking=True)  # (B, 3, H, W)
             for group in opt_g.param_groups:
                 group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
-            gen_weight = 0.0 if step < v.disc_start else min(1.0, (step - v.disc_start + 1)
-                                                             / max(1, v.disc_ramp))
+            ramp = gan_ramp(step, v.disc_start, v.disc_ramp)  # of the GAN term
             # The posterior noise is drawn for the global batch and each rank keeps its slice, so
             # the run does not depend on how its batch is split across processes (world size × the
             # draws: negligible next to the autoencoder).
@@ -304,23 +291,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                 # (B, C, H/f, W/f), f = vae.downsample_factor
                 z = posterior.sample(noise_gen, (info.rank, info.world_size))
                 rec = vae.decode(z)  # (B, 3, H, W)
-                err = rec.float() - x
-                rec_loss = err.abs().mean() if v.rec_loss == "l1" else err.pow(2).mean()
-                p_loss = (lpips(rec.float(), x).mean() if lpips is not None
-                          else rec_loss.new_zeros(()))
-                nll = rec_loss + v.perceptual_weight * p_loss
-                kl = posterior.kl().mean()  # summed over latent elements, mean over the batch
-                # LDM sums the reconstruction over pixels; ours is a per-pixel mean, so the KL
-                # term is divided by the pixel count to keep LDM's balance at `kl_weight`.
-                loss = nll + v.kl_weight * kl / x[0].numel()
-                g_loss = d_weight = torch.zeros((), device=device)
-                if gen_weight > 0:
-                    disc.requires_grad_(False)
-                    g_loss = generator_hinge_loss(disc(rec))
-                    disc.requires_grad_(True)
-                    d_weight = adaptive_weight(nll, g_loss, last_layer) * v.disc_weight
-                    loss = loss + gen_weight * d_weight * g_loss
+                losses = autoencoder_loss(x, rec, posterior, v, ramp, disc, lpips, last_layer)
             opt_g.zero_grad(set_to_none=True)
+            loss = losses.total
             loss.backward()
             average_gradients(list(vae.parameters()))
             grad_norm = clip_and_check(list(vae.parameters()), t.grad_clip)
@@ -350,13 +323,14 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             if step % t.log_every == 0 or step == 1:
                 # On every rank: the terms' means over the global batch (one all-reduce).
                 terms = dict(zip(LOGGED_TERMS, all_reduce_mean(torch.stack([
-                    loss, rec_loss, p_loss, kl, g_loss, d_loss, d_weight, logits_real, logits_fake
+                    loss, losses.rec, losses.perceptual, losses.kl, losses.gan, d_loss,
+                    losses.gan_weight, logits_real, logits_fake
                 ]).detach().float()).tolist()))
                 if main:
                     elapsed, steps_done, waited_then = (time.perf_counter() - tick - paused,
                                                         step - logged_at, waited)
                     tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
-                    logger.scalars({**terms, "gan/ramp": gen_weight,
+                    logger.scalars({**terms, "gan/ramp": ramp,
                                     "train/grad_norm": grad_norm.item(),
                                     "train/lr": opt_g.param_groups[0]["lr"],
                                     "train/data_wait_fraction": waited_then / max(1e-9, elapsed),
