@@ -283,6 +283,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             # The posterior noise is drawn for the global batch and each rank keeps its slice, so
             # the run does not depend on how its batch is split across processes (world size × the
             # draws: negligible next to the autoencoder).
+            # One seed per (run seed, step); two pairs share one only for steps over a million
+            # apart (1_000_003 and 97 are primes).
             noise_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 97)
 
             # Generator (autoencoder) step.
