@@ -74,7 +74,8 @@ part4() {  # the shipped VAE's architecture trained on the GPU for VAE_SECONDS
     $PY -c "$UNCOMPRESS" "$DATA/vae_mix" "$WORK/vae_mix"
     # it trains the real stage for a few hundred steps (about 25 s on an H200) to time them
     timeout 120 $PY scripts/gpu_vae_steps.py --config configs/vae_f8c16_gpu.json \
-        --dataset "$WORK/vae_mix" --seconds "$VAE_SECONDS" | tee "$REPORT/vae_steps.txt"
+        --dataset "$WORK/vae_mix" --eval-dataset "$DATA/heldout" --seconds "$VAE_SECONDS" \
+        | tee "$REPORT/vae_steps.txt"
     # without an estimate: 8 steps/s, below the 11 the H200 ran at, so the schedule ends
     steps=$(tail -n 1 "$REPORT/vae_steps.txt" | $PY -c \
         "import json, sys; print(json.load(sys.stdin)['max_steps'])" \

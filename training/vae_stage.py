@@ -122,7 +122,7 @@ def evaluate(model: AutoencoderKL, images: torch.Tensor, device: torch.device,
     model.eval()
     scores_p, scores_s, recs = [], [], []
     for i in range(0, len(images), batch):
-        x = to_unit_range(images[i:i + batch]).to(device)
+        x = to_unit_range(images[i:i + batch].to(device))
         rec = model.decode(model.encode(x).mode()).clamp(-1, 1)
         scores_p.append(psnr(rec, x))
         scores_s.append(ssim(rec, x))
@@ -150,7 +150,7 @@ def measure_latent_scale(model: AutoencoderKL, loader: torch.utils.data.DataLoad
         chunks = (pixels for batch in batches for pixels in batch["pixels"].split(SCALE_CHUNK))
         for pixels in chunks:  # (<= SCALE_CHUNK, 3, H, W) uint8
             # posterior samples (<= SCALE_CHUNK, C, H/f, W/f), f = model.downsample_factor
-            z = model.encode(to_unit_range(pixels).to(device)).sample(gen).double()
+            z = model.encode(to_unit_range(pixels.to(device))).sample(gen).double()
             total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), \
                 count + z.numel()
             images -= len(z)
@@ -276,7 +276,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             t_data = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - t_data
-            x = to_unit_range(batch["pixels"]).to(device, non_blocking=True)  # (B, 3, H, W)
+            # uint8 crosses to the device (a quarter of float32's bytes) and is converted there
+            x = to_unit_range(batch["pixels"].to(device, non_blocking=True))  # (B, 3, H, W)
             for group in opt_g.param_groups:
                 group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
             ramp = gan_ramp(step, v.disc_start, v.disc_ramp)  # of the GAN term

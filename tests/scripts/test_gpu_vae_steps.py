@@ -10,6 +10,7 @@ import pytest
 
 from scripts import gpu_vae_steps
 from training.config import load_config
+from training.data import make_synthetic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 CONFIG = str(REPO_ROOT / "configs" / "vae_f8c16_gpu.json")
@@ -25,8 +26,9 @@ CONFIG = str(REPO_ROOT / "configs" / "vae_f8c16_gpu.json")
     (["--config", str(REPO_ROOT / "configs" / "default.json")],
      f"{REPO_ROOT / 'configs' / 'default.json'}: a dit config; this script times the VAE stage"),
     (["--dataset", "{tmp}/missing"], "{tmp}/missing: dataset folder not found"),
+    (["--eval-dataset", "{tmp}/missing"], "{tmp}/missing: dataset folder not found"),
 ], ids=["seconds-zero", "seconds-nan", "seconds-inf", "fraction-zero", "fraction-above-one",
-        "config-missing", "config-dit", "dataset-missing"])
+        "config-missing", "config-dit", "dataset-missing", "eval-dataset-missing"])
 def test_gpu_vae_steps_bad_input_is_one_line_error(tmp_path: Path, capsys, flags: list[str],
                                                    phrase: str) -> None:
     args = ["--config", CONFIG, "--dataset", str(tmp_path), "--seconds", "60"]
@@ -53,9 +55,12 @@ def test_gpu_vae_steps_times_the_real_stage_on_cpu(tmp_path: Path, capsys, vae: 
         "train": {"max_steps": 100, "log_every": 2, "precision": "fp32", "device": "cpu"},
         "vae": {"block_out_channels": [8, 16], "norm_num_groups": 4, "latent_channels": 4,
                 "eval_crop": 32, **vae}}))
+    held_out = make_synthetic(tmp_path / "held_out", 3, seed=5)
     assert gpu_vae_steps.main(["--config", str(config), "--dataset", "synthetic:12",
-                               "--seconds", "60"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+                               "--eval-dataset", str(held_out), "--seconds", "60"]) == 0
+    out = capsys.readouterr().out
+    assert f"{held_out}: 3 usable image(s)" in out  # the timing run loads the real run's folder
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["steps_timed"] >= 2 * gpu_vae_steps.PREFETCH  # past one worker's queue
     assert result["step_s"] > 0 and 0 <= result["data_wait_fraction"] <= 1
     assert result["batch"] == 2 and result["max_steps"] >= 100
