@@ -149,31 +149,40 @@ class BatchPrefetcher:
     current one trains.
 
     `get()` returns (schedule items, the noise generator that drew x0 (`cache.step_generator`),
-    x0 (B, C, h, w) on the CPU, pinned when training on CUDA) for global micro-steps `start`,
-    `start + 1`, ... in turn. One read is in flight at a time, so the reader and the schedule
-    iterator are never used by two threads at once.
+    x0 (B, C, h, w), the class labels (B,) or None when `labels` is None) for global micro-steps
+    `start`, `start + 1`, ... in turn; x0 and the labels are on the CPU, pinned when training on
+    CUDA, so that both copies to the device are asynchronous. (A tensor made on the device from a
+    Python list is a synchronous copy: it waits for every kernel queued before it, here the
+    previous step's optimizer and EMA updates.) One read is in flight at a time, so the reader
+    and the schedule iterator are never used by two threads at once.
     """
 
-    def __init__(self, reader: LatentReader, batches: Iterator[list[ScheduleItem]], seed: int,
-                 part: tuple[int, int], flip: bool, pin: bool, start: int) -> None:
-        self.reader, self.batches, self.seed, self.part = reader, batches, seed, part
-        self.flip, self.pin = flip, pin
+    def __init__(self, reader: LatentReader, batches: Iterator[list[ScheduleItem]],
+                 labels: list[int] | None, seed: int, part: tuple[int, int], flip: bool,
+                 pin: bool, start: int) -> None:
+        self.reader, self.batches, self.labels = reader, batches, labels
+        self.seed, self.part, self.flip, self.pin = seed, part, flip, pin
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="latent-prefetch")
         self.pending = self.pool.submit(self._read, start)
 
-    def _read(self, k: int) -> tuple[int, list[ScheduleItem], torch.Generator, torch.Tensor]:
+    def _read(self, k: int) -> tuple[int, list[ScheduleItem], torch.Generator, torch.Tensor,
+                                     torch.Tensor | None]:
         items = next(self.batches)
         noise_gen = step_generator(self.seed, k)
         flips = [flip_from_seed(s) for _, s, _, _ in items] if self.flip else None
         indices = [i for i, _, _, _ in items]
         x0 = self.reader.batch(indices, noise_gen, flips, self.part)  # (B, C, h, w)
-        return k, items, noise_gen, x0.pin_memory() if self.pin else x0
+        y = None if self.labels is None else torch.tensor([self.labels[i] for i in indices])
+        if self.pin:
+            x0, y = x0.pin_memory(), None if y is None else y.pin_memory()
+        return k, items, noise_gen, x0, y
 
-    def get(self) -> tuple[list[ScheduleItem], torch.Generator, torch.Tensor]:
+    def get(self) -> tuple[list[ScheduleItem], torch.Generator, torch.Tensor,
+                           torch.Tensor | None]:
         """The next micro-batch (waiting for its read if needed); starts reading the one after."""
-        k, items, noise_gen, x0 = self.pending.result()
+        k, items, noise_gen, x0, y = self.pending.result()
         self.pending = self.pool.submit(self._read, k + 1)
-        return items, noise_gen, x0
+        return items, noise_gen, x0, y
 
     def close(self) -> None:
         """Wait for the read in flight and stop the thread."""
@@ -281,6 +290,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     part = (info.rank, info.world_size)  # this rank's slice of every step's random draws
     batches = BatchPrefetcher(reader, iter(ScheduleSampler(plan.schedule, info.rank, cfg.seed,
                                                            epoch, index)),
+                              [r.label for r in plan.records] if num_classes else None,
                               cfg.seed, part, cfg.data.flip, device.type == "cuda",
                               start=step * t.grad_accum)
     logger = RunLogger(run_dir, main)
@@ -347,12 +357,11 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             total, files = torch.zeros((), device=device), []
             for micro in range(t.grad_accum):
                 t_data = time.perf_counter()
-                items, noise_gen, x0 = batches.get()  # micro-step step * grad_accum + micro
+                items, noise_gen, x0, y = batches.get()  # micro-step step * grad_accum + micro
                 indices = [i for i, _, _, _ in items]
                 epoch, index = items[0][2], items[0][3] + 1
                 x0 = x0.to(device, non_blocking=True)  # (B, C, h, w)
-                y = (torch.tensor([plan.records[i].label for i in indices], device=device)
-                     if num_classes else None)
+                y = None if y is None else y.to(device, non_blocking=True)  # (B,)
                 waited += time.perf_counter() - t_data
                 files += [plan.records[i].path for i in indices]
                 gen = flow_generator(noise_gen, device)

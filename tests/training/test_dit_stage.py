@@ -474,3 +474,37 @@ def test_dit_stage_flow_noise_is_independent_of_the_latent_noise() -> None:
     again = flow_generator(replay, torch.device("cpu"))
     torch.randn(8, generator=again)
     assert torch.equal(torch.randn(8, 4, 16, 16, generator=again).flatten(), flow_noise)
+
+
+@pytest.mark.parametrize("use_classes", [True, False], ids=["classes", "unconditional"])
+def test_dit_stage_prefetcher_reads_each_batch_with_its_labels(tmp_path: Path, tiny_vae: Path,
+                                                               use_classes: bool) -> None:
+    from cache import LatentReader, ensure_cache
+    from training.data import ScheduleSampler
+    from training.distributed import DistInfo
+    from training.dit_stage import BatchPrefetcher, load_stage_vae
+    from training.loop import plan_data
+
+    cfg = _tiny_cfg(tmp_path, tiny_vae)
+    cfg.data.use_classes, cfg.dit.cache_dir = use_classes, str(tmp_path / "cache")
+    plan = plan_data(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    vae = load_stage_vae(cfg, torch.device("cpu"))
+    summary = ensure_cache(plan.records, plan.placements, plan.buckets, vae, cfg.dit.cache_dir,
+                           num_workers=0, progress=False)
+    reader = LatentReader(summary.cache_dir, summary.keys, vae.config.latent_affine())
+    labels = [r.label for r in plan.records] if use_classes else None
+    assert not use_classes or len(set(labels)) > 1  # a wrong order would show
+    prefetcher = BatchPrefetcher(reader, iter(ScheduleSampler(plan.schedule, 0, cfg.seed, 0, 0)),
+                                 labels, cfg.seed, (0, 1), flip=False, pin=False, start=0)
+    try:
+        for _ in range(6):
+            items, _, x0, y = prefetcher.get()
+            indices = [i for i, _, _, _ in items]
+            assert x0.shape[0] == len(indices) == cfg.batch_size
+            if use_classes:
+                assert y.dtype == torch.int64 and y.tolist() == [labels[i] for i in indices]
+            else:
+                assert y is None
+    finally:
+        prefetcher.close()
+        reader.close()
