@@ -7,6 +7,7 @@ latent whose sides are multiples of the patch size runs with the same weights.
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,19 +133,25 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        # Checkpoints written before this class existed name the layers as nn.Sequential did.
-        for old, new in (("0.", "fc1."), ("2.", "fc2.")):
-            for name in ("weight", "bias"):
-                if prefix + old + name in state_dict:
-                    state_dict[prefix + new + name] = state_dict.pop(prefix + old + name)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) -> (..., dim)."""
         if torch.compiler.is_compiling():  # the compiler decides what to recompute itself
             return self.fc2(F.gelu(self.fc1(x)))
         return _GeluLinear.apply(self.fc1(x), self.fc2.weight, self.fc2.bias)
+
+
+# Older checkpoints' keys: before `MLP` existed, a block's MLP was an nn.Sequential, whose
+# layers 0 and 2 are today's fc1 and fc2 (the timestep embedder's nn.Sequential is unchanged).
+_SEQUENTIAL_MLP = re.compile(r"^(blocks\.\d+\.mlp\.)([02])\.")
+
+
+def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A DiT state dict (model weights or their EMA) with older checkpoints' keys renamed to
+    today's layout; today's keys pass through unchanged."""
+    def rename(match: re.Match) -> str:
+        return f"{match[1]}fc{1 if match[2] == '0' else 2}."
+
+    return {_SEQUENTIAL_MLP.sub(rename, key): value for key, value in state_dict.items()}
 
 
 class DiTBlock(nn.Module):
@@ -277,6 +284,12 @@ class DiT(nn.Module):
         out = self.final(tokens, c)  # (B, N, p*p*C)
         out = out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         return out.reshape(B, C, H, W)
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """nn.Module.load_state_dict, also of older checkpoints (`upgrade_state_dict`)."""
+        return super().load_state_dict(upgrade_state_dict(state_dict), strict=strict,
+                                       assign=assign)
 
     def compile_blocks(self) -> None:
         """`torch.compile` each transformer block in place (regional compilation).

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from bucketing import BatchSchedule, assign
 from cache import LatentReader, ensure_cache, flip_from_seed, step_generator
 from inference.pipelines import generate, image_grid, parse_size, tensor_to_pil
-from models.dit import DiT
+from models.dit import DiT, upgrade_state_dict
 from models.registry import MODEL_NAMES, build_dit
 from models.vae import AutoencoderKL, kept_vae_folder, load_vae, vae_fingerprint
 from training.checkpoint import load_checkpoint, save_checkpoint
@@ -216,7 +216,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         check_resume_compatible(cfg, ckpt.state, plan.class_names, vae, fingerprint,
                                 resume_path)
         model.load_state_dict(ckpt.group("model"))
-        ema.load_state_dict(ckpt.group("ema"), ckpt.state["ema_updates"])
+        ema.load_state_dict(upgrade_state_dict(ckpt.group("ema")), ckpt.state["ema_updates"])
         load_optimizer(opt, ckpt.torch_state["optimizer"])
         step, saved_state = ckpt.step, ckpt.state  # (epoch, index) once the images are known
         if step >= t.max_steps:

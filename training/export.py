@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.dit import DiT, DiTConfig
+from models.dit import DiT, DiTConfig, upgrade_state_dict
 from models.vae import (AutoencoderKL, kept_vae_folder, load_vae, state_dict_problems,
                         vae_fingerprint)
 from training.checkpoint import (SET_ASIDE, STATE_FILE, list_checkpoints, resolve_resume,
@@ -158,9 +158,9 @@ def _build(config: DiTConfig, weights: dict[str, torch.Tensor], source: Path,
     with torch.device(device):
         model = DiT(config)
     try:
-        model.load_state_dict(weights)  # the model may rename keys of older layouts on loading
+        model.load_state_dict(weights)  # renames keys of older layouts (`upgrade_state_dict`)
     except RuntimeError as exc:
-        problems = state_dict_problems(model, weights)
+        problems = state_dict_problems(model, upgrade_state_dict(weights))
         raise ExportError(f"{source}: weights do not fit the model config: "
                           + ("; ".join(problems) or str(exc).splitlines()[0])) from None
     return model.eval().requires_grad_(False)

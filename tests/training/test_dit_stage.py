@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
@@ -508,3 +508,34 @@ def test_dit_stage_prefetcher_reads_each_batch_with_its_labels(tmp_path: Path, t
     finally:
         prefetcher.close()
         reader.close()
+
+
+def test_dit_stage_resumes_a_checkpoint_with_older_key_names(tmp_path: Path,
+                                                             tiny_vae: Path) -> None:
+    # Checkpoints written before `MLP` existed name its layers mlp.0 / mlp.2, in the model's
+    # weights and in the EMA's: resuming one continues exactly as resuming today's layout.
+    runs = {}
+    for name in ("today", "older"):
+        (tmp_path / name).mkdir()
+        cfg = _tiny_cfg(tmp_path / name, tiny_vae, max_steps=2)
+        cfg.dit.cache_dir = str(tmp_path / "cache")
+        runs[name] = train_dit(cfg)
+    ckpt = latest_checkpoint(runs["older"])
+    for group in ("model", "ema"):
+        tensors = load_file(ckpt / f"{group}.safetensors")
+        renamed = {k.replace(".mlp.fc1.", ".mlp.0.").replace(".mlp.fc2.", ".mlp.2."): v
+                   for k, v in tensors.items()}
+        assert any(".mlp.0." in k for k in renamed) and not any(".mlp.fc" in k for k in renamed)
+        save_file(renamed, ckpt / f"{group}.safetensors")
+    final = {}
+    for name, run in runs.items():
+        cfg = _tiny_cfg(tmp_path / name, tiny_vae, max_steps=3)
+        cfg.dit.cache_dir = str(tmp_path / "cache")
+        train_dit(cfg, str(run))
+        final[name] = load_checkpoint(latest_checkpoint(run))
+    assert final["older"].step == final["today"].step == 3
+    for group in ("model", "ema"):
+        today, older = final["today"].group(group), final["older"].group(group)
+        assert today.keys() == older.keys()
+        for key in today:
+            torch.testing.assert_close(older[key], today[key], rtol=0, atol=0)
