@@ -217,14 +217,30 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a JSON object, refusing unknown keys and wrong types."""
+def _unknown_keys(cls: type, data: dict[str, Any], prefix: str = "") -> list[str]:
+    """One entry per section of `data` (nested sections included) that holds keys `cls` does
+    not have: those keys, then the section's known keys."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    found = []
     if unknown:
-        listed = ", ".join(prefix + k for k in unknown)
-        raise ConfigError(f"unknown config key(s): {listed} (known: {', '.join(sorted(names))})")
+        where = f" in {prefix[:-1]}" if prefix else ""
+        found.append(f"{', '.join(prefix + k for k in unknown)} (known{where}: "
+                     f"{', '.join(sorted(names))})")
+    for key in sorted(set(data) & names):
+        if _is_dataclass_type(hints[key]) and isinstance(data[key], dict):
+            found += _unknown_keys(hints[key], data[key], f"{prefix}{key}.")
+    return found
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a JSON object, refusing unknown keys (all of them at once,
+    in every section) and wrong types."""
+    unknown = _unknown_keys(cls, data, prefix)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {'; '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {k: _check_value(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -28,6 +28,15 @@ def test_config_unknown_keys_are_named(tmp_path: Path) -> None:
     path.write_text(json.dumps({"data": {"resolutoin": 64}}))
     with pytest.raises(ConfigError, match=r"bad.json.*data\.resolutoin"):
         load_config(path)
+    # every unknown key at once, each section's with the keys it knows
+    path.write_text(json.dumps({"sede": 1, "data": {"resolutoin": 64, "flip": True},
+                                "train": {"lr_sched": "cosine"}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: unknown config key(s): sede (known: ")
+    assert "; data.resolutoin (known in data: " in message and "resolution" in message
+    assert "; train.lr_sched (known in train: " in message and "lr_schedule" in message
 
 
 def test_config_wrong_types_and_bad_files_are_refused(tmp_path: Path) -> None:
