@@ -194,7 +194,9 @@ def export(source: str, out: str | None, vae: str | None = None) -> Path:
     if stage == "dit":
         from training.export import export_dit
 
-        return export_dit(folder, out and _from_cwd(out), vae and _from_cwd(vae))
+        exported = export_dit(folder, out and _from_cwd(out), vae and _from_cwd(vae))
+        print(f"exported {exported}")  # the VAE exporter prints its own line, with its factors
+        return exported
     if vae is not None:
         raise ConfigError(f"{folder}: a VAE run exports its own weights; --vae is for a DiT run")
     from training.vae_stage import export_checkpoint
@@ -224,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "ignored")
     try:
         if args.export:
-            print(f"exported to {export(args.export, args.out, args.vae)}")
+            export(args.export, args.out, args.vae)
             return 0
         cfg, resume = resolve_config(args)
         if args.dry_run:

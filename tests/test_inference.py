@@ -198,12 +198,13 @@ def test_inference_second_run_keeps_the_first_runs_images(tiny_run: Path,
         "grid_0002.png")
 
 
-def test_inference_default_size_is_the_training_resolution(tiny_run: Path,
-                                                           tmp_path: Path) -> None:
+def test_inference_default_size_is_the_training_resolution(tiny_run: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
     from train import main as train_main
 
     export = tmp_path / "export"
     assert train_main(["--export", str(tiny_run), "--out", str(export)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"exported {export}"]
     meta = json.loads((export / "config.json").read_text())
     args = ["--checkpoint", str(export), "--num-samples", "1", "--steps", "1", "--device", "cpu",
             "--json"]

@@ -327,6 +327,11 @@ def test_vae_stage_export_from_checkpoint(tmp_path: Path, capsys: pytest.Capture
     from train import main
 
     capsys.readouterr()
+    assert main(["--export", str(run), "--out", str(tmp_path / "cli")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if line.startswith("exported")] == [
+        f"exported {tmp_path / 'cli'} (scaling_factor {vae.config.scaling_factor:.4f}, "
+        f"shift_factor {vae.config.shift_factor:.4f})"]  # one line, with the factors
     assert main(["--export", str(run), "--vae", str(out), "--out", str(tmp_path / "x")]) == 2
     assert "a VAE run exports its own weights" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
