@@ -71,13 +71,16 @@ def _run_kind(tags: set[str]) -> str:
 
 
 def curve(run_dir: str) -> dict:
-    """Held-out PSNR and SSIM against training step and wall-clock minutes from TensorBoard.
+    """Held-out PSNR and SSIM against training step and training minutes from TensorBoard.
 
-    A resumed run's abandoned branch is left out (`scripts/loss_curves.py: run_scalars`).
+    A resumed run's abandoned branch is left out (`scripts/loss_curves.py: run_scalars`), and
+    so is the time between its processes: minutes count each process's wall time from its first
+    logged training loss, after the time of the processes before it up to their last kept one
+    (so a resume also leaves out up to one logging interval, its first).
     Raises FileNotFoundError when the run has no events file, ValueError when it lacks one of
     the scalars a VAE run logs (`CURVE_TAGS`).
     """
-    from scripts.loss_curves import run_scalars
+    from scripts.loss_curves import Scalar, run_scalars
 
     tb = Path(run_dir) / "tb"
     files = sorted(tb.glob("events.out.tfevents.*"))
@@ -88,11 +91,19 @@ def curve(run_dir: str) -> dict:
     if missing:
         raise ValueError(f"{run_dir}: no {', '.join(missing)} scalars; it looks like "
                          f"{_run_kind(set(scalars))}")
-    start = min(e.wall_time for e in scalars["loss/rec"])
+    first: dict[int, float] = {}  # process -> wall time of its first and last kept loss
+    last: dict[int, float] = {}
+    for e in scalars["loss/rec"]:
+        first.setdefault(e.process, e.wall_time)
+        last[e.process] = e.wall_time
+
+    def minutes(e: Scalar) -> float:
+        before = sum(last[p] - first[p] for p in first if p < e.process)
+        return round((before + e.wall_time - first.get(e.process, e.wall_time)) / 60, 1)
+
     ssim = {e.step: e.value for e in scalars["eval/ssim"]}
-    rows = [{"step": e.step, "minutes": round((e.wall_time - start) / 60, 1),
-             "psnr": round(e.value, 2), "ssim": round(ssim.get(e.step, float("nan")), 4)}
-            for e in scalars["eval/psnr"]]
+    rows = [{"step": e.step, "minutes": minutes(e), "psnr": round(e.value, 2),
+             "ssim": round(ssim.get(e.step, float("nan")), 4)} for e in scalars["eval/psnr"]]
     return {"run": run_dir, "curve": rows}
 
 

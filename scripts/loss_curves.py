@@ -17,6 +17,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 DEFAULT_TAGS = ["train/loss", "val/loss", "train/data_wait_fraction", "train/samples_per_s"]
 
@@ -31,8 +32,18 @@ def _events_files(run: Path) -> list[Path]:
     return files
 
 
-def run_scalars(files: list[Path]) -> dict[str, list]:
-    """Every scalar in a run's TensorBoard `files`: {tag: [ScalarEvent, ...] in step order}, with
+class Scalar(NamedTuple):
+    """One logged value. `process` numbers the training processes that logged the run (one
+    events file each) in the order they ran, from 0."""
+
+    wall_time: float
+    step: int
+    value: float
+    process: int
+
+
+def run_scalars(files: list[Path]) -> dict[str, list[Scalar]]:
+    """Every scalar in a run's TensorBoard `files`: {tag: [Scalar, ...] in step order}, with
     the steps a resume abandoned left out.
 
     Each process that trains a run adds an events file to its tb/. When a newer file starts at
@@ -55,11 +66,14 @@ def run_scalars(files: list[Path]) -> dict[str, list]:
             continue
         loaded.append((created, path.name, {tag: acc.Scalars(tag)
                                             for tag in acc.Tags()["scalars"]}))
-    kept: dict[str, list] = {}
+    kept: dict[str, list[Scalar]] = {}
     cut = math.inf  # the first step of the newer files: older files count below it
-    for _, _, scalars in sorted(loaded, key=lambda f: f[:2], reverse=True):  # newest first
+    in_order = sorted(loaded, key=lambda f: f[:2])
+    for process in reversed(range(len(in_order))):  # newest first
+        scalars = in_order[process][2]
         for tag, events in scalars.items():
-            kept.setdefault(tag, []).extend(e for e in events if e.step < cut)
+            kept.setdefault(tag, []).extend(Scalar(e.wall_time, e.step, e.value, process)
+                                            for e in events if e.step < cut)
         cut = min([cut, *(e.step for events in scalars.values() for e in events)])
     return {tag: sorted(events, key=lambda e: e.step) for tag, events in kept.items() if events}
 

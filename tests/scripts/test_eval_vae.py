@@ -45,6 +45,29 @@ def test_eval_vae_curve_of_a_resumed_run_leaves_out_the_abandoned_branch(tmp_pat
         (250, 21.0, 0.5), (500, 22.0, 0.5), (750, 23.5, 0.6)]
 
 
+def test_eval_vae_curve_minutes_leave_out_the_time_between_processes(tmp_path: Path,
+                                                                    capsys) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "vae_run"
+    t0 = 1.7e9
+    # a process evaluates at 250, 500 and 750, a minute apart; an hour later another resumes
+    # from the checkpoint at step 500 and evaluates at 750, 30 s after its first loss
+    for logged in ({250: 60, 500: 120, 750: 180}, {600: 3630, 750: 3660}):
+        writer = SummaryWriter(str(run / "tb"))
+        for step, seconds in logged.items():
+            writer.add_scalar("loss/rec", 0.1, step, walltime=t0 + seconds)
+            if step % 250 == 0:
+                writer.add_scalar("eval/psnr", 20.0 + step / 250, step, walltime=t0 + seconds)
+                writer.add_scalar("eval/ssim", 0.5, step, walltime=t0 + seconds)
+        writer.close()
+    assert eval_vae.main(["--curve", str(run)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 750: the first process's minute up to step 500, then the second's 30 s
+    assert [(r["step"], r["minutes"]) for r in result["curve"]] == [(250, 0.0), (500, 1.0),
+                                                                    (750, 1.5)]
+
+
 @pytest.mark.parametrize("scalars, phrase", [
     ({1: {"train/loss": 1.0}, 2: {"val/loss": 0.9}},
      "no loss/rec, eval/psnr, eval/ssim scalars; it looks like a DiT run"),
