@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from pathlib import Path
@@ -44,11 +43,11 @@ from training.distributed import DistInfo, agree, setup, teardown
 from training.ema import EMA
 from training.flow import RectifiedFlow
 from training.logging import RunLogger
-from training.loop import (NonFiniteGuard, StopSignal, autocast, autocast_dtype, checkpoint_due,
-                           clip_and_check, data_state, find_resume, keep_freed_memory,
-                           load_optimizer, lr_factor, plan_data, prepare_run_dir,
-                           resume_position, seed_everything, state_for_json, stopped,
-                           warn_unused)
+from training.loop import (NonFiniteGuard, StepRate, StopSignal, autocast, autocast_dtype,
+                           checkpoint_due, clip_and_check, data_state, find_resume,
+                           keep_freed_memory, load_optimizer, lr_factor, plan_data,
+                           prepare_run_dir, resume_position, seed_everything, state_for_json,
+                           stopped, warn_unused)
 
 
 def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
@@ -346,9 +345,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         logger.scalars(values, step)
         bar.write(f"step {step}: validation loss {values['val/loss']:.4f}")
 
-    # The current logging window: its start, and the time in it spent waiting for data and on
-    # checkpoints, validation and previews (left out of the step rate).
-    tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
+    rate = StepRate(step)
     bucket_losses: dict[str, list[float]] = defaultdict(list)
     try:
         while step < t.max_steps:
@@ -356,13 +353,13 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                 group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
             total, files = torch.zeros((), device=device), []
             for micro in range(t.grad_accum):
-                t_data = time.perf_counter()
-                items, noise_gen, x0, y = batches.get()  # micro-step step * grad_accum + micro
+                with rate.waiting():
+                    # micro-step step * grad_accum + micro
+                    items, noise_gen, x0, y = batches.get()
+                    x0 = x0.to(device, non_blocking=True)  # (B, C, h, w)
+                    y = None if y is None else y.to(device, non_blocking=True)  # (B,)
                 indices = [i for i, _, _, _ in items]
                 epoch, index = items[0][2], items[0][3] + 1
-                x0 = x0.to(device, non_blocking=True)  # (B, C, h, w)
-                y = None if y is None else y.to(device, non_blocking=True)  # (B,)
-                waited += time.perf_counter() - t_data
                 files += [plan.records[i].path for i in indices]
                 gen = flow_generator(noise_gen, device)
                 sync = micro == t.grad_accum - 1 or info.world_size == 1
@@ -384,34 +381,28 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             step += 1
             bar.update(1)
             if main and (step % t.log_every == 0 or step == 1):
-                elapsed = time.perf_counter() - tick - paused
-                steps_done = step - logged_at
                 values = {"train/loss": total.item(), "train/lr": opt.param_groups[0]["lr"],
                           "train/grad_norm": grad_norm.item(),
-                          "train/samples_per_s": steps_done * t.grad_accum * cfg.batch_size
-                          * info.world_size / max(elapsed, 1e-9),
-                          "train/data_wait_fraction": waited / max(elapsed, 1e-9)}
+                          **rate.scalars(step, t.grad_accum * cfg.batch_size * info.world_size)}
                 values.update({f"loss_bucket/{k}": torch.stack(v).mean().item()
                                for k, v in bucket_losses.items()})
                 logger.scalars(values, step)
                 bar.set_postfix(loss=f"{total.item():.4f}")
-                tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
                 bucket_losses.clear()
             # Save first: a failure in validation or previews then loses no training. A stop
             # request skips them (it is acted on at the next step): the scheduler's grace period
             # after SIGTERM is short, and they can take longer than a step.
-            started = time.perf_counter()
-            if checkpoint_due(step, t, stopping):
-                checkpoint()
-                logger.flush()
-            if stopping:
-                break
-            due = step == t.max_steps
-            if main and val_x and not stop.received and (step % t.eval_every == 0 or due):
-                validate()
-            if main and not stop.received and (step % t.sample_every == 0 or due):
-                previews()
-            paused += time.perf_counter() - started
+            with rate.pause():
+                if checkpoint_due(step, t, stopping):
+                    checkpoint()
+                    logger.flush()
+                if stopping:
+                    break
+                due = step == t.max_steps
+                if main and val_x and not stop.received and (step % t.eval_every == 0 or due):
+                    validate()
+                if main and not stop.received and (step % t.sample_every == 0 or due):
+                    previews()
     finally:  # also when the loop raised: stop the prefetch thread, free the shards
         batches.close()
         reader.close()

@@ -14,6 +14,7 @@ import json
 import math
 import random
 import signal
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
@@ -153,6 +154,46 @@ class NonFiniteGuard:
             raise TrainingAborted(f"{self.in_a_row} non-finite steps in a row at step {step}; "
                                   "lower the learning rate or check the files listed above")
         return False
+
+
+class StepRate:
+    """The step rate of the current logging window: samples per second and the share of the
+    time spent waiting for data, with the time spent on checkpoints, validation and previews
+    (`paused`) left out of both."""
+
+    def __init__(self, step: int) -> None:
+        self._restart(step)
+
+    def _restart(self, step: int) -> None:
+        self.start, self.step = time.perf_counter(), step
+        self.waited = self.paused = 0.0
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Around fetching a batch: the time inside counts as waiting for data."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.waited += time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Around checkpoints, validation and previews: the time inside is left out."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - started
+
+    def scalars(self, step: int, samples_per_step: int) -> dict[str, float]:
+        """The window's rates up to `step` (`samples_per_step` over all ranks), as logged;
+        starts the next window."""
+        elapsed = max(time.perf_counter() - self.start - self.paused, 1e-9)
+        values = {"train/samples_per_s": samples_per_step * (step - self.step) / elapsed,
+                  "train/data_wait_fraction": self.waited / elapsed}
+        self._restart(step)
+        return values
 
 
 def stopped(stop: StopSignal, step: int, run_dir: Path) -> NoReturn:

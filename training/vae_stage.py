@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,11 @@ from training.data import to_unit_range
 from training.distributed import DistInfo, agree, all_reduce_mean, setup, teardown
 from training.ema import EMA
 from training.logging import RunLogger
-from training.loop import (DataPlan, NonFiniteGuard, StopSignal, autocast, autocast_dtype,
-                           checkpoint_due, clip_and_check, close_loader, data_state, eval_crops,
-                           find_resume, keep_freed_memory, load_optimizer, lr_factor,
-                           pixel_loader, plan_data,
-                           prepare_run_dir, resume_position, seed_everything, state_for_json,
-                           stopped)
+from training.loop import (DataPlan, NonFiniteGuard, StepRate, StopSignal, autocast,
+                           autocast_dtype, checkpoint_due, clip_and_check, close_loader,
+                           data_state, eval_crops, find_resume, keep_freed_memory,
+                           load_optimizer, lr_factor, pixel_loader, plan_data, prepare_run_dir,
+                           resume_position, seed_everything, state_for_json, stopped)
 from training.metrics import psnr, ssim
 from training.vae_loss import autoencoder_loss, gan_ramp
 
@@ -268,14 +266,11 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                                             **data_state(plan)}),
                             keep_last=t.keep_last)
 
-    # The current logging window: its start, and the time in it spent waiting for data and on
-    # checkpoints and evaluation (left out of the step rate).
-    tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
+    rate = StepRate(step)
     try:
         while step < t.max_steps:
-            t_data = time.perf_counter()
-            batch = next(batches)
-            waited += time.perf_counter() - t_data
+            with rate.waiting():
+                batch = next(batches)
             # uint8 crosses to the device (a quarter of float32's bytes) and is converted there
             x = to_unit_range(batch["pixels"].to(device, non_blocking=True))  # (B, 3, H, W)
             for group in opt_g.param_groups:
@@ -330,35 +325,30 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                     losses.gan_weight, logits_real, logits_fake
                 ]).detach().float()).tolist()))
                 if main:
-                    elapsed, steps_done, waited_then = (time.perf_counter() - tick - paused,
-                                                        step - logged_at, waited)
-                    tick, waited, paused, logged_at = time.perf_counter(), 0.0, 0.0, step
                     logger.scalars({**terms, "gan/ramp": ramp,
                                     "train/grad_norm": grad_norm.item(),
                                     "train/lr": opt_g.param_groups[0]["lr"],
-                                    "train/data_wait_fraction": waited_then / max(1e-9, elapsed),
-                                    "train/samples_per_s": x.shape[0] * info.world_size * steps_done
-                                    / max(1e-9, elapsed)}, step)
+                                    **rate.scalars(step, x.shape[0] * info.world_size)}, step)
                     bar.set_postfix(rec=f"{terms['loss/rec']:.4f}", kl=f"{terms['loss/kl']:.0f}")
             # Save first: a failure in validation then loses no training. A stop request skips
             # it (see the DiT stage).
-            started = time.perf_counter()
-            if checkpoint_due(step, t, stopping):
-                checkpoint()
-                logger.flush()
-            if stopping:
-                break
-            if (main and len(eval_images) and not stop.received
-                    and (step % t.eval_every == 0 or step == t.max_steps)):
-                ema.copy_to(ema_model)
-                p, s, pairs = evaluate(ema_model, eval_images, device)
-                logger.scalars({"eval/psnr": p, "eval/ssim": s}, step)
-                if step % t.sample_every == 0 or step == t.max_steps:
-                    from inference.pipelines import image_grid
+            with rate.pause():
+                if checkpoint_due(step, t, stopping):
+                    checkpoint()
+                    logger.flush()
+                if stopping:
+                    break
+                if (main and len(eval_images) and not stop.received
+                        and (step % t.eval_every == 0 or step == t.max_steps)):
+                    ema.copy_to(ema_model)
+                    p, s, pairs = evaluate(ema_model, eval_images, device)
+                    logger.scalars({"eval/psnr": p, "eval/ssim": s}, step)
+                    if step % t.sample_every == 0 or step == t.max_steps:
+                        from inference.pipelines import image_grid
 
-                    logger.image("eval/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
-                bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
-            paused += time.perf_counter() - started
+                        grid = (image_grid(pairs, cols=2) + 1) / 2
+                        logger.image("eval/reconstructions", grid, step)
+                    bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
     finally:  # also when the loop raised (see `close_loader`)
         close_loader(batches)
         stop.restore()

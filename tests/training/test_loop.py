@@ -249,3 +249,30 @@ def test_loop_plan_data_ranks_agree_on_the_images(tmp_path: Path) -> None:
     assert extra[0] == "ConfigError" and "see different training data" in extra[1]
     assert "rank 0: 4 images" in extra[1] and "rank 1: 5 images" in extra[1]
     assert missing[1].startswith("rank 1 (") and str(tmp_path / "missing") in missing[1]
+
+
+def test_loop_step_rate_leaves_paused_time_out_and_restarts_each_window(monkeypatch) -> None:
+    from training import loop
+
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    rate = loop.StepRate(step=10)
+
+    def advance(seconds: float) -> None:
+        now[0] += seconds
+
+    advance(1)
+    with rate.waiting():  # 2 s waiting for a batch
+        advance(2)
+    with rate.pause():  # 5 s of checkpoint and validation, left out
+        advance(5)
+    advance(4)
+    # 4 steps of 8 samples in 12 s of which 5 paused: 32 samples in 7 s, 2 of them waiting
+    assert rate.scalars(14, 8) == {"train/samples_per_s": 32 / 7,
+                                   "train/data_wait_fraction": 2 / 7}
+    for _ in range(3):  # a `break` out of the pause (a stop request) still counts it
+        with rate.pause():
+            advance(10)
+            break
+    advance(2)
+    assert rate.scalars(15, 8) == {"train/samples_per_s": 4.0, "train/data_wait_fraction": 0.0}
