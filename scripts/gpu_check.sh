@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks as one prepared run (about 10 minutes on one H200), from the repo root:
+# The GPU checks as one prepared run (about 7 minutes on one H200), from the repo root:
 #
 #   OUT=DIR VAE_SECONDS=100 [PARTS="1 5 2 7 4 3 6"] bash scripts/gpu_check.sh
 #
