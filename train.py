@@ -183,7 +183,8 @@ def dry_run(cfg: Config) -> None:
 
 def export(source: str, out: str | None, vae: str | None = None) -> Path:
     """Export a run or checkpoint with its stage's exporter (the stage is read from the
-    checkpoint's state.json); `vae` replaces the VAE a DiT run recorded."""
+    checkpoint's state.json), which prints one line; `vae` replaces the VAE a DiT run
+    recorded."""
     from training.checkpoint import STATE_FILE, resolve_resume
 
     folder = resolve_resume(Path(_from_cwd(source)))
@@ -194,9 +195,7 @@ def export(source: str, out: str | None, vae: str | None = None) -> Path:
     if stage == "dit":
         from training.export import export_dit
 
-        exported = export_dit(folder, out and _from_cwd(out), vae and _from_cwd(vae))
-        print(f"exported {exported}")  # the VAE exporter prints its own line, with its factors
-        return exported
+        return export_dit(folder, out and _from_cwd(out), vae and _from_cwd(vae))
     if vae is not None:
         raise ConfigError(f"{folder}: a VAE run exports its own weights; --vae is for a DiT run")
     from training.vae_stage import export_checkpoint

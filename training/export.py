@@ -113,12 +113,14 @@ def checkpoint_folder(path: Path, step: int | None = None) -> Path:
 
 def _read_source(path: Path, step: int | None) -> tuple[DiTConfig, dict[str, torch.Tensor],
                                                          GeneratorInfo]:
-    """Model config, EMA weights and info from an export folder or a training checkpoint."""
+    """Model config, EMA weights (keys in today's layout: `upgrade_state_dict`) and info from an
+    export folder or a training checkpoint."""
     if is_export(path):
         cfg = _read_json(path / CONFIG_FILE)
         if step is not None and step != cfg.get("step"):
             raise ExportError(f"{path}: export of step {cfg.get('step')}, not --step {step}")
-        weights, where, source = _read_weights(path / WEIGHTS_FILE), path / CONFIG_FILE, path
+        weights = upgrade_state_dict(_read_weights(path / WEIGHTS_FILE))
+        where, source = path / CONFIG_FILE, path
         fields = cfg
     else:
         source = checkpoint_folder(path, step)
@@ -127,7 +129,7 @@ def _read_source(path: Path, step: int | None) -> tuple[DiTConfig, dict[str, tor
         if fields.get("stage", fields.get("config", {}).get("stage")) != "dit":
             raise ExportError(f"{where}: not a DiT checkpoint (stage "
                               f"{fields.get('config', {}).get('stage')!r})")
-        weights = _read_weights(source / EMA_FILE)
+        weights = upgrade_state_dict(_read_weights(source / EMA_FILE))
         run_config = fields.get("config", {})
         fields = {**fields, "base_tokens": run_config.get("dit", {}).get("base_tokens"),
                   "resolution": run_config.get("data", {}).get("resolution"),
@@ -158,9 +160,9 @@ def _build(config: DiTConfig, weights: dict[str, torch.Tensor], source: Path,
     with torch.device(device):
         model = DiT(config)
     try:
-        model.load_state_dict(weights)  # renames keys of older layouts (`upgrade_state_dict`)
+        model.load_state_dict(weights)
     except RuntimeError as exc:
-        problems = state_dict_problems(model, upgrade_state_dict(weights))
+        problems = state_dict_problems(model, weights)
         raise ExportError(f"{source}: weights do not fit the model config: "
                           + ("; ".join(problems) or str(exc).splitlines()[0])) from None
     return model.eval().requires_grad_(False)
@@ -227,7 +229,7 @@ def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = No
     The export records the run's VAE, or `vae` when given (the run's VAE moved, or kept aside
     by a VAE export that replaced it); either must be the VAE the run was trained with, by
     fingerprint. Refuses to replace a non-empty folder that is not an earlier export of the
-    same run.
+    same run. Prints one line naming the export.
     """
     folder = resolve_resume(resolve_path(checkpoint))
     config, weights, info = _read_source(folder, None)
@@ -284,4 +286,5 @@ def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+    print(f"exported {target}")
     return target

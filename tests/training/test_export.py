@@ -78,6 +78,21 @@ def test_export_weights_that_do_not_fit_name_missing_and_unexpected_keys(
         load_generator(out)
 
 
+def test_export_of_a_checkpoint_with_older_key_names_writes_todays(tiny_run: Path,
+                                                                    tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ema_file = run / "checkpoints" / "step_0000002" / "ema.safetensors"
+    today = load_file(ema_file)
+    # before `MLP` existed, a block's MLP layers were an nn.Sequential's 0 and 2
+    save_file({k.replace(".mlp.fc1.", ".mlp.0.").replace(".mlp.fc2.", ".mlp.2."): v
+               for k, v in today.items()}, ema_file)
+    assert any(".mlp.0." in k for k in load_file(ema_file))
+    exported = load_file(export_dit(run, tmp_path / "export") / "model.safetensors")
+    assert exported.keys() == today.keys()
+    assert all(torch.equal(exported[k], today[k]) for k in today)
+
+
 def _other_vae(folder: Path, latent_channels: int = 4) -> Path:
     """A tiny VAE that is not the one `tiny_run` was trained with."""
     torch.manual_seed(1)
