@@ -16,6 +16,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, replace
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -169,7 +170,7 @@ class StepRate:
         self.waited = self.paused = 0.0
 
     @contextlib.contextmanager
-    def waiting(self):
+    def waiting(self) -> Iterator[None]:
         """Around fetching a batch: the time inside counts as waiting for data."""
         started = time.perf_counter()
         try:
@@ -178,7 +179,7 @@ class StepRate:
             self.waited += time.perf_counter() - started
 
     @contextlib.contextmanager
-    def pause(self):
+    def pause(self) -> Iterator[None]:
         """Around checkpoints, validation and previews: the time inside is left out."""
         started = time.perf_counter()
         try:
