@@ -69,8 +69,8 @@ part3() {  # sampling throughput, dit-xl/2, 256 px, bf16
         --repeats 3 | tee "$REPORT/bench_sample.txt"
 }
 
-part4() {  # the shipped VAE's architecture trained on the GPU for VAE_SECONDS
-    log "VAE for ${VAE_SECONDS} s"
+part4() {  # the shipped VAE's architecture trained from scratch for a fixed time
+    log "VAE_SECONDS=${VAE_SECONDS}"
     $PY -c "$UNCOMPRESS" "$DATA/vae_mix" "$WORK/vae_mix"
     # it trains the real stage for a few hundred steps (about 25 s on an H200) to time them
     timeout 120 $PY scripts/gpu_vae_steps.py --config configs/vae_f8c16_gpu.json \
@@ -125,7 +125,7 @@ diffusers.__version__, torch.cuda.get_device_name(), 'cpus', os.cpu_count())"
             log "no part $p (parts are 1 to 7)"
             continue
         fi
-        log "part $p: $(sed -n "s/^part$p() {  # //p" "$0")"
+        log "part $p: $(sed -n "s/^part$p() {  # //p" "${BASH_SOURCE[0]}")"
         "part$p"
         pack
     done
