@@ -18,8 +18,8 @@ still completes.
 
 Pass the real run's `--eval-dataset`. On an H200 the stage of configs/vae_f8c16_gpu.json
 stepped at 0.063 s without one and at 0.092 s with one, although both runs evaluated only at
-their end (the cause is not established yet), so a timing run without it planned 1.35 times the
-steps that fitted.
+their end (why is not established yet); a timing run without it planned 1.39 times the steps
+that fitted in the real run.
 
 The stage prints as it trains; the last line printed is one JSON object. Bad input is one
 `error:` line, exit 2.
