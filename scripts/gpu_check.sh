@@ -10,7 +10,8 @@
 # 4. the shipped VAE's architecture trained from scratch on the GPU (configs/vae_f8c16_gpu.json)
 #    for as many steps as fit in VAE_SECONDS (timed by scripts/gpu_vae_steps.py), then exported;
 # 5. bench/train.py as in 2, each transformer block of both models compiled;
-# 6. a short DiT run from a latent cache through train.py, then inference.py on its checkpoint;
+# 6. a short DiT run from a latent cache through train.py, then inference.py on its checkpoint,
+#    and the bare training step of its model at its buckets (bench/train.py);
 # 7. bench/train.py as in 2, ours compiled against diffusers' DiT as it ships (eager).
 #
 # PARTS picks the parts and their order (the default runs them all, 1 to 7), so that the ones
@@ -107,6 +108,12 @@ part6() {  # a short DiT run from the latent cache, then inference.py
         --size 384x256 --class-label 1 --device cuda --dtype bf16 --out "$REPORT/samples" \
         --no-progress --json
     tar -C "$WORK/runs/dit_gpu" -czf "$REPORT/dit_gpu_run.tgz" tb config.json
+    # the bare step (forward, backward, fused AdamW) at the run's two buckets, 160x352 and
+    # 272x224 px: against the run's samples/s, what the loop around it costs (data, clipping,
+    # the non-finite guard's sync, EMA, logging)
+    timeout 60 $PY bench/train.py --models dit-s/2 --latents 20x44 34x28 --dtypes bfloat16 \
+        --batch 32 --repeats 3 --steps 20 --memory-steps 0 --scaling-latents --scaling-batches \
+        | tee "$REPORT/bench_train_dit_s.txt"
 }
 
 part7() {  # training throughput, dit-xl/2, 32x32 latents, bf16, ours compiled, diffusers eager
