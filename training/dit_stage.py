@@ -46,8 +46,8 @@ from training.logging import RunLogger
 from training.loop import (NonFiniteGuard, StepRate, StopSignal, autocast, autocast_dtype,
                            checkpoint_due, clip_and_check, data_state, find_resume,
                            keep_freed_memory, load_optimizer, lr_factor, plan_data,
-                           prepare_run_dir, resume_position, seed_everything, state_for_json,
-                           stopped, warn_unused)
+                           prepare_run_dir, refuse_finished, resume_position, seed_everything,
+                           state_for_json, stopped, warn_unused)
 
 
 def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
@@ -218,9 +218,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         ema.load_state_dict(upgrade_state_dict(ckpt.group("ema")), ckpt.state["ema_updates"])
         load_optimizer(opt, ckpt.torch_state["optimizer"])
         step, saved_state = ckpt.step, ckpt.state  # (epoch, index) once the images are known
-        if step >= t.max_steps:
-            raise ConfigError(f"{resume_path} is at step {step}, so train.max_steps "
-                              f"{t.max_steps} leaves nothing to train; raise --max-steps")
+        refuse_finished(resume_path, step, t.max_steps)
     run_dir = prepare_run_dir(cfg, resume_path, info, plan)
     if main and resume_path is not None:  # once nothing is left to refuse it
         print(f"resumed from {resume_path} at step {step}", flush=True)

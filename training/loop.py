@@ -359,6 +359,13 @@ def resume_position(state: dict, plan: DataPlan, checkpoint: Path,
     return epoch + 1, 0
 
 
+def refuse_finished(checkpoint: Path, step: int, max_steps: int) -> None:
+    """ConfigError when resuming `checkpoint`, saved at `step`, leaves nothing to train."""
+    if step >= max_steps:
+        raise ConfigError(f"{checkpoint} is at step {step}, so train.max_steps {max_steps} "
+                          "leaves nothing to train; raise --max-steps")
+
+
 def load_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
     """Load a saved optimizer state (moments, step counts) but keep the hyperparameters `opt`
     was built with from this run's config (lr, betas, weight decay...), which

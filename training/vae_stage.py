@@ -39,7 +39,8 @@ from training.loop import (DataPlan, NonFiniteGuard, StepRate, StopSignal, autoc
                            autocast_dtype, checkpoint_due, clip_and_check, close_loader,
                            data_state, eval_crops, find_resume, keep_freed_memory,
                            load_optimizer, lr_factor, pixel_loader, plan_data, prepare_run_dir,
-                           resume_position, seed_everything, state_for_json, stopped)
+                           refuse_finished, resume_position, seed_everything, state_for_json,
+                           stopped)
 from training.metrics import psnr, ssim
 from training.vae_loss import autoencoder_loss, gan_ramp
 
@@ -232,9 +233,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         load_optimizer(opt_d, ckpt.torch_state["opt_d"])
         step = ckpt.step
         epoch, index = resume_position(ckpt.state, plan, resume_path, main)
-        if step >= t.max_steps:
-            raise ConfigError(f"{resume_path} is at step {step}, so train.max_steps "
-                              f"{t.max_steps} leaves nothing to train; raise --max-steps")
+        refuse_finished(resume_path, step, t.max_steps)
     run_dir = prepare_run_dir(cfg, resume_path, info, plan)
     if main and resume_path is not None:  # once nothing is left to refuse it
         print(f"resumed from {resume_path} at step {step}", flush=True)

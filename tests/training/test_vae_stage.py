@@ -448,3 +448,11 @@ def test_vae_stage_measured_scale_makes_latents_unit_normal() -> None:
             torch.Generator().manual_seed(9)) for b in batches])
     normalised = (z - shift) * scale
     assert abs(normalised.mean().item()) < 0.1 and abs(normalised.std().item() - 1) < 0.1
+
+
+def test_vae_stage_resume_with_nothing_left_to_train_is_refused(tmp_path: Path) -> None:
+    run = train_vae(_cfg(tmp_path / "run", max_steps=1))
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    with pytest.raises(ConfigError, match=r"is at step 1, so train.max_steps 1 leaves nothing"):
+        train_vae(_cfg(tmp_path / "run", max_steps=1), resume="")
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
