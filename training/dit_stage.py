@@ -309,6 +309,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                             {"optimizer": opt.state_dict()},
                             state_for_json(cfg, step, epoch, index, info.world_size, extra),
                             keep_last=t.keep_last)
+            logger.flush()  # the events logged up to the checkpoint reach disk with it
 
     grid_sizes = preview_sizes(d.sample_sizes, plan.buckets, step_px)
 
@@ -393,7 +394,6 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             with rate.pause():
                 if checkpoint_due(step, t, stopping):
                     checkpoint()
-                    logger.flush()
                 if stopping:
                     break
                 due = step == t.max_steps

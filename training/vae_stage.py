@@ -264,6 +264,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                                             "vae_architecture": vae_architecture(vae.config),
                                             **data_state(plan)}),
                             keep_last=t.keep_last)
+            logger.flush()  # the events logged up to the checkpoint reach disk with it
 
     rate = StepRate(step)
     try:
@@ -334,7 +335,6 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
             with rate.pause():
                 if checkpoint_due(step, t, stopping):
                     checkpoint()
-                    logger.flush()
                 if stopping:
                     break
                 if (main and len(eval_images) and not stop.received
