@@ -98,9 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--seconds {args.seconds}: must be a positive, finite number")
         if not 0 < args.fraction <= 1:
             raise ValueError(f"--fraction {args.fraction}: must lie in (0, 1]")
-        cfg = apply_overrides(load_config(args.config), {"data.dataset": args.dataset})
-        if args.eval_dataset:
-            cfg = apply_overrides(cfg, {"data.eval_dataset": args.eval_dataset})
+        cfg = apply_overrides(load_config(args.config), {  # None: the config's own
+            "data.dataset": args.dataset, "data.eval_dataset": args.eval_dataset or None})
         if cfg.stage != "vae":
             raise ConfigError(f"{args.config}: a {cfg.stage} config; this script times the VAE "
                               "stage")

@@ -15,8 +15,8 @@ import math
 import random
 import signal
 import time
-from dataclasses import dataclass, replace
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
