@@ -54,7 +54,8 @@ FAILED = 1  # the input was accepted, then sampling, reconstructing or writing f
 SAMPLING_DEFAULTS = {"num_samples": 4, "cfg_scale": 4.0, "steps": 28, "sampler": "euler",
                      "seed": 0}
 IMG2IMG_STRENGTH = 0.6
-RECONSTRUCTION_FLAGS = ("--config", "--vae", "--image", "--out", "--device", "--dtype", "--json")
+RECONSTRUCTION_FLAGS = ("--config", "--vae", "--image", "--out", "--device", "--dtype",
+                        "--tile-size", "--json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     every.add_argument("--dtype", default="fp32", choices=DTYPES,
                        help="DiT autocast dtype; the VAE too unless its config forces fp32 "
                             "(default: fp32)")
+    every.add_argument("--tile-size", type=int, metavar="PX",
+                       help="side of the VAE's tiles for images above 1024x1024 pixels, a "
+                            "multiple of its downsampling factor; larger tiles lose less at the "
+                            "seams and take more memory (default: the VAE config's sample_size, "
+                            "which is part of the VAE's fingerprint: set it here, not there)")
     every.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -143,8 +149,8 @@ def usage_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
         return "--config and --vae both name the VAE to reconstruct through; give one of them"
     ignored = [flag for flag in given if flag not in RECONSTRUCTION_FLAGS]
     if ignored:
-        return ("reconstruction takes only --config or --vae, --image, --out, --device, --dtype "
-                f"and --json; {', '.join(ignored)} would be ignored")
+        return ("reconstruction takes only --config or --vae, --image, --out, --device, --dtype, "
+                f"--tile-size and --json; {', '.join(ignored)} would be ignored")
     return None
 
 
@@ -210,6 +216,20 @@ def _sampling_values(args: argparse.Namespace) -> tuple[int, int] | None:
     requested = parse_size(args.size)
     snap_size(*requested, 1)  # sides must be positive; the grid is known once a model is loaded
     return requested
+
+
+def _set_tile_size(vae, tile_size: int | None) -> None:
+    """Give `vae` the tile side of --tile-size (None: keep its config's); ValueError naming the
+    flag for one it cannot take."""
+    import dataclasses
+
+    if tile_size is None:
+        return
+    factor = vae.downsample_factor
+    if tile_size < factor or tile_size % factor:
+        raise ValueError(f"--tile-size {tile_size}: must be a positive multiple of the VAE's "
+                         f"downsampling factor {factor}")
+    vae.config = dataclasses.replace(vae.config, sample_size=tile_size)  # read on each tiled call
 
 
 def _check_vae(path: str, flag: str) -> None:
@@ -298,6 +318,7 @@ def sample(args: argparse.Namespace) -> int:
         _check_folder(Path(args.out))
         model, vae, info = load_generator(args.checkpoint, args.step, device, args.vae,
                                           vae_dtype=dtype)
+        _set_tile_size(vae, args.tile_size)
         step = grid_step(model, vae)
         labels = resolve_labels(args.class_label, info.class_names, args.num_samples)
         if requested is not None:
@@ -371,6 +392,7 @@ def reconstruct(args: argparse.Namespace) -> int:
         image = _read_image(args.image)
         out, image_format = _recon_target(args.image, args.out)
         vae = load_vae(source, device=device)
+        _set_tile_size(vae, args.tile_size)
         if vae.config.force_upcast:
             dtype = torch.float32
         vae = vae.to(dtype)

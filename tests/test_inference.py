@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,31 @@ def test_inference_image_larger_than_the_tile_is_decoded_whole(tiny_vae: Path,
     rep = json.loads(out.stdout.strip().splitlines()[-1])
     assert rep["tiled"] is False and rep["size"] == [80, 40]
     assert (tmp_path / "big_recon.png").exists()
+
+
+def test_inference_tile_size_sets_the_tiles_of_a_large_image(cli, tmp_path: Path,
+                                                              capsys) -> None:
+    from inference.pipelines import TILE_ABOVE_PIXELS
+
+    torch.manual_seed(0)  # no attention: a megapixel in one tile stays quick on a CPU
+    vae = save_vae(AutoencoderKL(VAEConfig(
+        block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4, sample_size=32,
+        force_upcast=False, mid_block_add_attention=False)), tmp_path / "vae")
+    side = math.isqrt(TILE_ABOVE_PIXELS) + 16  # just above the size that is tiled
+    img = _image(tmp_path / "big.png", side, side)
+    reports = {}
+    for tile in ("256", side):  # many tiles, then one tile holding the whole image
+        out = tmp_path / f"tiles_{tile}.png"
+        assert cli.main(["--vae", str(vae), "--image", str(img), "--out", str(out),
+                         "--tile-size", str(tile), "--json", "--device", "cpu"]) == 0
+        reports[tile] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert reports[tile]["tiled"] is True and reports[tile]["size"] == [side, side]
+    # one tile over the whole image is the plain pass: tiling changes the pixels
+    assert reports["256"]["psnr"] != reports[side]["psnr"]
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "tiles_256.png")),
+                              np.asarray(Image.open(tmp_path / f"tiles_{side}.png")))
+    # the VAE's config, and so its fingerprint, stay as they were
+    assert json.loads((vae / "config.json").read_text())["sample_size"] == 32
 
 
 def test_inference_single_vae_file_takes_its_config_else_warns(tiny_vae: Path,
@@ -292,6 +318,10 @@ BAD_INPUT = [
     (SAMPLE + ["--size", "2x64"], "size 2x64 is smaller than one grid step: sides must be at "
                                   "least 4 pixels (VAE factor × patch size)"),
     (SAMPLE + ["--class-label", "nope"], "unknown class 'nope'; give a name or an index: "),
+    (SAMPLE + ["--tile-size", "33"],
+     "--tile-size 33: must be a positive multiple of the VAE's downsampling factor 2"),
+    (RECONSTRUCT + ["--tile-size", "0"],
+     "--tile-size 0: must be a positive multiple of the VAE's downsampling factor 2"),
     (SAMPLE + ["--out", "{taken}"], "{taken}: is a file, not a folder"),
     (SAMPLE + ["--out", "{taken}/sub"], "{taken}/sub: cannot be made, {taken} is a file"),
     (SAMPLE + ["--config", "{config}"],
@@ -348,7 +378,7 @@ def test_inference_reconstruction_refuses_sampling_flags(cli, tiny_vae: Path, tm
     for source in (["--config", str(tiny_vae / "config.json")], ["--vae", str(tiny_vae)]):
         assert cli.main([*source, "--image", str(img), *flags, "--device", "cpu"]) == 2
         assert error_line() == ("error: reconstruction takes only --config or --vae, --image, "
-                                "--out, --device, --dtype and --json; "
+                                "--out, --device, --dtype, --tile-size and --json; "
                                 f"{named} would be ignored")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "vae"]
 
