@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks as one prepared run (about 7 minutes on one H200), from the repo root:
+# The GPU checks as one prepared run (about 9 minutes on one H200), from the repo root:
 #
 #   OUT=DIR VAE_SECONDS=100 [PARTS="1 5 2 7 4 3 6"] bash scripts/gpu_check.sh
 #
@@ -12,9 +12,10 @@
 # 5. bench/train.py as in 2, each transformer block of both models compiled;
 # 6. a short DiT run from a latent cache through train.py, then inference.py on its checkpoint,
 #    and the bare training step of its model at its buckets (bench/train.py);
-# 7. bench/train.py as in 2, ours compiled against diffusers' DiT as it ships (eager).
+# 7. bench/train.py as in 2, ours compiled against diffusers' DiT as it ships (eager);
+# 8. the VAE stage of 4 for 400 steps without and with its validation folder (step rates).
 #
-# PARTS picks the parts and their order (the default runs them all, 1 to 7), so that the ones
+# PARTS picks the parts and their order (the default runs them all, 1 to 8), so that the ones
 # that matter most can go first when the machine's time is short.
 # Expects the photographs in $GPU_DATA/vae_mix (training) and $GPU_DATA/heldout (README, "GPU
 # checks"). Wheels in .whl/ (diffusers and what it needs) are installed first when present.
@@ -27,7 +28,7 @@ DATA=${GPU_DATA:-.gpu_data}
 VAE_SECONDS=${VAE_SECONDS:-100}
 PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/gpu_check}
-PARTS=${PARTS:-1 2 3 4 5 6 7}
+PARTS=${PARTS:-1 2 3 4 5 6 7 8}
 REPORT="$WORK/report"
 mkdir -p "$OUT" "$REPORT"
 export PYTHONUNBUFFERED=1 LDM_CACHE_DIR="$WORK/cache"
@@ -70,9 +71,13 @@ part3() {  # sampling throughput, dit-xl/2, 256 px, bf16
         --repeats 3 | tee "$REPORT/bench_sample.txt"
 }
 
+vae_mix() {  # the VAE photographs, uncompressed, in $WORK/vae_mix (once)
+    [ -d "$WORK/vae_mix" ] || $PY -c "$UNCOMPRESS" "$DATA/vae_mix" "$WORK/vae_mix"
+}
+
 part4() {  # the shipped VAE's architecture trained from scratch for a fixed time
     log "VAE_SECONDS=${VAE_SECONDS}"
-    $PY -c "$UNCOMPRESS" "$DATA/vae_mix" "$WORK/vae_mix"
+    vae_mix
     # it trains the real stage for a few hundred steps (about 25 s on an H200) to time them
     timeout 120 $PY scripts/gpu_vae_steps.py --config configs/vae_f8c16_gpu.json \
         --dataset "$WORK/vae_mix" --eval-dataset "$DATA/heldout" --seconds "$VAE_SECONDS" \
@@ -122,6 +127,20 @@ part7() {  # training throughput, dit-xl/2, 32x32 latents, bf16, ours compiled, 
         --scaling-batches | tee "$REPORT/bench_train_ours_compiled.txt"
 }
 
+part8() {  # the VAE stage's step rate without and with a validation folder, 400 steps each
+    # On 2026-11-30 it stepped at 0.063 s without --eval-dataset and 0.092 s with one.
+    vae_mix
+    for eval in none heldout; do
+        extra=()
+        [ "$eval" = heldout ] && extra=(--eval-dataset "$DATA/heldout")
+        timeout 90 $PY train.py --config configs/vae_f8c16_gpu.json --dataset "$WORK/vae_mix" \
+            "${extra[@]}" --max-steps 400 --run-dir "$WORK/runs/vae_eval_$eval" >/dev/null
+    done
+    $PY scripts/loss_curves.py "$WORK/runs/vae_eval_none" "$WORK/runs/vae_eval_heldout" \
+        --tags train/samples_per_s train/data_wait_fraction --every 50 \
+        | tee "$REPORT/vae_eval_rates.txt"
+}
+
 main() {
     log environment
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -129,7 +148,7 @@ main() {
 diffusers.__version__, torch.cuda.get_device_name(), 'cpus', os.cpu_count())"
     for p in $PARTS; do
         if [ "$(type -t "part$p")" != function ]; then
-            log "no part $p (parts are 1 to 7)"
+            log "no part $p (parts are 1 to 8)"
             continue
         fi
         log "part $p: $(sed -n "s/^part$p() {  # //p" "${BASH_SOURCE[0]}")"
