@@ -9,10 +9,11 @@ centre-cropped.
 Assignment: an image goes to the bucket nearest in log aspect ratio among those it covers
 without upscaling (ties: the larger area); it is resized to cover that bucket and centre-cropped.
 
-Batch schedule: batches hold one bucket only. An epoch's plan is a pure function of (seed, epoch,
-batch size, world size); each bucket's remainder carries into the next epoch; rank r takes
-slice r of every global batch, so all ranks train the same shape at every step. State is
-(epoch, index) and resuming continues with exactly the next batch.
+Batch schedule: batches hold one bucket only. Each bucket is an endless stream of seeded
+permutations of its images cut into global batches, so no remainder is ever dropped and each
+bucket trains at its share; an epoch's plan is a closed-form function of (seed, epoch, global
+batch); rank r takes slice r of every global batch, so all ranks train the same shape at every
+step. State is (epoch, index) and resuming continues with exactly the next batch.
 
 Run `python bucketing.py --dataset DIR --resolution 256 [--json]` for the bucket table and the
 crop statistics of a folder.
@@ -160,14 +161,30 @@ def bucket_stats(sizes: Sequence[tuple[int, int]], placements: Sequence[Placemen
 
 
 class BatchSchedule:
-    """Seeded, resumable plan of single-bucket global batches.
+    """Seeded, resumable plan of single-bucket global batches of `batch_size × world_size`.
 
-    `bucket_of[i]` is the bucket of sample i. Each epoch, every bucket's pool is its remainder
-    carried from the previous epoch followed by a fresh permutation of its other members; the pool
-    is cut into global batches of `batch_size × world_size` and the rest carries on. The order of
-    all batches is then shuffled. No sample is dropped, and none is used twice within an epoch.
-    Buckets smaller than a global batch never fill one: merge them first (`merge_small_buckets`).
+    Each bucket is an endless stream of seeded permutations of its members (pass 0, pass 1,
+    ...), cut into global batches; epoch e is every bucket's batches whose first sample lies in
+    pass e, in a seeded order. So every sample is used once per pass and no bucket's remainder
+    is ever dropped: over any K epochs each sample is used K ± 1 times, and a bucket of n
+    samples gets ceil((e + 1)·n / G) − ceil(e·n / G) batches in epoch e (G the global batch).
+
+    A batch that starts near the end of pass e takes its last samples from the start of pass
+    e + 1. So that no sample appears twice in it, the samples that end a pass (its tail) are
+    kept out of the start of the next one: each pass is its seeded permutation with the next
+    tail moved to the end and the previous tail moved out of the head. In buckets of at least
+    2G − 1 samples the tail is the permutation's own; in smaller ones (n between G and 2G − 2,
+    as `merge_small_buckets` makes) a tail must overlap the one before, so tails are the ends
+    of one fixed seeded order of the bucket. Either way a pass is a closed-form function of
+    (seed, bucket, pass): the plan of epoch e is computed without replaying earlier epochs.
+
+    Buckets smaller than a global batch never fill one and are left out (`unused_samples`):
+    merge them first (`merge_small_buckets`). Rank r takes slice r of every global batch, so
+    all ranks train one shape at every step. The state is (epoch, index): resuming continues
+    with exactly the next batch.
     """
+
+    VERSION = 2  # recorded in checkpoints: 1 was the schedule that dropped bucket remainders
 
     def __init__(self, bucket_of: Sequence[int], batch_size: int, world_size: int = 1,
                  seed: int = 0) -> None:
@@ -176,47 +193,78 @@ class BatchSchedule:
         self.batch_size, self.world_size, self.seed = batch_size, world_size, seed
         self.global_batch = batch_size * world_size
         bucket_of = np.asarray(bucket_of, dtype=np.int64)
-        self.buckets = sorted(set(bucket_of.tolist()))
-        self.members = {b: np.flatnonzero(bucket_of == b) for b in self.buckets}
-        self._carry_epoch = 0  # epoch whose incoming carry is in self._carry
-        self._carry = {b: np.zeros(0, dtype=np.int64) for b in self.buckets}
+        index = np.int32 if len(bucket_of) < 2**31 else np.int64  # 4 bytes a sample
+        order = np.argsort(bucket_of, kind="stable").astype(index)  # samples by bucket
+        buckets, starts = np.unique(bucket_of[order], return_index=True)
+        self.buckets = buckets.tolist()
+        self.members = dict(zip(self.buckets, np.split(order, starts[1:])))
+        self._cached: tuple[int, list[np.ndarray]] | None = None  # (epoch, plan)
 
     def unused_samples(self) -> int:
         """Samples in buckets too small to ever fill a global batch."""
         return sum(len(m) for m in self.members.values() if len(m) < self.global_batch)
 
-    def _plan_with_carry(self, epoch: int, carry: dict[int, np.ndarray]
-                         ) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
-        batches, next_carry = [], {}
-        for b in self.buckets:
-            rng = np.random.default_rng([self.seed, epoch, b])
-            rest = np.setdiff1d(self.members[b], carry[b], assume_unique=True)
-            pool = np.concatenate([carry[b], rng.permutation(rest)])
-            full = len(pool) // self.global_batch * self.global_batch
-            batches += list(pool[:full].reshape(-1, self.global_batch))
-            next_carry[b] = pool[full:]
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(batches))
-        return [batches[i] for i in order], next_carry
+    def _permutation(self, b: int, p: int) -> np.ndarray:
+        """The seeded permutation of bucket b's members that pass p starts from."""
+        return np.random.default_rng([self.seed, b, 1, p]).permutation(self.members[b])
+
+    def _tail_length(self, n: int, p: int) -> int:
+        """How many samples of pass p (of a bucket of n) start a batch that ends in pass p + 1;
+        0 for p < 0 (nothing comes before pass 0)."""
+        return (p + 1) * n % self.global_batch if p >= 0 else 0
+
+    def _tail(self, b: int, p: int) -> np.ndarray:
+        """The samples that end pass p of bucket b, as a set (sorted)."""
+        members, G = self.members[b], self.global_batch
+        r = self._tail_length(len(members), p)
+        if r == 0:
+            return members[:0]
+        if len(members) >= 2 * G - 1:  # room enough: the pass's own permutation ends it
+            end = self._permutation(b, p)[-r:]
+        else:  # nested tails: consecutive tails overlap as much as the next head needs
+            end = np.random.default_rng([self.seed, b, 0]).permutation(members)[-r:]
+        return np.sort(end)
+
+    def _pass(self, b: int, p: int) -> np.ndarray:
+        """Pass p of bucket b: a permutation of its members (see the class docstring)."""
+        members, G = self.members[b], self.global_batch
+        order = self._permutation(b, p)
+        tail, before = self._tail(b, p), self._tail(b, p - 1)
+        r_before = self._tail_length(len(members), p - 1)
+        head_length = G - r_before if r_before else 0  # this pass's share of that batch
+        end = np.isin(order, tail)
+        tail_part, body = order[end], order[~end]
+        clash = np.isin(body, before)
+        free = np.flatnonzero(~clash)[:head_length]  # first samples the last tail lacks
+        rest = np.ones(len(body), dtype=bool)
+        rest[free] = False
+        return np.concatenate([body[free], body[rest], tail_part])
 
     def epoch_plan(self, epoch: int) -> list[np.ndarray]:
         """The global batches of `epoch` (arrays of sample indices, one bucket each)."""
-        if epoch < self._carry_epoch:  # replay from the start; plans are pure functions
-            self._carry_epoch = 0
-            self._carry = {b: np.zeros(0, dtype=np.int64) for b in self.buckets}
-        while self._carry_epoch < epoch:
-            _, self._carry = self._plan_with_carry(self._carry_epoch, self._carry)
-            self._carry_epoch += 1
-        return self._plan_with_carry(epoch, self._carry)[0]
-
-    def carry_after(self, epoch: int) -> np.ndarray:
-        """Samples left over at the end of `epoch` (they open the next epoch)."""
-        self.epoch_plan(epoch)
-        _, carry = self._plan_with_carry(epoch, self._carry)
-        return np.concatenate([carry[b] for b in self.buckets]) if carry else np.zeros(0)
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        G, batches = self.global_batch, []
+        for b in self.buckets:
+            n = len(self.members[b])
+            if n < G:
+                continue
+            first, stop = -(-epoch * n // G), -(-(epoch + 1) * n // G)  # batch numbers
+            if first == stop:
+                continue
+            stream = np.concatenate([self._pass(b, epoch), self._pass(b, epoch + 1)])
+            offset = first * G - epoch * n  # where batch `first` starts in pass `epoch`
+            batches += list(stream[offset:offset + (stop - first) * G].reshape(-1, G))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(batches))
+        plan = [batches[i] for i in order]
+        self._cached = (epoch, plan)
+        return plan
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         """Number of global batches in `epoch`."""
-        return len(self.epoch_plan(epoch))
+        G = self.global_batch
+        return sum(-(-(epoch + 1) * len(m) // G) - -(-epoch * len(m) // G)
+                   for m in self.members.values() if len(m) >= G)
 
     def iterate(self, rank: int = 0, epoch: int = 0, index: int = 0
                 ) -> Iterator[tuple[int, int, np.ndarray]]:

@@ -154,19 +154,70 @@ def _schedule(n: int = 103, buckets: int = 4, batch: int = 4, world: int = 2, se
     return bucket_of, BatchSchedule(bucket_of, batch, world, seed)
 
 
-def test_bucketing_schedule_uses_each_image_once_per_epoch_with_carry() -> None:
-    bucket_of, sched = _schedule()
-    carried = np.zeros(0, dtype=np.int64)
-    for epoch in range(4):
-        plan = sched.epoch_plan(epoch)
-        used = np.concatenate(plan)
-        assert len(used) == len(set(used.tolist()))  # nothing repeated within an epoch
-        for batch in plan:
-            assert len(batch) == 8 and len(set(bucket_of[batch])) == 1  # one bucket a batch
-        assert set(carried.tolist()) <= set(used.tolist())  # last epoch's remainder comes first
-        carried = sched.carry_after(epoch)
-        assert sorted(used.tolist() + carried.tolist()) == list(range(len(bucket_of)))
-    assert [b.tolist() for b in sched.epoch_plan(0)] != [b.tolist() for b in sched.epoch_plan(1)]
+def _stream_counts(bucket_of: np.ndarray, sched: BatchSchedule, epochs: range
+                   ) -> tuple[Counter, Counter]:
+    """Over `epochs`: how often each sample is used, and how many batches each bucket gets.
+    Checks on the way that every global batch is full, of one bucket, without repeats."""
+    uses, batches = Counter(), Counter()
+    for epoch in epochs:
+        for batch in sched.epoch_plan(epoch):
+            assert len(batch) == sched.global_batch
+            assert len(set(batch.tolist())) == len(batch)  # no sample twice in one batch
+            (bucket,) = set(bucket_of[batch].tolist())  # one bucket a batch
+            batches[bucket] += 1
+            uses.update(batch.tolist())
+    return uses, batches
+
+
+def test_bucketing_schedule_uses_every_image_of_every_bucket() -> None:
+    """The sizes where dropping each bucket's remainder used 160 of 233 images an epoch."""
+    sizes = [40, 50, 33, 63, 47]
+    bucket_of = np.repeat(np.arange(len(sizes)), sizes)
+    np.random.default_rng(1).shuffle(bucket_of)
+    sched = BatchSchedule(bucket_of, batch_size=32)
+    first, _ = _stream_counts(bucket_of, sched, range(1))
+    assert len(first) == 233  # the first epoch uses every image
+    uses, batches = _stream_counts(bucket_of, sched, range(20))
+    assert set(uses.values()) <= {20, 21} and len(uses) == 233
+    for bucket, n in enumerate(sizes):  # a bucket of 63 trains at its share, as one of 64
+        assert abs(batches[bucket] - 20 * n / 32) < 1
+
+
+def test_bucketing_schedule_k_epochs_use_each_image_k_times_property() -> None:
+    """Over any K consecutive epochs, for random bucket sizes and global batches: each image
+    of a bucket holding a global batch is used K ± 1 times and each bucket gets K·n/G batches
+    ± 1; images of smaller buckets are never used."""
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        batch, world = int(rng.integers(1, 7)), int(rng.integers(1, 4))
+        G = batch * world
+        sizes = [int(rng.integers(G, 3 * G + 3)) for _ in range(int(rng.integers(1, 5)))]
+        sizes.append(int(rng.integers(0, G)))  # a bucket too small to fill a batch
+        bucket_of = np.repeat(np.arange(len(sizes)), sizes)
+        rng.shuffle(bucket_of)
+        sched = BatchSchedule(bucket_of, batch, world, seed=int(rng.integers(1000)))
+        first, K = int(rng.integers(0, 6)), int(rng.integers(1, 9))
+        uses, batches = _stream_counts(bucket_of, sched, range(first, first + K))
+        for i, bucket in enumerate(bucket_of):
+            n = sizes[bucket]
+            assert (K - 1 <= uses[i] <= K + 1) if n >= G else uses[i] == 0
+        for bucket, n in enumerate(sizes):
+            if n >= G:
+                assert abs(batches[bucket] - K * n / G) < 1 + 1e-9
+        assert sched.unused_samples() == sizes[-1]
+
+
+def test_bucketing_schedule_epoch_is_computed_without_replaying_earlier_ones() -> None:
+    """The plan of any epoch, however far, comes straight from (seed, epoch, global batch):
+    the same whether earlier epochs were planned first or not, and batch 10⁹ is no slower to
+    reach than batch 1 (each bucket's stream position after e passes is ceil(e·n / G))."""
+    bucket_of, sched = _schedule(batch=3, world=2)
+    walked = [sched.epoch_plan(e) for e in range(12)][-1]
+    _, fresh = _schedule(batch=3, world=2)
+    assert [b.tolist() for b in fresh.epoch_plan(11)] == [b.tolist() for b in walked]
+    far = fresh.epoch_plan(10**9)
+    assert len(far) == fresh.batches_per_epoch(10**9) > 0
+    assert all(len(set(b.tolist())) == 6 and len(set(bucket_of[b].tolist())) == 1 for b in far)
 
 
 def test_bucketing_schedule_is_a_pure_function_of_its_inputs() -> None:

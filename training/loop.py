@@ -332,8 +332,10 @@ def _find_resume(cfg: Config, resume: str | None, world_size: int) -> Path | Non
 
 
 def data_state(plan: DataPlan) -> dict:
-    """What a checkpoint records about its training images, for `resume_position`."""
-    return {"data_fingerprint": plan.fingerprint(), "num_images": len(plan.records)}
+    """What a checkpoint records about its training images and their schedule, for
+    `resume_position`."""
+    return {"data_fingerprint": plan.fingerprint(), "num_images": len(plan.records),
+            "schedule_version": BatchSchedule.VERSION}
 
 
 def resume_position(state: dict, plan: DataPlan, checkpoint: Path,
@@ -344,9 +346,17 @@ def resume_position(state: dict, plan: DataPlan, checkpoint: Path,
     saved with (`DataPlan.fingerprint`; checkpoints from before it was recorded are trusted).
     Otherwise the saved index would point into another order of other images, skipping some
     and repeating others, so training goes on from the start of the next epoch, with a warning
-    (printed when `main`) saying so.
+    (printed when `main`) saying so. The same holds for a checkpoint saved mid-epoch under an
+    older batch schedule (`BatchSchedule.VERSION`; none recorded means 1): its index counts
+    batches of another plan.
     """
     epoch, index = int(state["epoch"]), int(state["index"])
+    if index and state.get("schedule_version", 1) != BatchSchedule.VERSION:
+        if main:
+            print(f"note: {checkpoint} was saved with an older batch schedule, which dropped "
+                  f"each bucket's remainder; continuing from the start of epoch {epoch + 1} "
+                  "with the current one", flush=True)
+        return epoch + 1, 0
     saved = state.get("data_fingerprint")
     if saved is None or index == 0 or saved == plan.fingerprint():
         return epoch, index

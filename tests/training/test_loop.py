@@ -73,8 +73,25 @@ def test_loop_resume_position_starts_the_next_epoch_when_the_images_changed(
     # at an epoch boundary nothing is skipped or repeated: keep the position, say nothing
     assert resume_position({**state, "index": 0}, changed, Path("ckpt")) == (2, 0)
     # checkpoints from before the fingerprint was recorded keep their position
-    assert resume_position({"epoch": 2, "index": 5}, changed, Path("ckpt")) == (2, 5)
+    version = {"schedule_version": state["schedule_version"]}
+    assert resume_position({"epoch": 2, "index": 5, **version}, changed, Path("ckpt")) == (2, 5)
     assert capsys.readouterr().out == ""
+
+
+def test_loop_resume_position_leaves_an_epoch_of_the_old_schedule(
+        capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint saved mid-epoch by the schedule that dropped bucket remainders (no
+    `schedule_version` recorded) continues at the next epoch of today's schedule, and says so;
+    at an epoch boundary both schedules agree on where the epoch starts."""
+    from training.loop import data_state, resume_position
+
+    plan = _plan(["a.png", "b.png", "c.png"], [0, 0, 1])
+    old = {"epoch": 2, "index": 5, **data_state(plan)}
+    del old["schedule_version"]
+    assert resume_position(old, plan, Path("ckpt")) == (3, 0)
+    assert "ckpt was saved with an older batch schedule" in capsys.readouterr().out
+    assert resume_position({**old, "index": 0}, plan, Path("ckpt")) == (2, 0)
+    assert resume_position({"epoch": 2, "index": 5}, plan, Path("ckpt")) == (3, 0)
 
 
 def test_loop_plan_data_gives_validation_images_the_training_labels(tmp_path: Path) -> None:
