@@ -8,6 +8,9 @@ centre-cropped.
 
 Assignment: an image goes to the bucket nearest in log aspect ratio among those it covers
 without upscaling (ties: the larger area); it is resized to cover that bucket and centre-cropped.
+Whole folders are assigned at once (`nearest_buckets`), and their placements are held as a
+column of bucket indices (`PlacementTable`) from which each resize and crop is recomputed.
+Validation images, and every copy of their pictures, do not count towards a bucket's size.
 
 Batch schedule: batches hold one bucket only. Each bucket is an endless stream of seeded
 permutations of its images cut into global batches, so no remainder is ever dropped and each
@@ -15,8 +18,8 @@ bucket trains at its share; an epoch's plan is a closed-form function of (seed, 
 batch); rank r takes slice r of every global batch, so all ranks train the same shape at every
 step. State is (epoch, index) and resuming continues with exactly the next batch.
 
-Run `python bucketing.py --dataset DIR --resolution 256 [--json]` for the bucket table and the
-crop statistics of a folder.
+Run `python bucketing.py --dataset DIR --resolution 256 [--json]` for the bucket table, the
+crop statistics and the exact duplicates of a folder.
 """
 
 from __future__ import annotations
@@ -25,11 +28,17 @@ import argparse
 import json
 import math
 import sys
-from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: this module loads without torch
+    from pathlib import Path
+
+    from training.config import DataConfig
+    from training.data import ImageTable, ScanResult
+    from training.distributed import DistInfo
 
 
 @dataclass(frozen=True)
@@ -79,59 +88,195 @@ def place(width: int, height: int, bucket_w: int, bucket_h: int, index: int) -> 
     return Placement(index, (rw, rh), (left, top, left + bucket_w, top + bucket_h))
 
 
+def place_many(width: np.ndarray, height: np.ndarray, bucket_w: np.ndarray,
+               bucket_h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`place` for arrays of images (N,) and their buckets (N,): (resized width, resized
+    height, crop left, crop top), (N,) int64 each, the very numbers `place` gives."""
+    width, height = np.asarray(width, np.int64), np.asarray(height, np.int64)
+    bucket_w, bucket_h = np.asarray(bucket_w, np.int64), np.asarray(bucket_h, np.int64)
+    scale = np.maximum(bucket_w / width, bucket_h / height)
+    # np.rint rounds halves to even, as Python's round does
+    rw = np.maximum(bucket_w, np.rint(width * scale).astype(np.int64))
+    rh = np.maximum(bucket_h, np.rint(height * scale).astype(np.int64))
+    return rw, rh, (rw - bucket_w) // 2, (rh - bucket_h) // 2
+
+
+# Rows at a time in the vectorised passes over every image: bounds the memory they take.
+_CHUNK = 1 << 16
+
+
+def nearest_buckets(widths: Sequence[int] | np.ndarray, heights: Sequence[int] | np.ndarray,
+                    buckets: Sequence[tuple[int, int]], allow_upscale: bool = False,
+                    allowed: Sequence[int] | None = None) -> np.ndarray:
+    """The bucket `assign` picks for each image (N,), -1 where it covers none: the nearest in
+    log aspect ratio (ties: the larger area, then the earlier in `allowed`, or in `buckets`).
+
+    Only buckets an image covers without upscaling are candidates unless `allow_upscale`;
+    `allowed` restricts the candidates to those bucket indices. Images of one size are decided
+    once, so a folder of photographs in a few sizes costs little.
+    """
+    grid = np.asarray(buckets, dtype=np.int64).reshape(-1, 2)  # (B, 2) of (width, height)
+    idx = np.arange(len(grid)) if allowed is None else np.asarray(allowed, dtype=np.int64)
+    out = np.full(len(widths), -1, dtype=np.int16 if len(grid) < 2**15 else np.int32)
+    if not len(idx):
+        return out
+    bw, bh = grid[idx, 0], grid[idx, 1]  # (K,) the candidates, in order
+    bucket_log, area = np.log(bw / bh), bw * bh
+    for lo in range(0, len(widths), _CHUNK):
+        w = np.asarray(widths[lo:lo + _CHUNK], dtype=np.int64)
+        h = np.asarray(heights[lo:lo + _CHUNK], dtype=np.int64)
+        sizes, inverse = np.unique(w << 32 | h, return_inverse=True)  # sides < 2**31
+        best = np.full(len(sizes), -1, dtype=np.int64)
+        for first in range(0, len(sizes), 4096):  # (4096, K) at a time
+            w, h = sizes[first:first + 4096] >> 32, sizes[first:first + 4096] & 0xFFFFFFFF
+            image_log = np.array([math.log(a / b) for a, b in zip(w.tolist(), h.tolist())])
+            error = np.round(np.abs(bucket_log[None, :] - image_log[:, None]), 12)  # (n, K)
+            if not allow_upscale:
+                error[(bw[None, :] > w[:, None]) | (bh[None, :] > h[:, None])] = np.inf
+            least = error.min(axis=1)  # (n,)
+            # among the least errors the largest area; argmax takes the first of equals
+            pick = np.where(error == least[:, None], area[None, :], -1).argmax(axis=1)
+            best[first:first + 4096] = np.where(np.isfinite(least), idx[pick], -1)
+        out[lo:lo + _CHUNK] = best[inverse.reshape(-1)]
+    return out
+
+
 def assign(width: int, height: int, buckets: Sequence[tuple[int, int]],
            allow_upscale: bool = False,
            allowed: Sequence[int] | None = None) -> Placement | None:
     """Place an image in its nearest bucket (log aspect; ties: larger area), or None if too small.
 
     Only buckets the image covers without upscaling are candidates unless `allow_upscale`;
-    `allowed` restricts the candidates to those bucket indices.
+    `allowed` restricts the candidates to those bucket indices. `nearest_buckets` decides for
+    many images at once.
     """
-    grid = np.asarray(buckets)  # (N, 2) of (width, height)
-    idx = np.arange(len(grid)) if allowed is None else np.asarray(allowed, dtype=np.int64)
-    if not allow_upscale:
-        idx = idx[(grid[idx, 0] <= width) & (grid[idx, 1] <= height)]
-    if len(idx) == 0:
+    best = int(nearest_buckets([width], [height], buckets, allow_upscale, allowed)[0])
+    if best < 0:
         return None
-    bw, bh = grid[idx, 0], grid[idx, 1]
-    error = np.round(np.abs(np.log(bw / bh) - math.log(width / height)), 12)
-    best = int(idx[np.lexsort((-(bw * bh), error))[0]])  # smallest error, then largest area
-    return place(width, height, int(grid[best, 0]), int(grid[best, 1]), best)
+    bucket_w, bucket_h = buckets[best]
+    return place(width, height, int(bucket_w), int(bucket_h), best)
 
 
-def merge_small_buckets(sizes: Sequence[tuple[int, int]], placements: list[Placement | None],
-                        buckets: Sequence[tuple[int, int]], min_count: int,
-                        allow_upscale: bool = False) -> list[Placement | None]:
-    """Move the images of buckets holding fewer than `min_count` into their nearest neighbours.
+class PlacementTable:
+    """Where each image of an `ImageTable` goes, row for row: its bucket, as a column.
+
+    Indexing gives what a list of `Placement`s would: `t[i]` is the `Placement` that `place`
+    gives image i in its bucket (resize to cover, centre crop), recomputed on demand from the
+    image's size rather than stored; iteration computes them a chunk at a time. `bucket` (N,)
+    holds the bucket indices into `buckets`, `images` the table they belong to; `take` and
+    slicing give a smaller table of both. For vectorised work, `bucket_sizes()` and `boxes()`
+    give every row's bucket size and resize and crop as arrays.
+    """
+
+    def __init__(self, images: ImageTable, bucket: Sequence[int] | np.ndarray,
+                 buckets: Sequence[tuple[int, int]]) -> None:
+        if len(bucket) != len(images):
+            raise ValueError(f"{len(bucket)} buckets for {len(images)} images")
+        self.images, self.buckets = images, list(buckets)
+        self.bucket = np.asarray(bucket, dtype=np.int16 if len(buckets) < 2**15 else np.int32)
+        if self.bucket.size and not 0 <= self.bucket.min() <= self.bucket.max() < len(buckets):
+            raise ValueError(f"bucket indices outside a grid of {len(buckets)}")
+        self._grid = np.asarray(buckets, dtype=np.int64).reshape(-1, 2)
+
+    def __len__(self) -> int:
+        return len(self.bucket)
+
+    def __getitem__(self, item: int | slice) -> Placement | PlacementTable:
+        if isinstance(item, slice):
+            return self.take(np.arange(len(self))[item])
+        (width, height), b = self.images.size(item), int(self.bucket[item])
+        return place(width, height, int(self._grid[b, 0]), int(self._grid[b, 1]), b)
+
+    def __iter__(self) -> Iterator[Placement]:
+        for lo in range(0, len(self), 1 << 14):
+            part = self[lo:lo + (1 << 14)]
+            rw, rh, left, top = part.boxes()
+            bw, bh = part.bucket_sizes()
+            for row in zip(part.bucket.tolist(), rw.tolist(), rh.tolist(), left.tolist(),
+                           top.tolist(), bw.tolist(), bh.tolist()):
+                b, w, h, x, y, cw, ch = row
+                yield Placement(b, (w, h), (x, y, x + cw, y + ch))
+
+    def __repr__(self) -> str:
+        return f"PlacementTable({len(self)} image(s) in {len(np.unique(self.bucket))} buckets)"
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> PlacementTable:
+        """The table of rows `indices`, in that order (of the images too)."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return PlacementTable(self.images.take(indices), self.bucket[indices], self.buckets)
+
+    def bucket_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket width, bucket height) of every row, (N,) int64 each."""
+        return self._grid[self.bucket, 0], self._grid[self.bucket, 1]
+
+    def boxes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`place_many` of every row: (resized width, resized height, crop left, crop top)."""
+        return place_many(self.images.width, self.images.height, *self.bucket_sizes())
+
+
+def merge_small(widths: Sequence[int] | np.ndarray, heights: Sequence[int] | np.ndarray,
+                bucket_of: Sequence[int] | np.ndarray, buckets: Sequence[tuple[int, int]],
+                min_count: int, allow_upscale: bool = False) -> np.ndarray:
+    """Move the images of buckets holding fewer than `min_count` into their nearest neighbours;
+    returns the new bucket of each image (N,), -1 staying -1 (an image not placed).
 
     First, buckets are emptied smallest first, each once: every image moves to the nearest
     bucket (in log aspect) among those still in use that it fits; an image that fits none stays
     where it was. A bucket emptied early may take images later and still end small. So then,
     over and over, the smallest bucket still small gives every image it can to the nearest
     bucket it fits that holds at least as many images, until no image can move. Each such move
-    makes the counts more unequal (their sum of squares grows), so this ends.
+    makes the counts more unequal (their sum of squares grows), so this ends. Candidates tie
+    in the order the images first name their buckets.
     """
-    placements = list(placements)
-    counts = Counter(p.bucket for p in placements if p is not None)
+    widths, heights = np.asarray(widths), np.asarray(heights)
+    bucket_of = np.array(bucket_of, dtype=np.int32)  # a copy: moved in place
+    sizes = np.bincount(bucket_of[bucket_of >= 0], minlength=len(buckets))
+    counts = {b: int(sizes[b]) for b in _by_first_appearance(bucket_of, np.count_nonzero(sizes))}
     for fuller_only in (False, True):
         done: set[int] = set()  # buckets that gave up what they could, as things stood
         while small := [b for b, n in counts.items() if 0 < n < min_count and b not in done]:
             victim = min(small, key=lambda b: (counts[b], b))
             least = counts[victim] if fuller_only else 1
             targets = [b for b, n in counts.items() if n >= least and b != victim]
-            moved = False
-            for i, p in enumerate(placements):
-                if p is not None and p.bucket == victim:
-                    new = assign(*sizes[i], buckets, allow_upscale, allowed=targets)
-                    if new is not None:
-                        placements[i], moved = new, True
-                        counts[victim] -= 1
-                        counts[new.bucket] += 1
-            if fuller_only and moved:
+            members = np.flatnonzero(bucket_of == victim)
+            new = nearest_buckets(widths[members], heights[members], buckets, allow_upscale,
+                                  allowed=targets)
+            moves = new >= 0
+            bucket_of[members[moves]] = new[moves]
+            counts[victim] -= int(moves.sum())
+            for b, n in zip(*np.unique(new[moves], return_counts=True)):
+                counts[int(b)] += int(n)
+            if fuller_only and moves.any():
                 done.clear()  # fuller buckets may now take images that fitted none before
             else:
                 done.add(victim)
-    return placements
+    return bucket_of
+
+
+def _by_first_appearance(values: np.ndarray, distinct: int) -> list[int]:
+    """The `distinct` values >= 0 of `values`, in the order they first occur."""
+    seen: dict[int, None] = {}
+    for lo in range(0, len(values), _CHUNK):
+        chunk = values[lo:lo + _CHUNK]
+        ids, first = np.unique(chunk[chunk >= 0], return_index=True)
+        seen.update(dict.fromkeys(ids[np.argsort(first)].tolist()))
+        if len(seen) == distinct:
+            break
+    return list(seen)
+
+
+def merge_small_buckets(sizes: Sequence[tuple[int, int]], placements: list[Placement | None],
+                        buckets: Sequence[tuple[int, int]], min_count: int,
+                        allow_upscale: bool = False) -> list[Placement | None]:
+    """`merge_small` for a list of placements (None: an image not placed) and the images'
+    (width, height): the placements after merging, None staying None."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    merged = merge_small(sizes[:, 0], sizes[:, 1], [-1 if p is None else p.bucket
+                                                    for p in placements],
+                         buckets, min_count, allow_upscale)
+    return [None if p is None else p if b == p.bucket else
+            place(int(w), int(h), *map(int, buckets[b]), int(b))
+            for p, b, (w, h) in zip(placements, merged.tolist(), sizes.tolist())]
 
 
 @dataclass
@@ -145,19 +290,27 @@ class BucketStats:
     aspect_error_max: float
 
 
-def bucket_stats(sizes: Sequence[tuple[int, int]], placements: Sequence[Placement | None],
+def bucket_stats(sizes: Sequence[tuple[int, int]] | None,
+                 placements: Sequence[Placement | None] | PlacementTable,
                  buckets: Sequence[tuple[int, int]]) -> BucketStats:
-    """Statistics over the placed images (None entries are ignored)."""
-    losses, errors = [], []
-    for (w, h), p in zip(sizes, placements):
-        if p is not None:
-            bw, bh = buckets[p.bucket]
-            losses.append(p.crop_loss)
-            errors.append(abs(math.log((bw / bh) / (w / h))))
-    if not losses:
+    """Statistics over the placed images: a `PlacementTable` (its images' sizes; `sizes` is
+    not needed), or a list of placements (None entries are ignored) of images of `sizes`."""
+    if isinstance(placements, PlacementTable):
+        w, h = placements.images.width.astype(np.int64), placements.images.height.astype(np.int64)
+        bw, bh = placements.bucket_sizes()
+        cw, ch = bw, bh  # a crop is its bucket's size
+        rw, rh, _, _ = placements.boxes()
+    else:
+        w, h, bw, bh, cw, ch, rw, rh = np.array(
+            [(*s, *buckets[p.bucket], p.crop[2] - p.crop[0], p.crop[3] - p.crop[1], *p.resized)
+             for s, p in zip(sizes, placements) if p is not None], dtype=np.int64
+        ).reshape(-1, 8).T
+    if not len(w):
         return BucketStats(0, 0.0, 0.0, 0.0, 0.0)
-    return BucketStats(len(losses), float(np.mean(losses)), float(np.max(losses)),
-                       float(np.mean(errors)), float(np.max(errors)))
+    losses = 1.0 - (cw * ch) / (rw * rh)
+    errors = np.abs(np.log((bw / bh) / (w / h)))
+    return BucketStats(len(w), float(losses.mean()), float(losses.max()),
+                       float(errors.mean()), float(errors.max()))
 
 
 class BatchSchedule:
@@ -298,82 +451,131 @@ class BatchSchedule:
 # Command line
 
 
-def bucket_dataset(cfg_data, batch_size: int | None = None, world_size: int = 1,
-                   progress: bool = False):
-    """Scan `cfg_data.dataset`, assign buckets (merging small ones when a batch size is given).
+def bucket_dataset(cfg_data: DataConfig, batch_size: int | None = None, world_size: int = 1,
+                   progress: bool = False, dist: DistInfo | None = None,
+                   keep_out: ImageTable | None = None
+                   ) -> tuple[ScanResult, list[tuple[int, int]], PlacementTable]:
+    """Scan `cfg_data.dataset`, fold exact duplicates (unless `cfg_data.keep_duplicates`),
+    assign buckets, and merge small ones when a batch size is given.
 
-    Returns (scan, buckets, placements) where `placements[i]` belongs to `scan.records[i]`;
-    images that cover no bucket (too small or too thin) are moved from the records to
-    `scan.skipped`. Buckets are merged over the training images alone: the `held_out` ones keep
-    their own placements and do not count towards a bucket's size.
+    Returns (scan, buckets, placements): `placements`, a `PlacementTable`, belongs to
+    `scan.records` row for row; images that cover no bucket (too small or too thin) are moved
+    from the records to `scan.skipped`. Buckets are merged over the training images alone
+    (`split_validation`): the held-out images, every copy of their contents, and the images
+    whose content is that of `keep_out` (an `ImageTable`: a validation folder's images) keep
+    their own placements and do not count towards a bucket's size. Under torchrun (`dist`)
+    every rank must call this alike; the ranks split the scan (`scan_folder`) and end with the
+    same result, or all raise the same error.
     """
-    from training.data import SkippedFile, resolve_dataset, scan_folder
+    from training.data import SkippedFile, fold_duplicates, scan_folder
+    from training.distributed import on_every_rank
 
-    root = resolve_dataset(cfg_data.dataset)
-    scan = scan_folder(root, use_classes=cfg_data.use_classes,
-                       max_pixels=cfg_data.max_image_pixels, num_workers=cfg_data.num_workers,
-                       progress=progress)
-    buckets = make_buckets(cfg_data.resolution, cfg_data.step, cfg_data.min_area_ratio,
-                           cfg_data.max_aspect)
-    grid = np.asarray(buckets)
-    aspects = grid[:, 0] / grid[:, 1]
-    records, placements = [], []
-    for rec in scan.records:
-        p = assign(rec.width, rec.height, grid, cfg_data.allow_upscale)
-        if p is None:
-            w, h = rec.width, rec.height
-            bw, bh = buckets[assign(w, h, grid, allow_upscale=True).bucket]
-            if w * h >= bw * bh and not aspects.min() <= w / h <= aspects.max():
-                why = (f"too thin: {w}x{h} is more elongated than any bucket (at most "
-                       f"{aspects.max():.3g}:1), so it covers none")
-            else:
-                why = f"too small: {w}x{h} covers no bucket"
-            scan.skipped.append(SkippedFile(rec.path, f"{why} (the nearest in shape is {bw}x{bh})"
-                                            "; allow upscaling to keep it"))
-        else:
-            records.append(rec)
-            placements.append(p)
-    scan.records = records
-    scan.skipped.sort(key=lambda s: s.path)
-    if cfg_data.merge_small_buckets and batch_size:
-        # Only the images training will use count towards a bucket's size: merging before the
-        # held-out images leave could let a bucket drop back below one global batch.
-        held = set(held_out(records, cfg_data))
-        train = [i for i in range(len(records)) if i not in held]
-        merged = merge_small_buckets([(records[i].width, records[i].height) for i in train],
-                                     [placements[i] for i in train], grid,
-                                     batch_size * world_size, cfg_data.allow_upscale)
-        for i, p in zip(train, merged):
-            placements[i] = p
-    return scan, buckets, placements
+    def work():
+        scan = scan_folder(resolve_first(cfg_data.dataset, dist),
+                           use_classes=cfg_data.use_classes, max_pixels=cfg_data.max_image_pixels,
+                           num_workers=cfg_data.num_workers, progress=progress, dist=dist)
+        fold_duplicates(scan, cfg_data.keep_duplicates)
+        buckets = make_buckets(cfg_data.resolution, cfg_data.step, cfg_data.min_area_ratio,
+                               cfg_data.max_aspect)
+        records = scan.records
+        bucket = nearest_buckets(records.width, records.height, buckets, cfg_data.allow_upscale)
+        unfit = np.flatnonzero(bucket < 0)
+        if unfit.size:
+            aspects = np.asarray(buckets)[:, 0] / np.asarray(buckets)[:, 1]
+            nearest = nearest_buckets(records.width[unfit], records.height[unfit], buckets,
+                                      allow_upscale=True)
+            for row, b in zip(unfit.tolist(), nearest.tolist()):
+                (w, h), (bw, bh) = records.size(row), buckets[b]
+                if w * h >= bw * bh and not aspects.min() <= w / h <= aspects.max():
+                    why = (f"too thin: {w}x{h} is more elongated than any bucket (at most "
+                           f"{aspects.max():.3g}:1), so it covers none")
+                else:
+                    why = f"too small: {w}x{h} covers no bucket"
+                scan.skipped.append(SkippedFile(records.path(row), f"{why} (the nearest in shape "
+                                                f"is {bw}x{bh}); allow upscaling to keep it"))
+            scan.skipped.sort(key=lambda s: s.path)
+            fits = np.flatnonzero(bucket >= 0)
+            records, bucket = records.take(fits), bucket[fits]
+            scan.records = records
+        if cfg_data.merge_small_buckets and batch_size:
+            # Only the images training will use count towards a bucket's size: merging before
+            # the held-out images leave could let a bucket drop back below one global batch.
+            train = split_validation(records, cfg_data, keep_out)[1]  # (N,) bool
+            bucket[train] = merge_small(records.width[train], records.height[train],
+                                        bucket[train], buckets, batch_size * world_size,
+                                        cfg_data.allow_upscale)
+        return scan, buckets, PlacementTable(records, bucket, buckets)
+
+    return on_every_rank(work) if dist is not None and dist.world_size > 1 else work()
 
 
-def held_out(records: Sequence, cfg_data) -> list[int]:
-    """Indices (ascending) of the `cfg_data.holdout` images kept out of training for validation:
-    those with the smallest content hashes, so the choice is stable when files are added,
-    renamed or reordered. None when a separate `eval_dataset` is given."""
+def resolve_first(spec: str, dist: DistInfo | None = None) -> Path:
+    """`training.data.resolve_dataset(spec)`; under torchrun (`dist`) rank 0's first, so that
+    only one process generates the synthetic set while the others wait for it, and an error
+    on any rank is raised on all of them."""
+    from training.data import resolve_dataset
+    from training.distributed import main_first, on_every_rank
+
+    if dist is None or dist.world_size == 1:
+        return resolve_dataset(spec)
+    main_first(dist, lambda: resolve_dataset(spec))
+    return on_every_rank(lambda: resolve_dataset(spec))
+
+
+def held_out(records: ImageTable, cfg_data: DataConfig) -> list[int]:
+    """Rows (ascending) of the `cfg_data.holdout` images kept out of training for validation:
+    the first file (by path) of each of the contents with the smallest hashes, so the choice
+    is stable when files are added, renamed or reordered, and no content is held out twice.
+    None when a separate `eval_dataset` is given. `records` is an `ImageTable`."""
     if cfg_data.eval_dataset or cfg_data.holdout <= 0:
         return []
-    return sorted(sorted(range(len(records)), key=lambda i: records[i].sha256)
-                  [:cfg_data.holdout])
+    count = cfg_data.holdout
+    copy = np.zeros(len(records), dtype=bool)
+    copy[records.duplicates()[0]] = True  # each content counts as its first file only
+    rows, keys = np.zeros(0, np.int64), np.zeros(0, np.uint64)  # the candidates so far
+    for lo in range(0, len(records), _CHUNK):  # the `count` smallest keys, ties included
+        new = np.flatnonzero(~copy[lo:lo + _CHUNK])
+        rows = np.concatenate([rows, lo + new])
+        keys = np.concatenate([keys, records.content_keys(lo, lo + _CHUNK)[new]])
+        if len(rows) > count:
+            small = keys <= np.partition(keys, count - 1)[count - 1]
+            rows, keys = rows[small], keys[small]
+    digests = records.digests(rows)  # the exact order of the hashes among those
+    chosen = sorted(range(len(rows)), key=lambda k: digests[k].tobytes())[:count]
+    return sorted(int(rows[k]) for k in chosen)
 
 
-def report(scan, buckets, placements) -> dict:
+def split_validation(records: ImageTable, cfg_data: DataConfig,
+                     keep_out: ImageTable | None = None) -> tuple[list[int], np.ndarray]:
+    """(held-out rows (`held_out`), training mask (N,) bool) of `records`, an `ImageTable`:
+    training keeps the images whose content is neither that of a held-out image nor of an
+    image of `keep_out` (another `ImageTable`, the validation folder's), so that no picture
+    validated on is trained on, whichever copies of it the folder holds."""
+    held = held_out(records, cfg_data)
+    validation = records.take(held) if keep_out is None else keep_out
+    return held, ~records.same_content_as(validation)
+
+
+def report(scan: ScanResult, buckets: Sequence[tuple[int, int]],
+           placements: PlacementTable) -> dict:
     """The machine-readable summary printed by `--json`."""
-    sizes = [(r.width, r.height) for r in scan.records]
-    stats = bucket_stats(sizes, placements, buckets)
-    counts = Counter(p.bucket for p in placements)
+    stats = bucket_stats(None, placements, buckets)
+    counts = np.bincount(placements.bucket, minlength=len(buckets))
     return {
         "root": scan.root,
         "images": stats.images,
-        "buckets": [{"width": buckets[b][0], "height": buckets[b][1], "count": counts[b]}
-                    for b in sorted(counts, key=lambda b: buckets[b][0] / buckets[b][1])],
+        "buckets": [{"width": buckets[b][0], "height": buckets[b][1], "count": int(counts[b])}
+                    for b in sorted(np.flatnonzero(counts).tolist(),
+                                    key=lambda b: buckets[b][0] / buckets[b][1])],
         "grid_size": len(buckets),
         "crop_loss_mean": stats.crop_loss_mean,
         "crop_loss_max": stats.crop_loss_max,
         "aspect_error_mean": stats.aspect_error_mean,
         "aspect_error_max": stats.aspect_error_max,
         "classes": scan.class_names,
+        "duplicates": {"copies": scan.duplicates.copies, "contents": scan.duplicates.contents,
+                       "mixed_classes": scan.duplicates.mixed_classes,
+                       "kept": scan.duplicates.kept},
         "skipped": [{"path": s.path, "reason": s.reason} for s in scan.skipped],
     }
 
@@ -391,6 +593,13 @@ def format_report(rep: dict) -> str:
     lines.append(f"crop loss: mean {rep['crop_loss_mean']:.2%}, max {rep['crop_loss_max']:.2%}; "
                  f"aspect error: mean {rep['aspect_error_mean']:.4f}, "
                  f"max {rep['aspect_error_max']:.4f}")
+    copies = rep["duplicates"]
+    if copies["copies"]:
+        lines.append(f"exact duplicates: {copies['copies']} cop(ies) of {copies['contents']} "
+                     "picture(s), " + ("kept (--keep-duplicates)" if copies["kept"] else
+                                       "folded: each picture counted once, as its first file")
+                     + (f"; {copies['mixed_classes']} lie in more than one class"
+                        if copies["mixed_classes"] else ""))
     lines.append(f"skipped {len(rep['skipped'])} file(s)")
     lines += [f"  {s['path']}: {s['reason']}" for s in rep["skipped"]]
     return printable("\n".join(lines))
@@ -422,6 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--holdout", type=int, default=d.holdout,
                         help="images training keeps for validation: they do not count towards "
                              "a bucket's size when merging (0 with --eval-dataset)")
+    parser.add_argument("--keep-duplicates", action="store_true",
+                        help="count every copy of a picture (training folds exact duplicates "
+                             "to one file unless data.keep_duplicates)")
     parser.add_argument("--num-workers", type=int, default=d.num_workers)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -434,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      use_classes=args.classes, allow_upscale=args.allow_upscale,
                      max_image_pixels=args.max_image_pixels,
                      merge_small_buckets=args.batch_size is not None, holdout=args.holdout,
-                     num_workers=args.num_workers)
+                     keep_duplicates=args.keep_duplicates, num_workers=args.num_workers)
     try:
         scan, buckets, placements = bucket_dataset(cfg, args.batch_size)
         if not scan.records:

@@ -7,20 +7,46 @@ VAE fingerprint (weights and config): a changed image, grid or VAE never meets a
 
 Layout of a cache folder (default `$LDM_CACHE_DIR/latents`, shareable by runs and ranks):
 
-    index.sqlite    entries(key -> shard, row) and shards(name -> bytes, sha256, rows, ...)
+    index.sqlite    entries(key -> shard, row), shards(name -> bytes, sha256, rows, ...),
+                    checks(shard -> stamp, per-row checksums), dropped(shard -> reason)
     shards/*.safetensors   tensors `mean` and `logvar`, (rows, C, h, w) fp16, one bucket each;
                     names carry the writer's rank and a random token, so writers never collide
-    lock            flock: builders, readers and prune dry runs hold it shared; cleanup and
-                    prune exclusive
+    lock            flock: builders, readers, checks and prune dry runs hold it shared; cleanup,
+                    deleting shard files and prune exclusive
 
 A shard is written to a temporary file, fsynced and renamed into place, and only then are its
 index rows committed, so a kill at any moment loses at most the shard being written. A shard file
 the index does not list (its writer died before the commit, or the index was lost) is listed again
-from its own metadata by the next build that has the cache to itself. Each build checks the size
-and sha256 of every shard it reuses (once per build, never per read); a damaged or missing shard
-is reported, dropped and re-encoded.
+from its own metadata by the next build that has the cache to itself.
+
+Start-up reads the index and each reused shard's header (it lists the shard's keys: about 70
+bytes per entry), not the shards themselves. A build trusts a shard whose stamp is unchanged: its
+size, modification time, inode and the sha256 of its safetensors header, recorded when the shard
+was written or last checked in full. A shard whose
+stamp changed, or that has none (written before stamps existed: older indexes gain the `checks`
+and `dropped` tables in place and nothing is re-encoded), is checked in full once (size, sha256 of
+the whole file), and then its stamp and per-row checksums (the first ROW_SUM_BYTES of a BLAKE2b of
+each row's mean and log-variance bytes, kept in the index) are recorded. Every build also reads
+SAMPLE_ROWS rows drawn among all rows of the shards it trusts and compares their checksums, so
+silent corruption that keeps the stamp is still found over time, for the bytes of a few rows. The
+sample is seeded with the index's start counter (meta `starts`, which every build increments),
+so successive builds read different rows and each build's sample is reproducible. A damaged or
+missing shard, or one with a sampled row that does not match, is reported (file, and row where
+one is to blame), dropped, and its entries are re-encoded. `cache.py --verify` checks every shard
+in full: size, sha256, header, every entry's row and every row's checksum; it records stamps
+too, so running it once on a large cache from before stamps spares the next training start
+(whose other ranks wait on rank 0's checks) that one full read.
+
+Removal is crash-safe: a shard is first tombstoned (its entries deleted and its name entered in
+`dropped`, in one transaction), then its file is deleted, then its index rows; a process killed in
+between leaves a tombstone that the next process with the cache to itself completes, so a dropped
+shard never comes back and pruned entries never reappear. Only the holder of the exclusive lock
+deletes shard files: a build that shares the cache with another process still drops a damaged
+shard from the index and re-encodes its entries into new shards, but leaves the file, which the
+other process may still map, to a later build, prune or `--verify` that has the cache to itself.
 
     UV_CACHE_DIR=.uv-cache uv run python cache.py --dataset DIR --vae vae/ --resolution 256 --json
+    UV_CACHE_DIR=.uv-cache uv run python cache.py --verify --cache-dir DIR
 
 The folder is meant to be shared: entries of other datasets, resolutions, VAEs and of `--flip`
 runs live side by side. `--prune` deletes every entry the invocation does not use, whoever paid
@@ -31,6 +57,9 @@ Under `torchrun` every rank encodes a disjoint share of the missing entries; the
 the single-process cache. Across machines the folder must be one folder on a filesystem every
 machine shares (checked before any work: ranks that do not see rank 0's probe file refuse).
 Training builds or updates the cache itself with `ensure_cache` and reads it with `LatentReader`.
+Keys travel as raw sha256 digests, uint8 (records, orientations, 32) (`CacheSummary.keys`;
+`record_hex_keys` gives one record's keys as text), and the index is looked up in chunks, so a
+rank holds about 40 bytes per entry: the digest, and the reader's shard and row (int32 each).
 """
 
 from __future__ import annotations
@@ -73,6 +102,10 @@ LOCK_NAME = "lock"
 SHARD_SUFFIX = ".safetensors"
 TMP_SUFFIX = ".tmp"
 TARGET_SHARD_BYTES = 64 << 20  # automatic shard size: about this many bytes per shard file
+SAMPLE_ROWS = 8  # rows of trusted shards each build reads and compares with their checksums
+ROW_SUM_BYTES = 8  # per-row checksum: this many bytes of a BLAKE2b digest
+DIGEST_BYTES = 32  # an entry key is a sha256 digest: 32 bytes, 64 hex digits in the index
+LOOKUP_CHUNK = 500  # keys per index query (under sqlite's oldest limit of 999 parameters)
 BUSY_TIMEOUT_S = 600.0  # sqlite waits this long for another writer's lock
 # How long a rank looks for the file rank 0 just created before it concludes that they do not
 # share the cache folder: network filesystems may report a new name as missing for a while.
@@ -87,7 +120,13 @@ CREATE TABLE IF NOT EXISTS shards (
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT PRIMARY KEY, shard TEXT NOT NULL, row INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_shard ON entries (shard);
+CREATE TABLE IF NOT EXISTS checks (
+    shard TEXT PRIMARY KEY, stamp TEXT NOT NULL, row_sums BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dropped (shard TEXT PRIMARY KEY, reason TEXT NOT NULL) WITHOUT ROWID;
 """
+# `checks` and `dropped` came later than FORMAT_VERSION 1: `connect` adds them to older indexes
+# (a shard without a `checks` row is checked in full once). They are tables of their own rather
+# than columns of `shards`, so code from before them keeps writing into a shared index.
 
 
 def _warn(message: str) -> None:
@@ -103,24 +142,54 @@ def default_latent_dir() -> Path:
 # Keys
 
 
-def entry_key(sha256: str, bucket: tuple[int, int], resized: tuple[int, int],
-              crop: tuple[int, int, int, int], flip: bool, fingerprint: str) -> str:
-    """Content address of one cache entry (64 hex digits)."""
+def _entry_digest(sha256: str, bucket: tuple[int, int], resized: tuple[int, int],
+                  crop: tuple[int, int, int, int], flip: bool, fingerprint: str) -> bytes:
     (bw, bh), (rw, rh), (left, top, right, bottom) = bucket, resized, crop
     text = (f"ldm-latent-cache/{KEY_VERSION}|{sha256}|{bw}x{bh}|{rw}x{rh}|"
             f"{left},{top},{right},{bottom}|flip={int(flip)}|{fingerprint}")
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode()).digest()
+
+
+def entry_key(sha256: str, bucket: tuple[int, int], resized: tuple[int, int],
+              crop: tuple[int, int, int, int], flip: bool, fingerprint: str) -> str:
+    """Content address of one cache entry (64 hex digits)."""
+    return _entry_digest(sha256, bucket, resized, crop, flip, fingerprint).hex()
 
 
 def record_keys(records: Sequence[ImageRecord], placements: Sequence, buckets: Sequence,
-                fingerprint: str, flip: bool) -> list[tuple[str, ...]]:
-    """Per record: (key,) or, with `flip`, (key, key of the mirrored crop)."""
-    out = []
-    for rec, p in zip(records, placements):
-        bucket = tuple(buckets[p.bucket])
-        out.append(tuple(entry_key(rec.sha256, bucket, tuple(p.resized), tuple(p.crop), f,
-                                   fingerprint) for f in ((False, True) if flip else (False,))))
+                fingerprint: str, flip: bool) -> np.ndarray:
+    """Every record's entry keys as raw digests, uint8 (N, O, 32): O = 1, or 2 with `flip`
+    (orientation 1 is the mirrored crop). `entry_key` is the hex form of one of them."""
+    flips = (False, True) if flip else (False,)
+    out = np.empty((len(records), len(flips), DIGEST_BYTES), dtype=np.uint8)  # (N, O, 32)
+    for i in range(len(records)):
+        rec, p = records[i], placements[i]
+        bucket, resized, crop = tuple(buckets[p.bucket]), tuple(p.resized), tuple(p.crop)
+        for o, f in enumerate(flips):
+            out[i, o] = np.frombuffer(_entry_digest(rec.sha256, bucket, resized, crop, f,
+                                                    fingerprint), dtype=np.uint8)
     return out
+
+
+def record_hex_keys(keys: np.ndarray, i: int) -> tuple[str, ...]:
+    """The entry keys of record `i` of `keys` (uint8 (N, O, 32)) as 64-digit hex strings."""
+    return tuple(bytes(k).hex() for k in keys[i])
+
+
+def iter_hex_keys(keys: np.ndarray) -> Iterator[str]:
+    """Every key of `keys` (uint8 (N, O, 32)) as hex, record by record, one at a time."""
+    for k in keys.reshape(-1, DIGEST_BYTES):
+        yield bytes(k).hex()
+
+
+def keys_from_hex(rows: Sequence[Sequence[str]]) -> np.ndarray:
+    """uint8 (N, O, 32) digests of per-record hex keys, e.g. [(plain, mirrored), ...]; every
+    record must have the same number of keys."""
+    width = len(rows[0]) if len(rows) else 1
+    if any(len(r) != width for r in rows):
+        raise ValueError(f"every record needs {width} key(s); got {sorted({len(r) for r in rows})}")
+    flat = bytes.fromhex("".join(k for r in rows for k in r))
+    return np.frombuffer(flat, dtype=np.uint8).reshape(len(rows), width, DIGEST_BYTES).copy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,25 +207,160 @@ def _transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[
     conn.execute("COMMIT")
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def _parse_header(raw: bytes, path: Path) -> dict:
+    """The header dict of a safetensors file from its first 8 + header-length bytes `raw`."""
+    try:
+        header = json.loads(raw[8:])
+    except ValueError:
+        raise ValueError(f"{path}: damaged safetensors header") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: damaged safetensors header")
+    return header
+
+
+def _header_bytes(f: io.BufferedReader, path: Path) -> bytes:
+    """The first 8 + header-length bytes of an open safetensors file."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+    length = int.from_bytes(head, "little")
+    if length > 100 << 20:
+        raise ValueError(f"{path}: not a safetensors file (header length {length})")
+    body = f.read(length)
+    if len(body) < length:
+        raise ValueError(f"{path}: damaged safetensors header (the file ends inside it)")
+    return head + body
 
 
 def _read_header(path: Path) -> tuple[int, dict]:
     """(offset of the data section, header dict) of a safetensors file."""
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        length = int.from_bytes(head, "little")
-        if length > 100 << 20:
-            raise ValueError(f"{path}: not a safetensors file (header length {length})")
+        raw = _header_bytes(f, path)
+    return len(raw), _parse_header(raw, path)
+
+
+def _stamp(path: Path) -> tuple[str, int, dict]:
+    """(stamp, offset of the data section, header) of a shard file, reading only its header.
+
+    The stamp is "size:mtime_ns:inode:sha256 of the header bytes"; a shard whose stamp is the one
+    recorded in the index is trusted without reading its data. Raises OSError or ValueError.
+    """
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        raw = _header_bytes(f, path)
+    stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{hashlib.sha256(raw).hexdigest()}"
+    return stamp, len(raw), _parse_header(raw, path)
+
+
+def _row_layout(header: dict, start: int, size: int, path: Path
+                ) -> tuple[int, int, int, int]:
+    """(rows, bytes per row, file offset of `mean`, file offset of `logvar`) of a shard whose
+    data section starts at `start` in a file of `size` bytes; ValueError if they do not fit."""
+    try:
+        (m_lo, m_hi), (l_lo, l_hi) = (header[n]["data_offsets"] for n in ("mean", "logvar"))
+        rows = int(header["mean"]["shape"][0])
+        same = header["mean"]["shape"] == header["logvar"]["shape"]
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise ValueError(f"{path}: expected tensors 'mean' and 'logvar' in the shard") from None
+    width = (m_hi - m_lo) // rows if rows > 0 else 0
+    if (not same or rows <= 0 or width * rows != m_hi - m_lo or l_hi - l_lo != m_hi - m_lo
+            or start + max(m_hi, l_hi) > size):
+        raise ValueError(f"{path}: shard tensors do not fit its header; rebuild the cache")
+    return rows, width, start + m_lo, start + l_lo
+
+
+def _row_sum(mean_row, logvar_row) -> bytes:
+    """Checksum of one row: its mean's then its log-variance's bytes (any buffers)."""
+    h = hashlib.blake2b(digest_size=ROW_SUM_BYTES)
+    h.update(mean_row)
+    h.update(logvar_row)
+    return h.digest()
+
+
+def _row_sums(data: np.ndarray, start: int, header: dict, path: Path) -> bytes:
+    """Every row's checksum, concatenated, of the shard whose bytes are `data` (uint8)."""
+    rows, width, mean_at, logvar_at = _row_layout(header, start, len(data), path)
+    mean = data[mean_at:mean_at + rows * width].reshape(rows, width)  # (rows, row bytes)
+    logvar = data[logvar_at:logvar_at + rows * width].reshape(rows, width)
+    return b"".join(_row_sum(m, lv) for m, lv in zip(mean, logvar))
+
+
+@dataclass
+class _FullCheck:
+    """What reading a whole shard found: `problems` (phrases, empty when whole), its `sha256`,
+    and when its header is readable its `stamp`, per-row checksums `sums` and header `keys`."""
+
+    problems: list[str]
+    sha256: str | None = None
+    stamp: str | None = None
+    sums: bytes | None = None
+    keys: list | None = None
+
+
+def _full_check(path: Path, size: int, sha256: str | None, recorded: bytes | None = None
+                ) -> _FullCheck:
+    """Read a shard file in full and check it against its index row: size, sha256 (unless
+    None: a shard not yet listed), header and, where `recorded` per-row checksums are given,
+    each row (a mismatch names the row)."""
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        return _FullCheck(["file missing"])
+    if actual != size:
+        return _FullCheck([f"size {actual} bytes, expected {size}"])
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        check = _FullCheck([], hashlib.sha256(data).hexdigest())
+        if sha256 is not None and check.sha256 != sha256:
+            check.problems.append("sha256 checksum mismatch")
         try:
-            header = json.loads(f.read(length))
-        except ValueError:
-            raise ValueError(f"{path}: damaged safetensors header") from None
-    return 8 + length, header
+            check.stamp, start, header = _stamp(path)
+            check.sums = _row_sums(data, start, header, path)
+            keys = json.loads(header.get("__metadata__", {}).get("keys", "null"))
+        except (ValueError, TypeError, AttributeError) as exc:
+            check.problems.append(str(exc).split(": ", 1)[-1])
+            return check
+    finally:
+        del data
+    check.keys = keys if isinstance(keys, list) else None
+    if recorded is not None and len(recorded) == len(check.sums):
+        n = ROW_SUM_BYTES
+        check.problems += [f"row {r} does not match its checksum"
+                           for r in range(len(recorded) // n)
+                           if check.sums[r * n:(r + 1) * n] != recorded[r * n:(r + 1) * n]]
+    return check
+
+
+def _check_rows(path: Path, layout: tuple[int, int, int, int], rows: Sequence[int],
+                recorded: Sequence[bytes]) -> int | None:
+    """The first of `rows` whose bytes do not match its `recorded` checksum, or None; reads only
+    those rows of the shard file, whose `_row_layout` is `layout`."""
+    _, width, mean_at, logvar_at = layout
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for row, expected in zip(rows, recorded):
+            mean = os.pread(fd, width, mean_at + row * width)
+            logvar = os.pread(fd, width, logvar_at + row * width)
+            if _row_sum(mean, logvar) != expected:
+                return row
+    finally:
+        os.close(fd)
+    return None
+
+
+def _sample_rows(seed: int, shards: Sequence[tuple[str, int]], count: int
+                 ) -> list[tuple[str, int]]:
+    """`count` distinct (shard, row) drawn uniformly among all rows of `shards` ((name, rows),
+    in the given order) by a generator seeded with `seed`, in shard order."""
+    sizes = np.asarray([rows for _, rows in shards], dtype=np.int64)
+    total = int(sizes.sum())
+    if total == 0 or count <= 0:
+        return []
+    picks = np.sort(np.random.default_rng(seed).choice(total, size=min(count, total),
+                                                       replace=False))
+    ends = np.cumsum(sizes)
+    owner = np.searchsorted(ends, picks, side="right")
+    return [(shards[s][0], int(p - ends[s] + sizes[s])) for s, p in zip(owner, picks)]
 
 
 def _map_shard(path: Path) -> dict[str, np.ndarray]:
@@ -173,6 +377,18 @@ def _map_shard(path: Path) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: shard is shorter than its header says; rebuild the cache")
         out[name] = data[start + lo:start + hi].view(np.float16).reshape(info["shape"])
     return out
+
+
+@dataclass(frozen=True)
+class _ShardInfo:
+    """A shard's index row: size, whole-file sha256, rows, and its recorded stamp and length
+    of per-row checksums (None, 0 when it was never checked since stamps exist)."""
+
+    bytes: int
+    sha256: str
+    rows: int
+    stamp: str | None
+    sums_bytes: int
 
 
 class _Store:
@@ -199,14 +415,16 @@ class _Store:
         return True
 
     def unlock(self) -> None:
+        """Release the lock (shared or exclusive)."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     # -- index ------------------------------------------------------------------------------
     def connect(self, readonly: bool = False) -> sqlite3.Connection:
-        """Open the index, waiting up to BUSY_TIMEOUT_S for other writers: creating it, or with
-        `readonly` only an existing one, opened so that nothing in the folder is written."""
+        """Open the index, waiting up to BUSY_TIMEOUT_S for other writers: creating it (or
+        adding the tables an older index lacks), or with `readonly` only an existing one,
+        opened so that nothing in the folder is written."""
         index = self.root / INDEX_NAME
         if readonly:  # sqlite refuses every write, even rolling back an interrupted one
             conn = sqlite3.connect(f"{index.resolve().as_uri()}?mode=ro", uri=True,
@@ -244,61 +462,123 @@ class _Store:
         return conn
 
     @staticmethod
-    def lookup(conn: sqlite3.Connection, keys: Iterable[str]) -> dict[str, tuple[str, int]]:
-        """key -> (shard name, row) for those of `keys` the index holds."""
-        with _transaction(conn, "DEFERRED"):
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (key TEXT PRIMARY KEY) "
-                         "WITHOUT ROWID")
-            conn.execute("DELETE FROM wanted")
-            conn.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((k,) for k in keys))
-            found = {k: (s, r) for k, s, r in conn.execute(
-                "SELECT e.key, e.shard, e.row FROM wanted w JOIN entries e ON e.key = w.key")}
-            conn.execute("DELETE FROM wanted")
-        return found
+    def next_start(conn: sqlite3.Connection) -> int:
+        """Count one more build in the index (meta `starts`) and return the new count: the seed
+        of this build's row sample."""
+        with _transaction(conn):
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('starts', '0')")
+            conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                         "WHERE name = 'starts'")
+            (value,) = conn.execute("SELECT value FROM meta WHERE name = 'starts'").fetchone()
+        return int(value)
 
     @staticmethod
-    def shard_rows(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, tuple]:
-        """name -> (bytes, sha256, rows, fingerprint, width, height) for the given shards."""
+    def lookup(conn: sqlite3.Connection, keys: np.ndarray
+               ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Where the index holds each of `keys` (uint8 (N, O, 32) digests), read LOOKUP_CHUNK
+        keys at a time: (shard names, shard (N, O) int32 position in the names or -1 where the
+        index lacks the key, row (N, O) int32)."""
+        flat = keys.reshape(-1, DIGEST_BYTES)  # (N·O, 32)
+        shard = np.full(len(flat), -1, dtype=np.int32)
+        row = np.zeros(len(flat), dtype=np.int32)
+        ids: dict[str, int] = {}
+        for start in range(0, len(flat), LOOKUP_CHUNK):
+            part = [bytes(k).hex() for k in flat[start:start + LOOKUP_CHUNK]]
+            where: dict[str, list[int]] = {}
+            for offset, key in enumerate(part):  # a key twice: two files of the same bytes
+                where.setdefault(key, []).append(start + offset)
+            marks = ",".join("?" * len(where))
+            for key, name, r in conn.execute(
+                    f"SELECT key, shard, row FROM entries WHERE key IN ({marks})", list(where)):
+                shard[where[key]] = ids.setdefault(name, len(ids))
+                row[where[key]] = r
+        return list(ids), shard.reshape(keys.shape[:2]), row.reshape(keys.shape[:2])
+
+    @staticmethod
+    def shard_info(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, _ShardInfo]:
+        """The index rows of those of `names` the index lists and has not dropped."""
         out = {}
         names = list(names)
-        for i in range(0, len(names), 500):
-            part = names[i:i + 500]
+        for i in range(0, len(names), LOOKUP_CHUNK):
+            part = names[i:i + LOOKUP_CHUNK]
             marks = ",".join("?" * len(part))
-            for name, *info in conn.execute(
-                    "SELECT name, bytes, sha256, rows, fingerprint, width, height FROM shards "
-                    f"WHERE name IN ({marks})", part):
-                out[name] = tuple(info)
+            for name, size, sha, rows, stamp, sums in conn.execute(
+                    "SELECT s.name, s.bytes, s.sha256, s.rows, c.stamp, length(c.row_sums) "
+                    "FROM shards s LEFT JOIN checks c ON c.shard = s.name "
+                    f"WHERE s.name IN ({marks}) AND s.name NOT IN (SELECT shard FROM dropped)",
+                    part):
+                out[name] = _ShardInfo(size, sha, rows, stamp, sums or 0)
         return out
 
+    @staticmethod
+    def row_sums(conn: sqlite3.Connection, name: str, rows: Sequence[int]) -> list[bytes]:
+        """The recorded checksums of rows `rows` of shard `name`."""
+        return [conn.execute("SELECT substr(row_sums, ?, ?) FROM checks WHERE shard = ?",
+                             (r * ROW_SUM_BYTES + 1, ROW_SUM_BYTES, name)).fetchone()[0]
+                for r in rows]
+
+    @staticmethod
+    def record_check(conn: sqlite3.Connection, name: str, stamp: str, sums: bytes) -> None:
+        """Record a shard's stamp and per-row checksums (written or checked in full)."""
+        with _transaction(conn):
+            conn.execute("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)", (name, stamp, sums))
+
+    @staticmethod
+    def dropped(conn: sqlite3.Connection) -> dict[str, str]:
+        """Tombstoned shards (name -> why) whose files still await deletion; works on an
+        index that predates the `dropped` table (opened read-only), which has none."""
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'dropped'").fetchone() is None:
+            return {}
+        return dict(conn.execute("SELECT shard, reason FROM dropped"))
+
     def shard_path(self, name: str) -> Path:
+        """The file of shard `name`."""
         return self.shard_dir / name
 
-    def check_shard(self, name: str, size: int, sha256: str) -> str | None:
-        """None when the shard file is whole, else what is wrong with it (one phrase)."""
-        path = self.shard_path(name)
-        try:
-            actual = path.stat().st_size
-        except FileNotFoundError:
-            return "file missing"
-        if actual != size:
-            return f"size {actual} bytes, expected {size}"
-        if _file_sha256(path) != sha256:
-            return "sha256 checksum mismatch"
-        return None
+    def drop_shards(self, conn: sqlite3.Connection, reasons: dict[str, str],
+                    delete: bool) -> None:
+        """Remove shards (name -> why) crash-safely: tombstone them, then, with `delete` (only
+        while holding the exclusive lock: another process may map them), delete their files
+        and index rows (`remove_dropped`)."""
+        self.tombstone(conn, reasons)
+        if delete:
+            self.remove_dropped(conn, list(reasons))
 
-    def drop_shards(self, conn: sqlite3.Connection, names: Iterable[str]) -> None:
-        """Forget shards and their entries, then delete their files."""
-        names = list(names)
+    @staticmethod
+    def tombstone(conn: sqlite3.Connection, reasons: dict[str, str]) -> None:
+        """First step of removing shards (name -> why), one transaction: forget their entries
+        and enter them in `dropped`. Their files stay until `remove_dropped`; until then the
+        index still lists them, so no `tidy` takes them for unlisted shards to re-index."""
+        if not reasons:
+            return
         with _transaction(conn):
-            for name in names:
+            for name, reason in reasons.items():
                 conn.execute("DELETE FROM entries WHERE shard = ?", (name,))
-                conn.execute("DELETE FROM shards WHERE name = ?", (name,))
+                conn.execute("INSERT OR REPLACE INTO dropped VALUES (?, ?)", (name, reason))
+
+    def remove_dropped(self, conn: sqlite3.Connection, names: Sequence[str] | None = None
+                       ) -> int:
+        """Second step (exclusive lock only): delete the files of tombstoned shards (`names`,
+        or all), then their index rows; returns how many. A kill in between leaves tombstones
+        whose files are gone, which the next call completes."""
+        if names is None:
+            names = sorted(self.dropped(conn))
+        if not names:
+            return 0
         for name in names:
             self.shard_path(name).unlink(missing_ok=True)
+        fsync_dir(self.shard_dir)
+        with _transaction(conn):
+            for name in names:
+                conn.execute("DELETE FROM shards WHERE name = ?", (name,))
+                conn.execute("DELETE FROM checks WHERE shard = ?", (name,))
+                conn.execute("DELETE FROM dropped WHERE shard = ?", (name,))
+        return len(names)
 
     def write_shard(self, conn: sqlite3.Connection, name: str, mean: torch.Tensor,
                     logvar: torch.Tensor, keys: Sequence[str], fingerprint: str) -> int:
-        """Write one shard atomically, then commit its index rows; returns its size in bytes.
+        """Write one shard atomically, then commit its index rows, stamp and per-row checksums;
+        returns its size in bytes.
 
         mean, logvar: (rows, C, h, w) fp16 on the CPU.
         """
@@ -315,6 +595,8 @@ class _Store:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         fsync_dir(self.shard_dir)
+        stamp, start, header = _stamp(final)
+        sums = _row_sums(np.frombuffer(data, dtype=np.uint8), start, header, final)
         height, width = mean.shape[-2:]
         with _transaction(conn):
             conn.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -322,35 +604,53 @@ class _Store:
                           fingerprint, int(width), int(height), time.time()))
             conn.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?)",
                              ((k, name, row) for row, k in enumerate(keys)))
+            conn.execute("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)", (name, stamp, sums))
         return len(data)
 
-    def tidy(self, conn: sqlite3.Connection) -> tuple[int, int]:
-        """Delete temporary files and re-index whole shard files the index does not list; returns
-        (files deleted, shards re-indexed). Call only while holding the exclusive lock: no other
-        writer is then mid-shard.
+    def tidy(self, conn: sqlite3.Connection) -> tuple[int, int, int]:
+        """Finish removing tombstoned shards, delete temporary files and re-index whole shard
+        files the index does not list; returns (files deleted, shards re-indexed, dropped
+        shards deleted). Call only while holding the exclusive lock: no other writer is then
+        mid-shard and no reader maps a dropped shard.
 
         A shard is renamed into place before its index rows are committed, so an unlisted shard
         is one whose writer died in between, or the index was lost or replaced. Its own metadata
         names its keys and VAE fingerprint: when its header and size are whole it is listed
-        again (keys that another shard holds keep that shard), otherwise it is deleted.
+        again (keys that another shard holds keep that shard), checked in full, otherwise it is
+        deleted. A tombstoned shard stays listed until its file is gone, so it never returns.
         """
+        removed = self.remove_dropped(conn)
+        with _transaction(conn):  # checks of shards that code predating them dropped
+            conn.execute("DELETE FROM checks WHERE shard NOT IN (SELECT name FROM shards)")
         known = {name for (name,) in conn.execute("SELECT name FROM shards")}
-        leftovers, unlisted = self.tidy_plan(known)
+        leftovers, unlisted, _ = self.tidy_plan(known, {})
+        adopted = 0
         for path, (size, keys, fingerprint, width, height) in unlisted:
+            check = _full_check(path, size, None)
+            if check.problems:
+                leftovers.append(path)
+                continue
+            adopted += 1
             with _transaction(conn):
                 conn.execute("INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (path.name, size, _file_sha256(path), len(keys), fingerprint,
+                             (path.name, size, check.sha256, len(keys), fingerprint,
                               width, height, path.stat().st_mtime))
                 conn.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?)",
                                  ((k, path.name, row) for row, k in enumerate(keys)))
+                conn.execute("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)",
+                             (path.name, check.stamp, check.sums))
         for path in leftovers:
             path.unlink(missing_ok=True)
-        return len(leftovers), len(unlisted)
+        return len(leftovers), adopted, removed
 
-    def tidy_plan(self, known: set[str]) -> tuple[list[Path], list[tuple[Path, tuple]]]:
+    def tidy_plan(self, known: set[str], dropped: dict[str, str]
+                  ) -> tuple[list[Path], list[tuple[Path, tuple]], list[str]]:
         """What `tidy` would do, found by reading only: (files it deletes, whole shard files the
-        index does not list with their (bytes, keys, fingerprint, width, height)), by name."""
+        index does not list with their (bytes, keys, fingerprint, width, height), tombstoned
+        shards it deletes), by name. `known`: the shards the index lists; `dropped`: the
+        tombstoned ones."""
         leftovers, unlisted = [], []
+        known = known | set(dropped)
         paths = sorted(self.shard_dir.iterdir()) if self.shard_dir.is_dir() else []
         for path in paths:
             if path.name.endswith(SHARD_SUFFIX) and path.name not in known:
@@ -361,7 +661,7 @@ class _Store:
             elif not path.name.endswith(TMP_SUFFIX):
                 continue
             leftovers.append(path)
-        return leftovers, unlisted
+        return leftovers, unlisted, sorted(dropped)
 
     @staticmethod
     def _shard_metadata(path: Path) -> tuple[int, list[str], str, int, int] | None:
@@ -503,81 +803,152 @@ def encode_moments(encode: Callable, x: torch.Tensor, chunk: int,
 
 @dataclass
 class _Plan:
-    pending: list[tuple[int, tuple[int, ...]]]  # (record index, orientations to encode)
+    need: np.ndarray  # (N, O) bool: the entries to encode
     reused: int
     repaired: int
     damaged: list[str]
     reused_bytes: int
     reused_shards: int
     leftovers_removed: int
+    full_checks: int  # shards read in full (stamp changed or never recorded)
+    rows_sampled: int
 
 
-def _plan(store: _Store, keys: list[tuple[str, ...]], progress: bool,
-          log: Callable[[str], None]) -> _Plan:
-    """Clean up after crashed writers (if alone), verify reused shards, list what is missing."""
+def _check_shards(store: _Store, conn: sqlite3.Connection, names: Sequence[str],
+                  info: dict[str, _ShardInfo], seed: int, progress: bool,
+                  log: Callable[[str], None]) -> tuple[dict[str, str], int, int]:
+    """Check the shards a build reuses without reading them, as far as can be trusted.
+
+    A shard whose stamp (`_stamp`: size, mtime, inode, header) is the one recorded is trusted;
+    any other is read in full once, and when whole its new stamp and per-row checksums are
+    recorded. Then SAMPLE_ROWS rows drawn among all rows of the trusted shards (in name order,
+    by a generator seeded with `seed`) are read and compared with their checksums. Returns
+    (damaged shard -> problem, shards read in full, rows sampled).
+    """
+    damaged: dict[str, str] = {}
+    trusted: list[tuple[str, int]] = []  # (name, rows)
+    layout: dict[str, tuple[int, int, int, int]] = {}  # name -> `_row_layout`
+    full = 0
+    for name in tqdm(names, desc="checking shards", unit="shard", disable=not progress,
+                     leave=False):
+        shard = info.get(name)
+        if shard is None:
+            damaged[name] = "not listed in the index"
+            continue
+        path = store.shard_path(name)
+        try:
+            stamp, start, header = _stamp(path)
+            if stamp == shard.stamp and shard.sums_bytes == shard.rows * ROW_SUM_BYTES:
+                layout[name] = _row_layout(header, start, shard.bytes, path)
+                trusted.append((name, shard.rows))
+                continue
+        except FileNotFoundError:
+            damaged[name] = "file missing"
+            continue
+        except (OSError, ValueError):
+            pass  # the full check says what is wrong
+        full += 1
+        check = _full_check(path, shard.bytes, shard.sha256)
+        if check.problems:
+            damaged[name] = check.problems[0]
+        else:
+            store.record_check(conn, name, check.stamp, check.sums)
+    sample = _sample_rows(seed, sorted(trusted), SAMPLE_ROWS)
+    for name in dict.fromkeys(name for name, _ in sample):
+        rows = [r for n, r in sample if n == name]
+        try:
+            bad = _check_rows(store.shard_path(name), layout[name], rows,
+                              store.row_sums(conn, name, rows))
+        except OSError as exc:  # e.g. deleted since its stamp was read
+            damaged[name] = f"unreadable: {exc.strerror or exc}"
+            continue
+        if bad is not None:
+            damaged[name] = f"row {bad} does not match its checksum"
+    for name, problem in damaged.items():
+        log(f"warning: {store.shard_path(name)}: damaged shard ({problem}); its entries are "
+            "re-encoded")
+    return damaged, full, len(sample)
+
+
+def _plan(store: _Store, keys: np.ndarray, progress: bool, log: Callable[[str], None]
+          ) -> _Plan:
+    """Clean up after crashed writers and finish earlier removals (if alone), check the shards
+    holding `keys` (uint8 (N, O, 32)), drop damaged ones, list what is missing."""
     conn = store.connect()
     try:
         leftovers = 0
-        if store.lock(exclusive=True, blocking=False):
-            leftovers, adopted = store.tidy(conn)
+        alone = store.lock(exclusive=True, blocking=False)
+        if alone:
+            leftovers, adopted, removed = store.tidy(conn)
             if leftovers:
                 log(f"removed {leftovers} leftover file(s) of an interrupted build")
             if adopted:
                 log(f"re-indexed {adopted} whole shard(s) the index did not list")
-        store.lock(exclusive=False)
-        found = store.lookup(conn, (k for ks in keys for k in ks))
-        names = sorted({shard for shard, _ in found.values()})
-        info = store.shard_rows(conn, names)
-        damaged = {}
-        for name in tqdm(names, desc="verifying shards", unit="shard", disable=not progress,
-                         leave=False):
-            problem = ("not listed in the index" if name not in info
-                       else store.check_shard(name, info[name][0], info[name][1]))
-            if problem:
-                damaged[name] = problem
-                log(f"warning: {store.shard_path(name)}: damaged shard ({problem}); "
-                    "its entries are re-encoded")
-        store.drop_shards(conn, damaged)
+            if removed:
+                log(f"deleted {removed} shard file(s) dropped earlier (damaged, or left by an "
+                    "interrupted removal)")
+        else:
+            store.lock(exclusive=False)
+        seed = store.next_start(conn)
+        names, shard, _ = store.lookup(conn, keys)  # (N, O) each
+        info = store.shard_info(conn, names)
+        damaged, full, sampled = _check_shards(store, conn, names, info, seed, progress, log)
+        # Without the exclusive lock another run may map the damaged shards: they leave the
+        # index now (so nothing reuses them) and their files wait for a process that has it.
+        store.drop_shards(conn, damaged, delete=alone)
+        if alone:  # Linux converts an exclusive flock to a shared one atomically
+            store.lock(exclusive=False)
     finally:
         conn.close()
-    pending, reused, repaired = [], 0, 0
-    for i, ks in enumerate(keys):
-        need = []
-        for orientation, key in enumerate(ks):
-            hit = found.get(key)
-            if hit is not None and hit[0] not in damaged:
-                reused += 1
-            else:
-                need.append(orientation)
-                repaired += hit is not None
-        if need:
-            pending.append((i, tuple(need)))
+    bad = np.zeros(len(names) + 1, dtype=bool)  # per shard; the last one stands for "none"
+    bad[[names.index(n) for n in damaged]] = True
+    found = shard >= 0
+    stale = bad[shard]  # (N, O): held by a damaged shard (shard -1 reads the last, False)
     kept = [n for n in names if n not in damaged]
-    return _Plan(pending, reused, repaired, sorted(damaged), sum(info[n][0] for n in kept),
-                 len(kept), leftovers)
+    return _Plan(need=~found | stale, reused=int((found & ~stale).sum()),
+                 repaired=int(stale.sum()), damaged=sorted(damaged),
+                 reused_bytes=sum(info[n].bytes for n in kept), reused_shards=len(kept),
+                 leftovers_removed=leftovers, full_checks=full, rows_sampled=sampled)
 
 
-def _encode_share(work: list[tuple[int, tuple[int, ...]]], records, placements, buckets,
-                  keys: list[tuple[str, ...]], vae, store: _Store, fingerprint: str, rank: int,
+class _Batches:
+    """The batch sampler of a build: lists of at most `size` record indices of one bucket,
+    records ordered by bucket (width, height), then index; made as the loader asks."""
+
+    def __init__(self, work: np.ndarray, sides: np.ndarray, size: int) -> None:
+        order = np.lexsort((work, sides[:, 1], sides[:, 0]))  # work (M,), sides (M, 2)
+        self.work, self.sides, self.size = work[order], sides[order], size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        for j, i in enumerate(self.work):
+            if batch and (len(batch) >= self.size
+                          or (self.sides[j] != self.sides[j - 1]).any()):
+                yield batch
+                batch = []
+            batch.append(int(i))
+        if batch:
+            yield batch
+
+
+def _encode_share(work: np.ndarray, need: np.ndarray, records, placements, buckets,
+                  keys: np.ndarray, vae, store: _Store, fingerprint: str, rank: int,
                   batch_size: int, num_workers: int, shard_size: int, max_pixels: int,
                   progress: bool, log: Callable[[str], None]) -> dict:
-    """Encode and store this rank's entries; returns counters for the summary."""
+    """Encode and store this rank's entries: those `need` (N, O) marks of records `work` (M,);
+    returns counters for the summary."""
     stats = {"encoded": 0, "skipped_files": [], "unusable": set(), "bytes": 0, "shards": 0,
              "encode_seconds": 0.0}
-    if not work:
+    if not len(work):
         return stats
+    grid = np.asarray(buckets)  # (buckets, 2) sides
 
     def bucket_of(i: int) -> tuple[int, int]:
         return tuple(buckets[placements[i].bucket])
 
-    work = sorted(work, key=lambda w: (bucket_of(w[0]), w[0]))
-    batches: list[list[int]] = []
-    for i, _ in work:
-        if not batches or len(batches[-1]) >= batch_size or bucket_of(batches[-1][0]) != \
-                bucket_of(i):
-            batches.append([])
-        batches[-1].append(i)
-    orientations = dict(work)
+    placed = np.fromiter((placements[int(i)].bucket for i in work), dtype=np.int64,
+                         count=len(work))  # (M,)
+    batches = _Batches(work, grid[placed], batch_size)
     device = next(vae.parameters()).device
     loader = torch.utils.data.DataLoader(
         _CropSource(records, placements, max_pixels), batch_sampler=batches,
@@ -586,10 +957,11 @@ def _encode_share(work: list[tuple[int, tuple[int, ...]]], records, placements, 
     batch_iter = iter(loader)  # fork the workers before opening the index connection
     conn = store.connect()
     writer = _ShardWriter(store, conn, fingerprint, rank, shard_size)
-    bar = tqdm(total=sum(len(o) for _, o in work), unit="img", desc=f"encoding (rank {rank})",
+    bar = tqdm(total=int(need[work].sum()), unit="img", desc=f"encoding (rank {rank})",
                disable=not progress, dynamic_ncols=True)
     chunk = batch_size
     start = time.perf_counter()
+    flip = need.shape[1] > 1
 
     def skip(i: int, reason: str, count: int) -> None:
         stats["skipped_files"].append((records[i].path, reason))
@@ -601,13 +973,13 @@ def _encode_share(work: list[tuple[int, tuple[int, ...]]], records, placements, 
         with torch.inference_mode():
             for indices, pixels, errors in batch_iter:
                 for i, reason in errors:
-                    skip(i, reason, len(orientations[i]))
+                    skip(i, reason, int(need[i].sum()))
                 if pixels is None:
                     continue
                 x = to_unit_range(pixels.to(device, non_blocking=True))  # (B, 3, H, W)
-                owners = [(i, o) for o in (0, 1) for i in indices if o in orientations[i]]
-                plain = [j for j, i in enumerate(indices) if 0 in orientations[i]]
-                mirrored = [j for j, i in enumerate(indices) if 1 in orientations[i]]
+                plain = [j for j, i in enumerate(indices) if need[i, 0]]
+                mirrored = [j for j, i in enumerate(indices) if flip and need[i, 1]]
+                owners = [(indices[j], 0) for j in plain] + [(indices[j], 1) for j in mirrored]
                 x = torch.cat([x[plain], x[mirrored].flip(-1)])  # (E, 3, H, W), E = entries
                 mean, logvar, chunk = encode_moments(vae.encode, x, chunk, log)
                 mean, logvar = mean.half(), logvar.half()  # (E, C, h, w)
@@ -615,7 +987,8 @@ def _encode_share(work: list[tuple[int, tuple[int, ...]]], records, placements, 
                           & torch.isfinite(logvar).flatten(1).all(1))  # (E,)
                 for e, (i, orientation) in enumerate(owners):
                     if finite[e]:
-                        writer.add(bucket_of(i), keys[i][orientation], mean[e], logvar[e])
+                        writer.add(bucket_of(i), bytes(keys[i, orientation]).hex(), mean[e],
+                                   logvar[e])
                         stats["encoded"] += 1
                         bar.update(1)
                     else:
@@ -633,8 +1006,10 @@ def _encode_share(work: list[tuple[int, tuple[int, ...]]], records, placements, 
 
 @dataclass
 class CacheSummary:
-    """What a build found and did. `total = reused + encoded + skipped`; `repaired` counts the
-    entries re-encoded because the shard holding them was damaged or missing."""
+    """What a build found and did, counted in entries (one per image, two with flip) except
+    `images`. `total = reused + encoded + skipped`; `repaired` counts the entries re-encoded
+    because the shard holding them was damaged or missing. `keys` are every record's entry keys,
+    uint8 (N, O, 32) digests (`record_hex_keys` gives one record's as hex)."""
 
     cache_dir: str
     fingerprint: str
@@ -651,13 +1026,31 @@ class CacheSummary:
     damaged_shards: list[str] = field(default_factory=list)
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     leftovers_removed: int = 0
-    keys: list[tuple[str, ...]] = field(default_factory=list, repr=False)  # per record
+    keys: np.ndarray = field(default_factory=lambda: np.empty((0, 1, DIGEST_BYTES), np.uint8),
+                             repr=False, compare=False)  # (N, O, 32) uint8, per record
     unusable: list[int] = field(default_factory=list)  # records lacking an entry
+    shards_checked_fully: int = 0  # read in full because their stamp changed or was missing
+    rows_sampled: int = 0  # rows of trusted shards compared with their checksums
 
-    def to_json(self) -> dict:
-        """The machine-readable summary (without the per-record keys)."""
+    def to_json(self, scan_skipped: Sequence = ()) -> dict:
+        """The machine-readable summary (without the per-record keys).
+
+        `scan_skipped` are the files the scan left out (`SkippedFile`s: path, reason). Counts of
+        files: `files` = found by the scan, `cached` + `skipped` (every image whose entries are
+        all cached, and every file left out by the scan or at encode time). `skipped_files` lists
+        each with its reason and the stage that left it out ("scan" or "encode"; a file whose
+        two orientations both failed at encode time is listed twice). The other counts are of
+        entries, `entries_per_image` per image.
+        """
         out = {k: v for k, v in vars(self).items() if k != "keys"}
-        out["skipped_files"] = [{"path": p, "reason": r} for p, r in self.skipped_files]
+        out["entries_per_image"] = int(self.keys.shape[1])
+        out["files"] = {"found": self.images + len(scan_skipped),
+                        "cached": self.images - len(self.unusable),
+                        "skipped": len(scan_skipped) + len(self.unusable)}
+        listed = [(s.path, s.reason, "scan") for s in scan_skipped]
+        listed += [(p, r, "encode") for p, r in self.skipped_files]
+        out["skipped_files"] = [{"path": p, "reason": r, "stage": stage}
+                                for p, r, stage in sorted(listed)]
         return out
 
     def format(self) -> str:
@@ -666,7 +1059,9 @@ class CacheSummary:
                  f"(VAE {self.fingerprint[:12]})",
                  f"  reused {self.reused}, encoded {self.encoded} (repaired {self.repaired}), "
                  f"skipped {self.skipped}; {self.bytes / 1e6:.1f} MB in {self.shards} shard(s); "
-                 f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s encoding"]
+                 f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s encoding",
+                 f"  checked: {self.shards_checked_fully} shard(s) read in full, the rest by "
+                 f"stamp and {self.rows_sampled} sampled row(s)"]
         lines += [f"  damaged shard re-encoded: {name}" for name in self.damaged_shards]
         lines += [f"  skipped: {reason}" for _, reason in self.skipped_files]
         return "\n".join(lines)
@@ -714,14 +1109,14 @@ def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: 
 
     `placements[i]` belongs to `records[i]`; `vae` sits on the device that encodes. With
     `flip`, the mirrored crop is cached too. Under torchrun (`dist_info` with world_size > 1)
-    every rank must call this with the same arguments: rank 0 verifies and plans, each rank
+    every rank must call this with the same arguments: rank 0 checks and plans, each rank
     encodes pending entries i with i % world_size == rank, and all ranks return the same
     summary after a barrier. Without `dist_info` it runs alone, even inside a process group.
     `shard_size` is entries per shard (0: about 64 MiB per shard). Images that fail to load or
     encode to NaN/inf are reported, skipped and listed in `unusable` (record indices).
     `fingerprint` is `vae_fingerprint(vae)` when the caller has it already.
     """
-    from models.vae import vae_fingerprint
+    from models.vae_weights import vae_fingerprint
 
     start = time.perf_counter()
     if len(records) != len(placements):
@@ -762,9 +1157,10 @@ def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: 
             store.lock(exclusive=False)
         error: Exception | None = None
         try:
-            stats = _encode_share(plan.pending[rank::world], records, placements, buckets, keys,
-                                  vae, store, fingerprint, rank, batch_size, num_workers,
-                                  shard_size, max_pixels, progress, log)
+            pending = np.flatnonzero(plan.need.any(axis=1))  # records with an entry to encode
+            stats = _encode_share(pending[rank::world], plan.need, records, placements,
+                                  buckets, keys, vae, store, fingerprint, rank, batch_size,
+                                  num_workers, shard_size, max_pixels, progress, log)
         except Exception as exc:
             error, stats = exc, {"error": f"rank {rank}: {type(exc).__name__}: {exc}"}
         wait()
@@ -781,48 +1177,98 @@ def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: 
     encode_seconds = max(s["encode_seconds"] for s in every)
     return CacheSummary(
         cache_dir=str(cache_dir), fingerprint=fingerprint, images=len(records),
-        total=sum(len(k) for k in keys), reused=plan.reused, encoded=encoded,
-        repaired=plan.repaired, skipped=sum(len(k) for k in keys) - plan.reused - encoded,
+        total=keys.shape[0] * keys.shape[1], reused=plan.reused, encoded=encoded,
+        repaired=plan.repaired, skipped=keys.shape[0] * keys.shape[1] - plan.reused - encoded,
         bytes=plan.reused_bytes + sum(s["bytes"] for s in every),
         shards=plan.reused_shards + sum(s["shards"] for s in every),
         seconds=time.perf_counter() - start,
         images_per_s=encoded / encode_seconds if encode_seconds > 0 else 0.0,
         damaged_shards=plan.damaged, skipped_files=sorted(skipped_files),
         leftovers_removed=plan.leftovers_removed, keys=keys,
-        unusable=sorted({i for s in every for i in s["unusable"]}))
+        unusable=sorted({int(i) for s in every for i in s["unusable"]}),
+        shards_checked_fully=plan.full_checks, rows_sampled=plan.rows_sampled)
 
 
 # ----------------------------------------------------------------------------------------------
 # Maintenance
 
 
-def verify_cache(cache_dir: str | os.PathLike[str]) -> list[str]:
-    """Check every shard (size, sha256, header) and every entry's row; returns the problems."""
-    store = _Store(cache_dir)
-    conn = store.connect()
-    problems = []
+def verify_cache(cache_dir: str | os.PathLike[str], *, repair: bool = False,
+                 progress: bool = False, log: Callable[[str], None] = _warn) -> list[str]:
+    """Check every shard in full and return the problems, one line each naming the shard file
+    (or the index, for an entry whose shard it does not list).
+
+    Reads every shard: its size and sha256 against the index, its header, every entry's row
+    (the key the shard's header names there) and every row's checksum (a mismatch names the
+    row). A whole shard's stamp and per-row checksums are recorded (so a shard from before
+    stamps needs no full check at the next build). Runs under the shared lock, beside builds
+    and readers. With `repair`, damaged shards are dropped (tombstoned: the next build re-encodes
+    their entries) and so are entries whose shard the index does not list; the files are
+    deleted if the cache is free to take the exclusive lock afterwards, else by the next build,
+    prune or repair that gets it. Tombstoned shards awaiting deletion are not problems.
+    """
+    store = _Store(cache_dir, create=False)
+    index = store.root / INDEX_NAME
+    if not index.is_file():
+        raise FileNotFoundError(f"{index}: no latent cache index; build the cache first")
+    store.lock(exclusive=False)
+    problems: list[str] = []
+    damaged: dict[str, str] = {}
     try:
-        shards = {name: info for name, *info in conn.execute(
-            "SELECT name, bytes, sha256, rows FROM shards")}
-        for name, (size, sha, rows) in sorted(shards.items()):
-            problem = store.check_shard(name, size, sha)
-            if problem:
-                problems.append(f"{name}: {problem}")
-                continue
-            _, header = _read_header(store.shard_path(name))
-            stored = json.loads(header["__metadata__"]["keys"])
-            if len(stored) != rows or header["mean"]["shape"][0] != rows:
-                problems.append(f"{name}: holds {len(stored)} rows, the index says {rows}")
-                continue
-            for key, row in conn.execute("SELECT key, row FROM entries WHERE shard = ?",
-                                         (name,)):
-                if row >= rows or stored[row] != key:
-                    problems.append(f"{name}: row {row} does not hold entry {key}")
-        for key, shard in conn.execute("SELECT key, shard FROM entries"):
-            if shard not in shards:
-                problems.append(f"entry {key}: shard {shard} is not in the index")
+        conn = store.connect()
+        try:
+            dropped = store.dropped(conn)
+            shards = [row for row in conn.execute(
+                "SELECT name, bytes, sha256, rows FROM shards ORDER BY name")
+                if row[0] not in dropped]
+            for name, size, sha, rows in tqdm(shards, desc="verifying shards", unit="shard",
+                                              disable=not progress):
+                path = store.shard_path(name)
+                recorded = conn.execute("SELECT row_sums FROM checks WHERE shard = ?",
+                                        (name,)).fetchone()
+                found = _verify_shard(conn, path, size, sha, rows, recorded and recorded[0])
+                problems += [f"{path}: {problem}" for problem in found]
+                if found:
+                    damaged[name] = found[0]
+            orphans = conn.execute(
+                "SELECT e.key, e.shard FROM entries e LEFT JOIN shards s ON s.name = e.shard "
+                "WHERE s.name IS NULL").fetchall()
+            problems += [f"{index}: entry {key} names shard {shard}, which the index does not "
+                         "list" for key, shard in orphans]
+            if repair:
+                store.tombstone(conn, damaged)
+                with _transaction(conn):
+                    conn.executemany("DELETE FROM entries WHERE key = ?",
+                                     ((key,) for key, _ in orphans))
+                if store.lock(exclusive=True, blocking=False):
+                    store.remove_dropped(conn)
+            waiting = len(store.dropped(conn))
+        finally:
+            conn.close()
     finally:
-        conn.close()
+        store.unlock()
+    if waiting:
+        log(f"{waiting} dropped shard file(s) await deletion by a build, prune or --verify that "
+            "has the cache to itself")
+    return problems
+
+
+def _verify_shard(conn: sqlite3.Connection, path: Path, size: int, sha256: str, rows: int,
+                  recorded: bytes | None) -> list[str]:
+    """What is wrong with one shard (phrases; empty when whole, whose stamp is then recorded)."""
+    check = _full_check(path, size, sha256, recorded)
+    problems = check.problems
+    if check.keys is not None:
+        if len(check.keys) != rows or len(check.sums) != rows * ROW_SUM_BYTES:
+            problems.append(f"holds {len(check.keys)} rows, the index says {rows}")
+        else:
+            problems += [f"row {row} does not hold entry {key}" for key, row in conn.execute(
+                "SELECT key, row FROM entries WHERE shard = ?", (path.name,))
+                if row >= rows or check.keys[row] != key]
+    elif not problems:
+        problems.append("no key list in its header")
+    if not problems:
+        _Store.record_check(conn, path.name, check.stamp, check.sums)
     return problems
 
 
@@ -875,7 +1321,7 @@ def _size(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _preview_prune(cache_dir: str | os.PathLike[str], keep: set[str], result: dict
+def _preview_prune(cache_dir: str | os.PathLike[str], keep: Iterable[str], result: dict
                    ) -> list[tuple]:
     """What a prune would do, found by reading only: fills `result`'s counts, returns the
     per-shard usage rows (as _SHARD_USAGE's) a prune would act on. Whole shard files the index
@@ -891,9 +1337,10 @@ def _preview_prune(cache_dir: str | os.PathLike[str], keep: set[str], result: di
         try:
             with _transaction(conn, "DEFERRED"):  # one consistent snapshot of the index
                 known = {name for (name,) in conn.execute("SELECT name FROM shards")}
-                leftovers, unlisted = store.tidy_plan(known)
+                dropped = store.dropped(conn)
+                leftovers, unlisted, doomed = store.tidy_plan(known, dropped)
                 _fill_keep(conn, keep)
-                usage = list(conn.execute(_SHARD_USAGE))
+                usage = [u for u in conn.execute(_SHARD_USAGE) if u[0] not in dropped]
                 (removed,) = conn.execute("SELECT COUNT(*) FROM entries WHERE key NOT IN "
                                           "(SELECT key FROM keep)").fetchone()
                 conn.execute("DROP TABLE keep")
@@ -904,7 +1351,8 @@ def _preview_prune(cache_dir: str | os.PathLike[str], keep: set[str], result: di
     result.update(entries_removed=removed, shards_removed=sum(u[6] == 0 for u in usage),
                   shards_rewritten=sum(0 < u[6] < u[2] for u in usage),
                   bytes_freed=sum(_freed_estimate(u[1], u[2], u[6]) for u in usage),
-                  leftovers_removed=len(leftovers), shards_reindexed=len(unlisted))
+                  leftovers_removed=len(leftovers) + len(doomed),
+                  shards_reindexed=len(unlisted))
     return usage
 
 
@@ -917,14 +1365,16 @@ def prune_cache(cache_dir: str | os.PathLike[str], keep: Iterable[str],
     it only reads, under the shared lock (alongside builds and readers), and reports what a
     prune would do; nothing on disk changes.
 
+    `keep` is read once (a generator of hex keys does: `iter_hex_keys(summary.keys)`).
+
     Returns entries_removed, shards_removed, shards_rewritten, bytes_freed, leftovers_removed
-    (temporary files of crashed writers), shards_reindexed (whole shard files the index did not
-    list: they are listed, then pruned like the rest), `groups` (one dict per VAE fingerprint's
+    (temporary files of crashed writers, and files of shards dropped as damaged or of removals
+    a kill interrupted), shards_reindexed (whole shard files the index did not list: they are
+    listed, then pruned like the rest), `groups` (one dict per VAE fingerprint's
     first 12 hex digits and latent size "WxH": entries removed and about how many bytes they
     free, most entries first) and `dry_run`. In a dry run the counts are what a prune would do
     now, and bytes_freed is an estimate (exact for shards that empty).
     """
-    keep = set(keep)
     result = {"entries_removed": 0, "shards_removed": 0, "shards_rewritten": 0,
               "bytes_freed": 0, "leftovers_removed": 0, "shards_reindexed": 0, "groups": [],
               "dry_run": dry_run}
@@ -947,20 +1397,25 @@ def prune_cache(cache_dir: str | os.PathLike[str], keep: Iterable[str],
         log(f"  first {'would re-index' if dry_run else 're-indexed'} "
             f"{result['shards_reindexed']} shard file(s) the index did not list ({counted}) "
             f"and {'would delete' if dry_run else 'deleted'} "
-            f"{result['leftovers_removed']} leftover file(s) of interrupted builds")
+            f"{result['leftovers_removed']} leftover file(s) of interrupted builds or "
+            "dropped shards")
     return result
 
 
-def _prune(cache_dir: str | os.PathLike[str], keep: set[str], result: dict) -> list[tuple]:
+def _prune(cache_dir: str | os.PathLike[str], keep: Iterable[str], result: dict
+           ) -> list[tuple]:
     """The prune itself: fills `result`'s counts, returns the per-shard usage rows it acted on
-    (as _SHARD_USAGE's)."""
+    (as _SHARD_USAGE's). Every shard is removed tombstone first (`_Store.drop_shards`), so a
+    kill at any point leaves no file that a later `tidy` would list again: pruned entries
+    never come back."""
     store = _Store(cache_dir)
     if not store.lock(exclusive=True, blocking=False):
         raise RuntimeError(f"{cache_dir}: another process is using the latent cache; prune "
                            "when it is done")
     conn = store.connect()
     try:
-        result["leftovers_removed"], result["shards_reindexed"] = store.tidy(conn)
+        leftovers, result["shards_reindexed"], removed = store.tidy(conn)
+        result["leftovers_removed"] = leftovers + removed
         with _transaction(conn):
             _fill_keep(conn, keep)
             usage = list(conn.execute(_SHARD_USAGE))
@@ -968,7 +1423,7 @@ def _prune(cache_dir: str | os.PathLike[str], keep: set[str], result: dict) -> l
                 "DELETE FROM entries WHERE key NOT IN (SELECT key FROM keep)").rowcount
             conn.execute("DROP TABLE keep")
         empty = [u[0] for u in usage if u[6] == 0]
-        store.drop_shards(conn, empty)
+        store.drop_shards(conn, dict.fromkeys(empty, "pruned"), delete=True)
         result["shards_removed"] = len(empty)
         result["bytes_freed"] = sum(u[1] for u in usage if u[6] == 0)
         prefix = f"prune-{secrets.token_hex(4)}"
@@ -984,7 +1439,7 @@ def _prune(cache_dir: str | os.PathLike[str], keep: set[str], result: dict) -> l
                 new = f"{fingerprint[:12]}-{prefix}-{w}x{h}-{n:05d}{SHARD_SUFFIX}"
                 written = store.write_shard(conn, new, mean, logvar,
                                             [k for k, _ in live_rows], fingerprint)
-                store.drop_shards(conn, [name])
+                store.drop_shards(conn, {name: "pruned: rewritten"}, delete=True)
                 result["shards_rewritten"] += 1
                 result["bytes_freed"] += size - written
         conn.execute("VACUUM")
@@ -1013,15 +1468,21 @@ def flip_from_seed(augment_seed: int) -> bool:
 class LatentReader:
     """Serves training batches from memory-mapped shards.
 
-    `keys[i]` are sample i's entry keys: (plain,) or (plain, mirrored), e.g.
-    `CacheSummary.keys`. Each shard is mapped once (at most `max_open` stay open, least
-    recently used closed first); the index is read once, here. Holds the cache's shared lock
-    until `close`, so a prune cannot pull shards away underneath it.
+    `keys` are the samples' entry keys, uint8 (N, O, 32) digests as `CacheSummary.keys` (or
+    `keys_from_hex`): keys[i, 0] the plain crop of sample i, keys[i, 1] the mirrored one when
+    O = 2. Each shard is mapped once (at most `max_open` stay open, least recently used closed
+    first); the index is read once, here, in chunks, into two int32 arrays (N, O): 8 bytes per
+    entry. Holds the cache's shared lock until `close`, so a prune cannot pull shards away
+    underneath it.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str], keys: Sequence[Sequence[str]],
+    def __init__(self, cache_dir: str | os.PathLike[str], keys: np.ndarray,
                  affine: tuple[Sequence[float], Sequence[float]] | None = None,
                  max_open: int = 256) -> None:
+        if not (isinstance(keys, np.ndarray) and keys.dtype == np.uint8 and keys.ndim == 3
+                and keys.shape[2] == DIGEST_BYTES):
+            raise TypeError("keys must be uint8 (N, O, 32) digests, as CacheSummary.keys; "
+                            "keys_from_hex converts hex keys")
         self.store = _Store(cache_dir)
         self.store.lock(exclusive=False)
         # normalisation (latent - shift) * scale, per channel: `VAEConfig.latent_affine`
@@ -1029,37 +1490,24 @@ class LatentReader:
         self.shift = np.asarray(shift, dtype=np.float32).reshape(-1, 1, 1)  # (C or 1, 1, 1)
         self.scale = np.asarray(scale, dtype=np.float32).reshape(-1, 1, 1)  # (C or 1, 1, 1)
         self.max_open = max_open
-        flat = [k for ks in keys for k in ks]
+        self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         try:
             conn = self.store.connect()
             try:
-                found = self.store.lookup(conn, flat)
+                self._names, self._shard, self._row = self.store.lookup(conn, keys)  # (N, O)
             finally:
                 conn.close()
-            missing = [k for k in flat if k not in found]
-            if missing:
-                raise KeyError(f"{len(missing)} of {len(flat)} entries are missing from "
-                               f"{cache_dir} (e.g. {missing[0]}); build the cache first")
+            missing = np.argwhere(self._shard < 0)  # (M, 2) (sample, orientation)
+            if len(missing):
+                example = bytes(keys[tuple(missing[0])]).hex()
+                raise KeyError(f"{len(missing)} of {self._shard.size} entries are missing from "
+                               f"{cache_dir} (e.g. {example}); build the cache first")
         except BaseException:
             self.close()  # release the lock, so this process can still prune or rebuild
             raise
-        names = sorted({shard for shard, _ in found.values()})
-        self._names = names
-        shard_id = {name: i for i, name in enumerate(names)}
-        self._slot = np.full((len(keys), 2), -1, dtype=np.int64)  # (N, orientation) -> entry
-        self._shard = np.empty(len(flat), dtype=np.int32)
-        self._row = np.empty(len(flat), dtype=np.int64)
-        pos = 0
-        for i, ks in enumerate(keys):
-            for orientation, key in enumerate(ks):
-                shard, row = found[key]
-                self._slot[i, orientation] = pos
-                self._shard[pos], self._row[pos] = shard_id[shard], row
-                pos += 1
-        self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._slot)
+        return len(self._shard)
 
     def _arrays(self, shard: int) -> dict[str, np.ndarray]:
         arrays = self._open.get(shard)
@@ -1077,14 +1525,14 @@ class LatentReader:
         """float32 (mean, logvar) arrays (B, C, h, w) of samples `indices`."""
         flips = np.zeros(len(indices), np.int64) if flip_flags is None else \
             np.asarray(flip_flags, dtype=np.int64)
-        slots = self._slot[np.asarray(indices, dtype=np.int64), flips]  # (B,)
-        if (slots < 0).any():
+        if flips.any() and self._shard.shape[1] < 2:
             raise ValueError("a mirrored latent was asked for, but the cache was built "
                              "without flip")
+        samples = np.asarray(indices, dtype=np.int64)
+        shards, rows = self._shard[samples, flips], self._row[samples, flips]  # (B,) each
         means, logvars = [], []
-        for slot in slots:
-            arrays = self._arrays(int(self._shard[slot]))
-            row = int(self._row[slot])
+        for shard, row in zip(shards.tolist(), rows.tolist()):
+            arrays = self._arrays(shard)
             means.append(arrays["mean"][row])
             logvars.append(arrays["logvar"][row])
         if len({m.shape for m in means}) > 1:
@@ -1185,7 +1633,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --prune: only report what it would delete (entries and "
                              "bytes per VAE and latent size) and delete nothing; the cache is "
                              "still built or updated for this invocation first")
-    parser.add_argument("--json", action="store_true", help="end with one JSON object")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the cache folder instead of building: read every shard "
+                             "in full (size, sha256, header, every entry's row, every row's "
+                             "checksum), print each problem on one line naming the shard file, "
+                             "and exit 1 if there are any. It repairs: damaged shards are "
+                             "dropped from the index, so the next build re-encodes their "
+                             "entries, and their files are deleted if no other process is "
+                             "using the cache (else by the next build or prune that has it to "
+                             "itself). Runs beside builds and training; needs only --cache-dir")
+    parser.add_argument("--json", action="store_true",
+                        help="end with one JSON object. files: image files the scan found = "
+                             "cached + skipped, each skipped one listed in skipped_files (path, "
+                             "reason, stage: scan or encode); images: usable images; total, "
+                             "reused, encoded, repaired, skipped count entries (one per image, "
+                             "entries_per_image = 2 with --flip). With --verify: the problems")
     return parser
 
 
@@ -1218,17 +1680,44 @@ def _check_args(args: argparse.Namespace) -> None:
     resolve_dataset(args.dataset)  # last: synthetic data is generated here
 
 
+def _verify_main(args: argparse.Namespace) -> int:
+    """`cache.py --verify`: problems on stdout, one a line; 0 when there are none, 1 when there
+    are, 2 when the folder is no cache."""
+    if args.prune or args.dry_run:
+        print("error: --verify checks the cache and builds nothing; run --prune on its own",
+              file=sys.stderr)
+        return 2
+    try:
+        problems = verify_cache(args.cache_dir, repair=True, progress=not args.json)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(problem)
+    _warn(f"{args.cache_dir}: {len(problems)} problem(s)"
+          + ("; damaged shards dropped, the next build re-encodes their entries" if problems
+             else ""))
+    if args.json:
+        print(json.dumps({"cache_dir": str(args.cache_dir), "problems": problems}))
+    return 1 if problems else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python cache.py`."""
     from dotenv import load_dotenv
 
     from bucketing import bucket_dataset
-    from models.vae import load_vae
+    from models.vae_weights import load_vae
     from training.config import REPO_ROOT, DataConfig
     from training.distributed import setup, teardown
 
     load_dotenv(REPO_ROOT / ".env")
     args = build_parser().parse_args(argv)
+    if args.verify:
+        return _verify_main(args)
     try:
         _check_args(args)
         info = setup(None if args.device == "auto" else args.device)
@@ -1242,11 +1731,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          merge_small_buckets=args.global_batch > 0, holdout=args.holdout,
                          num_workers=args.num_workers)
         try:
-            if not info.is_main:
-                barrier()  # rank 0 scans first; the others then read its scan cache
-            scan, buckets, placements = bucket_dataset(cfg, args.global_batch or None)
-            if info.is_main:
-                barrier()
+            # the ranks split the files to read; all end with the same scan
+            scan, buckets, placements = bucket_dataset(cfg, args.global_batch or None,
+                                                       dist=info)
             for s in scan.skipped if info.is_main else []:
                 _warn(f"skipped {s.path}: {s.reason}")
             if not scan.records:
@@ -1264,7 +1751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pruned = None
             barrier()  # every rank has released its share lock before rank 0 takes it whole
             if args.prune and info.is_main:
-                pruned = prune_cache(args.cache_dir, [k for ks in summary.keys for k in ks],
+                pruned = prune_cache(args.cache_dir, iter_hex_keys(summary.keys),
                                      dry_run=args.dry_run)
         except (RuntimeError, OSError, ValueError) as exc:  # a busy cache, a full disk...
             print(f"error: {exc}", file=sys.stderr)
@@ -1273,7 +1760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if info.is_main:
             print(summary.format())
             if args.json:
-                out = summary.to_json()
+                out = summary.to_json(scan.skipped)
                 if pruned is not None:
                     out["pruned"] = pruned
                 print(json.dumps(out))

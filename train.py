@@ -88,6 +88,11 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
     parser.add_argument("--allow-upscale", action=argparse.BooleanOptionalAction, default=None,
                         help="upscale images smaller than their bucket instead of skipping them "
                              f"(config data.allow_upscale; default: {defaults.data.allow_upscale})")
+    parser.add_argument("--keep-duplicates", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="train on every copy of a picture instead of once per content "
+                             "(config data.keep_duplicates; default: "
+                             f"{defaults.data.keep_duplicates})")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile each DiT block (config train.compile; "
                              f"default: {defaults.train.compile})")
@@ -126,6 +131,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
             flags[key] = _from_cwd(flags[key])
     flags["data.use_classes"] = args.classes
     flags["data.allow_upscale"] = args.allow_upscale
+    flags["data.keep_duplicates"] = args.keep_duplicates
     flags["train.compile"] = args.compile
     config_file = _from_cwd(args.config) if args.config else DEFAULT_CONFIG
     from_file = load_config(config_file)
@@ -173,8 +179,12 @@ def dry_run(cfg: Config) -> None:
     print(format_report(report(scan, buckets, placements)))
     plan = plan_data(cfg, DistInfo(0, 1, 0, torch.device("cpu")))  # prints the scan summary
     epoch = plan.schedule.epoch_plan(0)
-    shapes = Counter(plan.buckets[int(plan.placements[b[0]].bucket)] for b in epoch)
-    print(f"training on {len(plan.records)} image(s), validating on {len(plan.eval_records)}")
+    shapes = Counter(plan.buckets[int(plan.placements.bucket[b[0]])] for b in epoch)
+    copies = plan.duplicates
+    folded = (f"; {copies.copies} exact duplicate(s) of {copies.contents} picture(s) "
+              f"{'kept' if copies.kept else 'folded'}" if copies.copies else "")
+    print(f"training on {len(plan.records)} image(s), validating on {len(plan.eval_records)}"
+          f"{folded}")
     print(f"epoch 0: {len(epoch)} batches of {cfg.batch_size}; "
           f"{plan.schedule.unused_samples()} image(s) in buckets smaller than one batch")
     for (w, h), n in sorted(shapes.items()):
@@ -217,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--out is where --export writes; give --export RUN too")
     if args.export:
         given = [flag for flag in (*FLAGS, "--config", "--classes", "--allow-upscale",
-                                   "--compile", "--resume")
+                                   "--keep-duplicates", "--compile", "--resume")
                  if flag != "--vae" and getattr(args, flag[2:].replace("-", "_")) is not None]
         given += ["--dry-run"] if args.dry_run else []
         if given:

@@ -378,3 +378,82 @@ def test_bucketing_merges_buckets_over_training_images_only(tmp_path: Path, caps
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(b["count"] for b in rep["buckets"]) == sorted(
         Counter(p.bucket for p in placements).values())
+
+
+def test_bucketing_nearest_buckets_decides_as_assign_does() -> None:
+    from bucketing import nearest_buckets
+
+    buckets = make_buckets(128, 16)
+    rng = np.random.default_rng(5)
+    sizes = [tuple(int(v) for v in s) for s in rng.integers(20, 400, size=(500, 2))]
+    sizes += [(s, s) for s in range(100, 300, 3)]  # squares: 2:1 and 1:2 tie exactly
+    for upscale in (False, True):
+        for allowed in (None, [20, 3, 17, 12, 5], []):
+            got = nearest_buckets([w for w, _ in sizes], [h for _, h in sizes], buckets, upscale,
+                                  allowed)
+            want = [assign(w, h, buckets, upscale, allowed) for w, h in sizes]
+            assert got.tolist() == [-1 if p is None else p.bucket for p in want]
+    assert (nearest_buckets([10], [10], buckets) == -1).all()  # covers nothing
+
+
+def test_bucketing_placement_table_gives_the_placements_place_gives(tmp_path: Path) -> None:
+    from bucketing import PlacementTable, nearest_buckets
+    from training.data import ImageRecord, ImageTable
+
+    rng = np.random.default_rng(6)
+    sizes = rng.integers(200, 3000, size=(3000, 2))
+    images = ImageTable.from_records("/d", [ImageRecord(f"/d/{i}.png", f"{i}.png", int(w), int(h),
+                                                        -1, f"{i:064x}")
+                                            for i, (w, h) in enumerate(sizes)])
+    buckets = make_buckets(256, 16)
+    table = PlacementTable(images, nearest_buckets(images.width, images.height, buckets), buckets)
+    expected = [assign(int(w), int(h), buckets) for w, h in sizes]
+    assert list(table) == expected  # iterated a chunk at a time
+    assert [table[i] for i in (0, 1234, -1)] == [expected[0], expected[1234], expected[-1]]
+    part = table.take([7, 3])
+    assert list(part) == [expected[7], expected[3]] and part.images[0].rel == "7.png"
+    assert list(table[10:13]) == expected[10:13]
+    stats = bucket_stats(None, table, buckets)
+    assert stats == bucket_stats([tuple(s) for s in sizes.tolist()], expected, buckets)
+
+
+def _copies(root: Path) -> Path:
+    """Debian's wallpapers in small: 4 pictures, each also under other names (copies, symlinks,
+    hard links), and 8 pictures alone."""
+    root.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    for i in range(4):
+        (root / f"{i}_copy.png").write_bytes((root / f"{i}.png").read_bytes())
+        os.link(root / f"{i}.png", root / f"{i}_link.png")
+        os.symlink(root / f"{i}.png", root / f"{i}_symlink.png")
+    return root
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["folded", "kept"])
+def test_bucketing_validation_pictures_never_train(tmp_path: Path, keep: bool) -> None:
+    from bucketing import split_validation
+
+    root = _copies(tmp_path / "img")
+    cfg = DataConfig(dataset=str(root), resolution=32, step=8, holdout=6, num_workers=1,
+                     keep_duplicates=keep)
+    scan, buckets, placements = bucket_dataset(cfg, batch_size=2)
+    records = scan.records
+    assert len(records) == (24 if keep else 12)
+    assert (scan.duplicates.copies, scan.duplicates.contents, scan.duplicates.kept) == (
+        12, 4, keep)
+    held, train = split_validation(records, cfg)
+    digests = [r.sha256 for r in records]
+    assert len({digests[i] for i in held}) == 6  # six pictures, each once
+    assert held == held_out(records, cfg)
+    trained = {digests[i] for i in np.flatnonzero(train)}
+    assert not trained & {digests[i] for i in held}  # no copy of them trains
+    assert len(trained) == 6 and int(train.sum()) == len(records) - (
+        len(held) + sum(digests.count(digests[i]) - 1 for i in held))
+    # the smallest hashes among the pictures, each as its first file by path
+    firsts = sorted({d: i for i, d in reversed(list(enumerate(digests)))}.items())
+    assert held == sorted(i for _, i in firsts[:6])
+    rep = report(scan, buckets, placements)
+    assert rep["duplicates"] == {"copies": 12, "contents": 4, "mixed_classes": 0, "kept": keep}
+    assert "exact duplicates: 12 cop(ies) of 4 picture(s)" in format_report(rep)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fractions
 import hashlib
 import json
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,8 @@ from PIL import Image
 
 import cache
 from bucketing import bucket_dataset
-from models.vae import AutoencoderKL, VAEConfig, save_vae
+from models.vae import AutoencoderKL, VAEConfig
+from models.vae_weights import save_vae
 from training.config import DataConfig
 from training.data import crop_to_bucket, load_image, to_unit_range
 
@@ -79,11 +82,16 @@ def _index_keys(cache_dir: Path) -> list[str]:
 def _entries(cache_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Every entry of a cache: key -> (mean, logvar)."""
     keys = _index_keys(cache_dir)
-    reader = cache.LatentReader(cache_dir, [(k,) for k in keys])
+    reader = cache.LatentReader(cache_dir, cache.keys_from_hex([(k,) for k in keys]))
     try:
         return {k: tuple(t[0] for t in reader.moments([i])) for i, k in enumerate(keys)}
     finally:
         reader.close()
+
+
+def _changed(a: np.ndarray, b: np.ndarray) -> list[int]:
+    """The records whose keys differ between two summaries' keys (uint8 (N, O, 32) each)."""
+    return np.flatnonzero((a != b).any(axis=(1, 2))).tolist()
 
 
 def _assert_same_entries(a: dict, b: dict) -> None:
@@ -97,10 +105,11 @@ def test_cache_rerun_reuses_everything(tmp_path: Path) -> None:
     root, vae = _write_images(tmp_path / "img", 6), _vae()
     first = _build(root, vae, tmp_path / "c", flip=True)
     assert (first.total, first.encoded, first.reused, first.skipped) == (14, 14, 0, 0)
-    assert len(first.keys) == 7 and all(len(k) == 2 for k in first.keys)
+    assert first.keys.shape == (7, 2, 32) and first.keys.dtype == np.uint8
     again = _build(root, vae, tmp_path / "c", flip=True)
     assert (again.total, again.encoded, again.reused, again.repaired) == (14, 0, 14, 0)
-    assert (again.bytes, again.shards, again.keys) == (first.bytes, first.shards, first.keys)
+    assert (again.bytes, again.shards) == (first.bytes, first.shards)
+    assert np.array_equal(again.keys, first.keys)
     assert again.bytes == sum(p.stat().st_size for p in (tmp_path / "c" / "shards").iterdir())
     assert cache.verify_cache(tmp_path / "c") == []
 
@@ -114,8 +123,7 @@ def test_cache_edited_image_reencodes_only_it(tmp_path: Path) -> None:
     Image.fromarray(pixels).save(path)
     second = _build(root, vae, tmp_path / "c")
     assert (second.encoded, second.reused) == (1, 6)
-    changed = [i for i, (a, b) in enumerate(zip(first.keys, second.keys)) if a != b]
-    assert changed == [3]
+    assert _changed(first.keys, second.keys) == [3]
 
 
 def test_cache_edit_that_keeps_size_and_mtime_reencodes(tmp_path: Path) -> None:
@@ -131,7 +139,7 @@ def test_cache_edit_that_keeps_size_and_mtime_reencodes(tmp_path: Path) -> None:
     second = _build(root, vae, tmp_path / "c")
     assert (second.encoded, second.reused, second.skipped) == (1, 4, 0)
     records = _plan(root)[0].records
-    changed = [i for i, (a, b) in enumerate(zip(first.keys, second.keys)) if a != b]
+    changed = _changed(first.keys, second.keys)
     assert [records[i].path for i in changed] == [str(path.resolve())]
 
 
@@ -178,7 +186,7 @@ def test_cache_other_vae_or_grid_reencodes(tmp_path: Path) -> None:
     assert _build(root, vae_a, tmp_path / "c").reused == 6  # both VAEs' entries coexist
     bigger = _build(root, vae_a, tmp_path / "c", resolution=48)
     assert bigger.total > 0 and (bigger.encoded, bigger.reused) == (bigger.total, 0)
-    assert not set(bigger.keys) & set(first.keys)
+    assert not set(cache.iter_hex_keys(bigger.keys)) & set(cache.iter_hex_keys(first.keys))
 
 
 def test_cache_damaged_shard_detected_and_repaired(tmp_path: Path) -> None:
@@ -356,7 +364,7 @@ def test_cache_reader_matches_vae_encoding(tmp_path: Path) -> None:
             torch.testing.assert_close(logvar, post.logvar, atol=2e-3, rtol=2e-3)
     reader.close()
     with pytest.raises(KeyError, match="missing"):
-        cache.LatentReader(tmp_path / "c", [("0" * 64,)])
+        cache.LatentReader(tmp_path / "c", cache.keys_from_hex([("0" * 64,)]))
 
 
 def test_cache_nonfinite_latent_skipped_and_named(tmp_path: Path) -> None:
@@ -381,6 +389,9 @@ def test_cache_nonfinite_latent_skipped_and_named(tmp_path: Path) -> None:
     assert any(red in m and "non-finite" in m for m in logs)
     records = _plan(root)[0].records
     assert [records[i].path for i in summary.unusable] == [red]
+    out = summary.to_json()  # files: 5 found, the red one skipped at encode time
+    assert out["files"] == {"found": 5, "cached": 4, "skipped": 1}
+    assert [(s["path"], s["stage"]) for s in out["skipped_files"]] == [(red, "encode")] * 2
     assert len(_index_keys(tmp_path / "c")) == 8
     again = _build(root, vae, tmp_path / "c", flip=True)
     assert (again.reused, again.encoded, again.skipped) == (8, 0, 2)
@@ -499,7 +510,7 @@ def test_cache_prune_removes_unreferenced(tmp_path: Path) -> None:
         (root / name).unlink()
     now = _build(root, _vae(0), c, shard_size=3)
     assert (now.encoded, now.reused) == (0, 6)
-    keep = [k for ks in now.keys for k in ks]
+    keep = list(cache.iter_hex_keys(now.keys))
     result = cache.prune_cache(c, keep, log=lambda m: None)
     assert result["entries_removed"] == 2 * kept.total - 6  # all of VAE 1's, 3 of VAE 0's
     assert result["shards_removed"] >= 3 and result["bytes_freed"] > 0
@@ -534,11 +545,12 @@ def test_cache_prune_dry_run_reports_groups_and_changes_nothing(tmp_path: Path) 
     for resolution, flip in ((RESOLUTION, True), (48, False)):
         built = _build(root, vae, c, flip=flip, resolution=resolution, shard_size=3)
         _, buckets, placements = _plan(root, resolution)
-        for ks, p in zip(built.keys, placements):
+        for i, p in enumerate(placements):
             w, h = (side // vae.downsample_factor for side in buckets[p.bucket])
-            latent_of.update({k: (built.fingerprint[:12], f"{w}x{h}") for k in ks})
-        if flip:
-            keep = [ks[0] for ks in built.keys]  # what a 32 px run without --flip uses
+            latent_of.update({k: (built.fingerprint[:12], f"{w}x{h}")
+                              for k in cache.record_hex_keys(built.keys, i)})
+        if flip:  # what a 32 px run without --flip uses
+            keep = [cache.record_hex_keys(built.keys, i)[0] for i in range(len(built.keys))]
     expected = Counter(latent_of[k] for k in set(_index_keys(c)) - set(keep))
     assert len(expected) >= 3 and sum(expected.values()) > len(keep)
     # A shard of kept and removed entries the index lost (a prune re-indexes it first; a dry
@@ -718,3 +730,251 @@ def test_cache_reader_normalises_as_the_vae(tmp_path: Path, stats: dict) -> None
         noise = torch.randn(mean.shape, generator=cache.step_generator(3, 5))
         expected = vae.normalize(mean + (logvar / 2).exp() * noise)
         torch.testing.assert_close(reader.batch(idx, cache.step_generator(3, 5)), expected)
+
+
+def _corrupt_row(shard: Path, row: int) -> None:
+    """Flip a byte of `row`'s mean in place, keeping the shard's size, mtime and inode."""
+    before = shard.stat()
+    start, header = cache._read_header(shard)
+    lo, hi = header["mean"]["data_offsets"]
+    at = start + lo + row * (hi - lo) // header["mean"]["shape"][0]
+    with open(shard, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0xFF]))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = shard.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+def _shard_rows(cache_dir: Path) -> dict[str, int]:
+    """Every listed shard that is not dropped: name -> rows."""
+    with contextlib.closing(sqlite3.connect(cache_dir / cache.INDEX_NAME)) as conn:
+        return dict(conn.execute("SELECT name, rows FROM shards WHERE name NOT IN "
+                                 "(SELECT shard FROM dropped)"))
+
+
+def _next_sample(cache_dir: Path, skip: Iterable[str] = ()) -> set[tuple[str, int]]:
+    """The (shard, row)s the next build samples when it trusts every shard but `skip`: the
+    module's rule, seeded with the index's start counter plus one."""
+    with contextlib.closing(sqlite3.connect(cache_dir / cache.INDEX_NAME)) as conn:
+        (starts,) = conn.execute("SELECT value FROM meta WHERE name = 'starts'").fetchone()
+    skip = set(skip)
+    trusted = sorted((n, r) for n, r in _shard_rows(cache_dir).items() if n not in skip)
+    return set(cache._sample_rows(int(starts) + 1, trusted, cache.SAMPLE_ROWS))
+
+
+def _unsampled(cache_dir: Path, sample: set, avoid: Iterable[str]) -> tuple[str, int]:
+    """A (shard, row) outside `sample`, in a shard not in `avoid`."""
+    avoid = set(avoid)
+    return next((n, r) for n, rows in sorted(_shard_rows(cache_dir).items()) for r in range(rows)
+                if (n, r) not in sample and n not in avoid)
+
+
+def test_cache_rebuild_trusts_stamps_and_samples_rows(tmp_path: Path) -> None:
+    # Start-up reads headers and a seeded sample of rows, never whole shards: a byte changed in
+    # place behind an unchanged stamp goes unnoticed unless its row is sampled, until the stamp
+    # changes or --verify reads everything.
+    root = _write_images(tmp_path / "img", 6)
+    vae, c = _vae(), tmp_path / "c"
+    first = _build(root, vae, c, flip=True, shard_size=2)
+    assert first.total == 14 and first.total > cache.SAMPLE_ROWS
+    before = _entries(c)
+    sample = _next_sample(c)
+    sampled = min(sample)
+    hidden = _unsampled(c, sample, avoid=[sampled[0]])
+    _corrupt_row(c / "shards" / sampled[0], sampled[1])
+    _corrupt_row(c / "shards" / hidden[0], hidden[1])
+    logs: list[str] = []
+    again = _build(root, vae, c, flip=True, shard_size=2, logs=logs)
+    assert again.damaged_shards == [sampled[0]]  # found by the sample, named with its row
+    assert any(sampled[0] in m and f"row {sampled[1]} does not match" in m for m in logs), logs
+    assert (again.shards_checked_fully, again.rows_sampled) == (0, cache.SAMPLE_ROWS)
+    assert again.encoded == again.repaired == first.total - again.reused > 0
+    # A changed stamp (here the mtime alone) makes the next build read the shard in full.
+    later = _next_sample(c, skip=[hidden[0]])
+    unseen = _unsampled(c, later, avoid=[hidden[0]])
+    _corrupt_row(c / "shards" / unseen[0], unseen[1])
+    os.utime(c / "shards" / hidden[0])
+    logs.clear()
+    third = _build(root, vae, c, flip=True, shard_size=2, logs=logs)
+    assert third.damaged_shards == [hidden[0]] and third.shards_checked_fully == 1
+    assert any(hidden[0] in m and "sha256 checksum mismatch" in m for m in logs), logs
+    # --verify reads every shard: it names the file and row, exits 1, and drops the shard.
+    out = subprocess.run([sys.executable, "cache.py", "--verify", "--cache-dir", str(c)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    path = c / "shards" / unseen[0]
+    assert out.stdout.splitlines() == [f"{path}: sha256 checksum mismatch",
+                                       f"{path}: row {unseen[1]} does not match its checksum"]
+    assert not path.exists()  # nobody else used the cache: the file went too
+    fourth = _build(root, vae, c, flip=True, shard_size=2)
+    assert fourth.encoded > 0 and fourth.damaged_shards == []
+    assert fourth.reused + fourth.encoded == first.total
+    assert cache.main(["--verify", "--cache-dir", str(c)]) == 0
+    _assert_same_entries(_entries(c), before)
+
+
+def test_cache_index_from_before_stamps_is_checked_once_and_kept(tmp_path: Path) -> None:
+    # An index written before stamps existed has no `checks` or `dropped` table: its shards are
+    # read in full once (which finds damage hidden behind an unchanged stamp), nothing whole is
+    # re-encoded, and from then on stamps are trusted.
+    root, vae, c = _write_images(tmp_path / "img", 6), _vae(), tmp_path / "c"
+    first = _build(root, vae, c, shard_size=3)
+    with contextlib.closing(sqlite3.connect(c / cache.INDEX_NAME)) as conn, conn:
+        conn.execute("DROP TABLE checks")
+        conn.execute("DROP TABLE dropped")
+    with contextlib.closing(sqlite3.connect(c / cache.INDEX_NAME)) as conn:
+        shards = dict(conn.execute("SELECT name, rows FROM shards"))
+    victim = sorted(shards)[0]
+    _corrupt_row(c / "shards" / victim, 0)
+    migrated = _build(root, vae, c, shard_size=3)
+    assert migrated.shards_checked_fully == len(shards)
+    assert migrated.damaged_shards == [victim]
+    assert (migrated.encoded, migrated.reused) == (shards[victim], first.total - shards[victim])
+    with contextlib.closing(sqlite3.connect(c / cache.INDEX_NAME)) as conn:
+        recorded = dict(conn.execute("SELECT shard, length(row_sums) FROM checks"))
+        listed = dict(conn.execute("SELECT name, rows FROM shards"))
+    assert recorded == {n: r * cache.ROW_SUM_BYTES for n, r in listed.items()}
+    settled = _build(root, vae, c, shard_size=3)
+    assert (settled.shards_checked_fully, settled.encoded) == (0, 0)
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after the point where it is raised runs."""
+
+
+def test_cache_removal_is_crash_safe(tmp_path: Path, monkeypatch) -> None:
+    root = _write_images(tmp_path / "img", 8)
+    c = tmp_path / "c"
+    _build(root, _vae(1), c, shard_size=3)  # another VAE's entries: pruned below
+    kept = _build(root, _vae(0), c, shard_size=3)
+    # A build dropping damaged shards, killed after the tombstone (x) or after unlinking (y):
+    # neither comes back, and their entries are re-encoded.
+    rows = _shard_rows(c)
+    x, y = sorted(n for n in rows if n.startswith(kept.fingerprint[:12]))[:2]
+    store = cache._Store(c)
+    with contextlib.closing(store.connect()) as conn:
+        store.tombstone(conn, {x: "test", y: "test"})
+    (c / "shards" / y).unlink()
+    again = _build(root, _vae(0), c, shard_size=3)
+    assert (again.encoded, again.reused) == (rows[x] + rows[y], kept.total - rows[x] - rows[y])
+    assert not (c / "shards" / x).exists() and x not in _shard_rows(c)
+    # A prune killed after tombstoning the shards it empties (first removal), or the first
+    # shard it rewrote (second removal: the first prune was killed before any rewrite): the
+    # files still hold pruned entries, yet a later tidy never lists them again.
+    for name in ("img01.png", "img04.jpg", "img06.jpg"):
+        (root / name).unlink()
+    now = _build(root, _vae(0), c, shard_size=3)
+    keep = list(cache.iter_hex_keys(now.keys))
+    real = cache._Store.remove_dropped
+    for kill_at in (1, 2):
+        calls = []
+
+        def remove_dropped(self, conn, names=None, kill_at=kill_at, calls=calls):
+            if names is not None:  # not tidy's clean-up of earlier tombstones
+                calls.append(names)
+                if len(calls) == kill_at:
+                    raise _Killed
+            return real(self, conn, names)
+
+        monkeypatch.setattr(cache._Store, "remove_dropped", remove_dropped)
+        with pytest.raises(_Killed):
+            cache.prune_cache(c, keep, log=lambda m: None)
+        monkeypatch.setattr(cache._Store, "remove_dropped", real)
+        assert calls[-1], kill_at  # shards were tombstoned, their files still there
+        assert all((c / "shards" / n).exists() for n in calls[-1])
+        assert set(_index_keys(c)) >= set(keep)
+        logs: list[str] = []
+        rebuilt = _build(root, _vae(0), c, shard_size=3, logs=logs)  # its tidy finishes up
+        assert (rebuilt.reused, rebuilt.encoded) == (now.total, 0)
+        assert any(f"deleted {len(calls[-1])} shard file(s) dropped earlier" in m
+                   for m in logs), logs
+        assert not set(_index_keys(c)) - set(keep)  # nothing pruned came back
+        indexed = set(_shard_rows(c))
+        assert {p.name for p in (c / "shards").iterdir()} == indexed
+    assert _index_keys(c) == sorted(keep)
+    assert cache.verify_cache(c) == []
+
+
+def test_cache_build_sharing_the_lock_keeps_damaged_files(tmp_path: Path) -> None:
+    # Another process holds the shared lock (it may map the shard): the build does not delete
+    # the damaged file, yet never reuses it; it re-encodes its entries into a new shard.
+    root, vae, c = _write_images(tmp_path / "img", 6), _vae(), tmp_path / "c"
+    first = _build(root, vae, c, shard_size=2)
+    before = _entries(c)
+    rows = _shard_rows(c)
+    victim = c / "shards" / sorted(rows)[0]
+    victim.write_bytes(victim.read_bytes()[:-10])
+    fd = os.open(c / cache.LOCK_NAME, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        logs: list[str] = []
+        shared = _build(root, vae, c, shard_size=2, logs=logs)
+        assert shared.damaged_shards == [victim.name] and victim.exists()
+        assert (shared.encoded, shared.repaired) == (rows[victim.name], rows[victim.name])
+        assert victim.name not in _shard_rows(c)  # dropped from the index: never reused
+        _assert_same_entries(_entries(c), before)
+        assert _build(root, vae, c, shard_size=2).reused == first.total
+        assert victim.exists()
+    finally:
+        os.close(fd)
+    logs.clear()
+    alone = _build(root, vae, c, shard_size=2, logs=logs)
+    assert (alone.reused, alone.encoded) == (first.total, 0)
+    assert not victim.exists() and any("deleted 1 shard file(s) dropped" in m for m in logs)
+    assert cache.verify_cache(c) == []
+
+
+def test_cache_reader_and_summary_hold_compact_arrays(tmp_path: Path) -> None:
+    # Per entry: a 32-byte digest in the summary, two int32 in the reader; no Python object
+    # (string, tuple, dict entry) per entry is kept.
+    root, vae = _write_images(tmp_path / "img", 6), _vae()
+    summary = _build(root, vae, tmp_path / "c", flip=True)
+    entries = summary.total
+    assert summary.keys.nbytes == 32 * entries and summary.keys.dtype == np.uint8
+    assert cache.record_hex_keys(summary.keys, 0) == tuple(
+        bytes(k).hex() for k in summary.keys[0])
+    with cache.LatentReader(tmp_path / "c", summary.keys) as reader:
+        arrays = {k: v for k, v in vars(reader).items() if isinstance(v, np.ndarray)}
+        per_entry = sum(v.nbytes for v in arrays.values() if v.size >= entries) / entries
+        assert per_entry == 8, {k: (v.dtype, v.shape) for k, v in arrays.items()}
+        shards = len(reader._names)
+        assert shards < entries
+        for name, value in vars(reader).items():
+            if isinstance(value, (list, tuple, dict, set)):
+                assert len(value) <= shards, name
+        reader.moments([0, 1], [False, True])  # opens shards: still one mapping per shard
+        assert len(reader._open) <= shards
+    for name, value in vars(summary).items():
+        if isinstance(value, (list, tuple, dict, set)):
+            assert len(value) < entries, name
+
+
+def test_cache_cli_json_counts_every_file(tmp_path: Path) -> None:
+    # files found = cached + skipped, the scan's skips included; the rest counts entries.
+    root = _write_images(tmp_path / "img", 2)  # 3 images
+    (root / "empty.png").write_bytes(b"")
+    png = (root / "img01.png").read_bytes()
+    (root / "truncated.png").write_bytes(png[:len(png) // 2])
+    (root / "notes.jpg").write_text("not a picture\n")
+    _image(8, 8, np.random.default_rng(4)).save(root / "tiny.png")
+    save_vae(_vae(), tmp_path / "vae")
+    out = subprocess.run(
+        [sys.executable, "cache.py", "--dataset", str(root), "--vae", str(tmp_path / "vae"),
+         "--resolution", str(RESOLUTION), "--cache-dir", str(tmp_path / "c"), "--flip",
+         "--num-workers", "0", "--device", "cpu", "--global-batch", "0", "--json"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    files = len(list(root.iterdir()))
+    assert summary["files"] == {"found": files, "cached": 3, "skipped": 4}
+    assert summary["images"] == 3 and summary["entries_per_image"] == 2
+    assert summary["total"] == 6 == summary["reused"] + summary["encoded"] + summary["skipped"]
+    bad = {str((root / n).resolve()) for n in ("empty.png", "truncated.png", "notes.jpg",
+                                               "tiny.png")}
+    assert {s["path"] for s in summary["skipped_files"]} == bad
+    assert all(s["stage"] == "scan" and s["reason"] for s in summary["skipped_files"])

@@ -77,7 +77,8 @@ def test_train_synthetic_quickstart_end_to_end(tmp_path: Path) -> None:
     """The README's quickstart with the default config, shrunk to a tiny VAE and DiT."""
     import torch
 
-    from models.vae import AutoencoderKL, VAEConfig, save_vae
+    from models.vae import AutoencoderKL, VAEConfig
+    from models.vae_weights import save_vae
 
     torch.manual_seed(0)
     vae = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
@@ -197,3 +198,28 @@ def test_train_dit_flags_are_refused_for_the_vae_stage() -> None:
                               "--no-compile"])
     with pytest.raises(ConfigError, match="--model, --compile: DiT-stage flags"):
         resolve_config(args)
+
+
+def test_train_dry_run_reports_exact_duplicates(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from train import build_parser, resolve_config
+    from training.config import Config, from_dict
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 36), (40 * i, 0, 0)).save(data / f"{i}.png")
+    for name in ("0_copy.png", "0_again.png"):
+        (data / name).write_bytes((data / "0.png").read_bytes())
+    out = _train("--dataset", str(data), "--resolution", "32", "--batch-size", "2", "--holdout",
+                 "0", "--num-workers", "0", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "exact duplicates: 2 cop(ies) of 1 picture(s) folded" in out.stdout  # the table
+    assert "exact duplicates: 2 cop(ies) of 1 picture(s) folded: each picture is used once" \
+        in out.stdout  # the scan's summary
+    assert ("training on 6 image(s), validating on 0; 2 exact duplicate(s) of 1 picture(s) "
+            "folded") in out.stdout
+    parser = build_parser(from_dict(Config, {}))
+    cfg, _ = resolve_config(parser.parse_args(["--dataset", str(data), "--keep-duplicates"]))
+    assert cfg.data.keep_duplicates is True

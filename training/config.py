@@ -53,6 +53,7 @@ class DataConfig:
     merge_small_buckets: bool = True  # fold buckets smaller than a global batch into neighbours
     holdout: int = 0  # images kept out of training for validation (taken deterministically)
     eval_dataset: str = ""  # separate folder of validation images (replaces `holdout`)
+    keep_duplicates: bool = False  # train on every copy of a picture, not once per content
     random_crop: bool = False  # VAE stage: random crops at random scale instead of cover + centre
     flip: bool = True  # random horizontal flips (the latent cache stores both orientations)
     num_workers: int = 2  # DataLoader / scan worker processes

@@ -24,7 +24,7 @@ import copy
 from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ from cache import LatentReader, ensure_cache, flip_from_seed, step_generator
 from inference.pipelines import generate, image_grid, parse_size, tensor_to_pil
 from models.dit import DiT, upgrade_state_dict
 from models.registry import MODEL_NAMES, build_dit
-from models.vae import AutoencoderKL, kept_vae_folder, load_vae, vae_fingerprint
+from models.vae import AutoencoderKL
+from models.vae_weights import kept_vae_folder, load_vae, vae_fingerprint
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import Config, ConfigError, portable_path, resolve_path, validate_config
 from training.data import ScheduleSampler
@@ -157,7 +158,7 @@ class BatchPrefetcher:
     """
 
     def __init__(self, reader: LatentReader, batches: Iterator[list[ScheduleItem]],
-                 labels: list[int] | None, seed: int, part: tuple[int, int], flip: bool,
+                 labels: Sequence[int] | None, seed: int, part: tuple[int, int], flip: bool,
                  pin: bool, start: int) -> None:
         self.reader, self.batches, self.labels = reader, batches, labels
         self.seed, self.part, self.flip, self.pin = seed, part, flip, pin
@@ -171,7 +172,8 @@ class BatchPrefetcher:
         flips = [flip_from_seed(s) for _, s, _, _ in items] if self.flip else None
         indices = [i for i, _, _, _ in items]
         x0 = self.reader.batch(indices, noise_gen, flips, self.part)  # (B, C, h, w)
-        y = None if self.labels is None else torch.tensor([self.labels[i] for i in indices])
+        y = None if self.labels is None else torch.tensor([int(self.labels[i])
+                                                            for i in indices])  # (B,) int64
         if self.pin:
             x0, y = x0.pin_memory(), None if y is None else y.pin_memory()
         return k, items, noise_gen, x0, y
@@ -233,11 +235,11 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         print(summary.format(), flush=True)
     keys = summary.keys
     if summary.unusable:  # reported above; train on the rest
-        keep = sorted(set(range(len(plan.records))) - set(summary.unusable))
-        plan.records = [plan.records[i] for i in keep]
-        plan.placements = [plan.placements[i] for i in keep]
-        keys = [keys[i] for i in keep]
-        plan.schedule = BatchSchedule([p.bucket for p in plan.placements], cfg.batch_size,
+        keep = np.setdiff1d(np.arange(len(plan.records)), summary.unusable)
+        plan.records = plan.records.take(keep)
+        plan.placements = plan.placements.take(keep)
+        keys = keys[keep]  # (kept, O, 32) digests
+        plan.schedule = BatchSchedule(plan.placements.bucket, cfg.batch_size,
                                       info.world_size, cfg.seed)
         if main:  # their buckets stay as they were cached, so some may now be too small
             warn_unused(plan.schedule)
@@ -257,7 +259,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         unusable = set(val.unusable)  # reported by that summary; validate on the rest
         usable = [i for i in range(n) if i not in unusable]
         # raw moments: their means are normalised by the VAE below
-        val_reader = LatentReader(val.cache_dir, [val.keys[i] for i in usable])
+        val_reader = LatentReader(val.cache_dir, val.keys[usable])
         groups = defaultdict(list)  # bucket -> positions in the reader, i.e. in `usable`
         for pos, i in enumerate(usable):
             groups[plan.eval_placements[i].bucket].append(pos)
@@ -287,10 +289,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     part = (info.rank, info.world_size)  # this rank's slice of every step's random draws
     batches = BatchPrefetcher(reader, iter(ScheduleSampler(plan.schedule, info.rank, cfg.seed,
                                                            epoch, index)),
-                              [r.label for r in plan.records] if num_classes else None,
+                              plan.records.label if num_classes else None,
                               cfg.seed, part, cfg.data.flip, device.type == "cuda",
                               start=step * t.grad_accum)
-    logger = RunLogger(run_dir, main)
+    logger = RunLogger(run_dir, main, resumed_step=step if resume_path is not None else None)
     stop = StopSignal()
     guard = NonFiniteGuard(t.max_nonfinite)
     params = list(model.parameters())

@@ -16,37 +16,43 @@ import random
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
 import torch
 
-from bucketing import BatchSchedule, assign, bucket_dataset, held_out
+from bucketing import (BatchSchedule, PlacementTable, bucket_dataset, make_buckets,
+                       nearest_buckets, resolve_first, split_validation)
 from training.checkpoint import (CHECKPOINTS, STATE_FILE, read_state,
                                  resolve_resume, set_aside_newer)
 from training.config import (Config, ConfigError, DataConfig, TrainConfig, TrainingAborted,
                              TrainingStopped, absolute_config, from_dict, get_dotted,
                              portable_config, resolve_path, save_config, to_dict)
-from training.data import (ImageRecord, PixelDataset, ScheduleSampler, SkippedFile,
-                           resolve_dataset, scan_folder)
+from training.data import (Duplicates, ImageTable, PixelDataset, ScanResult, ScheduleSampler,
+                           SkippedFile, fold_duplicates, scan_folder)
 from training.distributed import (DistInfo, all_gather_objects, barrier, main_first,
                                   on_every_rank)
 
 
 @dataclass
 class DataPlan:
-    """Scanned, bucketed, split data and its batch schedule."""
+    """Scanned, bucketed, split data and its batch schedule.
 
-    records: list[ImageRecord]
-    placements: list
+    `records` (an `ImageTable`) are the training images and `placements` (a `PlacementTable`)
+    their buckets, row for row; `eval_records` and `eval_placements` the validation images'.
+    """
+
+    records: ImageTable
+    placements: PlacementTable
     buckets: list[tuple[int, int]]
     schedule: BatchSchedule
-    eval_records: list[ImageRecord]
-    eval_placements: list  # bucket placements of the validation images
+    eval_records: ImageTable
+    eval_placements: PlacementTable  # bucket placements of the validation images
     class_names: list[str]
     skipped: list
+    duplicates: Duplicates = field(default_factory=Duplicates)  # of the training folder
 
     def fingerprint(self) -> str:
         """sha256 of the training images in schedule order with their buckets.
@@ -54,12 +60,13 @@ class DataPlan:
         With `SCHEDULE_KEYS` and the global batch this fixes the batch schedule: an equal
         fingerprint means a checkpoint's (epoch, index) points at the same next batch. Images
         added, removed, renamed or moved to another bucket change it; an image edited in place
-        into the same bucket does not (its batch position is unchanged).
+        into the same bucket does not (its batch position is unchanged). It hashes the bytes
+        "{rel}\0{w}x{h}\n" of each image in turn, rel as the file system's bytes.
         """
         digest = hashlib.sha256()
-        for rec, placement in zip(self.records, self.placements):
-            w, h = self.buckets[placement.bucket]
-            digest.update(f"{rec.rel}\0{w}x{h}\n".encode("utf-8", "surrogateescape"))
+        suffixes = [f"\0{w}x{h}\n".encode() for w, h in self.buckets]
+        for block in self.records.rel_lines(suffixes, self.placements.bucket):
+            digest.update(block)
         return digest.hexdigest()
 
 
@@ -283,7 +290,7 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 SCHEDULE_KEYS = ("seed", "train.grad_accum", "data.dataset", "data.eval_dataset", "data.holdout",
                  "data.use_classes", "data.max_image_pixels", "data.resolution", "data.step",
                  "data.min_area_ratio", "data.max_aspect", "data.allow_upscale",
-                 "data.merge_small_buckets")
+                 "data.merge_small_buckets", "data.keep_duplicates")
 
 
 def saved_config(state: dict, checkpoint: Path) -> Config:
@@ -423,17 +430,19 @@ def prepare_run_dir(cfg: Config, resume: Path | None, dist: DistInfo,
 
 
 def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
-    """Scan and bucket the data (rank 0 first, so the others read its scan cache), split off
-    the validation images, and build the batch schedule for this world size. Under torchrun
-    every rank must end with the same plan; bad input found on any rank stops all of them."""
-    def scan_and_bucket() -> tuple:
-        return bucket_dataset(cfg.data, cfg.batch_size, dist.world_size)
-
-    scanned = main_first(dist, scan_and_bucket)  # a bad dataset stops every process
-    plan = on_every_rank(lambda: _plan_from_scan(
-        cfg, dist, scanned if dist.is_main else scan_and_bucket()))
-    # Every rank scans on its own: across machines, or with files still being copied in, two
-    # ranks could see other images and would train on batches that do not fit together.
+    """Scan and bucket the data, split off the validation images, and build the batch schedule
+    for this world size. Under torchrun the ranks split the reading of new or changed files
+    between them (`scan_folder`), every rank must end with the same plan, and bad input found
+    on any rank stops all of them."""
+    buckets = make_buckets(cfg.data.resolution, cfg.data.step, cfg.data.min_area_ratio,
+                           cfg.data.max_aspect)
+    validation = (on_every_rank(lambda: _scan_validation(cfg, dist, buckets))
+                  if cfg.data.eval_dataset else None)
+    scanned = bucket_dataset(cfg.data, cfg.batch_size, dist.world_size, progress=dist.is_main,
+                             dist=dist, keep_out=None if validation is None else validation[1])
+    plan = on_every_rank(lambda: _plan_from_scan(cfg, dist, scanned, validation))
+    # The ranks list the folders alike (`scan_folder` refuses otherwise) and share what they
+    # read; this check covers what they decide on their own from it.
     views = all_gather_objects((plan.fingerprint(), len(plan.records), len(plan.eval_records)))
     if len(set(views)) > 1:
         seen = ", ".join(f"rank {r}: {n} images, {e} for validation"
@@ -444,57 +453,75 @@ def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
     return plan
 
 
-def _plan_from_scan(cfg: Config, dist: DistInfo, scanned: tuple) -> DataPlan:
-    """`plan_data` from this rank's (scan, buckets, placements)."""
+def _scan_validation(cfg: Config, dist: DistInfo, buckets: list[tuple[int, int]]
+                     ) -> tuple[ScanResult, ImageTable, PlacementTable, list[SkippedFile]]:
+    """The validation folder (`data.eval_dataset`): its scan, its images that cover a bucket
+    with their placements, and its skipped files, these images included."""
+    scan = scan_folder(resolve_first(cfg.data.eval_dataset, dist),
+                       use_classes=cfg.data.use_classes, max_pixels=cfg.data.max_image_pixels,
+                       num_workers=cfg.data.num_workers, dist=dist)
+    fold_duplicates(scan, cfg.data.keep_duplicates)
+    if not scan.records:
+        raise ConfigError(f"{cfg.data.eval_dataset}: no usable validation image "
+                          f"({len(scan.skipped)} file(s) skipped)")
+    images = scan.records
+    bucket = nearest_buckets(images.width, images.height, buckets, cfg.data.allow_upscale)
+    skipped = list(scan.skipped)
+    for row in np.flatnonzero(bucket < 0).tolist():
+        w, h = images.size(row)
+        skipped.append(SkippedFile(images.path(row), f"too small or too thin: {w}x{h} covers "
+                                                     "no bucket (validation image)"))
+    fits = np.flatnonzero(bucket >= 0)
+    if not fits.size:
+        raise ConfigError(f"{cfg.data.eval_dataset}: none of its {len(images)} usable validation "
+                          "images covers a bucket (too small or too thin; allow upscaling to "
+                          "keep them)")
+    images = images.take(fits)
+    return scan, images, PlacementTable(images, bucket[fits], buckets), skipped
+
+
+def _plan_from_scan(cfg: Config, dist: DistInfo, scanned: tuple,
+                    validation: tuple | None) -> DataPlan:
+    """`plan_data` from the training folder's (scan, buckets, placements) and the validation
+    folder's `_scan_validation` (None without one)."""
     scan, buckets, placements = scanned
     if dist.is_main:
         print(scan.summary(), flush=True)
     records = scan.records
     if not records:
         raise ConfigError(f"{scan.root}: no usable image (see the skip list above)")
-    eval_records: list[ImageRecord] = []
-    eval_placements: list = []
     skipped = list(scan.skipped)  # with the validation folder's, for skipped.json
-    if cfg.data.eval_dataset:
-        eval_scan = scan_folder(resolve_dataset(cfg.data.eval_dataset),
-                                use_classes=cfg.data.use_classes,
-                                max_pixels=cfg.data.max_image_pixels, num_workers=1)
+    eval_records = None
+    if validation is not None:
+        eval_scan, eval_records, eval_placements, eval_skipped = validation
         if dist.is_main:
             print(eval_scan.summary(), flush=True)
-        skipped += eval_scan.skipped
-        if not eval_scan.records:
-            raise ConfigError(f"{cfg.data.eval_dataset}: no usable validation image "
-                              f"({len(eval_scan.skipped)} file(s) skipped)")
+        skipped += eval_skipped
         unknown = sorted(set(eval_scan.class_names) - set(scan.class_names))
         if unknown:
             raise ConfigError(f"{cfg.data.eval_dataset}: validation classes {unknown} are not "
                               f"among the training classes {scan.class_names}")
-        grid = np.asarray(buckets)
-        for rec in eval_scan.records:
-            p = assign(rec.width, rec.height, grid, cfg.data.allow_upscale)
-            if p is None:
-                skipped.append(SkippedFile(rec.path, f"too small or too thin: {rec.width}x"
-                                           f"{rec.height} covers no bucket (validation image)"))
-                continue
-            if rec.label >= 0:  # by name: the folder may hold only some of the classes
-                rec = replace(rec, label=scan.class_names.index(
-                    eval_scan.class_names[rec.label]))
-            eval_records.append(rec)
-            eval_placements.append(p)
-        if not eval_records:
-            raise ConfigError(f"{cfg.data.eval_dataset}: none of its {len(eval_scan.records)} "
-                              "usable validation images covers a bucket (too small or too thin; "
-                              "allow upscaling to keep them)")
-    elif cfg.data.holdout > 0:
-        held = set(held_out(records, cfg.data))  # as `bucket_dataset` left them out of merging
-        eval_records = [records[i] for i in sorted(held)]
-        eval_placements = [placements[i] for i in sorted(held)]
-        keep = [i for i in range(len(records)) if i not in held]
-        records, placements = [records[i] for i in keep], [placements[i] for i in keep]
-        if not records:
-            raise ConfigError(f"data.holdout={cfg.data.holdout} leaves no training image")
-    schedule = BatchSchedule([p.bucket for p in placements], cfg.batch_size, dist.world_size,
-                             cfg.seed)
+        if eval_scan.class_names:  # by name: the folder may hold only some of the classes
+            eval_records = eval_records.relabel([scan.class_names.index(name)
+                                                 for name in eval_scan.class_names])
+            eval_placements = PlacementTable(eval_records, eval_placements.bucket, buckets)
+    # Validation images, and every copy of their pictures, stay out of training.
+    held, train = split_validation(records, cfg.data, eval_records)
+    if validation is None:
+        eval_records, eval_placements = records.take(held), placements.take(held)
+    copies = len(records) - int(train.sum()) - len(held)
+    if copies and dist.is_main:
+        print(f"note: {copies} training image(s) are copies of validation images and are left "
+              "out of training", flush=True)
+    keep = np.flatnonzero(train)
+    records = records.take(keep)
+    placements = PlacementTable(records, placements.bucket[keep], buckets)
+    if not records:
+        raise ConfigError(f"data.holdout={cfg.data.holdout} leaves no training image"
+                          if validation is None else
+                          f"every training image is a copy of a validation image in "
+                          f"{cfg.data.eval_dataset}")
+    schedule = BatchSchedule(placements.bucket, cfg.batch_size, dist.world_size, cfg.seed)
     if schedule.batches_per_epoch() == 0:
         held = (f" of the {len(records)} left for training after data.holdout="
                 f"{cfg.data.holdout}" if cfg.data.holdout and not cfg.data.eval_dataset else "")
@@ -504,7 +531,7 @@ def _plan_from_scan(cfg: Config, dist: DistInfo, scanned: tuple) -> DataPlan:
     if dist.is_main:
         warn_unused(schedule)
     return DataPlan(records, placements, buckets, schedule, eval_records, eval_placements,
-                    scan.class_names, skipped)
+                    scan.class_names, skipped, scan.duplicates)
 
 
 def warn_unused(schedule: BatchSchedule) -> None:
@@ -528,7 +555,7 @@ def pixel_loader(cfg: Config, plan: DataPlan, dist: DistInfo, epoch: int, index:
                                        prefetch_factor=4 if workers else None)
 
 
-def eval_crops(records: list[ImageRecord], crop: int, limit: int,
+def eval_crops(records: ImageTable, crop: int, limit: int,
                max_pixels: int = DataConfig.max_image_pixels) -> torch.Tensor:
     """Validation images: up to three crop×crop squares per image (start, centre, end of the
     long side) at native scale, or the image resized to cover the square when smaller.

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from bucketing import BatchSchedule
 from models.discriminator import PatchDiscriminator, hinge_d_loss, share_batch_statistics
-from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae, state_dict_problems
+from models.vae import AutoencoderKL, VAEConfig
+from models.vae_weights import load_vae, save_vae, state_dict_problems
 from training.checkpoint import (Checkpoint, load_checkpoint, read_state, resolve_resume,
                                  save_checkpoint)
 from training.config import Config, ConfigError, resolve_path, validate_config
@@ -247,7 +248,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     eval_images = eval_crops(plan.eval_records, v.eval_crop, v.eval_images,
                              cfg.data.max_image_pixels) if main else None
     ema_model = copy.deepcopy(vae).eval()
-    logger = RunLogger(run_dir, main)
+    logger = RunLogger(run_dir, main, resumed_step=step if resume_path is not None else None)
     stop = StopSignal()
     last_layer = vae.decoder.conv_out.weight
     guard = NonFiniteGuard(t.max_nonfinite)
@@ -366,7 +367,7 @@ def loader_for_scale(cfg: Config, plan: DataPlan, info: DistInfo,
     """Centre-cropped whole global batches (batch_size × world_size) of the run's schedule for
     this process alone, to measure the latent scale on: the same images, hence the same factors,
     at the end of training under torchrun as from `train.py --export` in one process."""
-    whole = BatchSchedule([p.bucket for p in plan.placements], cfg.batch_size * world_size, 1,
+    whole = BatchSchedule(plan.placements.bucket, cfg.batch_size * world_size, 1,
                           cfg.seed)
     return pixel_loader(cfg, dataclasses.replace(plan, schedule=whole), info, 0, 0)
 

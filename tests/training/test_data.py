@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bucketing import assign, make_buckets
+from bucketing import PlacementTable, make_buckets, nearest_buckets
 from training.data import (ImageLoadError, PixelDataset, crop_to_bucket, load_image,
                            make_synthetic, resolve_dataset, scan_folder)
 
@@ -248,7 +248,8 @@ def test_data_scan_warns_of_classes_without_a_usable_image(tmp_path: Path) -> No
     scan = scan_folder(root, use_classes=True, num_workers=1)
     assert scan.class_names == ["ant", "bee", "cat"]  # labels stay put
     assert "warning: 1 class(es) without a usable image: bee" in scan.summary()
-    scan.records = [r for r in scan.records if r.label != 2]  # as bucketing skips small images
+    # as bucketing skips small images
+    scan.records = scan.records.take(np.flatnonzero(scan.records.label != 2))
     assert "without a usable image: bee, cat" in scan.summary()
 
 
@@ -375,7 +376,8 @@ def test_data_load_draft_crops_what_a_full_decode_crops(tmp_path: Path) -> None:
         photo.save(tmp_path / f"orientation{orientation}.jpg", quality=95, exif=exif)
     records = scan_folder(tmp_path, num_workers=1).records
     buckets = make_buckets(64)
-    placements = [assign(r.width, r.height, buckets) for r in records]
+    placements = PlacementTable(records, nearest_buckets(records.width, records.height, buckets),
+                                buckets)
     dataset = PixelDataset(records, placements, buckets)  # the path of training and the cache
     assert len(records) == 8
     for i, (rec, place) in enumerate(zip(records, placements)):
@@ -392,7 +394,8 @@ def _dataset(root: Path, names: list[bytes]) -> PixelDataset:
         Image.new("RGB", (64, 64), (50 * i,) * 3).save(os.fsencode(root) + b"/" + name)
     records = scan_folder(root, num_workers=1).records
     buckets = make_buckets(64)
-    placements = [assign(r.width, r.height, buckets) for r in records]
+    placements = PlacementTable(records, nearest_buckets(records.width, records.height, buckets),
+                                buckets)
     assert len({p.bucket for p in placements}) == 1
     return PixelDataset(records, placements, buckets)
 
@@ -447,3 +450,231 @@ def test_data_resolve_dataset(tmp_path: Path, cache_dir: Path) -> None:
     for spec in ("synthetic:abc", "synthetic:0"):
         with pytest.raises(ValueError, match=f"{spec}: expected synthetic:N with N a positive"):
             resolve_dataset(spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Headers that lie, decoders that talk
+
+
+def _with_tag(path: Path, tag: int, value: int) -> bytes:
+    """The bytes of the little-endian TIFF `path` with the SHORT `tag` of its first IFD set to
+    `value`."""
+    data = bytearray(path.read_bytes())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, entry)[0] == tag:
+            struct.pack_into("<H", data, entry + 8, value)
+    return bytes(data)
+
+
+def test_data_scan_tells_damaged_headers_from_bombs_and_names_decoder_messages(
+        tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    _photo(30, 20).save(root / "big.tif", big_tiff=True)  # a whole BigTIFF reads
+    (root / "header.tif").write_bytes(b"II+\x00\x08\x00\x00\x00" + struct.pack("<Q", 4096))
+    (root / "motorola.tif").write_bytes(b"MM\x00+\x00\x08\x00\x00" + struct.pack(">Q", 4096))
+    _photo(30, 20).save(root / "ok.bmp")
+    forged = bytearray((root / "ok.bmp").read_bytes())
+    struct.pack_into("<I", forged, 18, 0xFFFFFF81)  # the width field: -127 as a signed int
+    (root / "forged.bmp").write_bytes(forged)
+    _photo(30, 20).save(tmp_path / "lzw.tif", compression="tiff_lzw")
+    (root / "webp.tif").write_bytes(_with_tag(tmp_path / "lzw.tif", 259, 50001))  # WEBP codec
+    capfd.readouterr()
+    scan = scan_folder(root, num_workers=1, cache_dir=tmp_path / "c")
+    reasons = {Path(s.path).name: s.reason for s in scan.skipped}
+    assert sorted(r.rel for r in scan.records) == ["big.tif", "ok.bmp"]
+    assert reasons["header.tif"].startswith("unsupported: a BigTIFF file")
+    assert reasons["motorola.tif"].startswith("unsupported: a BigTIFF file")
+    assert reasons["forged.bmp"].startswith("corrupt: the header's size 4294967169x20 is "
+                                            "impossible")
+    # libtiff's own words become part of the reason, and nothing reaches stderr unnamed
+    assert reasons["webp.tif"].startswith("corrupt: ")
+    assert "WEBP compression support is not configured" in reasons["webp.tif"]
+    assert "tempfile.tif" not in capfd.readouterr().err
+
+
+def test_data_scan_prints_decoder_messages_with_the_files_name(
+        tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.data as data
+
+    # A decoder that writes to file descriptor 2 from below Python, as libtiff does, and still
+    # decodes the file.
+    real = data._decode
+
+    def talkative(raw: bytes, max_pixels: int) -> dict:
+        os.write(2, b"TIFFReadDirectory: Warning, unknown field with tag 65000\n")
+        return real(raw, max_pixels)
+
+    monkeypatch.setattr(data, "_decode", talkative)
+    _photo(40, 30).save(tmp_path / "a.png")
+    capfd.readouterr()
+    scan = scan_folder(tmp_path, num_workers=1, cache_dir=tmp_path / "c")
+    assert [r.rel for r in scan.records] == ["a.png"]
+    err = capfd.readouterr().err
+    assert f"warning: {tmp_path / 'a.png'}: TIFFReadDirectory: Warning, unknown field" in err
+    assert err.count("unknown field") == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The scan cache, the table of images, exact duplicates
+
+
+def test_data_scan_cache_writes_only_what_changed(tmp_path: Path) -> None:
+    import sqlite3
+
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    for i, name in enumerate(("a.png", "sub/b.png", "c.png")):
+        _photo(40 + i, 30, i).save(root / name)
+    (root / "bad.jpg").write_text("not an image")
+    cache = tmp_path / "c"
+    first = scan_folder(root, num_workers=1, cache_dir=cache)
+    assert first.read == 4 and "4 new or changed file(s) read" in first.summary()
+    (db,) = (cache / "scan").glob("*.sqlite")
+
+    def rows() -> dict[bytes, tuple]:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            return {rel: rest for rel, *rest in conn.execute(
+                "SELECT rel, width, height, verified, error, length(sha256) FROM files")}
+
+    listed = rows()  # one row a file, keyed by path: its size, whether it decoded, its hash
+    assert listed.pop(b"bad.jpg")[3].startswith("not an image")
+    assert listed == {b"a.png": [40, 30, 1, None, 32], b"c.png": [42, 30, 1, None, 32],
+                      b"sub/b.png": [41, 30, 1, None, 32]}
+    again = scan_folder(root, num_workers=1, cache_dir=cache)
+    assert again.read == 0 and again.records == first.records and again.skipped == first.skipped
+    _photo(50, 30, 9).save(root / "c.png")  # edited
+    (root / "sub" / "b.png").unlink()  # gone
+    _photo(60, 30, 8).save(root / "d.png")  # new
+    third = scan_folder(root, num_workers=1, cache_dir=cache)
+    assert third.read == 2 and [r.rel for r in third.records] == ["a.png", "c.png", "d.png"]
+    assert sorted(rows()) == [b"a.png", b"bad.jpg", b"c.png", b"d.png"]
+    assert rows()[b"c.png"][0] == 50
+    # a damaged cache is only a cache: read everything again and write it afresh
+    db.write_bytes(b"this is not a database" * 100)
+    fourth = scan_folder(root, num_workers=1, cache_dir=cache)
+    assert fourth.read == 4 and fourth.records == third.records
+    assert scan_folder(root, num_workers=1, cache_dir=cache).read == 0
+
+
+def test_data_image_table_reads_like_a_list_of_records(tmp_path: Path) -> None:
+    from training.data import ImageRecord, ImageTable
+
+    names = ["b/z.png", "a.png", os.fsdecode(b"caf\xe9.png"), "b/y.png"]
+    for i, name in enumerate(names):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        _photo(30 + i, 20, i).save(tmp_path / name)
+    table = scan_folder(tmp_path, num_workers=1).records
+    records = list(table)
+    assert all(isinstance(r, ImageRecord) for r in records) and len(table) == 4
+    assert [r.rel for r in records] == sorted(names, key=os.fsencode)  # by path bytes
+    assert [(r.width, r.path) for r in records] == [
+        (table.size(i)[0], table.path(i)) for i in range(4)]
+    assert table[-1] == records[-1] and table[1:3] == records[1:3]
+    assert list(table.width) == [r.width for r in records]
+    assert [bytes(d).hex() for d in table.sha256] == [r.sha256 for r in records]
+    part = table.take([3, 0])
+    assert list(part) == [records[3], records[0]] and list(part.take([1])) == [records[0]]
+    with pytest.raises(IndexError):
+        table[4]
+    assert ImageTable.from_records(table.root, records) == table
+    lines = b"".join(table.rel_lines([b"|", b"#\n"], np.array([1, 0, 1, 0]), chunk=3))
+    assert lines == b"".join(os.fsencode(r.rel) + (b"#\n", b"|")[i % 2]
+                             for i, r in enumerate(records))
+    assert list(table.relabel([]).label) == [-1] * 4
+
+
+def _copies_folder(root: Path) -> Path:
+    """Two pictures with copies of each kind (byte-identical, symlink, hard link) in two
+    class folders, and one picture alone."""
+    (root / "ant").mkdir(parents=True)
+    (root / "bee").mkdir()
+    _photo(48, 40, 0).save(root / "bee" / "one.png")
+    _photo(40, 48, 1).save(root / "ant" / "two.png")
+    _photo(44, 44, 2).save(root / "bee" / "three.png")
+    (root / "bee" / "one_copy.png").write_bytes((root / "bee" / "one.png").read_bytes())
+    os.link(root / "bee" / "one.png", root / "ant" / "one_link.png")
+    os.symlink(root / "ant" / "two.png", root / "bee" / "two_symlink.png")
+    return root
+
+
+def test_data_fold_duplicates_keeps_each_picture_once_by_its_first_path(tmp_path: Path) -> None:
+    from training.data import fold_duplicates
+
+    root = _copies_folder(tmp_path / "img")
+    scan = scan_folder(root, use_classes=True, num_workers=1)
+    assert len(scan.records) == 6
+    copies, originals = scan.records.duplicates()
+    rel = [r.rel for r in scan.records]
+    assert [(rel[c], rel[o]) for c, o in zip(copies, originals)] == [
+        ("bee/one.png", "ant/one_link.png"), ("bee/one_copy.png", "ant/one_link.png"),
+        ("bee/two_symlink.png", "ant/two.png")]
+    fold_duplicates(scan)
+    assert [(r.rel, r.label) for r in scan.records] == [  # ant = 0, bee = 1
+        ("ant/one_link.png", 0), ("ant/two.png", 0), ("bee/three.png", 1)]
+    assert (scan.duplicates.copies, scan.duplicates.contents) == (3, 2)
+    assert scan.duplicates.mixed_classes == 2
+    text = scan.summary()
+    assert "exact duplicates: 3 cop(ies) of 2 picture(s) folded" in text
+    assert "2 of those picture(s) lie in more than one class folder" in text
+    kept = scan_folder(root, use_classes=True, num_workers=1)
+    fold_duplicates(kept, keep=True)
+    assert len(kept.records) == 6 and kept.duplicates.kept
+    assert "kept (data.keep_duplicates)" in kept.summary()
+    # another copy, later by path, changes nothing that was kept
+    (root / "bee" / "zz_copy.png").write_bytes((root / "ant" / "two.png").read_bytes())
+    again = scan_folder(root, use_classes=True, num_workers=1)
+    fold_duplicates(again)
+    assert again.records == scan.records and again.duplicates.copies == 4
+
+
+_SPLIT_SCAN = """
+import json, sys
+from pathlib import Path
+import training.data as data
+from training.distributed import setup, teardown
+
+root = Path(sys.argv[1])
+info = setup("cpu")
+probed = []
+real = data._probe
+def probe(path, *args):
+    probed.append(str(Path(path).relative_to(root)))
+    return real(path, *args)
+data._probe = probe
+scans = [data.scan_folder(root / "img", use_classes=True, num_workers=1,
+                          cache_dir=root / "cache", dist=info) for _ in range(2)]
+out = {"probed": probed, "read": [s.read for s in scans],
+       "records": [[r.rel, r.label, r.sha256, r.width] for r in scans[1].records],
+       "skipped": [[s.path, s.reason] for s in scans[1].skipped]}
+(root / f"rank{info.rank}.json").write_text(json.dumps(out))
+teardown()
+"""
+
+
+def test_data_scan_splits_the_files_to_read_over_torchrun_ranks(tmp_path: Path) -> None:
+    import json
+
+    from tests.training.test_distributed import _two_ranks
+
+    root = tmp_path / "img"
+    for c in ("cats", "dogs"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            _photo(30 + i, 24, i).save(root / c / f"{i}.png")
+    (root / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff nonsense")
+    _two_ranks(_SPLIT_SCAN, tmp_path, 29543)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    probed = [set(rank["probed"]) for rank in ranks]
+    assert [len(rank["probed"]) for rank in ranks] == [7, 6]  # each its share, once
+    assert not probed[0] & probed[1] and len(probed[0] | probed[1]) == 13
+    assert [rank["read"] for rank in ranks] == [[13, 0], [13, 0]]  # the second scan: none
+    one = scan_folder(root, use_classes=True, num_workers=1, cache_dir=tmp_path / "alone")
+    for rank in ranks:  # every rank ends with what one process finds
+        assert rank["records"] == [[r.rel, r.label, r.sha256, r.width] for r in one.records]
+        assert rank["skipped"] == [[s.path, s.reason] for s in one.skipped]
+    # the cache the ranks wrote holds every file: one process reads nothing again
+    assert scan_folder(root, use_classes=True, num_workers=1, cache_dir=tmp_path / "cache"
+                       ).read == 0

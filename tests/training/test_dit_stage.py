@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae, vae_fingerprint
+from models.vae import AutoencoderKL, VAEConfig
+from models.vae_weights import load_vae, save_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.config import Config, ConfigError, TrainingStopped, from_dict
 from training.dit_stage import train_dit

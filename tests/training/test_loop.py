@@ -46,13 +46,26 @@ def test_loop_keep_freed_memory_reuses_freed_blocks_without_page_faults():
 
 
 def _plan(rels: list[str], buckets: list[int]):
-    from bucketing import Placement
-    from training.data import ImageRecord
+    from bucketing import PlacementTable
+    from training.data import ImageRecord, ImageTable
     from training.loop import DataPlan
 
-    records = [ImageRecord(f"/data/{r}", r, 32, 32, -1, f"{i:064x}") for i, r in enumerate(rels)]
-    placements = [Placement(b, (32, 32), (0, 0, 32, 32)) for b in buckets]
-    return DataPlan(records, placements, [(32, 32), (48, 16)], None, [], [], [], [])
+    records = ImageTable.from_records("/data", [ImageRecord(f"/data/{r}", r, 64, 64, -1,
+                                                            f"{i:064x}")
+                                                for i, r in enumerate(rels)])
+    grid = [(32, 32), (48, 16)]
+    placements = PlacementTable(records, buckets, grid)
+    return DataPlan(records, placements, grid, None, records.take([]), placements.take([]), [],
+                    [])
+
+
+def test_loop_fingerprint_hashes_each_path_with_its_bucket() -> None:
+    import hashlib
+
+    plan = _plan(["a.png", "sub/b.png", "caf\udce9.png"], [0, 1, 0])
+    # as checkpoints have recorded it since it was introduced
+    expected = hashlib.sha256(b"a.png\x0032x32\nsub/b.png\x0048x16\ncaf\xe9.png\x0032x32\n")
+    assert plan.fingerprint() == expected.hexdigest()
 
 
 def test_loop_resume_position_starts_the_next_epoch_when_the_images_changed(
@@ -263,7 +276,7 @@ def test_loop_plan_data_ranks_agree_on_the_images(tmp_path: Path) -> None:
     assert ranks[0] == ranks[1]  # every rank ends the same way
     same, extra, missing = ranks[0]
     assert same == ["ok", 4]
-    assert extra[0] == "ConfigError" and "see different training data" in extra[1]
+    assert extra[0] == "ConfigError" and "the ranks see different files" in extra[1]
     assert "rank 0: 4 images" in extra[1] and "rank 1: 5 images" in extra[1]
     assert missing[1].startswith("rank 1 (") and str(tmp_path / "missing") in missing[1]
 
@@ -293,3 +306,40 @@ def test_loop_step_rate_leaves_paused_time_out_and_restarts_each_window(monkeypa
             break
     advance(2)
     assert rate.scalars(15, 8) == {"train/samples_per_s": 4.0, "train/data_wait_fraction": 0.0}
+
+
+def test_loop_plan_data_trains_no_copy_of_a_validation_picture(tmp_path: Path,
+                                                                capsys) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from training.config import Config, from_dict
+    from training.distributed import DistInfo
+    from training.loop import SCHEDULE_KEYS, plan_data
+
+    rng = np.random.default_rng(0)
+    for folder in ("train", "val"):
+        (tmp_path / folder).mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "train" / f"{i}.png")
+    for name in ("v.png", "v_again.png"):  # a picture twice in validation, once in training
+        (tmp_path / "val" / name).write_bytes((tmp_path / "train" / "4.png").read_bytes())
+    (tmp_path / "train" / "5_copy.png").write_bytes((tmp_path / "train" / "5.png").read_bytes())
+    cfg = from_dict(Config, {"batch_size": 1, "data": {
+        "dataset": str(tmp_path / "train"), "eval_dataset": str(tmp_path / "val"),
+        "resolution": 32, "num_workers": 0}})
+    one = DistInfo(0, 1, 0, torch.device("cpu"))
+    plan = plan_data(cfg, one)
+    assert [r.rel for r in plan.eval_records] == ["v.png"]
+    assert [r.rel for r in plan.records] == ["0.png", "1.png", "2.png", "3.png", "5.png"]
+    out = capsys.readouterr().out
+    assert "1 training image(s) are copies of validation images" in out
+    assert "exact duplicates: 1 cop(ies) of 1 picture(s) folded" in out
+    cfg.data.keep_duplicates = True
+    plan = plan_data(cfg, one)
+    assert len(plan.eval_records) == 2 and "4.png" not in [r.rel for r in plan.records]
+    assert [r.rel for r in plan.records] == ["0.png", "1.png", "2.png", "3.png", "5.png",
+                                             "5_copy.png"]
+    assert "data.keep_duplicates" in SCHEDULE_KEYS  # a resumed run keeps its schedule
