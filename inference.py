@@ -383,7 +383,7 @@ def reconstruct(args: argparse.Namespace) -> int:
 
     from inference.pipelines import crop_to_multiple
     from inference.pipelines import reconstruct as reconstruct_image
-    from models.vae import load_vae
+    from models.vae_weights import load_vae
 
     flag, source = ("--vae", args.vae) if args.vae is not None else ("--config", args.config)
     try:  # the flags, the input files, --out, then the VAE; each refusal exits 2

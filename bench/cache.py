@@ -35,7 +35,8 @@ if str(REPO) not in sys.path:  # allow `python bench/cache.py` as well as `pytho
 
 import cache  # noqa: E402
 from bucketing import bucket_dataset  # noqa: E402
-from models.vae import AutoencoderKL, VAEConfig, load_vae  # noqa: E402
+from models.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from models.vae_weights import load_vae  # noqa: E402
 from training.config import DataConfig  # noqa: E402
 from training.data import crop_to_bucket, load_image, to_unit_range  # noqa: E402
 

@@ -62,7 +62,8 @@ def make_tiny_run(root: Path) -> Path:
     """A tiny VAE (f = 2) and a dit-t/2 trained for 2 steps on it, checkpoints at steps 1, 2."""
     import torch
 
-    from models.vae import AutoencoderKL, VAEConfig, save_vae
+    from models.vae import AutoencoderKL, VAEConfig
+    from models.vae_weights import save_vae
     from training.config import Config, from_dict
     from training.dit_stage import train_dit
 

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from models.vae import AutoencoderKL, VAEConfig, save_vae
+from models.vae import AutoencoderKL, VAEConfig
+from models.vae_weights import save_vae
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,7 +105,7 @@ def test_inference_tile_size_sets_the_tiles_of_a_large_image(cli, tmp_path: Path
 def test_inference_single_vae_file_takes_its_config_else_warns(tiny_vae: Path,
                                                               tmp_path: Path) -> None:
     from inference.pipelines import reconstruct
-    from models.vae import load_vae
+    from models.vae_weights import load_vae
 
     img = _image(tmp_path / "in.png", 16, 16)
     weights = tiny_vae / "diffusion_pytorch_model.safetensors"  # config.json beside it

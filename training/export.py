@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.dit import DiT, DiTConfig, upgrade_state_dict
-from models.vae import (AutoencoderKL, kept_vae_folder, load_vae, state_dict_problems,
-                        vae_fingerprint)
+from models.vae import AutoencoderKL
+from models.vae_weights import kept_vae_folder, load_vae, state_dict_problems, vae_fingerprint
 from training.checkpoint import (SET_ASIDE, STATE_FILE, list_checkpoints, resolve_resume,
                                  share_like_other_files, step_dir_name)
 from training.config import REPO_ROOT, portable_path, resolve_path

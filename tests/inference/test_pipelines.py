@@ -14,7 +14,8 @@ from inference.pipelines import (decode_latents, encode_image, generate, grid_st
                                  initial_noise, parse_size, pil_to_tensor, prepare_image,
                                  reconstruct, resolve_labels, sampling_timesteps, save_images,
                                  snap_size, tensor_to_pil)
-from models.vae import AutoencoderKL, VAEConfig, load_vae, vae_fingerprint
+from models.vae import AutoencoderKL, VAEConfig
+from models.vae_weights import load_vae, vae_fingerprint
 from training.data import SYNTHETIC_CLASSES
 from training.export import load_generator
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.vae import AutoencoderKL, VAEConfig, save_vae
+from models.vae import AutoencoderKL, VAEConfig
+from models.vae_weights import save_vae
 from scripts import eval_vae
 
 

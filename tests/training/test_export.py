@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from inference.pipelines import generate
-from models.vae import AutoencoderKL, VAEConfig, kept_vae_folder, save_vae, vae_fingerprint
+from models.vae import AutoencoderKL, VAEConfig
+from models.vae_weights import kept_vae_folder, save_vae, vae_fingerprint
 from training.data import SYNTHETIC_CLASSES
 from training.export import ExportError, export_dit, export_name, is_export, load_generator
 
