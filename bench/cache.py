@@ -1,4 +1,4 @@
-"""Benchmark the latent cache (cache.py) against its peers, measured in the same run.
+"""Benchmark the latent cache (training/latent_cache/) against its peers, measured in the same run.
 
 (a) Training batches per second served from the cache (memory-mapped moments plus a fresh
     sample) against loading, decoding, resizing and encoding the same batches on the fly.
@@ -33,12 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow `python bench/cache.py` as well as `python -m bench.cache`
     sys.path.insert(0, str(REPO))
 
-import cache  # noqa: E402
 from bucketing import bucket_dataset  # noqa: E402
 from models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from models.vae_weights import load_vae  # noqa: E402
 from training.config import DataConfig  # noqa: E402
 from training.data import crop_to_bucket, load_image, to_unit_range  # noqa: E402
+from training.latent_cache.build import ensure_cache  # noqa: E402
+from training.latent_cache.read import LatentReader, step_generator  # noqa: E402
 
 DEFAULT_VAE = REPO / "vae"
 # Used when vae/ holds no VAE: the shape the VAE stage trains (f = 8, 16 latent channels).
@@ -120,9 +121,9 @@ def bench_build(vae, records, buckets, placements, args, work: Path) -> dict:
         if r % 2 == 0:
             bare.append(bare_encoder_ips(vae, pixels, batches))
         start = time.perf_counter()
-        last = cache.ensure_cache(records, placements, buckets, vae, work / f"build{r}",
-                                  batch_size=args.batch, num_workers=args.workers,
-                                  progress=False)
+        last = ensure_cache(records, placements, buckets, vae, work / f"build{r}",
+                            batch_size=args.batch, num_workers=args.workers,
+                            progress=False)
         build.append(last.encoded / (time.perf_counter() - start))
         if r % 2 == 1:
             bare.append(bare_encoder_ips(vae, pixels, batches))
@@ -136,21 +137,21 @@ def bench_build(vae, records, buckets, placements, args, work: Path) -> dict:
 def bench_training(vae, records, buckets, placements, keys, cache_dir: Path, args) -> dict:
     """(a): batches/s from the cache against decoding and encoding the same batches."""
     plan_batches = bucket_batches(placements, buckets, args.batch)
-    reader = cache.LatentReader(cache_dir, keys, vae.config.latent_affine())
+    reader = LatentReader(cache_dir, keys, vae.config.latent_affine())
     fly = plan_batches[:args.fly_batches]
     start = time.perf_counter()
     for step, b in enumerate(fly):
         x = torch.stack([torch.from_numpy(crop_to_bucket(
             load_image(records[i].path, min_size=placements[i].resized),
             placements[i].resized, placements[i].crop)).permute(2, 0, 1) for i in b])
-        gen = cache.step_generator(args.seed, step)
+        gen = step_generator(args.seed, step)
         vae.normalize(vae.encode(to_unit_range(x)).sample(gen))  # (B, C, h, w)
     fly_bps = len(fly) / (time.perf_counter() - start)
     steps = 0
     start = time.perf_counter()
     while time.perf_counter() - start < 2.0:
         b = plan_batches[steps % len(plan_batches)]
-        reader.batch(b, cache.step_generator(args.seed, steps))
+        reader.batch(b, step_generator(args.seed, steps))
         steps += 1
     cached_bps = steps / (time.perf_counter() - start)
     reader.close()
@@ -175,8 +176,8 @@ def rss_child(root: Path, cache_dir: Path, resolution: int, args) -> None:
     vae, _ = make_vae(args.vae, args.seed)
     records, buckets, placements = plan(root, resolution)
     before = peak_rss_mb()
-    summary = cache.ensure_cache(records, placements, buckets, vae, cache_dir,
-                                 batch_size=args.batch, num_workers=args.workers, progress=False)
+    summary = ensure_cache(records, placements, buckets, vae, cache_dir,
+                           batch_size=args.batch, num_workers=args.workers, progress=False)
     print(json.dumps({"images": summary.encoded, "max_rss_before_build_mb": before,
                       "max_rss_mb": peak_rss_mb(), "cache_mb": summary.bytes / 2**20}))
 
@@ -245,8 +246,8 @@ def main() -> None:
         root = write_photos(work / "photos", args.images, MEGAPIXEL_SIZES, args.seed)
         records, buckets, placements = plan(root, args.resolution)
         build = bench_build(vae, records, buckets, placements, args, work)
-        summary = cache.ensure_cache(records, placements, buckets, vae, work / "build0",
-                                     progress=False)
+        summary = ensure_cache(records, placements, buckets, vae, work / "build0",
+                               progress=False)
         training = bench_training(vae, records, buckets, placements, summary.keys,
                                   work / "build0", args)
         rss = bench_rss(args, work)

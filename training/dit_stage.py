@@ -31,7 +31,6 @@ import torch
 from tqdm import tqdm
 
 from bucketing import BatchSchedule, assign
-from cache import LatentReader, ensure_cache, flip_from_seed, step_generator
 from inference.pipelines import generate, image_grid, parse_size, tensor_to_pil
 from models.dit import DiT, upgrade_state_dict
 from models.registry import MODEL_NAMES, build_dit
@@ -43,6 +42,8 @@ from training.data import ScheduleSampler
 from training.distributed import DistInfo, agree, setup, teardown
 from training.ema import EMA
 from training.flow import RectifiedFlow
+from training.latent_cache.build import ensure_cache
+from training.latent_cache.read import LatentReader, flip_from_seed, step_generator
 from training.logging import RunLogger
 from training.loop import (NonFiniteGuard, StepRate, StopSignal, autocast, autocast_dtype,
                            checkpoint_due, clip_and_check, data_state, find_resume,
@@ -173,7 +174,7 @@ class BatchPrefetcher:
         indices = [i for i, _, _, _ in items]
         x0 = self.reader.batch(indices, noise_gen, flips, self.part)  # (B, C, h, w)
         y = None if self.labels is None else torch.tensor([int(self.labels[i])
-                                                            for i in indices])  # (B,) int64
+                                                           for i in indices])  # (B,) int64
         if self.pin:
             x0, y = x0.pin_memory(), None if y is None else y.pin_memory()
         return k, items, noise_gen, x0, y

@@ -458,7 +458,7 @@ def test_dit_stage_resume_applies_new_optimizer_settings(tmp_path: Path, tiny_va
 
 
 def test_dit_stage_flow_noise_is_independent_of_the_latent_noise() -> None:
-    from cache import step_generator
+    from training.latent_cache.read import step_generator
     from training.dit_stage import flow_generator
 
     noise = step_generator(1234, 5)
@@ -480,7 +480,8 @@ def test_dit_stage_flow_noise_is_independent_of_the_latent_noise() -> None:
 @pytest.mark.parametrize("use_classes", [True, False], ids=["classes", "unconditional"])
 def test_dit_stage_prefetcher_reads_each_batch_with_its_labels(tmp_path: Path, tiny_vae: Path,
                                                                use_classes: bool) -> None:
-    from cache import LatentReader, ensure_cache
+    from training.latent_cache.build import ensure_cache
+    from training.latent_cache.read import LatentReader
     from training.data import ScheduleSampler
     from training.distributed import DistInfo
     from training.dit_stage import BatchPrefetcher, load_stage_vae
