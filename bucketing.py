@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # annotations only: this module loads without torch
     from pathlib import Path
 
     from training.config import DataConfig
-    from training.data import ImageTable, ScanResult
+    from training.image_table import ImageTable, ScanResult
     from training.distributed import DistInfo
 
 
@@ -467,7 +467,8 @@ def bucket_dataset(cfg_data: DataConfig, batch_size: int | None = None, world_si
     every rank must call this alike; the ranks split the scan (`scan_folder`) and end with the
     same result, or all raise the same error.
     """
-    from training.data import SkippedFile, fold_duplicates, scan_folder
+    from training.image_table import SkippedFile, fold_duplicates
+    from training.scan import scan_folder
     from training.distributed import on_every_rank
 
     def work():
@@ -582,7 +583,7 @@ def report(scan: ScanResult, buckets: Sequence[tuple[int, int]],
 
 def format_report(rep: dict) -> str:
     """Human-readable table of `report`'s dict, safe to print whatever the file names."""
-    from training.data import printable
+    from training.images import printable
 
     lines = [f"{rep['root']}: {rep['images']} images in {len(rep['buckets'])} buckets "
              f"(grid of {rep['grid_size']})",

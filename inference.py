@@ -240,9 +240,9 @@ def _check_vae(path: str, flag: str) -> None:
 
 
 def _read_image(path: str):
-    """The input image as RGB (`training.data.load_image`); "<path>: file not found" for a
+    """The input image as RGB (`training.images.load_image`); "<path>: file not found" for a
     path that does not exist."""
-    from training.data import load_image
+    from training.images import load_image
 
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: file not found")

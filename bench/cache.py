@@ -37,7 +37,7 @@ from bucketing import bucket_dataset  # noqa: E402
 from models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from models.vae_weights import load_vae  # noqa: E402
 from training.config import DataConfig  # noqa: E402
-from training.data import crop_to_bucket, load_image, to_unit_range  # noqa: E402
+from training.images import crop_to_bucket, load_image, to_unit_range  # noqa: E402
 from training.latent_cache.build import ensure_cache  # noqa: E402
 from training.latent_cache.read import LatentReader, step_generator  # noqa: E402
 

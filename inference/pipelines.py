@@ -259,7 +259,7 @@ def prepare_image(img: Image.Image, step: int, size: tuple[int, int] | None = No
     """Resize `img` to cover `size` (default: its own size), snapped to the grid of `step`,
     and centre-crop it there, as training does with buckets."""
     from bucketing import place
-    from training.data import crop_to_bucket
+    from training.images import crop_to_bucket
 
     target = snap_size(*(size or img.size), step)
     placement = place(*img.size, *target, 0)

@@ -32,7 +32,8 @@ def quality(vae_path: str, dataset: str, crop: int, limit: int) -> dict:
     import torch
 
     from models.vae_weights import load_vae
-    from training.data import resolve_dataset, scan_folder
+    from training.data import resolve_dataset
+    from training.scan import scan_folder
     from training.loop import eval_crops
     from training.vae_stage import evaluate
 

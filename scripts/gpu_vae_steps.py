@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.config import (Config, ConfigError, TrainingAborted,  # noqa: E402
                              TrainingStopped, apply_overrides, load_config)
-from training.data import resolve_dataset  # noqa: E402
+from training.data import resolve_dataset
 from training.vae_stage import train_vae  # noqa: E402
 
 PREFETCH = 4  # batches each loader worker keeps ready (`training/loop.py: pixel_loader`)

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image  # noqa: E402
 
-from training.data import IMAGE_EXTENSIONS, ImageLoadError, load_image  # noqa: E402
+from training.images import ImageLoadError, load_image
+from training.scan import IMAGE_EXTENSIONS
 
 SIZE_NAME = re.compile(r"^(\d+)x(\d+)$")
 

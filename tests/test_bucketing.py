@@ -398,7 +398,7 @@ def test_bucketing_nearest_buckets_decides_as_assign_does() -> None:
 
 def test_bucketing_placement_table_gives_the_placements_place_gives(tmp_path: Path) -> None:
     from bucketing import PlacementTable, nearest_buckets
-    from training.data import ImageRecord, ImageTable
+    from training.image_table import ImageRecord, ImageTable
 
     rng = np.random.default_rng(6)
     sizes = rng.integers(200, 3000, size=(3000, 2))

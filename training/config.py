@@ -344,6 +344,11 @@ def _map_paths(cfg: Config, convert: typing.Callable[[str], str]) -> Config:
     return out
 
 
+def default_cache_dir() -> Path:
+    """Folder for the scan cache, synthetic data and latents: $LDM_CACHE_DIR or `.cache/`."""
+    return Path(os.environ.get("LDM_CACHE_DIR") or REPO_ROOT / ".cache")
+
+
 def is_synthetic(dataset: str) -> bool:
     """Whether `dataset` names the built-in synthetic set ("synthetic" or "synthetic:N"), not a
     folder (a folder may well be called "synthetic_photos")."""

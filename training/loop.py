@@ -30,8 +30,9 @@ from training.checkpoint import (CHECKPOINTS, STATE_FILE, read_state,
 from training.config import (Config, ConfigError, DataConfig, TrainConfig, TrainingAborted,
                              TrainingStopped, absolute_config, from_dict, get_dotted,
                              portable_config, resolve_path, save_config, to_dict)
-from training.data import (Duplicates, ImageTable, PixelDataset, ScanResult, ScheduleSampler,
-                           SkippedFile, fold_duplicates, scan_folder)
+from training.data import PixelDataset, ScheduleSampler
+from training.image_table import Duplicates, ImageTable, ScanResult, SkippedFile, fold_duplicates
+from training.scan import scan_folder
 from training.distributed import (DistInfo, all_gather_objects, barrier, main_first,
                                   on_every_rank)
 
@@ -564,7 +565,7 @@ def eval_crops(records: ImageTable, crop: int, limit: int,
 
     Returns uint8 (N, 3, crop, crop).
     """
-    from training.data import crop_to_bucket, load_image
+    from training.images import crop_to_bucket, load_image
 
     out = []
     for rec in records[:limit]:

@@ -32,7 +32,7 @@ from models.vae_weights import load_vae, save_vae, state_dict_problems
 from training.checkpoint import (Checkpoint, load_checkpoint, read_state, resolve_resume,
                                  save_checkpoint)
 from training.config import Config, ConfigError, resolve_path, validate_config
-from training.data import to_unit_range
+from training.images import to_unit_range
 from training.distributed import DistInfo, agree, all_reduce_mean, setup, teardown
 from training.ema import EMA
 from training.logging import RunLogger

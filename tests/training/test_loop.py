@@ -47,7 +47,7 @@ def test_loop_keep_freed_memory_reuses_freed_blocks_without_page_faults():
 
 def _plan(rels: list[str], buckets: list[int]):
     from bucketing import PlacementTable
-    from training.data import ImageRecord, ImageTable
+    from training.image_table import ImageRecord, ImageTable
     from training.loop import DataPlan
 
     records = ImageTable.from_records("/data", [ImageRecord(f"/data/{r}", r, 64, 64, -1,

@@ -65,7 +65,7 @@ def test_vae_stage_reconstruction_loss_falls(tmp_path: Path) -> None:
     few images (2) to tell a trend from which images they hold."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from training.data import to_unit_range
+    from training.images import to_unit_range
     from training.distributed import DistInfo
     from training.loop import eval_crops, plan_data, seed_everything
 

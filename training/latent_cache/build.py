@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.data import (ImageLoadError, ImageRecord, crop_to_bucket, load_image,
-                           to_unit_range)
+from training.image_table import ImageRecord
+from training.images import ImageLoadError, crop_to_bucket, load_image, to_unit_range
 from training.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from training.latent_cache.shards import (ROW_SUM_BYTES, check_rows, full_check, row_layout,
                                           sample_rows, shard_stamp)

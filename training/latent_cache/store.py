@@ -45,7 +45,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from training.checkpoint import fsync_dir
-from training.data import ImageRecord, default_cache_dir
+from training.config import default_cache_dir
+from training.image_table import ImageRecord
 from training.latent_cache.shards import (ROW_SUM_BYTES, full_check, read_header, row_sums,
                                           shard_stamp)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import (crop_to_bucket, load_image, to_unit_range)
+from training.images import crop_to_bucket, load_image, to_unit_range
 from training.latent_cache.build import ensure_cache
 from training.latent_cache.read import (LatentReader, flip_from_seed, step_generator)
 from training.latent_cache.store import (keys_from_hex, record_hex_keys)
