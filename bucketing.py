@@ -34,11 +34,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 if TYPE_CHECKING:  # annotations only: this module loads without torch
-    from pathlib import Path
 
-    from training.config import DataConfig
     from training.image_table import ImageTable, ScanResult
-    from training.distributed import DistInfo
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,7 @@ def place_many(width: np.ndarray, height: np.ndarray, bucket_w: np.ndarray,
 
 
 # Rows at a time in the vectorised passes over every image: bounds the memory they take.
-_CHUNK = 1 << 16
+CHUNK_ROWS = 1 << 16
 
 
 def nearest_buckets(widths: Sequence[int] | np.ndarray, heights: Sequence[int] | np.ndarray,
@@ -122,9 +119,9 @@ def nearest_buckets(widths: Sequence[int] | np.ndarray, heights: Sequence[int] |
         return out
     bw, bh = grid[idx, 0], grid[idx, 1]  # (K,) the candidates, in order
     bucket_log, area = np.log(bw / bh), bw * bh
-    for lo in range(0, len(widths), _CHUNK):
-        w = np.asarray(widths[lo:lo + _CHUNK], dtype=np.int64)
-        h = np.asarray(heights[lo:lo + _CHUNK], dtype=np.int64)
+    for lo in range(0, len(widths), CHUNK_ROWS):
+        w = np.asarray(widths[lo:lo + CHUNK_ROWS], dtype=np.int64)
+        h = np.asarray(heights[lo:lo + CHUNK_ROWS], dtype=np.int64)
         sizes, inverse = np.unique(w << 32 | h, return_inverse=True)  # sides < 2**31
         best = np.full(len(sizes), -1, dtype=np.int64)
         for first in range(0, len(sizes), 4096):  # (4096, K) at a time
@@ -137,7 +134,7 @@ def nearest_buckets(widths: Sequence[int] | np.ndarray, heights: Sequence[int] |
             # among the least errors the largest area; argmax takes the first of equals
             pick = np.where(error == least[:, None], area[None, :], -1).argmax(axis=1)
             best[first:first + 4096] = np.where(np.isfinite(least), idx[pick], -1)
-        out[lo:lo + _CHUNK] = best[inverse.reshape(-1)]
+        out[lo:lo + CHUNK_ROWS] = best[inverse.reshape(-1)]
     return out
 
 
@@ -214,7 +211,7 @@ class PlacementTable:
         return place_many(self.images.width, self.images.height, *self.bucket_sizes())
 
 
-def merge_small(widths: Sequence[int] | np.ndarray, heights: Sequence[int] | np.ndarray,
+def merge_small_buckets(widths: Sequence[int] | np.ndarray, heights: Sequence[int] | np.ndarray,
                 bucket_of: Sequence[int] | np.ndarray, buckets: Sequence[tuple[int, int]],
                 min_count: int, allow_upscale: bool = False) -> np.ndarray:
     """Move the images of buckets holding fewer than `min_count` into their nearest neighbours;
@@ -256,27 +253,13 @@ def merge_small(widths: Sequence[int] | np.ndarray, heights: Sequence[int] | np.
 def _by_first_appearance(values: np.ndarray, distinct: int) -> list[int]:
     """The `distinct` values >= 0 of `values`, in the order they first occur."""
     seen: dict[int, None] = {}
-    for lo in range(0, len(values), _CHUNK):
-        chunk = values[lo:lo + _CHUNK]
+    for lo in range(0, len(values), CHUNK_ROWS):
+        chunk = values[lo:lo + CHUNK_ROWS]
         ids, first = np.unique(chunk[chunk >= 0], return_index=True)
         seen.update(dict.fromkeys(ids[np.argsort(first)].tolist()))
         if len(seen) == distinct:
             break
     return list(seen)
-
-
-def merge_small_buckets(sizes: Sequence[tuple[int, int]], placements: list[Placement | None],
-                        buckets: Sequence[tuple[int, int]], min_count: int,
-                        allow_upscale: bool = False) -> list[Placement | None]:
-    """`merge_small` for a list of placements (None: an image not placed) and the images'
-    (width, height): the placements after merging, None staying None."""
-    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
-    merged = merge_small(sizes[:, 0], sizes[:, 1], [-1 if p is None else p.bucket
-                                                    for p in placements],
-                         buckets, min_count, allow_upscale)
-    return [None if p is None else p if b == p.bucket else
-            place(int(w), int(h), *map(int, buckets[b]), int(b))
-            for p, b, (w, h) in zip(placements, merged.tolist(), sizes.tolist())]
 
 
 @dataclass
@@ -290,24 +273,19 @@ class BucketStats:
     aspect_error_max: float
 
 
-def bucket_stats(sizes: Sequence[tuple[int, int]] | None,
-                 placements: Sequence[Placement | None] | PlacementTable,
+def bucket_stats(widths: np.ndarray, heights: np.ndarray, bucket: np.ndarray,
                  buckets: Sequence[tuple[int, int]]) -> BucketStats:
-    """Statistics over the placed images: a `PlacementTable` (its images' sizes; `sizes` is
-    not needed), or a list of placements (None entries are ignored) of images of `sizes`."""
-    if isinstance(placements, PlacementTable):
-        w, h = placements.images.width.astype(np.int64), placements.images.height.astype(np.int64)
-        bw, bh = placements.bucket_sizes()
-        cw, ch = bw, bh  # a crop is its bucket's size
-        rw, rh, _, _ = placements.boxes()
-    else:
-        w, h, bw, bh, cw, ch, rw, rh = np.array(
-            [(*s, *buckets[p.bucket], p.crop[2] - p.crop[0], p.crop[3] - p.crop[1], *p.resized)
-             for s, p in zip(sizes, placements) if p is not None], dtype=np.int64
-        ).reshape(-1, 8).T
+    """Crop and aspect statistics of images (N,) of `widths` × `heights` placed in `bucket`
+    (indices into `buckets`; -1: not placed, left out)."""
+    placed = np.asarray(bucket) >= 0
+    w = np.asarray(widths, dtype=np.int64)[placed]
+    h = np.asarray(heights, dtype=np.int64)[placed]
     if not len(w):
         return BucketStats(0, 0.0, 0.0, 0.0, 0.0)
-    losses = 1.0 - (cw * ch) / (rw * rh)
+    grid = np.asarray(buckets, dtype=np.int64).reshape(-1, 2)
+    bw, bh = grid[np.asarray(bucket)[placed], 0], grid[np.asarray(bucket)[placed], 1]
+    rw, rh, _, _ = place_many(w, h, bw, bh)
+    losses = 1.0 - (bw * bh) / (rw * rh)  # a crop is its bucket's size
     errors = np.abs(np.log((bw / bh) / (w / h)))
     return BucketStats(len(w), float(losses.mean()), float(losses.max()),
                        float(errors.mean()), float(errors.max()))
@@ -447,120 +425,10 @@ class BatchSchedule:
             plan = self.epoch_plan(epoch)
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def bucket_dataset(cfg_data: DataConfig, batch_size: int | None = None, world_size: int = 1,
-                   progress: bool = False, dist: DistInfo | None = None,
-                   keep_out: ImageTable | None = None
-                   ) -> tuple[ScanResult, list[tuple[int, int]], PlacementTable]:
-    """Scan `cfg_data.dataset`, fold exact duplicates (unless `cfg_data.keep_duplicates`),
-    assign buckets, and merge small ones when a batch size is given.
-
-    Returns (scan, buckets, placements): `placements`, a `PlacementTable`, belongs to
-    `scan.records` row for row; images that cover no bucket (too small or too thin) are moved
-    from the records to `scan.skipped`. Buckets are merged over the training images alone
-    (`split_validation`): the held-out images, every copy of their contents, and the images
-    whose content is that of `keep_out` (an `ImageTable`: a validation folder's images) keep
-    their own placements and do not count towards a bucket's size. Under torchrun (`dist`)
-    every rank must call this alike; the ranks split the scan (`scan_folder`) and end with the
-    same result, or all raise the same error.
-    """
-    from training.image_table import SkippedFile, fold_duplicates
-    from training.scan import scan_folder
-    from training.distributed import on_every_rank
-
-    def work():
-        scan = scan_folder(resolve_first(cfg_data.dataset, dist),
-                           use_classes=cfg_data.use_classes, max_pixels=cfg_data.max_image_pixels,
-                           num_workers=cfg_data.num_workers, progress=progress, dist=dist)
-        fold_duplicates(scan, cfg_data.keep_duplicates)
-        buckets = make_buckets(cfg_data.resolution, cfg_data.step, cfg_data.min_area_ratio,
-                               cfg_data.max_aspect)
-        records = scan.records
-        bucket = nearest_buckets(records.width, records.height, buckets, cfg_data.allow_upscale)
-        unfit = np.flatnonzero(bucket < 0)
-        if unfit.size:
-            aspects = np.asarray(buckets)[:, 0] / np.asarray(buckets)[:, 1]
-            nearest = nearest_buckets(records.width[unfit], records.height[unfit], buckets,
-                                      allow_upscale=True)
-            for row, b in zip(unfit.tolist(), nearest.tolist()):
-                (w, h), (bw, bh) = records.size(row), buckets[b]
-                if w * h >= bw * bh and not aspects.min() <= w / h <= aspects.max():
-                    why = (f"too thin: {w}x{h} is more elongated than any bucket (at most "
-                           f"{aspects.max():.3g}:1), so it covers none")
-                else:
-                    why = f"too small: {w}x{h} covers no bucket"
-                scan.skipped.append(SkippedFile(records.path(row), f"{why} (the nearest in shape "
-                                                f"is {bw}x{bh}); allow upscaling to keep it"))
-            scan.skipped.sort(key=lambda s: s.path)
-            fits = np.flatnonzero(bucket >= 0)
-            records, bucket = records.take(fits), bucket[fits]
-            scan.records = records
-        if cfg_data.merge_small_buckets and batch_size:
-            # Only the images training will use count towards a bucket's size: merging before
-            # the held-out images leave could let a bucket drop back below one global batch.
-            train = split_validation(records, cfg_data, keep_out)[1]  # (N,) bool
-            bucket[train] = merge_small(records.width[train], records.height[train],
-                                        bucket[train], buckets, batch_size * world_size,
-                                        cfg_data.allow_upscale)
-        return scan, buckets, PlacementTable(records, bucket, buckets)
-
-    return on_every_rank(work) if dist is not None and dist.world_size > 1 else work()
-
-
-def resolve_first(spec: str, dist: DistInfo | None = None) -> Path:
-    """`training.data.resolve_dataset(spec)`; under torchrun (`dist`) rank 0's first, so that
-    only one process generates the synthetic set while the others wait for it, and an error
-    on any rank is raised on all of them."""
-    from training.data import resolve_dataset
-    from training.distributed import main_first, on_every_rank
-
-    if dist is None or dist.world_size == 1:
-        return resolve_dataset(spec)
-    main_first(dist, lambda: resolve_dataset(spec))
-    return on_every_rank(lambda: resolve_dataset(spec))
-
-
-def held_out(records: ImageTable, cfg_data: DataConfig) -> list[int]:
-    """Rows (ascending) of the `cfg_data.holdout` images kept out of training for validation:
-    the first file (by path) of each of the contents with the smallest hashes, so the choice
-    is stable when files are added, renamed or reordered, and no content is held out twice.
-    None when a separate `eval_dataset` is given. `records` is an `ImageTable`."""
-    if cfg_data.eval_dataset or cfg_data.holdout <= 0:
-        return []
-    count = cfg_data.holdout
-    copy = np.zeros(len(records), dtype=bool)
-    copy[records.duplicates()[0]] = True  # each content counts as its first file only
-    rows, keys = np.zeros(0, np.int64), np.zeros(0, np.uint64)  # the candidates so far
-    for lo in range(0, len(records), _CHUNK):  # the `count` smallest keys, ties included
-        new = np.flatnonzero(~copy[lo:lo + _CHUNK])
-        rows = np.concatenate([rows, lo + new])
-        keys = np.concatenate([keys, records.content_keys(lo, lo + _CHUNK)[new]])
-        if len(rows) > count:
-            small = keys <= np.partition(keys, count - 1)[count - 1]
-            rows, keys = rows[small], keys[small]
-    digests = records.digests(rows)  # the exact order of the hashes among those
-    chosen = sorted(range(len(rows)), key=lambda k: digests[k].tobytes())[:count]
-    return sorted(int(rows[k]) for k in chosen)
-
-
-def split_validation(records: ImageTable, cfg_data: DataConfig,
-                     keep_out: ImageTable | None = None) -> tuple[list[int], np.ndarray]:
-    """(held-out rows (`held_out`), training mask (N,) bool) of `records`, an `ImageTable`:
-    training keeps the images whose content is neither that of a held-out image nor of an
-    image of `keep_out` (another `ImageTable`, the validation folder's), so that no picture
-    validated on is trained on, whichever copies of it the folder holds."""
-    held = held_out(records, cfg_data)
-    validation = records.take(held) if keep_out is None else keep_out
-    return held, ~records.same_content_as(validation)
-
-
 def report(scan: ScanResult, buckets: Sequence[tuple[int, int]],
            placements: PlacementTable) -> dict:
     """The machine-readable summary printed by `--json`."""
-    stats = bucket_stats(None, placements, buckets)
+    stats = bucket_stats(scan.records.width, scan.records.height, placements.bucket, buckets)
     counts = np.bincount(placements.bucket, minlength=len(buckets))
     return {
         "root": scan.root,
@@ -612,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dotenv import load_dotenv
 
     from training.config import REPO_ROOT, DataConfig, load_config
+    from training.plan import bucket_dataset
 
     load_dotenv(REPO_ROOT / ".env")
     d = load_config(REPO_ROOT / "configs" / "default.json").data  # what training uses

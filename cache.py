@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python cache.py`."""
     from dotenv import load_dotenv
 
-    from bucketing import bucket_dataset
+    from training.plan import bucket_dataset
     from models.vae_weights import load_vae
     from training.config import REPO_ROOT, DataConfig
     from training.distributed import barrier, setup, teardown

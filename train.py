@@ -121,7 +121,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     dataset when it names none, LDM_RUNS_DIR standing in for --run-dir, and the flags on top.
     --resume without --config instead takes the config saved with the checkpoint and applies
     only the flags, and the run folder is the checkpoint's own unless --run-dir is given. The
-    stages refuse a change that would break the batch schedule (`training.loop.find_resume`).
+    stages refuse a change that would break the batch schedule (`training.resume.find_resume`).
     """
     flags = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in
              FLAGS.items()}
@@ -147,7 +147,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     resume = args.resume
     if resume is not None:
         from training.checkpoint import read_state, resolve_resume
-        from training.loop import saved_config
+        from training.resume import saved_config
 
         checkpoint = resolve_resume(Path(_from_cwd(resume)) if resume
                                     else resolve_path(cfg.run_dir))
@@ -170,9 +170,10 @@ def dry_run(cfg: Config) -> None:
     Refuses what training would refuse about the data."""
     import torch
 
-    from bucketing import bucket_dataset, format_report, report
+    from bucketing import format_report, report
+    from training.plan import bucket_dataset
     from training.distributed import DistInfo
-    from training.loop import plan_data
+    from training.plan import plan_data
 
     scan, buckets, placements = bucket_dataset(cfg.data, cfg.batch_size, progress=True)
     print("all images, the held-out validation ones included:")

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow `python bench/cache.py` as well as `python -m bench.cache`
     sys.path.insert(0, str(REPO))
 
-from bucketing import bucket_dataset  # noqa: E402
+from training.plan import bucket_dataset  # noqa: E402
 from models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from models.vae_weights import load_vae  # noqa: E402
 from training.config import DataConfig  # noqa: E402

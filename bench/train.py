@@ -58,7 +58,7 @@ if str(REPO) not in sys.path:  # allow `python bench/train.py` as well as `pytho
 from models.dit import TIMESTEP_SCALE, DiT  # noqa: E402
 from models.registry import MODEL_NAMES, dit_config  # noqa: E402
 from training.flow import RectifiedFlow  # noqa: E402
-from training.loop import keep_freed_memory  # noqa: E402
+from training.runtime import keep_freed_memory  # noqa: E402
 
 LATENT_CHANNELS = 4  # SD-style latents, as in the DiT paper
 NUM_CLASSES = 1000  # ImageNet-sized label set; label dropout adds the null class
@@ -428,7 +428,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="weights and data seed")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc thresholds alone instead of keeping freed "
-                        "memory for reuse as train.py does (training/loop.py keep_freed_memory)")
+                        "memory for reuse as train.py does (training/runtime.py keep_freed_memory)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -34,7 +34,7 @@ def quality(vae_path: str, dataset: str, crop: int, limit: int) -> dict:
     from models.vae_weights import load_vae
     from training.data import resolve_dataset
     from training.scan import scan_folder
-    from training.loop import eval_crops
+    from training.plan import eval_crops
     from training.vae_stage import evaluate
 
     if crop < 1:

@@ -43,7 +43,7 @@ from training.config import (Config, ConfigError, TrainingAborted,  # noqa: E402
 from training.data import resolve_dataset
 from training.vae_stage import train_vae  # noqa: E402
 
-PREFETCH = 4  # batches each loader worker keeps ready (`training/loop.py: pixel_loader`)
+PREFETCH = 4  # batches each loader worker keeps ready (`training/plan.py: pixel_loader`)
 WARM_STEPS, TIMED_STEPS = 10, 20  # at least this many steps are left out, then timed
 
 
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         # Uncaught, it would keep the stage's frames, and with them its DataLoader, alive until
         # after Python's exit-time wait for child processes: the workers ignore SIGTERM
-        # (`training/loop.py: ignore_stop_signals`), so that wait never ends. Handled here, the
+        # (`training/runtime.py: ignore_stop_signals`), so that wait never ends. Handled here, the
         # frames go, and the loader shuts its workers down.
         traceback.print_exc()
         return 1

@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bucketing import (BatchSchedule, assign, bucket_dataset, bucket_stats, format_report,
-                       held_out, make_buckets, merge_small_buckets, place, report)
+from bucketing import (BatchSchedule, PlacementTable, assign, bucket_stats, format_report,
+                       make_buckets, merge_small_buckets, nearest_buckets, place, report)
+
+
+from training.plan import (bucket_dataset)
 from training.config import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -87,15 +90,15 @@ def test_bucketing_crop_box_lies_inside_resized_image() -> None:
 
 
 def test_bucketing_crop_loss_meets_targets() -> None:
-    sizes = _log_uniform_sizes(2000, 256)
+    w, h = np.asarray(_log_uniform_sizes(2000, 256)).T
     buckets = make_buckets(256, 16)
-    stats = bucket_stats(sizes, [assign(w, h, buckets) for w, h in sizes], buckets)
+    stats = bucket_stats(w, h, nearest_buckets(w, h, buckets), buckets)
     assert stats.images == 2000
     assert stats.crop_loss_mean <= 0.015
     assert stats.crop_loss_max <= 0.05
     # A step-64 grid, as other trainers use, loses far more.
     coarse = make_buckets(256, 64)
-    coarse_stats = bucket_stats(sizes, [assign(w, h, coarse) for w, h in sizes], coarse)
+    coarse_stats = bucket_stats(w, h, nearest_buckets(w, h, coarse), coarse)
     assert coarse_stats.crop_loss_mean > 2 * stats.crop_loss_mean
 
 
@@ -105,16 +108,14 @@ def test_bucketing_place_exact_fit_has_no_loss() -> None:
 
 
 def test_bucketing_merge_small_buckets_fills_global_batches() -> None:
-    sizes = _log_uniform_sizes(200, 256, seed=3)
+    w, h = np.asarray(_log_uniform_sizes(200, 256, seed=3)).T
     buckets = make_buckets(256, 16)
-    placements = [assign(w, h, buckets) for w, h in sizes]
-    merged = merge_small_buckets(sizes, placements, buckets, min_count=8)
-    counts = Counter(p.bucket for p in merged)
+    merged = merge_small_buckets(w, h, nearest_buckets(w, h, buckets), buckets, min_count=8)
+    counts = Counter(merged.tolist())
     assert all(n >= 8 for n in counts.values())
-    for (w, h), p in zip(sizes, merged):  # every image still covers its (new) bucket
-        bw, bh = buckets[p.bucket]
-        assert bw <= w and bh <= h
-        assert p.crop[2] - p.crop[0] == bw and p.crop[3] - p.crop[1] == bh
+    for width, height, b in zip(w, h, merged):  # every image still covers its (new) bucket
+        bw, bh = buckets[b]
+        assert bw <= width and bh <= height
 
 
 def test_bucketing_merge_small_buckets_refills_buckets_emptied_early() -> None:
@@ -122,10 +123,9 @@ def test_bucketing_merge_small_buckets_refills_buckets_emptied_early() -> None:
     # fits no other bucket and stays; emptying 64x64 then sends (103, 121) there. One pass ended
     # with 2 + 2 images and nothing to train; 48x80 must pass (103, 121) on to 80x48.
     buckets = make_buckets(64)
-    sizes = [(83, 63), (127, 71), (51, 100), (103, 121)]
-    placements = [assign(w, h, buckets) for w, h in sizes]
-    merged = merge_small_buckets(sizes, placements, buckets, min_count=3)
-    assert Counter(buckets[p.bucket] for p in merged) == {(80, 48): 3, (48, 80): 1}
+    w, h = np.asarray([(83, 63), (127, 71), (51, 100), (103, 121)]).T
+    merged = merge_small_buckets(w, h, nearest_buckets(w, h, buckets), buckets, min_count=3)
+    assert Counter(buckets[b] for b in merged) == {(80, 48): 3, (48, 80): 1}
 
 
 def test_bucketing_merge_small_buckets_reaches_a_fixpoint() -> None:
@@ -134,18 +134,18 @@ def test_bucketing_merge_small_buckets_reaches_a_fixpoint() -> None:
     for seed in range(20):
         rng = np.random.default_rng(seed)
         # Sizes close to the buckets' own, so that many images fit only a few buckets.
-        sizes = [(int(w), int(h)) for w, h in rng.integers(115, 260, size=(80, 2))
-                 if assign(int(w), int(h), buckets) is not None]
+        w, h = rng.integers(115, 260, size=(80, 2)).T
+        placed = nearest_buckets(w, h, buckets)
+        w, h, placed = w[placed >= 0], h[placed >= 0], placed[placed >= 0]
         min_count = int(rng.integers(5, 30))
-        placements = [assign(w, h, buckets) for w, h in sizes]
-        merged = merge_small_buckets(sizes, placements, buckets, min_count)
-        counts = Counter(p.bucket for p in merged)
-        for (w, h), p in zip(sizes, merged):
-            assert grid[p.bucket, 0] <= w and grid[p.bucket, 1] <= h  # still covers its bucket
-            if counts[p.bucket] < min_count:
+        merged = merge_small_buckets(w, h, placed, buckets, min_count)
+        counts = Counter(merged.tolist())
+        for width, height, b in zip(w, h, merged.tolist()):
+            assert grid[b, 0] <= width and grid[b, 1] <= height  # still covers its bucket
+            if counts[b] < min_count:
                 # An image of a small bucket fits no other bucket holding at least as many.
-                fuller = [b for b, n in counts.items() if n >= counts[p.bucket] and b != p.bucket]
-                assert not ((grid[fuller, 0] <= w) & (grid[fuller, 1] <= h)).any()
+                fuller = [c for c, n in counts.items() if n >= counts[b] and c != b]
+                assert not ((grid[fuller, 0] <= width) & (grid[fuller, 1] <= height)).any()
 
 
 def _schedule(n: int = 103, buckets: int = 4, batch: int = 4, world: int = 2, seed: int = 0):
@@ -299,19 +299,6 @@ def test_bucketing_cli_json_reports_buckets_and_skips(tmp_path: Path) -> None:
     assert "crop loss" in text and "tiny.png" in text
 
 
-def test_bucketing_dataset_tells_thin_images_from_small_ones(tmp_path: Path) -> None:
-    for name, size in (("thin.png", (400, 20)), ("tall.png", (20, 400)), ("small.png", (40, 40)),
-                       ("ok.png", (90, 70))):
-        Image.new("RGB", size).save(tmp_path / name)
-    scan, _, _ = bucket_dataset(DataConfig(dataset=str(tmp_path), resolution=64, num_workers=1))
-    reasons = {Path(s.path).name: s.reason for s in scan.skipped}
-    assert [r.rel for r in scan.records] == ["ok.png"]
-    assert reasons["thin.png"].startswith("too thin: 400x20 is more elongated than any bucket "
-                                          "(at most 4:1)")
-    assert reasons["tall.png"].startswith("too thin: 20x400")
-    assert reasons["small.png"].startswith("too small: 40x40 covers no bucket")
-
-
 def test_bucketing_report_prints_non_utf8_names(tmp_path: Path) -> None:
     Image.new("RGB", (90, 70)).save(tmp_path / "ok.png")
     (tmp_path / os.fsdecode(b"caf\xe9.png")).write_bytes(b"not an image")
@@ -349,37 +336,6 @@ def test_bucketing_cli_folder_without_images_is_an_error(tmp_path: Path, capsys)
     assert "empty: no usable image" in capsys.readouterr().err
 
 
-def test_bucketing_merges_buckets_over_training_images_only(tmp_path: Path, capsys) -> None:
-    # Held-out images leave before training: had they counted when small buckets were merged,
-    # some buckets would fall back below one global batch and their images never be trained on.
-    rng = np.random.default_rng(0)
-    for i, (w, h) in enumerate(_log_uniform_sizes(40, 32, seed=0)):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    batch = 5  # merging over all 40 images instead leaves 7 of the 30 unused
-    cfg = DataConfig(dataset=str(tmp_path), resolution=32, step=8, holdout=10, num_workers=1)
-    scan, buckets, placements = bucket_dataset(cfg, batch)
-    held = held_out(scan.records, cfg)
-    assert len(held) == 10 and held == sorted(held)
-    assert held == sorted(sorted(range(len(scan.records)), key=lambda i: scan.records[i].sha256)
-                          [:10])  # smallest content hashes
-    train = [placements[i].bucket for i in range(len(placements)) if i not in held]
-    counts = Counter(train)
-    assert len(counts) > 1 and min(counts.values()) >= batch, counts
-    assert BatchSchedule(train, batch).unused_samples() == 0
-    for i in held:  # held-out images keep their own bucket, as training validates them
-        r = scan.records[i]
-        assert placements[i] == assign(r.width, r.height, np.asarray(buckets))
-    assert held_out(scan.records, DataConfig(dataset="x", holdout=10, eval_dataset="y")) == []
-    # the command line's table, given training's holdout, shows these buckets
-    from bucketing import main
-
-    assert main(["--dataset", str(tmp_path), "--resolution", "32", "--step", "8", "--batch-size",
-                 str(batch), "--holdout", "10", "--num-workers", "1", "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert sorted(b["count"] for b in rep["buckets"]) == sorted(
-        Counter(p.bucket for p in placements).values())
-
-
 def test_bucketing_nearest_buckets_decides_as_assign_does() -> None:
     from bucketing import nearest_buckets
 
@@ -397,7 +353,7 @@ def test_bucketing_nearest_buckets_decides_as_assign_does() -> None:
 
 
 def test_bucketing_placement_table_gives_the_placements_place_gives(tmp_path: Path) -> None:
-    from bucketing import PlacementTable, nearest_buckets
+    from bucketing import nearest_buckets
     from training.image_table import ImageRecord, ImageTable
 
     rng = np.random.default_rng(6)
@@ -413,47 +369,9 @@ def test_bucketing_placement_table_gives_the_placements_place_gives(tmp_path: Pa
     part = table.take([7, 3])
     assert list(part) == [expected[7], expected[3]] and part.images[0].rel == "7.png"
     assert list(table[10:13]) == expected[10:13]
-    stats = bucket_stats(None, table, buckets)
-    assert stats == bucket_stats([tuple(s) for s in sizes.tolist()], expected, buckets)
+    stats = bucket_stats(images.width, images.height, table.bucket, buckets)
+    assert stats.images == len(expected)
+    assert stats.crop_loss_max == pytest.approx(max(p.crop_loss for p in expected))
+    assert stats.crop_loss_mean == pytest.approx(np.mean([p.crop_loss for p in expected]))
 
 
-def _copies(root: Path) -> Path:
-    """Debian's wallpapers in small: 4 pictures, each also under other names (copies, symlinks,
-    hard links), and 8 pictures alone."""
-    root.mkdir()
-    rng = np.random.default_rng(7)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    for i in range(4):
-        (root / f"{i}_copy.png").write_bytes((root / f"{i}.png").read_bytes())
-        os.link(root / f"{i}.png", root / f"{i}_link.png")
-        os.symlink(root / f"{i}.png", root / f"{i}_symlink.png")
-    return root
-
-
-@pytest.mark.parametrize("keep", [False, True], ids=["folded", "kept"])
-def test_bucketing_validation_pictures_never_train(tmp_path: Path, keep: bool) -> None:
-    from bucketing import split_validation
-
-    root = _copies(tmp_path / "img")
-    cfg = DataConfig(dataset=str(root), resolution=32, step=8, holdout=6, num_workers=1,
-                     keep_duplicates=keep)
-    scan, buckets, placements = bucket_dataset(cfg, batch_size=2)
-    records = scan.records
-    assert len(records) == (24 if keep else 12)
-    assert (scan.duplicates.copies, scan.duplicates.contents, scan.duplicates.kept) == (
-        12, 4, keep)
-    held, train = split_validation(records, cfg)
-    digests = [r.sha256 for r in records]
-    assert len({digests[i] for i in held}) == 6  # six pictures, each once
-    assert held == held_out(records, cfg)
-    trained = {digests[i] for i in np.flatnonzero(train)}
-    assert not trained & {digests[i] for i in held}  # no copy of them trains
-    assert len(trained) == 6 and int(train.sum()) == len(records) - (
-        len(held) + sum(digests.count(digests[i]) - 1 for i in held))
-    # the smallest hashes among the pictures, each as its first file by path
-    firsts = sorted({d: i for i, d in reversed(list(enumerate(digests)))}.items())
-    assert held == sorted(i for _, i in firsts[:6])
-    rep = report(scan, buckets, placements)
-    assert rep["duplicates"] == {"copies": 12, "contents": 4, "mixed_classes": 0, "kept": keep}
-    assert "exact duplicates: 12 cop(ies) of 4 picture(s)" in format_report(rep)

@@ -169,7 +169,7 @@ def test_cache_cli_builds_what_training_reads(tmp_path: Path, monkeypatch, capsy
     # training encodes nothing; with another holdout, other buckets merge and some entries differ.
     from training.config import Config
     from training.distributed import DistInfo
-    from training.loop import plan_data
+    from training.plan import plan_data
 
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "ldm"))
     rng = np.random.default_rng(0)

@@ -45,11 +45,12 @@ from training.flow import RectifiedFlow
 from training.latent_cache.build import ensure_cache
 from training.latent_cache.read import LatentReader, flip_from_seed, step_generator
 from training.logging import RunLogger
-from training.loop import (NonFiniteGuard, StepRate, StopSignal, autocast, autocast_dtype,
-                           checkpoint_due, clip_and_check, data_state, find_resume,
-                           keep_freed_memory, load_optimizer, lr_factor, plan_data,
-                           prepare_run_dir, refuse_finished, resume_position, seed_everything,
-                           state_for_json, stopped, warn_unused)
+from training.loop import (NonFiniteGuard, StepRate, StopSignal, checkpoint_due, clip_and_check,
+                           lr_factor, stopped)
+from training.plan import plan_data, warn_unused
+from training.resume import (data_state, find_resume, load_optimizer, prepare_run_dir,
+                             refuse_finished, resume_position, state_for_json)
+from training.runtime import autocast, autocast_dtype, keep_freed_memory, seed_everything
 
 
 def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:

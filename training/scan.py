@@ -186,7 +186,7 @@ class _Listing:
     The columns are allocated at once for `rows` rows whose paths take `name_bytes` (what the
     scan cache holds: all of an unchanged folder) and grow only past that. Columns grown a row
     at a time would leave freed copies of themselves all over the heap, which a training
-    process keeps (`training.loop.keep_freed_memory`).
+    process keeps (`training.runtime.keep_freed_memory`).
     """
 
     def __init__(self, rows: int, name_bytes: int, classes: bool) -> None:

@@ -36,12 +36,13 @@ from training.images import to_unit_range
 from training.distributed import DistInfo, agree, all_reduce_mean, setup, teardown
 from training.ema import EMA
 from training.logging import RunLogger
-from training.loop import (DataPlan, NonFiniteGuard, StepRate, StopSignal, autocast,
-                           autocast_dtype, checkpoint_due, clip_and_check, close_loader,
-                           data_state, eval_crops, find_resume, keep_freed_memory,
-                           load_optimizer, lr_factor, pixel_loader, plan_data, prepare_run_dir,
-                           refuse_finished, resume_position, seed_everything, state_for_json,
-                           stopped)
+from training.loop import (NonFiniteGuard, StepRate, StopSignal, checkpoint_due, clip_and_check,
+                           lr_factor, stopped)
+from training.plan import DataPlan, eval_crops, pixel_loader, plan_data
+from training.resume import (data_state, find_resume, load_optimizer, prepare_run_dir,
+                             refuse_finished, resume_position, state_for_json)
+from training.runtime import (autocast, autocast_dtype, close_loader, keep_freed_memory,
+                              seed_everything)
 from training.metrics import psnr, ssim
 from training.vae_loss import autoencoder_loss, gan_ramp
 

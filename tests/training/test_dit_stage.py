@@ -485,7 +485,7 @@ def test_dit_stage_prefetcher_reads_each_batch_with_its_labels(tmp_path: Path, t
     from training.data import ScheduleSampler
     from training.distributed import DistInfo
     from training.dit_stage import BatchPrefetcher, load_stage_vae
-    from training.loop import plan_data
+    from training.plan import plan_data
 
     cfg = _tiny_cfg(tmp_path, tiny_vae)
     cfg.data.use_classes, cfg.dit.cache_dir = use_classes, str(tmp_path / "cache")

@@ -67,7 +67,8 @@ def test_vae_stage_reconstruction_loss_falls(tmp_path: Path) -> None:
 
     from training.images import to_unit_range
     from training.distributed import DistInfo
-    from training.loop import eval_crops, plan_data, seed_everything
+    from training.plan import eval_crops, plan_data
+    from training.runtime import seed_everything
 
     cfg = _cfg(tmp_path / "run", max_steps=80, eval_every=80)
     cfg.vae.disc_start = 10_000  # reconstruction alone, to see it fall

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bucketing import bucket_dataset
+from training.plan import bucket_dataset
 from models.vae import (AutoencoderKL, VAEConfig)
 from models.vae_weights import save_vae
 from training.config import DataConfig
