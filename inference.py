@@ -61,6 +61,8 @@ RECONSTRUCTION_FLAGS = ("--config", "--vae", "--image", "--out", "--device", "--
 def build_parser() -> argparse.ArgumentParser:
     """Every flag; --checkpoint selects sampling, else reconstruction. Flags that only sampling
     uses default to None (False for switches), so `usage_error` can tell which were given."""
+    from inference.samplers import SAMPLERS
+
     parser = argparse.ArgumentParser(
         description="Sample from a DiT (--checkpoint), re-imagine an image (--checkpoint "
                     "--image), or reconstruct an image through a VAE (--config/--vae --image).",
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--steps", type=int, metavar="N",
                           help="integration steps from noise to image (image-to-image: about "
                                f"strength × steps; default: {SAMPLING_DEFAULTS['steps']})")
-    sampling.add_argument("--sampler", choices=["euler", "heun"],
+    sampling.add_argument("--sampler", choices=list(SAMPLERS),
                           help="heun evaluates the model twice per step (default: "
                                f"{SAMPLING_DEFAULTS['sampler']})")
     sampling.add_argument("--seed", type=int, metavar="N",
@@ -297,8 +299,8 @@ def sample(args: argparse.Namespace) -> int:
     anything is written (exit 2); a failure while sampling or writing exits 1."""
     import torch
 
-    from inference.pipelines import (generate, grid_step, img2img, prepare_image, resolve_labels,
-                                     save_images, snap_size)
+    from inference.pipelines import (generate, grid_step, img2img, prepare_image, save_images,
+                                     snap_size)
     from training.export import checkpoint_folder, is_export, load_generator
 
     for key, value in SAMPLING_DEFAULTS.items():
@@ -320,7 +322,7 @@ def sample(args: argparse.Namespace) -> int:
                                           vae_dtype=dtype)
         _set_tile_size(vae, args.tile_size)
         step = grid_step(model, vae)
-        labels = resolve_labels(args.class_label, info.class_names, args.num_samples)
+        cond = info.condition.parse(args.class_label, args.num_samples)
         if requested is not None:
             width, height = snap_size(*requested, step)
             if requested != (width, height):
@@ -337,7 +339,7 @@ def sample(args: argparse.Namespace) -> int:
         return _refuse(exc)
     except RuntimeError as exc:  # out of memory while loading, say
         return _fail(exc)
-    common = dict(num_samples=args.num_samples, labels=labels, cfg_scale=args.cfg_scale,
+    common = dict(num_samples=args.num_samples, cond=cond, cfg_scale=args.cfg_scale,
                   steps=args.steps, sampler=args.sampler, seed=args.seed,
                   base_tokens=info.base_tokens,
                   autocast_dtype=None if dtype == torch.float32 else dtype,
@@ -346,9 +348,8 @@ def sample(args: argparse.Namespace) -> int:
     for i in range(args.num_samples):
         meta = {"checkpoint": str(info.source), "step": info.step, "size": f"{width}x{height}",
                 "seed": args.seed, "index": i, "noise_seed": args.seed + i}
-        if labels is not None:
-            meta.update({"class": info.class_names[labels[i]], "class_index": labels[i],
-                         "cfg_scale": args.cfg_scale})
+        if cond is not None:
+            meta.update({**info.condition.describe(cond, i), "cfg_scale": args.cfg_scale})
         meta.update({"steps": args.steps, "sampler": args.sampler, "dtype": args.dtype})
         if args.image is not None:
             meta.update({"image": str(args.image), "strength": args.strength})
@@ -361,9 +362,10 @@ def sample(args: argparse.Namespace) -> int:
         paths = save_images(images, args.out, params)  # refuses NaN samples, writes nothing
     except (OSError, ValueError, RuntimeError) as exc:
         return _fail(exc)
+    classes = [] if cond is None else [info.class_names[i] for i in cond.tolist()]
     summary = {"out": str(args.out), "files": [str(p) for p in paths],
                "size": [width, height], "checkpoint": str(info.source), "step": info.step,
-               "vae": str(info.vae), "classes": [info.class_names[i] for i in labels or []],
+               "vae": str(info.vae), "classes": classes,
                "seconds": round(time.perf_counter() - started, 3)}
     if args.json:
         print(json.dumps(summary))

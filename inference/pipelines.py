@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from models.dit import DiT
 from models.vae import AutoencoderKL
-from training.flow import shifted_timesteps, time_shift, token_shift
-from training.metrics import psnr, ssim
+from inference.metrics import psnr, ssim
+from inference.samplers import (SAMPLERS, guided, shifted_timesteps, time_shift,
+                                token_shift)
 
 # Images up to this many pixels go through the VAE whole; larger ones in overlapping tiles of the
 # VAE's `sample_size`, which bounds memory but costs quality (each tile normalises on its own:
@@ -120,25 +121,6 @@ def grid_step(model: DiT, vae: AutoencoderKL) -> int:
     return vae.downsample_factor * model.config.patch_size
 
 
-def resolve_labels(spec: str | None, class_names: list[str], count: int) -> list[int] | None:
-    """One label per sample from `--class-label` (a class name or an index), or every class in
-    turn when `spec` is None; None for an unconditional model (which refuses a label)."""
-    if not class_names:
-        if spec is not None:
-            raise ValueError(f"this model is unconditional (trained without classes); drop "
-                             f"--class-label {spec}")
-        return None
-    if spec is None:
-        return [i % len(class_names) for i in range(count)]
-    if spec in class_names:  # a name wins over an index that reads the same
-        return [class_names.index(spec)] * count
-    if spec.lstrip("-").isdigit() and 0 <= int(spec) < len(class_names):
-        return [int(spec)] * count
-    shown = ", ".join(f"{i}={n}" for i, n in enumerate(class_names[:20]))
-    more = f", ... ({len(class_names)} in all)" if len(class_names) > 20 else ""
-    raise ValueError(f"unknown class {spec!r}; give a name or an index: {shown}{more}")
-
-
 def initial_noise(count: int, shape: tuple[int, int, int], seed: int, first: int = 0
                   ) -> torch.Tensor:
     """Noise (count, C, h, w) on the CPU; sample i is drawn from a generator seeded with
@@ -162,9 +144,14 @@ def sampling_timesteps(steps: int, shift: float, strength: float = 1.0) -> torch
     return torch.cat([torch.tensor([t0]), ts[ts < t0 - 1e-6]])  # no near-zero first step
 
 
+def _slice(cond: Any, rows: range) -> Any:
+    """Rows `rows` of a batched condition (None stays None)."""
+    return None if cond is None else cond[rows.start:rows.stop]
+
+
 @torch.inference_mode()
-def sample_latents(model: DiT, latent_size: tuple[int, int], num_samples: int = 4,
-                   labels: list[int] | None = None, cfg_scale: float = 4.0, steps: int = 28,
+def sample_latents(model: DiT, latent_size: tuple[int, int], *, num_samples: int = 4,
+                   cond: Any = None, cfg_scale: float = 4.0, steps: int = 28,
                    sampler: str = "euler", seed: int = 0, base_tokens: int = 256,
                    autocast_dtype: torch.dtype | None = None, init: torch.Tensor | None = None,
                    strength: float = 1.0, first: int = 0,
@@ -172,10 +159,10 @@ def sample_latents(model: DiT, latent_size: tuple[int, int], num_samples: int = 
     """Normalised latents (num_samples, C, h, w) for `latent_size` (h, w), integrated from
     t = 1 (or, with `init`, from `init` noised to the time of `strength`) to 0.
 
+    `cond` is one condition per sample (`model.condition`'s kind, e.g. class labels (B,)),
+    which switches on classifier-free guidance at `cfg_scale`; None samples unconditionally.
     Sample i's noise is seeded with seed + first + i. `callback` is called after every step.
     """
-    from inference.samplers import SAMPLERS, guided
-
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if steps < 1:
@@ -189,37 +176,33 @@ def sample_latents(model: DiT, latent_size: tuple[int, int], num_samples: int = 
     ts = sampling_timesteps(steps, shift, strength if init is not None else 1.0)
     if init is not None:  # image-to-image: the data point noised to the start time
         x = torch.lerp(init.to(device, torch.float32), x, ts[0].item())  # (1 − t0)·x0 + t0·ε
-    y, classes = None, model.config.num_classes
-    if labels is not None:
-        if classes == 0:
-            raise ValueError("labels given to a model trained without classes")
-        if len(labels) != num_samples:
-            raise ValueError(f"{len(labels)} labels for {num_samples} samples")
-        if not all(0 <= label < classes for label in labels):  # index `classes` is the null class
-            raise ValueError(f"labels must lie in 0..{classes - 1}, got {sorted(set(labels))}")
-        y = torch.tensor(labels, device=device, dtype=torch.long)  # (B,)
-    velocity = guided(model, cfg_scale, model.config.num_classes)
+    if cond is not None:
+        if len(cond) != num_samples:
+            raise ValueError(f"{len(cond)} conditions for {num_samples} samples")
+        model.condition.check(cond)
+        cond = cond.to(device)
+    velocity = guided(model, cfg_scale, model.condition)
     context = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                else torch.autocast(device.type, enabled=False))
     with context:
-        return SAMPLERS[sampler](velocity, x, ts, {"y": y}, callback=callback)
+        return SAMPLERS[sampler](velocity, x, ts, {"cond": cond}, callback=callback)
 
 
-def generate(model: DiT, vae: AutoencoderKL, height: int, width: int, num_samples: int = 4,
-             labels: list[int] | None = None, cfg_scale: float = 4.0, steps: int = 28,
-             sampler: str = "euler", seed: int = 0, base_tokens: int = 256,
-             autocast_dtype: torch.dtype | None = None, progress: bool = False,
-             init: torch.Tensor | None = None, strength: float = 1.0,
+def generate(model: DiT, vae: AutoencoderKL, height: int, width: int, *, num_samples: int = 4,
+             cond: Any = None, cfg_scale: float = 4.0, steps: int = 28, sampler: str = "euler",
+             seed: int = 0, base_tokens: int = 256, autocast_dtype: torch.dtype | None = None,
+             progress: bool = False, init: torch.Tensor | None = None, strength: float = 1.0,
              batch_size: int | None = None) -> torch.Tensor:
     """Sample `num_samples` images of height × width pixels: (B, 3, H, W) in [-1, 1].
 
     Sample i's noise comes from a CPU generator seeded with seed + i, so the same call gives
-    the same pixels on the same machine, and a sample does not depend on its batch. `labels`
-    (one per sample) switch on classifier-free guidance at `cfg_scale`; None samples a
-    conditional model unconditionally. With `init` (normalised latents (1 or B, C, h, w)) the
-    integration starts from `init` noised to the schedule's time `strength` (image-to-image).
-    Samples are drawn `batch_size` at a time (default: all at once), each batch decoded once,
-    through tiles above `TILE_ABOVE_PIXELS`. `progress` shows one bar.
+    the same pixels on the same machine, and a sample does not depend on its batch. `cond`
+    (one condition per sample, see `sample_latents`) switches on classifier-free guidance at
+    `cfg_scale`; None samples a conditional model unconditionally. With `init` (normalised
+    latents (1 or B, C, h, w)) the integration starts from `init` noised to the schedule's time
+    `strength` (image-to-image). Samples are drawn `batch_size` at a time (default: all at
+    once), each batch decoded once, through tiles above `TILE_ABOVE_PIXELS`. `progress` shows
+    one bar.
     """
     f, p = vae.downsample_factor, model.config.patch_size
     if height % (f * p) or width % (f * p) or height <= 0 or width <= 0:
@@ -235,10 +218,11 @@ def generate(model: DiT, vae: AutoencoderKL, height: int, width: int, num_sample
     images = []
     for chunk in chunks:
         part = init if init is None or init.shape[0] == 1 else init[chunk.start:chunk.stop]
-        z = sample_latents(model, (height // f, width // f), len(chunk),
-                           None if labels is None else labels[chunk.start:chunk.stop],
-                           cfg_scale, steps, sampler, seed, base_tokens, autocast_dtype, part,
-                           strength, first=chunk.start, callback=lambda _: bar.update(1))
+        z = sample_latents(model, (height // f, width // f), num_samples=len(chunk),
+                           cond=_slice(cond, chunk), cfg_scale=cfg_scale, steps=steps,
+                           sampler=sampler, seed=seed, base_tokens=base_tokens,
+                           autocast_dtype=autocast_dtype, init=part, strength=strength,
+                           first=chunk.start, callback=lambda _: bar.update(1))
         images.append(decode_latents(vae, z))
     bar.close()
     return torch.cat(images)  # (B, 3, H, W)
@@ -257,14 +241,14 @@ def decode_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
 def prepare_image(img: Image.Image, step: int, size: tuple[int, int] | None = None
                   ) -> Image.Image:
     """Resize `img` to cover `size` (default: its own size), snapped to the grid of `step`,
-    and centre-crop it there, as training does with buckets."""
+    and centre-crop it there, as training does with buckets (the same placement and resampling
+    as `training.images.crop_to_bucket`)."""
     from bucketing import place
-    from training.images import crop_to_bucket
 
     target = snap_size(*(size or img.size), step)
     placement = place(*img.size, *target, 0)
-    return Image.fromarray(crop_to_bucket(img.convert("RGB"), placement.resized,
-                                          placement.crop))
+    resized = img.convert("RGB").resize(placement.resized, Image.BICUBIC, reducing_gap=3.0)
+    return resized.crop(placement.crop)
 
 
 @torch.inference_mode()

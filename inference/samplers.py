@@ -2,34 +2,55 @@
 
 Every sampler has one signature, `sample_*(model, x, timesteps, extra_args, callback, disable)`,
 so they swap freely (the k-diffusion convention). `model(x, t, **extra_args)` returns the
-velocity; wrap a DiT with `guided` to add classifier-free guidance in one batched pass.
+velocity; wrap a DiT with `guided` to add classifier-free guidance in one batched pass. The
+sampling schedule (`shifted_timesteps`) is the training schedule's shift (`time_shift`).
 `callback`, if given, receives {"i": step, "t": time reached, "x": state at that time} after
 every step; each state is a new tensor, so callbacks may keep them (a trajectory, previews).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from tqdm import tqdm
 
+if TYPE_CHECKING:
+    from models.conditioning import ClassCondition
+
 Velocity = Callable[..., torch.Tensor]
 
 
-def guided(model: Velocity, cfg_scale: float, null_class: int) -> Velocity:
-    """Classifier-free guidance: v = v_uncond + s · (v_cond − v_uncond), both from one forward
-    over the doubled batch (conditional half first, then the null class).
+def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Map t in [0, 1] to s t / (1 + (s - 1) t): monotone, fixes 0 and 1, identity for s = 1."""
+    return shift * t / (1 + (shift - 1) * t)
 
-    With `cfg_scale == 1` (or no labels) this is the conditional model alone, at no extra cost.
-    The combination is done in fp32, so a bf16 model output is not amplified in bf16.
+
+def token_shift(height: int, width: int, patch_size: int, base_tokens: int) -> float:
+    """Shift s = sqrt(tokens / base_tokens) for a latent of height x width (SD3)."""
+    tokens = (height // patch_size) * (width // patch_size)
+    return math.sqrt(tokens / base_tokens)
+
+
+def shifted_timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Sampling schedule (steps + 1,) from t = 1 down to t = 0, shifted like training."""
+    return time_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
+
+
+def guided(model: Velocity, cfg_scale: float, condition: ClassCondition) -> Velocity:
+    """Classifier-free guidance: v = v_uncond + s · (v_cond − v_uncond), both from one forward
+    over the doubled batch (the conditions first, then as many null ones: `condition` is their
+    kind, `models/conditioning.py`).
+
+    With `cfg_scale == 1` (or no condition) this is the conditional model alone, at no extra
+    cost. The combination is done in fp32, so a bf16 model output is not amplified in bf16.
     """
 
-    def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if y is None or cfg_scale == 1.0:
-            return model(x, t, y)
-        labels = torch.cat([y, torch.full_like(y, null_class)])  # (2B,)
-        v = model(torch.cat([x, x]), torch.cat([t, t]), labels)  # (2B, C, H, W)
+    def velocity(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        if cond is None or cfg_scale == 1.0:
+            return model(x, t, cond)
+        v = model(torch.cat([x, x]), torch.cat([t, t]), condition.with_null(cond))  # (2B, ...)
         v_cond, v_uncond = v.float().chunk(2)  # each (B, C, H, W)
         return torch.lerp(v_uncond, v_cond, cfg_scale)  # v_u + s (v_c − v_u)
 

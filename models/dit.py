@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import ROPE_BASE, Attention, rope_2d
+from models.conditioning import ClassCondition
 
 TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] is scaled to [0, 1000] before the sinusoid
@@ -195,7 +196,8 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Class-conditional diffusion transformer: `forward(x, t, y) -> v` on latents (B, C, H, W)."""
+    """Class-conditional diffusion transformer: `forward(x, t, cond) -> v` on latents (B, C, H, W)
+    (`cond` as `models/conditioning.py` describes)."""
 
     def __init__(self, config: DiTConfig, gradient_checkpointing: bool = False) -> None:
         super().__init__()
@@ -205,6 +207,7 @@ class DiT(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing  # recompute blocks in backward
         self.x_embed = nn.Conv2d(config.in_channels, hidden, kernel_size=p, stride=p)
         self.t_embed = TimestepEmbedder(hidden)
+        self.condition = ClassCondition(config.num_classes)  # what `cond` is, and its null
         self.y_embed = nn.Embedding(config.num_classes + 1, hidden)  # last row: null class
         self.blocks = nn.ModuleList(
             DiTBlock(hidden, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
@@ -212,11 +215,6 @@ class DiT(nn.Module):
         self.final = FinalLayer(hidden, p, config.in_channels)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters()
-
-    @property
-    def null_class(self) -> int:
-        """Label index of the null (unconditional) class."""
-        return self.config.num_classes
 
     def reset_parameters(self) -> None:
         """DiT initialisation; adaLN modulations and the output layer start at zero."""
@@ -253,11 +251,12 @@ class DiT(nn.Module):
         return height // p, width // p
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Velocity for latents x (B, C, H, W) at times t (B,) in [0, 1] with labels y (B,).
+        """Velocity for latents x (B, C, H, W) at times t (B,) in [0, 1] with the condition
+        `cond`: class labels (B,) (`models/conditioning.py: ClassCondition`).
 
-        `y=None` means the null class for every sample (unconditional).
+        `cond=None` means the null condition for every sample (unconditional).
         """
         B, C, H, W = x.shape
         h, w = self._check_size(H, W)
@@ -268,9 +267,9 @@ class DiT(nn.Module):
         tokens = tokens.contiguous().to(self.x_embed.weight.dtype)
         if t.ndim == 0:
             t = t.expand(B)
-        if y is None:
-            y = torch.full((B,), self.null_class, dtype=torch.long, device=x.device)
-        c = F.silu(self.t_embed(t) + self.y_embed(y))  # (B, hidden), SiLU shared by all adaLNs
+        if cond is None:
+            cond = self.condition.null(B, x.device)
+        c = F.silu(self.t_embed(t) + self.y_embed(cond))  # (B, hidden), SiLU shared by adaLNs
         # Tables in the dtype q and k will have: the autocast dtype, else the parameters' dtype.
         device = tokens.device
         autocast = torch.is_autocast_enabled(device.type)

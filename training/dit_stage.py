@@ -19,12 +19,11 @@ size × more draws are negligible next to the model.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,24 +31,24 @@ from tqdm import tqdm
 
 from bucketing import BatchSchedule, assign
 from inference.pipelines import generate, image_grid, parse_size, tensor_to_pil
+from models.conditioning import ClassCondition
 from models.dit import DiT, upgrade_state_dict
 from models.registry import MODEL_NAMES, build_dit
 from models.vae import AutoencoderKL
 from models.vae_weights import kept_vae_folder, load_vae, vae_fingerprint
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint
 from training.config import Config, ConfigError, portable_path, resolve_path, validate_config
 from training.data import ScheduleSampler
-from training.distributed import DistInfo, agree, setup, teardown
+from training.distributed import DistInfo, setup, teardown
 from training.ema import EMA
 from training.flow import RectifiedFlow
 from training.latent_cache.build import ensure_cache
 from training.latent_cache.read import LatentReader, flip_from_seed, step_generator
 from training.logging import RunLogger
-from training.loop import (NonFiniteGuard, StepRate, StopSignal, checkpoint_due, clip_and_check,
-                           lr_factor, stopped)
-from training.plan import plan_data, warn_unused
+from training.loop import Batch, StageSteps, train_loop
+from training.plan import DataPlan, plan_data, warn_unused
 from training.resume import (data_state, find_resume, load_optimizer, prepare_run_dir,
-                             refuse_finished, resume_position, state_for_json)
+                             refuse_finished, resume_position)
 from training.runtime import autocast, autocast_dtype, keep_freed_memory, seed_everything
 
 
@@ -148,44 +147,52 @@ ScheduleItem = tuple[int, int, int, int]
 
 class BatchPrefetcher:
     """Reads the next micro-batch from the latent cache on one background thread while the
-    current one trains.
+    current one trains, and yields them as the loop's `Batch`es.
 
-    `get()` returns (schedule items, the noise generator that drew x0 (`cache.step_generator`),
-    x0 (B, C, h, w), the class labels (B,) or None when `labels` is None) for global micro-steps
-    `start`, `start + 1`, ... in turn; x0 and the labels are on the CPU, pinned when training on
-    CUDA, so that both copies to the device are asynchronous. (A tensor made on the device from a
-    Python list is a synchronous copy: it waits for every kernel queued before it, here the
-    previous step's optimizer and EMA updates.) One read is in flight at a time, so the reader
-    and the schedule iterator are never used by two threads at once.
+    A batch's data is (x0 (B, C, h, w) on the device, its condition (`condition.batch` of the
+    samples' stored values; None without `values`) on the device, the noise generator that drew
+    x0 (`step_generator` of global micro-step k = start, start + 1, ...)). x0 and the condition
+    are read on the CPU and pinned when training on CUDA, so that both copies to the device are
+    asynchronous. (A tensor made on the device from a Python list is a synchronous copy: it
+    waits for every kernel queued before it, here the previous step's optimizer and EMA
+    updates.) One read is in flight at a time, so the reader and the schedule iterator are never
+    used by two threads at once.
     """
 
-    def __init__(self, reader: LatentReader, batches: Iterator[list[ScheduleItem]],
-                 labels: Sequence[int] | None, seed: int, part: tuple[int, int], flip: bool,
-                 pin: bool, start: int) -> None:
-        self.reader, self.batches, self.labels = reader, batches, labels
-        self.seed, self.part, self.flip, self.pin = seed, part, flip, pin
+    def __init__(self, reader: LatentReader, items: Iterator[list[ScheduleItem]],
+                 files: Callable[[int], str], values: np.ndarray | None,
+                 condition: ClassCondition, seed: int, part: tuple[int, int], flip: bool,
+                 device: torch.device, start: int) -> None:
+        self.reader, self.items, self.files, self.values = reader, items, files, values
+        self.condition, self.seed, self.part, self.flip = condition, seed, part, flip
+        self.device, self.pin = device, device.type == "cuda"
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="latent-prefetch")
         self.pending = self.pool.submit(self._read, start)
 
     def _read(self, k: int) -> tuple[int, list[ScheduleItem], torch.Generator, torch.Tensor,
                                      torch.Tensor | None]:
-        items = next(self.batches)
+        items = next(self.items)
         noise_gen = step_generator(self.seed, k)
         flips = [flip_from_seed(s) for _, s, _, _ in items] if self.flip else None
         indices = [i for i, _, _, _ in items]
         x0 = self.reader.batch(indices, noise_gen, flips, self.part)  # (B, C, h, w)
-        y = None if self.labels is None else torch.tensor([int(self.labels[i])
-                                                           for i in indices])  # (B,) int64
+        cond = None if self.values is None else self.condition.batch(self.values[indices])
         if self.pin:
-            x0, y = x0.pin_memory(), None if y is None else y.pin_memory()
-        return k, items, noise_gen, x0, y
+            x0, cond = x0.pin_memory(), None if cond is None else cond.pin_memory()
+        return k, items, noise_gen, x0, cond
 
-    def get(self) -> tuple[list[ScheduleItem], torch.Generator, torch.Tensor,
-                           torch.Tensor | None]:
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
         """The next micro-batch (waiting for its read if needed); starts reading the one after."""
-        k, items, noise_gen, x0, y = self.pending.result()
+        k, items, noise_gen, x0, cond = self.pending.result()
         self.pending = self.pool.submit(self._read, k + 1)
-        return items, noise_gen, x0, y
+        x0 = x0.to(self.device, non_blocking=True)  # (B, C, h, w)
+        cond = None if cond is None else cond.to(self.device, non_blocking=True)
+        epoch, index = items[0][2], items[0][3]
+        return Batch((x0, cond, noise_gen), [self.files(i) for i, _, _, _ in items],
+                     (epoch, index + 1))
 
     def close(self) -> None:
         """Wait for the read in flight and stop the thread."""
@@ -193,8 +200,8 @@ class BatchPrefetcher:
 
 
 def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
-    t, d = cfg.train, cfg.dit
-    device, main = info.device, info.is_main
+    """`train_dit` once the process group is set up: the stage's setup, then `train_loop`."""
+    d, device, main = cfg.dit, info.device, info.is_main
     if d.model not in MODEL_NAMES:
         raise ConfigError(f"unknown model {d.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     seed_everything(cfg.seed)
@@ -203,17 +210,17 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     vae = load_stage_vae(cfg, device)
     fingerprint = vae_fingerprint(vae)  # once: the resume check and the cache keys use it
     plan = plan_data(cfg, info)
-    num_classes = len(plan.class_names)
-    model: DiT = build_dit(d.model, vae.config.latent_channels, num_classes).to(device)
+    model = build_dit(d.model, vae.config.latent_channels, len(plan.class_names)).to(device)
+    model.condition = ClassCondition(len(plan.class_names), plan.class_names)
     step_px = vae.downsample_factor * model.config.patch_size
     if cfg.data.step % step_px:
         raise ConfigError(f"data.step {cfg.data.step} must be a multiple of VAE factor × patch "
                           f"= {step_px}")
-    model.gradient_checkpointing = t.grad_checkpointing
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, d.adam_beta2),
-                            weight_decay=t.weight_decay, fused=True)
-    ema = EMA(model, t.ema_decay)
-    step, epoch, index, saved_state = 0, 0, 0, None
+    model.gradient_checkpointing = cfg.train.grad_checkpointing
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, d.adam_beta2),
+                            weight_decay=cfg.train.weight_decay, fused=True)
+    ema = EMA(model, cfg.train.ema_decay)
+    step, saved_state = 0, None
     if resume_path is not None:  # refuse another model before anything is written
         ckpt = load_checkpoint(resume_path)
         check_resume_compatible(cfg, ckpt.state, plan.class_names, vae, fingerprint,
@@ -222,16 +229,57 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         ema.load_state_dict(upgrade_state_dict(ckpt.group("ema")), ckpt.state["ema_updates"])
         load_optimizer(opt, ckpt.torch_state["optimizer"])
         step, saved_state = ckpt.step, ckpt.state  # (epoch, index) once the images are known
-        refuse_finished(resume_path, step, t.max_steps)
+        refuse_finished(resume_path, step, cfg.train.max_steps)
     run_dir = prepare_run_dir(cfg, resume_path, info, plan)
     if main and resume_path is not None:  # once nothing is left to refuse it
         print(f"resumed from {resume_path} at step {step}", flush=True)
+    reader, fingerprint = cache_latents(cfg, plan, vae, info, fingerprint)
+    epoch, index = (resume_position(saved_state, plan, resume_path, main)
+                    if saved_state is not None else (0, 0))
+    val = validation_latents(cfg, plan, vae, info, fingerprint) if main else []
+    if main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{d.model}: {n_params / 1e6:.2f}M parameters, {len(plan.class_names) or 'no'} "
+              f"classes, {vae.config.latent_channels} latent channels", flush=True)
+    train_model = model
+    if info.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        model.compile_blocks()  # in place, so DDP and checkpoints see the same module
+    logger = RunLogger(run_dir, main, resumed_step=step if resume_path is not None else None)
+    batches = BatchPrefetcher(reader, iter(ScheduleSampler(plan.schedule, info.rank, cfg.seed,
+                                                           epoch, index)),
+                              plan.records.path, plan.records.label if plan.class_names else None,
+                              model.condition, cfg.seed, (info.rank, info.world_size),
+                              cfg.data.flip, device, start=step * cfg.train.grad_accum)
+    extra = {"stage": "dit", "num_classes": len(plan.class_names),
+             "latent_channels": vae.config.latent_channels, "class_names": plan.class_names,
+             "model_config": model.config.to_dict(), "vae": portable_path(resolve_path(d.vae)),
+             "vae_fingerprint": fingerprint, **data_state(plan)}
+    steps = dit_steps(cfg, info, model, train_model, ema, opt, vae, plan, val, logger, run_dir,
+                      extra)
+    samples_per_step = cfg.train.grad_accum * cfg.batch_size * info.world_size
+    try:
+        train_loop(cfg, info, run_dir, step, batches, steps, opt, list(model.parameters()),
+                   logger, samples_per_step, train_model if info.world_size > 1 else None)
+    finally:  # also when the loop raised: stop the prefetch thread, free the shards
+        batches.close()
+        reader.close()
+        logger.close()
+    return run_dir
 
-    # Latent cache: build or update, then read from memory-mapped shards.
-    cache_dir = resolve_path(d.cache_dir) if d.cache_dir else None
+
+def cache_latents(cfg: Config, plan: DataPlan, vae: AutoencoderKL, info: DistInfo,
+                  fingerprint: str) -> tuple[LatentReader, str]:
+    """Build or update the latent cache of the plan's training images and open it for reading;
+    returns the reader and the VAE fingerprint. Images that fail to encode are reported and
+    leave the plan (and its schedule)."""
+    main = info.is_main
     build = dict(flip=cfg.data.flip, batch_size=max(cfg.batch_size, MIN_CACHE_ENCODE_BATCH),
                  num_workers=cfg.data.num_workers, dist_info=info,
                  max_pixels=cfg.data.max_image_pixels, progress=main, fingerprint=fingerprint)
+    cache_dir = resolve_path(cfg.dit.cache_dir) if cfg.dit.cache_dir else None
     summary = ensure_cache(plan.records, plan.placements, plan.buckets, vae, cache_dir, **build)
     if main:
         print(summary.format(), flush=True)
@@ -245,100 +293,93 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                                       info.world_size, cfg.seed)
         if main:  # their buckets stay as they were cached, so some may now be too small
             warn_unused(plan.schedule)
-    if saved_state is not None:
-        epoch, index = resume_position(saved_state, plan, resume_path, main)
-    data = data_state(plan)  # recorded in every checkpoint
-    reader = LatentReader(summary.cache_dir, keys, vae.config.latent_affine())
-    # Validation set: chunks of one bucket each, val_x[k] (n_k, C, h, w) with labels val_y[k]
-    # (n_k,), n_k <= VAL_CHUNK.
-    val_x: list[torch.Tensor] = []
-    val_y: list[torch.Tensor] = []
-    if plan.eval_records and main:
-        n = min(d.val_images, len(plan.eval_records))
-        val = ensure_cache(plan.eval_records[:n], plan.eval_placements[:n], plan.buckets, vae,
-                           cache_dir, **{**build, "flip": False, "dist_info": None})
-        print(val.format(), flush=True)
-        unusable = set(val.unusable)  # reported by that summary; validate on the rest
-        usable = [i for i in range(n) if i not in unusable]
-        # raw moments: their means are normalised by the VAE below
-        val_reader = LatentReader(val.cache_dir, val.keys[usable])
-        groups = defaultdict(list)  # bucket -> positions in the reader, i.e. in `usable`
-        for pos, i in enumerate(usable):
-            groups[plan.eval_placements[i].bucket].append(pos)
-        for members in groups.values():
-            for j in range(0, len(members), VAL_CHUNK):
-                chunk = members[j:j + VAL_CHUNK]
-                mean, _ = val_reader.moments(chunk)  # the posterior mean: a fixed target
-                val_x.append(vae.normalize(mean))  # (len(chunk), C, h, w)
-                val_y.append(torch.tensor([plan.eval_records[usable[p]].label for p in chunk]))
-        val_reader.close()
+    return LatentReader(summary.cache_dir, keys, vae.config.latent_affine()), summary.fingerprint
 
-    flow = RectifiedFlow(num_classes, model.config.patch_size, d.base_tokens, d.logit_mean,
-                         d.logit_std, d.label_dropout)
-    if main:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{d.model}: {n_params / 1e6:.2f}M parameters, {num_classes or 'no'} classes, "
-              f"{vae.config.latent_channels} latent channels", flush=True)
 
-    train_model = model
-    if info.world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = autocast_dtype(t.precision, device)
-    ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # eager: previews, validation
-    if t.compile:
-        model.compile_blocks()  # in place, so DDP and checkpoints see the same module
+def validation_latents(cfg: Config, plan: DataPlan, vae: AutoencoderKL, info: DistInfo,
+                       fingerprint: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The held-out images' normalised posterior means, cached like the training latents, in
+    chunks of one bucket each: [(x0 (n_k, C, h, w), labels (n_k,))] with n_k <= VAL_CHUNK."""
+    if not len(plan.eval_records):
+        return []
+    n = min(cfg.dit.val_images, len(plan.eval_records))
+    cache_dir = resolve_path(cfg.dit.cache_dir) if cfg.dit.cache_dir else None
+    val = ensure_cache(plan.eval_records[:n], plan.eval_placements[:n], plan.buckets, vae,
+                       cache_dir, flip=False, batch_size=max(cfg.batch_size,
+                                                             MIN_CACHE_ENCODE_BATCH),
+                       num_workers=cfg.data.num_workers, max_pixels=cfg.data.max_image_pixels,
+                       progress=info.is_main, fingerprint=fingerprint)
+    print(val.format(), flush=True)
+    unusable = set(val.unusable)  # reported by that summary; validate on the rest
+    usable = [i for i in range(n) if i not in unusable]
+    # raw moments: their means are normalised by the VAE below
+    val_reader = LatentReader(val.cache_dir, val.keys[usable])
+    groups = defaultdict(list)  # bucket -> positions in the reader, i.e. in `usable`
+    for pos, i in enumerate(usable):
+        groups[plan.eval_placements[i].bucket].append(pos)
+    chunks = []
+    for members in groups.values():
+        for j in range(0, len(members), VAL_CHUNK):
+            chunk = members[j:j + VAL_CHUNK]
+            mean, _ = val_reader.moments(chunk)  # the posterior mean: a fixed target
+            chunks.append((vae.normalize(mean),  # (len(chunk), C, h, w)
+                           torch.tensor([plan.eval_records[usable[p]].label for p in chunk])))
+    val_reader.close()
+    return chunks
+
+
+def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Module, ema: EMA,
+              opt: torch.optim.Optimizer, vae: AutoencoderKL, plan: DataPlan,
+              val: list[tuple[torch.Tensor, torch.Tensor]], logger: RunLogger, run_dir: Path,
+              extra: dict) -> StageSteps:
+    """The DiT stage's part of each step (`training/loop.py`): the flow loss of a micro-batch,
+    the EMA update, the loss per bucket for the log, validation loss per timestep bin, EMA
+    sample grids, and what a checkpoint holds."""
+    d, device = cfg.dit, info.device
+    amp = autocast_dtype(cfg.train.precision, device)
     part = (info.rank, info.world_size)  # this rank's slice of every step's random draws
-    batches = BatchPrefetcher(reader, iter(ScheduleSampler(plan.schedule, info.rank, cfg.seed,
-                                                           epoch, index)),
-                              plan.records.label if num_classes else None,
-                              cfg.seed, part, cfg.data.flip, device.type == "cuda",
-                              start=step * t.grad_accum)
-    logger = RunLogger(run_dir, main, resumed_step=step if resume_path is not None else None)
-    stop = StopSignal()
-    guard = NonFiniteGuard(t.max_nonfinite)
-    params = list(model.parameters())
-    bar = tqdm(total=t.max_steps, initial=step, disable=not main, dynamic_ncols=True)
-
-    def checkpoint() -> None:
-        if main:
-            extra = {"stage": "dit", "ema_updates": ema.num_updates,
-                     "num_classes": num_classes, "latent_channels": vae.config.latent_channels,
-                     "class_names": plan.class_names,
-                     "model_config": model.config.to_dict(),
-                     "vae": portable_path(resolve_path(d.vae)),
-                     "vae_fingerprint": summary.fingerprint, **data}
-            save_checkpoint(run_dir, step, {"model": model.state_dict(),
-                                            "ema": ema.state_dict()},
-                            {"optimizer": opt.state_dict()},
-                            state_for_json(cfg, step, epoch, index, info.world_size, extra),
-                            keep_last=t.keep_last)
-            logger.flush()  # the events logged up to the checkpoint reach disk with it
-
+    conditional = bool(plan.class_names)
+    flow = RectifiedFlow(model.condition if conditional else None, model.config.patch_size,
+                         d.base_tokens, d.logit_mean, d.logit_std, d.label_dropout)
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # eager: previews, validation
+    step_px = vae.downsample_factor * model.config.patch_size
     grid_sizes = preview_sizes(d.sample_sizes, plan.buckets, step_px)
+    bucket_losses: dict[str, list[torch.Tensor]] = defaultdict(list)
 
-    def previews() -> None:
-        ema.copy_to(ema_model)
-        samples_dir = run_dir / "samples"
-        samples_dir.mkdir(exist_ok=True)
-        for k, (w, h) in enumerate(grid_sizes):
-            if stop.received:  # a stop request must not wait for the remaining grids
-                return
-            labels = [i % num_classes for i in range(d.num_samples)] if num_classes else None
-            images = generate(ema_model, vae, h, w, d.num_samples, labels, d.cfg_scale,
-                              d.sample_steps, seed=cfg.seed + k, base_tokens=d.base_tokens,
-                              autocast_dtype=amp)
-            grid = image_grid(images)  # (3, H', W') in [-1, 1]
-            logger.image(f"samples/{w}x{h}", (grid + 1) / 2, step)
-            tensor_to_pil(grid).save(samples_dir / f"step_{step:07d}_{w}x{h}.png")
+    def loss(data: tuple) -> torch.Tensor:
+        x0, cond, noise_gen = data
+        with autocast(device, amp):
+            per_sample = flow.loss(train_model, x0, cond, flow_generator(noise_gen, device),
+                                   part)  # (B,)
+            value = per_sample.mean()
+        f = vae.downsample_factor
+        if info.is_main:  # read at log time (no sync), which only the main process does
+            bucket_losses[f"{x0.shape[-1] * f}x{x0.shape[-2] * f}"].append(value.detach())
+        return value
 
-    def validate() -> None:
+    def update(finite: bool) -> None:
+        if finite:
+            ema.update(model)
+
+    def scalars() -> dict[str, float]:
+        values = {f"loss_bucket/{k}": torch.stack(v).mean().item()
+                  for k, v in bucket_losses.items()}
+        bucket_losses.clear()
+        return values
+
+    def payload() -> tuple[dict, dict, dict]:
+        return ({"model": model.state_dict(), "ema": ema.state_dict()},
+                {"optimizer": opt.state_dict()}, {**extra, "ema_updates": ema.num_updates})
+
+    def validate(step: int) -> None:
+        if not val:
+            return
         ema.copy_to(ema_model)
         per_bin, count = torch.zeros(d.val_bins), 0  # (bins,): sample-weighted loss sums
         with autocast(device, amp):
-            for x0, y in zip(val_x, val_y):  # (n_k, C, h, w), (n_k,)
+            for x0, labels in val:  # (n_k, C, h, w), (n_k,)
                 losses = flow.validation_losses(ema_model, x0.to(device),
-                                                y.to(device) if num_classes else None,
+                                                labels.to(device) if conditional else None,
                                                 d.val_bins, seed=cfg.seed)  # (bins,)
                 per_bin += losses.float().cpu() * len(x0)
                 count += len(x0)
@@ -346,72 +387,23 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         values = {f"val/loss_bin{i}": float(v) for i, v in enumerate(per_bin)}
         values["val/loss"] = float(per_bin.mean())
         logger.scalars(values, step)
-        bar.write(f"step {step}: validation loss {values['val/loss']:.4f}")
+        tqdm.write(f"step {step}: validation loss {values['val/loss']:.4f}")
 
-    rate = StepRate(step)
-    bucket_losses: dict[str, list[float]] = defaultdict(list)
-    try:
-        while step < t.max_steps:
-            for group in opt.param_groups:
-                group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
-            total, files = torch.zeros((), device=device), []
-            for micro in range(t.grad_accum):
-                with rate.waiting():
-                    # micro-step step * grad_accum + micro
-                    items, noise_gen, x0, y = batches.get()
-                    x0 = x0.to(device, non_blocking=True)  # (B, C, h, w)
-                    y = None if y is None else y.to(device, non_blocking=True)  # (B,)
-                indices = [i for i, _, _, _ in items]
-                epoch, index = items[0][2], items[0][3] + 1
-                files += [plan.records[i].path for i in indices]
-                gen = flow_generator(noise_gen, device)
-                sync = micro == t.grad_accum - 1 or info.world_size == 1
-                no_sync = contextlib.nullcontext() if sync else train_model.no_sync()
-                with no_sync, autocast(device, amp):
-                    per_sample = flow.loss(train_model, x0, y, gen, part)  # (B,)
-                    loss = per_sample.mean()
-                (loss / t.grad_accum).backward()
-                total += loss.detach() / t.grad_accum
-                bw, bh = x0.shape[-1] * vae.downsample_factor, x0.shape[-2] * vae.downsample_factor
-                if main:  # read at log time (no sync), which only the main process does
-                    bucket_losses[f"{bw}x{bh}"].append(loss.detach())
-            total, stopping = agree(total, stop.received is not None)  # the same on every rank
-            grad_norm = clip_and_check(params, t.grad_clip)
-            if guard.ok(step + 1, total, grad_norm, files):  # numbered as it is logged
-                opt.step()
-                ema.update(model)
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if main and (step % t.log_every == 0 or step == 1):
-                values = {"train/loss": total.item(), "train/lr": opt.param_groups[0]["lr"],
-                          "train/grad_norm": grad_norm.item(),
-                          **rate.scalars(step, t.grad_accum * cfg.batch_size * info.world_size)}
-                values.update({f"loss_bucket/{k}": torch.stack(v).mean().item()
-                               for k, v in bucket_losses.items()})
-                logger.scalars(values, step)
-                bar.set_postfix(loss=f"{total.item():.4f}")
-                bucket_losses.clear()
-            # Save first: a failure in validation or previews then loses no training. A stop
-            # request skips them (it is acted on at the next step): the scheduler's grace period
-            # after SIGTERM is short, and they can take longer than a step.
-            with rate.pause():
-                if checkpoint_due(step, t, stopping):
-                    checkpoint()
-                if stopping:
-                    break
-                due = step == t.max_steps
-                if main and val_x and not stop.received and (step % t.eval_every == 0 or due):
-                    validate()
-                if main and not stop.received and (step % t.sample_every == 0 or due):
-                    previews()
-    finally:  # also when the loop raised: stop the prefetch thread, free the shards
-        batches.close()
-        reader.close()
-        stop.restore()
-    bar.close()
-    logger.close()
-    if step < t.max_steps:  # stopped early by a signal (at the last step it is done anyway)
-        stopped(stop, step, run_dir)
-    return run_dir
+    def preview(step: int, stop_requested: Callable[[], bool]) -> None:
+        ema.copy_to(ema_model)
+        samples_dir = run_dir / "samples"
+        samples_dir.mkdir(exist_ok=True)
+        n = len(plan.class_names)
+        cond = (model.condition.batch([i % n for i in range(d.num_samples)]) if conditional
+                else None)
+        for k, (w, h) in enumerate(grid_sizes):
+            if stop_requested():  # a stop request must not wait for the remaining grids
+                return
+            images = generate(ema_model, vae, h, w, num_samples=d.num_samples, cond=cond,
+                              cfg_scale=d.cfg_scale, steps=d.sample_steps, seed=cfg.seed + k,
+                              base_tokens=d.base_tokens, autocast_dtype=amp)
+            grid = image_grid(images)  # (3, H', W') in [-1, 1]
+            logger.image(f"samples/{w}x{h}", (grid + 1) / 2, step)
+            tensor_to_pil(grid).save(samples_dir / f"step_{step:07d}_{w}x{h}.png")
 
+    return StageSteps(loss, update, scalars, payload, validate, preview)

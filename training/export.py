@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.conditioning import ClassCondition
 from models.dit import DiT, DiTConfig, upgrade_state_dict
 from models.vae import AutoencoderKL
 from models.vae_weights import kept_vae_folder, load_vae, state_dict_problems, vae_fingerprint
@@ -61,6 +62,11 @@ class GeneratorInfo:
     def num_classes(self) -> int:
         """Number of real classes (0: unconditional)."""
         return len(self.class_names)
+
+    @property
+    def condition(self) -> ClassCondition:
+        """What the model is conditioned on, with the class names (`models/conditioning.py`)."""
+        return ClassCondition(self.num_classes, self.class_names)
 
 
 def is_export(folder: Path) -> bool:
@@ -182,6 +188,7 @@ def load_generator(path: str | os.PathLike, step: int | None = None,
     """
     config, weights, info = _read_source(Path(path), step)
     model = _build(config, weights, info.source, device)
+    model.condition = info.condition  # the same kind, with the names the classes had
     vae_path = Path(vae) if vae is not None else info.vae
     if not vae_path.exists():
         if vae is not None:

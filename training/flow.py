@@ -4,48 +4,39 @@ Training draws t from a logit-normal and shifts it towards noise for larger late
 t' = s t / (1 + (s - 1) t) with s = sqrt(tokens / base_tokens) (SD3). Sampling
 (`inference/samplers.py`) integrates dx/dt = v from t = 1 to 0 on the same shifted schedule.
 
-Under torchrun each rank passes `part` = (rank, world size) to `loss`: t, the noise and the label
-dropout are drawn for the whole global batch and each rank keeps its own slice, so a run does not
-depend on how its batch is split across processes. The world size × more draws are negligible
-next to the model's forward and backward.
+The condition (`cond`, see `models/conditioning.py`) is dropped to its null for a share of the
+samples, so that classifier-free guidance works at sampling. Under torchrun each rank passes
+`part` = (rank, world size) to `loss`: t, the noise and the condition dropout are drawn for the
+whole global batch and each rank keeps its own slice, so a run does not depend on how its batch
+is split across processes. The world size × more draws are negligible next to the model's
+forward and backward.
 """
 
-import math
+from __future__ import annotations
+
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-# model(x_t (B, C, H, W), t (B,), y (B,) or None) -> v (B, C, H, W)
-VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+from inference.samplers import time_shift, token_shift
+from models.conditioning import ClassCondition
 
-
-def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """Map t in [0, 1] to s t / (1 + (s - 1) t): monotone, fixes 0 and 1, identity for s = 1."""
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def token_shift(height: int, width: int, patch_size: int, base_tokens: int) -> float:
-    """Shift s = sqrt(tokens / base_tokens) for a latent of height x width (SD3)."""
-    tokens = (height // patch_size) * (width // patch_size)
-    return math.sqrt(tokens / base_tokens)
-
-
-def shifted_timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
-    """Sampling schedule (steps + 1,) from t = 1 down to t = 0, shifted like training."""
-    return time_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
+# model(x_t (B, C, H, W), t (B,), cond or None) -> v (B, C, H, W)
+VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
 @dataclass
 class RectifiedFlow:
     """The training objective and its helpers; holds settings only, no state."""
 
-    num_classes: int = 0  # the null class for label dropout is index num_classes
+    condition: ClassCondition | None = None  # the condition's kind (its null), None: none
     patch_size: int = 2  # the DiT's patch size, for counting tokens
     base_tokens: int = 256  # token count with no shift (a 32x32 latent at patch 2)
     logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2)) before the shift
     logit_std: float = 1.0
-    label_dropout: float = 0.1  # probability of replacing a label by the null class
+    dropout: float = 0.1  # probability of replacing a sample's condition by the null one
 
     def shift_for(self, height: int, width: int) -> float:
         """`token_shift` of a latent of height x width for this model's patch size."""
@@ -62,31 +53,34 @@ class RectifiedFlow:
         z = torch.randn(n, device=device, generator=generator)
         return time_shift(torch.sigmoid(self.logit_mean + self.logit_std * z), shift)
 
-    def drop_labels(
+    def drop_condition(
         self,
-        y: torch.Tensor,
+        cond: Any,
+        batch: int,
+        device: torch.device,
         generator: torch.Generator | None = None,
         part: tuple[int, int] = (0, 1),
-    ) -> torch.Tensor:
-        """Replace each label (B,) by the null class with probability `label_dropout`; the
-        draws are those of slice `part` = (rank, world size) of the global batch."""
-        (rank, world), B = part, len(y)
-        u = torch.rand(world * B, device=y.device, generator=generator)  # (world·B,)
-        drop = u[rank * B:(rank + 1) * B] < self.label_dropout  # (B,)
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+    ) -> Any:
+        """Replace the condition of each of `batch` samples by the null one with probability
+        `dropout`; the draws are those of slice `part` = (rank, world size) of the global
+        batch."""
+        (rank, world), B = part, batch
+        u = torch.rand(world * B, device=device, generator=generator)  # (world·B,)
+        return self.condition.drop(cond, u[rank * B:(rank + 1) * B] < self.dropout)  # (B,) mask
 
     def loss(
         self,
         model: VelocityModel,
         x0: torch.Tensor,
-        y: torch.Tensor | None = None,
+        cond: Any = None,
         generator: torch.Generator | None = None,
         part: tuple[int, int] = (0, 1),
     ) -> torch.Tensor:
         """Per-sample training loss (B,) for clean latents x0 (B, C, H, W); `.mean()` to train.
 
-        Draws t and noise, and drops labels for classifier-free guidance, for the global batch
-        of world size × B samples; x0 and y are slice `part` = (rank, world size) of it.
+        Draws t and noise, and drops conditions for classifier-free guidance, for the global
+        batch of world size × B samples; x0 and `cond` (None: the null condition) are slice
+        `part` = (rank, world size) of it.
         """
         (rank, world), B = part, x0.shape[0]
         rows = slice(rank * B, (rank + 1) * B)  # this rank's rows of the global batch
@@ -94,9 +88,9 @@ class RectifiedFlow:
         t = self.sample_t(world * B, shift, x0.device, generator)[rows]  # (B,)
         noise = torch.randn((world * B, *x0.shape[1:]), device=x0.device, dtype=x0.dtype,
                             generator=generator)[rows]  # (B, C, H, W)
-        if y is not None:
-            y = self.drop_labels(y, generator, part)
-        return self._mse(model, x0, noise, t, y)
+        if cond is not None:
+            cond = self.drop_condition(cond, B, x0.device, generator, part)
+        return self._mse(model, x0, noise, t, cond)
 
     @staticmethod
     def _mse(
@@ -104,12 +98,12 @@ class RectifiedFlow:
         x0: torch.Tensor,
         noise: torch.Tensor,
         t: torch.Tensor,
-        y: torch.Tensor | None,
+        cond: Any,
     ) -> torch.Tensor:
         """Per-sample MSE (B,) between the model's velocity at x_t and noise - x0."""
         t_ = t.to(x0.dtype).view(-1, 1, 1, 1)
         x_t = (1 - t_) * x0 + t_ * noise  # (B, C, H, W)
-        v = model(x_t, t, y)
+        v = model(x_t, t, cond)
         return (v.float() - (noise - x0).float()).square().mean(dim=(1, 2, 3))  # (B,)
 
     @torch.no_grad()
@@ -117,13 +111,13 @@ class RectifiedFlow:
         self,
         model: VelocityModel,
         x0: torch.Tensor,
-        y: torch.Tensor | None = None,
+        cond: Any = None,
         bins: int = 8,
         seed: int = 0,
     ) -> torch.Tensor:
         """Mean loss (bins,) at the midpoints of `bins` equal t-bins, with seeded noise.
 
-        No shift and no label dropout, so numbers compare across runs and latent sizes. The
+        No shift and no condition dropout, so numbers compare across runs and latent sizes. The
         noise depends only on (seed, x0's shape), drawn on the CPU for any device.
         """
         generator = torch.Generator().manual_seed(seed)
@@ -131,5 +125,5 @@ class RectifiedFlow:
         for i in range(bins):
             noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
             t = torch.full((x0.shape[0],), (i + 0.5) / bins, device=x0.device)
-            losses.append(self._mse(model, x0, noise, t, y).mean())
+            losses.append(self._mse(model, x0, noise, t, cond).mean())
         return torch.stack(losses)

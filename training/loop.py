@@ -1,4 +1,21 @@
-"""The training loop both stages share, and its parts: learning rate, guarded steps, stop signals.
+"""The training loop both stages share: one function, `train_loop`, and its parts.
+
+A stage (`training/dit_stage.py`, `training/vae_stage.py`) sets up its model and data, then hands
+the loop an iterator of micro-batches and its `StageSteps`: plain functions over its own state
+that compute a micro-batch's loss, act after each optimizer step (EMA, a discriminator), add
+values to the log, and validate, preview and describe a checkpoint. The loop owns what both
+stages share: the learning rate, gradient accumulation, averaging gradients over ranks, clipping,
+the non-finite guard, the logging window, the checkpoint cadence, stop signals and cleanup.
+
+One step, as `train_loop` runs it:
+
+    lr ← schedule(step)
+    for each of train.grad_accum micro-batches: loss ← stage.loss(batch); backward(loss / accum)
+    average gradients over ranks (DDP does it during backward where the stage uses it)
+    loss, stop ← agree over ranks; norm ← clip gradients
+    if loss and norm are finite: optimizer.step()      (else skipped, and counted)
+    stage.update(finite); zero gradients; step ← step + 1
+    log every train.log_every steps; then checkpoint, validate and preview when due
 """
 
 from __future__ import annotations
@@ -7,14 +24,52 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-from training.config import ConfigError, TrainConfig, TrainingAborted, TrainingStopped
-from training.distributed import barrier
+from training.checkpoint import save_checkpoint
+from training.config import Config, ConfigError, TrainConfig, TrainingAborted, TrainingStopped
+from training.distributed import DistInfo, agree, barrier
+from training.logging import RunLogger
+from training.resume import state_for_json
+
+
+@dataclass
+class Batch:
+    """One micro-batch as the loop sees it: the stage's own `data`, the `files` it was made of
+    (named when its step goes non-finite) and the schedule's state once it is consumed
+    (`position` = (epoch, index of the next batch), saved in checkpoints)."""
+
+    data: Any
+    files: list[str]
+    position: tuple[int, int]
+
+
+@dataclass
+class StageSteps:
+    """A stage's part of training, as plain functions that `train_loop` calls.
+
+    loss(data) -> the scalar loss of one micro-batch (the loop backpropagates it);
+    update(finite) after each optimizer step (`finite`: whether it was applied);
+    scalars() -> values to log at a log step (called on every rank: it may all-reduce);
+    payload() -> (tensor groups, torch state dicts, JSON extras) of a checkpoint;
+    validate(step) and preview(step, stop_requested) on the main process, every
+    train.eval_every and train.sample_every steps and at the end (`stop_requested()` tells a
+    preview drawing several grids that a stop signal came, so that it returns at once).
+    """
+
+    loss: Callable[[Any], torch.Tensor]
+    update: Callable[[bool], None]
+    scalars: Callable[[], dict[str, float]]
+    payload: Callable[[], tuple[dict, dict, dict]]
+    validate: Callable[[int], None]
+    preview: Callable[[int, Callable[[], bool]], None]
 
 
 def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
@@ -137,3 +192,88 @@ class StopSignal:
         """Reinstall the handlers that were in place before this object took the signals."""
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """All-reduce gradients to their mean over ranks (no-op in a single process)."""
+    if dist.is_initialized():
+        world = dist.get_world_size()
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
+def train_loop(cfg: Config, info: DistInfo, run_dir: Path, step: int, batches: Iterator[Batch],
+               stage: StageSteps, optimizer: torch.optim.Optimizer,
+               params: list[torch.nn.Parameter], logger: RunLogger, samples_per_step: int,
+               ddp: torch.nn.parallel.DistributedDataParallel | None = None) -> int:
+    """Train from `step` to `train.max_steps` (see the module docstring); returns the last step.
+
+    `optimizer` steps `params` with the learning rate of the schedule; `ddp`, when the stage
+    wraps its model in DistributedDataParallel, averages their gradients during backward (else
+    the loop does after it). `samples_per_step` counts one optimizer step's samples over all
+    ranks. A stop signal saves a checkpoint after the current step and raises
+    `TrainingStopped`; too many non-finite steps in a row raise `TrainingAborted`.
+    """
+    t, main = cfg.train, info.is_main
+    stop, guard, rate = StopSignal(), NonFiniteGuard(t.max_nonfinite), StepRate(step)
+    bar = tqdm(total=t.max_steps, initial=step, disable=not main, dynamic_ncols=True)
+    position = (0, 0)  # the schedule's state after the last batch trained on
+    try:
+        while step < t.max_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
+            total, files = torch.zeros((), device=info.device), []
+            for micro in range(t.grad_accum):
+                with rate.waiting():
+                    batch = next(batches)
+                files += batch.files
+                position = batch.position
+                last = micro == t.grad_accum - 1
+                with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
+                    loss = stage.loss(batch.data)
+                    (loss / t.grad_accum).backward()
+                total += loss.detach() / t.grad_accum
+            if ddp is None:
+                average_gradients(params)
+            total, stopping = agree(total, stop.received is not None)  # the same on every rank
+            grad_norm = clip_and_check(params, t.grad_clip)
+            finite = guard.ok(step + 1, total, grad_norm, files)  # numbered as it is logged
+            if finite:
+                optimizer.step()
+            stage.update(finite)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % t.log_every == 0 or step == 1:
+                values = stage.scalars()  # on every rank: it may all-reduce
+                if main:
+                    logger.scalars({"train/loss": total.item(),
+                                    "train/lr": optimizer.param_groups[0]["lr"],
+                                    "train/grad_norm": grad_norm.item(),
+                                    **rate.scalars(step, samples_per_step), **values}, step)
+                    bar.set_postfix(loss=f"{total.item():.4f}")
+            # Save first: a failure in validation or previews then loses no training. A stop
+            # request skips them (it is acted on at the next step): the scheduler's grace period
+            # after SIGTERM is short, and they can take longer than a step.
+            with rate.pause():
+                if checkpoint_due(step, t, stopping) and main:
+                    tensors, torch_state, extra = stage.payload()
+                    save_checkpoint(run_dir, step, tensors, torch_state,
+                                    state_for_json(cfg, step, *position, info.world_size, extra),
+                                    keep_last=t.keep_last)
+                    logger.flush()  # the events logged up to the checkpoint reach disk with it
+                if stopping:
+                    break
+                final = step == t.max_steps
+                if main and not stop.received and (step % t.eval_every == 0 or final):
+                    stage.validate(step)
+                if main and not stop.received and (step % t.sample_every == 0 or final):
+                    stage.preview(step, lambda: stop.received is not None)
+    finally:
+        stop.restore()
+        bar.close()
+    if step < t.max_steps:  # stopped early by a signal (at the last step it is done anyway)
+        stopped(stop, step, run_dir)
+    return step

@@ -18,32 +18,30 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from bucketing import BatchSchedule
+from inference.metrics import psnr, ssim
 from models.discriminator import PatchDiscriminator, hinge_d_loss, share_batch_statistics
 from models.vae import AutoencoderKL, VAEConfig
 from models.vae_weights import load_vae, save_vae, state_dict_problems
-from training.checkpoint import (Checkpoint, load_checkpoint, read_state, resolve_resume,
-                                 save_checkpoint)
+from training.checkpoint import Checkpoint, load_checkpoint, read_state, resolve_resume
 from training.config import Config, ConfigError, resolve_path, validate_config
-from training.images import to_unit_range
-from training.distributed import DistInfo, agree, all_reduce_mean, setup, teardown
+from training.distributed import DistInfo, all_reduce_mean, setup, teardown
 from training.ema import EMA
+from training.images import to_unit_range
 from training.logging import RunLogger
-from training.loop import (NonFiniteGuard, StepRate, StopSignal, checkpoint_due, clip_and_check,
-                           lr_factor, stopped)
+from training.loop import Batch, StageSteps, average_gradients, train_loop
 from training.plan import DataPlan, eval_crops, pixel_loader, plan_data
 from training.resume import (data_state, find_resume, load_optimizer, prepare_run_dir,
-                             refuse_finished, resume_position, state_for_json)
+                             refuse_finished, resume_position)
 from training.runtime import (autocast, autocast_dtype, close_loader, keep_freed_memory,
                               seed_everything)
-from training.metrics import psnr, ssim
 from training.vae_loss import autoencoder_loss, gan_ramp
 
 LOGGED_TERMS = ("loss/total", "loss/rec", "loss/perceptual", "loss/kl", "loss/gan_generator",
@@ -103,16 +101,6 @@ def build_vae(cfg: Config, check_keys: bool = True) -> AutoencoderKL:
     except ValueError as err:
         raise ConfigError(f"vae.sample_size {v.sample_size} does not suit {path}: {err}") from None
     return vae
-
-
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """All-reduce gradients to their mean over ranks (no-op in a single process)."""
-    if dist.is_initialized():
-        world = dist.get_world_size()
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
 
 
 @torch.no_grad()
@@ -198,6 +186,7 @@ def train_vae(cfg: Config, resume: str | None = None) -> Path:
 
 
 def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
+    """`train_vae` once the process group is set up: the stage's setup, then `train_loop`."""
     t, v = cfg.train, cfg.vae
     device, main = info.device, info.is_main
     if t.grad_accum != 1:  # one batch per step: the GAN and adaptive weight see whole batches
@@ -216,10 +205,6 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     vae = build_vae(cfg, check_keys=recorded).to(device)
     disc = PatchDiscriminator(3, v.disc_channels, v.disc_layers).to(device)
     disc = share_batch_statistics(disc, device, info.world_size)
-    lpips = None
-    if v.lpips_vgg and v.lpips_lin:
-        from training.lpips import LPIPS
-        lpips = LPIPS.from_files(resolve_path(v.lpips_vgg), resolve_path(v.lpips_lin)).to(device)
     opt_g = torch.optim.Adam(vae.parameters(), lr=t.lr, betas=ADAM_BETAS,
                              weight_decay=t.weight_decay)
     opt_d = torch.optim.Adam(disc.parameters(), lr=v.disc_lr, betas=ADAM_BETAS)
@@ -244,123 +229,113 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         print(f"VAE: {n / 1e6:.2f}M parameters, downsampling {vae.downsample_factor}, "
               f"{vae.config.latent_channels} latent channels", flush=True)
 
-    amp = autocast_dtype(t.precision, device)
     loader = pixel_loader(cfg, plan, info, epoch, index, random_crop=cfg.data.random_crop)
-    eval_images = eval_crops(plan.eval_records, v.eval_crop, v.eval_images,
-                             cfg.data.max_image_pixels) if main else None
     ema_model = copy.deepcopy(vae).eval()
     logger = RunLogger(run_dir, main, resumed_step=step if resume_path is not None else None)
-    stop = StopSignal()
-    last_layer = vae.decoder.conv_out.weight
-    guard = NonFiniteGuard(t.max_nonfinite)
-    bar = tqdm(total=t.max_steps, initial=step, disable=not main, dynamic_ncols=True)
+    steps = vae_steps(cfg, info, vae, disc, ema, ema_model, opt_g, opt_d, plan, logger, step)
     batches = iter(loader)
-
-    def checkpoint() -> None:
-        if main:
-            save_checkpoint(run_dir, step, {"model": vae.state_dict(), "ema": ema.state_dict(),
-                                            "discriminator": disc.state_dict()},
-                            {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()},
-                            state_for_json(cfg, step, epoch, index, info.world_size,
-                                           {"stage": "vae", "ema_updates": ema.num_updates,
-                                            "vae_architecture": vae_architecture(vae.config),
-                                            **data_state(plan)}),
-                            keep_last=t.keep_last)
-            logger.flush()  # the events logged up to the checkpoint reach disk with it
-
-    rate = StepRate(step)
     try:
-        while step < t.max_steps:
-            with rate.waiting():
-                batch = next(batches)
-            # uint8 crosses to the device (a quarter of float32's bytes) and is converted there
-            x = to_unit_range(batch["pixels"].to(device, non_blocking=True))  # (B, 3, H, W)
-            for group in opt_g.param_groups:
-                group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
-            ramp = gan_ramp(step, v.disc_start, v.disc_ramp)  # of the GAN term
-            # The posterior noise is drawn for the global batch and each rank keeps its slice, so
-            # the run does not depend on how its batch is split across processes (world size × the
-            # draws: negligible next to the autoencoder).
-            # One seed per (run seed, step); two pairs share one only for steps over a million
-            # apart (1_000_003 and 97 are primes).
-            noise_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 97)
-
-            # Generator (autoencoder) step.
-            with autocast(device, amp):
-                posterior = vae.encode(x)
-                # (B, C, H/f, W/f), f = vae.downsample_factor
-                z = posterior.sample(noise_gen, (info.rank, info.world_size))
-                rec = vae.decode(z)  # (B, 3, H, W)
-                losses = autoencoder_loss(x, rec, posterior, v, ramp, disc, lpips, last_layer)
-            opt_g.zero_grad(set_to_none=True)
-            loss = losses.total
-            loss.backward()
-            average_gradients(list(vae.parameters()))
-            grad_norm = clip_and_check(list(vae.parameters()), t.grad_clip)
-            mean_loss, stopping = agree(loss, stop.received is not None)  # the same on every rank
-            finite = guard.ok(step + 1, mean_loss, grad_norm,  # numbered as it is logged
-                              [plan.records[int(i)].path for i in batch["index"]])
-            if finite:
-                opt_g.step()
-                ema.update(vae)
-
-            # Discriminator step.
-            d_loss = logits_real = logits_fake = torch.zeros((), device=device)
-            if step >= v.disc_start - v.disc_warmup and finite:
-                with autocast(device, amp):
-                    # per-patch logits, (B, 1, h', w') each with h' ≈ H / 2**disc_layers, w' alike
-                    real, fake = disc(x), disc(rec.detach())
-                    d_loss = hinge_d_loss(real, fake)
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                average_gradients(list(disc.parameters()))
-                opt_d.step()
-                logits_real, logits_fake = real.detach().mean(), fake.detach().mean()
-
-            step += 1
-            epoch, index = int(batch["epoch"][0]), int(batch["batch_index"][0]) + 1
-            bar.update(1)
-            if step % t.log_every == 0 or step == 1:
-                # On every rank: the terms' means over the global batch (one all-reduce).
-                terms = dict(zip(LOGGED_TERMS, all_reduce_mean(torch.stack([
-                    loss, losses.rec, losses.perceptual, losses.kl, losses.gan, d_loss,
-                    losses.gan_weight, logits_real, logits_fake
-                ]).detach().float()).tolist()))
-                if main:
-                    logger.scalars({**terms, "gan/ramp": ramp,
-                                    "train/grad_norm": grad_norm.item(),
-                                    "train/lr": opt_g.param_groups[0]["lr"],
-                                    **rate.scalars(step, x.shape[0] * info.world_size)}, step)
-                    bar.set_postfix(rec=f"{terms['loss/rec']:.4f}", kl=f"{terms['loss/kl']:.0f}")
-            # Save first: a failure in validation then loses no training. A stop request skips
-            # it (see the DiT stage).
-            with rate.pause():
-                if checkpoint_due(step, t, stopping):
-                    checkpoint()
-                if stopping:
-                    break
-                if (main and len(eval_images) and not stop.received
-                        and (step % t.eval_every == 0 or step == t.max_steps)):
-                    ema.copy_to(ema_model)
-                    p, s, pairs = evaluate(ema_model, eval_images, device)
-                    logger.scalars({"eval/psnr": p, "eval/ssim": s}, step)
-                    if step % t.sample_every == 0 or step == t.max_steps:
-                        from inference.pipelines import image_grid
-
-                        grid = (image_grid(pairs, cols=2) + 1) / 2
-                        logger.image("eval/reconstructions", grid, step)
-                    bar.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
+        train_loop(cfg, info, run_dir, step, _batches(batches, plan), steps, opt_g,
+                   list(vae.parameters()), logger, cfg.batch_size * info.world_size)
     finally:  # also when the loop raised (see `close_loader`)
         close_loader(batches)
-        stop.restore()
-    bar.close()
-    if main and step >= t.max_steps:  # trained to the end (a stop at the last step included)
+    if main:  # trained to the end (a stop at the last step included)
         export_vae(vae, ema, ema_model, loader_for_scale(cfg, plan, info, info.world_size),
                    device, run_dir / "vae", v.scale_images)
     logger.close()
-    if step < t.max_steps:  # stopped early by a signal (at the last step it is done anyway)
-        stopped(stop, step, run_dir)
     return run_dir
+
+
+def _batches(loader: Iterator[dict], plan: DataPlan) -> Iterator[Batch]:
+    """The pixel loader's batches as the loop's: uint8 pixels (B, 3, H, W) on the CPU."""
+    for batch in loader:
+        yield Batch(batch["pixels"], [plan.records.path(int(i)) for i in batch["index"]],
+                    (int(batch["epoch"][0]), int(batch["batch_index"][0]) + 1))
+
+
+def vae_steps(cfg: Config, info: DistInfo, vae: AutoencoderKL, disc: torch.nn.Module,
+              ema: EMA, ema_model: AutoencoderKL, opt_g: torch.optim.Optimizer,
+              opt_d: torch.optim.Optimizer, plan: DataPlan, logger: RunLogger,
+              step: int) -> StageSteps:
+    """The VAE stage's part of each step (`training/loop.py`): the autoencoder loss of a batch,
+    then the EMA and the discriminator's own step, the loss terms for the log, held-out PSNR and
+    SSIM, reconstruction grids, and what a checkpoint holds."""
+    v, device = cfg.vae, info.device
+    amp = autocast_dtype(cfg.train.precision, device)
+    lpips = None
+    if v.lpips_vgg and v.lpips_lin:
+        from training.lpips import LPIPS
+        lpips = LPIPS.from_files(resolve_path(v.lpips_vgg), resolve_path(v.lpips_lin)).to(device)
+    eval_images = (eval_crops(plan.eval_records, v.eval_crop, v.eval_images,
+                              cfg.data.max_image_pixels) if info.is_main else None)
+    zero = torch.zeros((), device=device)
+    now = {"step": step}  # the step being trained, and its tensors the later functions read
+
+    def loss(pixels: torch.Tensor) -> torch.Tensor:
+        # uint8 crosses to the device (a quarter of float32's bytes) and is converted there
+        x = to_unit_range(pixels.to(device, non_blocking=True))  # (B, 3, H, W)
+        ramp = gan_ramp(now["step"], v.disc_start, v.disc_ramp)  # of the GAN term
+        # The posterior noise is drawn for the global batch and each rank keeps its slice, so
+        # the run does not depend on how its batch is split across processes (world size × the
+        # draws: negligible next to the autoencoder). One seed per (run seed, step); two pairs
+        # share one only for steps over a million apart (1_000_003 and 97 are primes).
+        noise_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + now["step"] * 97)
+        with autocast(device, amp):
+            posterior = vae.encode(x)
+            # (B, C, H/f, W/f), f = vae.downsample_factor
+            z = posterior.sample(noise_gen, (info.rank, info.world_size))
+            rec = vae.decode(z)  # (B, 3, H, W)
+            terms = autoencoder_loss(x, rec, posterior, v, ramp, disc, lpips,
+                                     vae.decoder.conv_out.weight)
+        now.update(x=x, rec=rec, terms=terms, ramp=ramp, d_loss=zero, real=zero, fake=zero)
+        return terms.total
+
+    def update(finite: bool) -> None:
+        if finite:
+            ema.update(vae)
+        if now["step"] >= v.disc_start - v.disc_warmup and finite:  # the discriminator's step
+            with autocast(device, amp):
+                # per-patch logits, (B, 1, h', w') each with h' ≈ H / 2**disc_layers, w' alike
+                real, fake = disc(now["x"]), disc(now["rec"].detach())
+                d_loss = hinge_d_loss(real, fake)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            average_gradients(list(disc.parameters()))
+            opt_d.step()
+            now.update(d_loss=d_loss, real=real.detach().mean(), fake=fake.detach().mean())
+        now["step"] += 1
+
+    def scalars() -> dict[str, float]:
+        # On every rank: the terms' means over the global batch (one all-reduce).
+        terms = now["terms"]
+        values = all_reduce_mean(torch.stack([
+            terms.total, terms.rec, terms.perceptual, terms.kl, terms.gan, now["d_loss"],
+            terms.gan_weight, now["real"], now["fake"]]).detach().float()).tolist()
+        return {**dict(zip(LOGGED_TERMS, values)), "gan/ramp": now["ramp"]}
+
+    def payload() -> tuple[dict, dict, dict]:
+        return ({"model": vae.state_dict(), "ema": ema.state_dict(),
+                 "discriminator": disc.state_dict()},
+                {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()},
+                {"stage": "vae", "ema_updates": ema.num_updates,
+                 "vae_architecture": vae_architecture(vae.config), **data_state(plan)})
+
+    def validate(step: int) -> None:
+        if len(eval_images):
+            ema.copy_to(ema_model)
+            p, s, _ = evaluate(ema_model, eval_images, device)
+            logger.scalars({"eval/psnr": p, "eval/ssim": s}, step)
+            tqdm.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
+
+    def preview(step: int, stop_requested: Callable[[], bool]) -> None:
+        if len(eval_images):
+            from inference.pipelines import image_grid
+
+            ema.copy_to(ema_model)
+            _, _, pairs = evaluate(ema_model, eval_images[:4], device)
+            logger.image("eval/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
+
+    return StageSteps(loss, update, scalars, payload, validate, preview)
 
 
 def loader_for_scale(cfg: Config, plan: DataPlan, info: DistInfo,

@@ -12,7 +12,7 @@ from PIL import Image
 from bucketing import make_buckets
 from inference.pipelines import (decode_latents, encode_image, generate, grid_step, img2img,
                                  initial_noise, parse_size, pil_to_tensor, prepare_image,
-                                 reconstruct, resolve_labels, sampling_timesteps, save_images,
+                                 reconstruct, sampling_timesteps, save_images,
                                  snap_size, tensor_to_pil)
 from models.vae import AutoencoderKL, VAEConfig
 from models.vae_weights import load_vae, vae_fingerprint
@@ -44,7 +44,7 @@ def test_pipelines_loader_reads_run_newest_ema_checkpoint(tiny_run: Path, loaded
 
 def test_pipelines_generate_is_deterministic_by_seed(loaded) -> None:
     model, vae, info = loaded
-    args = dict(num_samples=2, labels=[0, 3], cfg_scale=3.0, steps=3,
+    args = dict(num_samples=2, cond=torch.tensor([0, 3]), cfg_scale=3.0, steps=3,
                 base_tokens=info.base_tokens)
     a = generate(model, vae, 32, 48, seed=5, **args)
     b = generate(model, vae, 32, 48, seed=5, **args)
@@ -64,12 +64,12 @@ def test_pipelines_every_grid_size_samples_at_that_size(loaded) -> None:
     buckets = make_buckets(resolution=32, step=step)
     assert len(buckets) > 10
     for width, height in buckets:
-        images = generate(model, vae, height, width, 1, [1], steps=1,
-                          base_tokens=info.base_tokens)
+        images = generate(model, vae, height, width, num_samples=1, cond=torch.tensor([1]),
+                          steps=1, base_tokens=info.base_tokens)
         assert images.shape == (1, 3, height, width), (width, height)
         assert torch.isfinite(images).all()
     with pytest.raises(ValueError, match="multiple of 4"):
-        generate(model, vae, 30, 32, 1, steps=1)
+        generate(model, vae, 30, 32, num_samples=1, steps=1)
 
 
 def test_pipelines_size_parsing_and_snapping() -> None:
@@ -86,17 +86,14 @@ def test_pipelines_size_parsing_and_snapping() -> None:
         snap_size(15, 400, 16)
 
 
-def test_pipelines_labels_by_name_index_or_cycle() -> None:
-    assert resolve_labels(None, CLASSES, 6) == [0, 1, 2, 3, 0, 1]
-    assert resolve_labels("discs", CLASSES, 2) == [2, 2]
-    assert resolve_labels("3", CLASSES, 1) == [3]
-    assert resolve_labels("1", ["0", "1"], 1) == [1]
-    assert resolve_labels(None, [], 3) is None
-    with pytest.raises(ValueError, match="unconditional"):
-        resolve_labels("0", [], 1)
-    for bad in ("4", "-1", "dogs"):
-        with pytest.raises(ValueError, match="0=checkers"):
-            resolve_labels(bad, CLASSES, 1)
+def test_pipelines_prepare_image_crops_as_training_does() -> None:
+    from bucketing import place
+    from training.images import crop_to_bucket
+
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (97, 151, 3), np.uint8))
+    placement = place(151, 97, 64, 48, 0)
+    expected = crop_to_bucket(source, placement.resized, placement.crop)  # (48, 64, 3)
+    assert np.array_equal(np.asarray(prepare_image(source, 16, (64, 48))), expected)
 
 
 def test_pipelines_img2img_strength_near_zero_returns_reconstruction(loaded,
@@ -106,7 +103,7 @@ def test_pipelines_img2img_strength_near_zero_returns_reconstruction(loaded,
     image = prepare_image(source, grid_step(model, vae))
     assert image.size == (44, 32)  # nearest grid size, cover + centre crop
     recon = decode_latents(vae, encode_image(vae, image))  # (1, 3, 32, 44)
-    args = dict(num_samples=1, labels=[2], steps=10, base_tokens=info.base_tokens)
+    args = dict(num_samples=1, cond=torch.tensor([2]), steps=10, base_tokens=info.base_tokens)
     assert torch.equal(img2img(model, vae, image, 0.0, **args), recon)  # no step at all
     near = img2img(model, vae, image, 0.01, **args)
     far = img2img(model, vae, image, 1.0, **args)
@@ -167,11 +164,11 @@ def test_pipelines_labels_outside_the_classes_are_refused(loaded) -> None:
     model, _, _ = loaded  # 4 classes; index 4 would be the null (unconditional) class
     for labels in ([4], [5], [-1]):
         with pytest.raises(ValueError, match=r"labels must lie in 0\.\.3"):
-            sample_latents(model, (8, 8), 1, labels, steps=1)
+            sample_latents(model, (8, 8), num_samples=1, cond=torch.tensor(labels), steps=1)
     unconditional = build_dit("dit-t/2", 4, 0).eval()
     with pytest.raises(ValueError, match="trained without classes"):
-        sample_latents(unconditional, (8, 8), 1, [0], steps=1)
-    assert sample_latents(unconditional, (8, 8), 1, None, steps=1).shape == (1, 4, 8, 8)
+        sample_latents(unconditional, (8, 8), num_samples=1, cond=torch.tensor([0]), steps=1)
+    assert sample_latents(unconditional, (8, 8), num_samples=1, steps=1).shape == (1, 4, 8, 8)
 
 
 def test_pipelines_save_images_refuses_nonfinite_samples(tmp_path: Path) -> None:
@@ -203,8 +200,11 @@ def test_pipelines_sampler_label_and_guidance_each_change_the_image(loaded) -> N
         for i, p in enumerate(model.parameters()):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
     args = dict(steps=3, seed=5, base_tokens=info.base_tokens)
-    base = generate(model, vae, 32, 32, 1, [0], cfg_scale=4.0, **args)
-    for changed in (dict(labels=[0], cfg_scale=4.0, sampler="heun"),
-                    dict(labels=[3], cfg_scale=4.0), dict(labels=[0], cfg_scale=1.0)):
-        assert not torch.allclose(base, generate(model, vae, 32, 32, 1, **changed, **args),
+    base = generate(model, vae, 32, 32, num_samples=1, cond=torch.tensor([0]), cfg_scale=4.0,
+                    **args)
+    for changed in (dict(cond=torch.tensor([0]), cfg_scale=4.0, sampler="heun"),
+                    dict(cond=torch.tensor([3]), cfg_scale=4.0),
+                    dict(cond=torch.tensor([0]), cfg_scale=1.0)):
+        assert not torch.allclose(base, generate(model, vae, 32, 32, num_samples=1, **changed,
+                                                 **args),
                                   atol=1e-3), changed

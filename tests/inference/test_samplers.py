@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from inference.samplers import SAMPLERS, guided, sample_euler, sample_heun
-from training.flow import shifted_timesteps
+from inference.samplers import (SAMPLERS, guided, sample_euler, sample_heun, shifted_timesteps,
+                                time_shift)
+from models.conditioning import ClassCondition
 
 
 class ByClass(torch.nn.Module):
@@ -24,12 +25,15 @@ class ByClass(torch.nn.Module):
         return x * (1 + y.view(-1, 1, 1, 1).float()) + t.view(-1, 1, 1, 1)
 
 
+NINE = ClassCondition(9)  # labels 0..8, the null class 9
+
+
 def test_samplers_cfg_scale_one_is_the_conditional_prediction() -> None:
     model = ByClass()
     x, t, y = torch.randn(3, 2, 4, 4), torch.rand(3), torch.tensor([0, 1, 2])
     v_cond = model(x, t, y)
     model.batches.clear()
-    assert torch.equal(guided(model, 1.0, null_class=9)(x, t, y), v_cond)
+    assert torch.equal(guided(model, 1.0, NINE)(x, t, y), v_cond)
     assert model.batches == [3]  # no unconditional pass at all
 
 
@@ -39,10 +43,10 @@ def test_samplers_cfg_is_one_batched_pass_of_both_predictions() -> None:
     v_cond, v_uncond = model(x, t, y), model(x, t, torch.full_like(y, 9))
     assert not torch.allclose(v_cond, v_uncond)
     model.batches.clear()
-    v = guided(model, 4.0, null_class=9)(x, t, y)
+    v = guided(model, 4.0, NINE)(x, t, y)
     assert model.batches == [6]  # conditional and unconditional halves in one forward
     torch.testing.assert_close(v, v_uncond + 4.0 * (v_cond - v_uncond))
-    assert torch.equal(guided(model, 4.0, 9)(x, t, None), model(x, t, None))  # no labels
+    assert torch.equal(guided(model, 4.0, NINE)(x, t, None), model(x, t, None))  # no labels
 
 
 def _linear(rate: float):
@@ -93,3 +97,10 @@ def test_samplers_callback_states_follow_the_exact_flow() -> None:
                 callback=lambda d: seen.append((d["t"], d["x"])))
         for t, x in seen:
             torch.testing.assert_close(x, t * x1, rtol=0, atol=1e-12)
+
+
+def test_samplers_schedule_runs_from_one_to_zero():
+    ts = shifted_timesteps(10, shift=3.0)
+    assert ts.shape == (11,) and ts[0] == 1 and ts[-1] == 0
+    assert (ts.diff() < 0).all()
+    torch.testing.assert_close(ts, time_shift(torch.linspace(1, 0, 11), 3.0))

@@ -188,10 +188,10 @@ def test_dit_stage_stop_at_the_last_step_is_a_finished_run(tmp_path: Path, tiny_
                                                           monkeypatch) -> None:
     # A stop request in every step (as from a signal to another rank): at the last step the run
     # is done, so it returns as usual rather than saying it stopped early.
-    from training import dit_stage
+    from training import loop
 
-    real_agree = dit_stage.agree
-    monkeypatch.setattr(dit_stage, "agree", lambda loss, stop: real_agree(loss, True))
+    real_agree = loop.agree
+    monkeypatch.setattr(loop, "agree", lambda loss, stop: real_agree(loss, True))
     cfg = json.loads(_config(tmp_path / "c.json", tmp_path / "run", tiny_vae,
                              max_steps=1).read_text())
     assert train_dit(from_dict(Config, cfg)) == tmp_path / "run"
@@ -478,13 +478,14 @@ def test_dit_stage_flow_noise_is_independent_of_the_latent_noise() -> None:
 
 
 @pytest.mark.parametrize("use_classes", [True, False], ids=["classes", "unconditional"])
-def test_dit_stage_prefetcher_reads_each_batch_with_its_labels(tmp_path: Path, tiny_vae: Path,
-                                                               use_classes: bool) -> None:
-    from training.latent_cache.build import ensure_cache
-    from training.latent_cache.read import LatentReader
+def test_dit_stage_prefetcher_reads_each_batch_with_its_condition(tmp_path: Path, tiny_vae: Path,
+                                                                  use_classes: bool) -> None:
+    from models.conditioning import ClassCondition
     from training.data import ScheduleSampler
     from training.distributed import DistInfo
     from training.dit_stage import BatchPrefetcher, load_stage_vae
+    from training.latent_cache.build import ensure_cache
+    from training.latent_cache.read import LatentReader
     from training.plan import plan_data
 
     cfg = _tiny_cfg(tmp_path, tiny_vae)
@@ -494,19 +495,24 @@ def test_dit_stage_prefetcher_reads_each_batch_with_its_labels(tmp_path: Path, t
     summary = ensure_cache(plan.records, plan.placements, plan.buckets, vae, cfg.dit.cache_dir,
                            num_workers=0, progress=False)
     reader = LatentReader(summary.cache_dir, summary.keys, vae.config.latent_affine())
-    labels = [r.label for r in plan.records] if use_classes else None
-    assert not use_classes or len(set(labels)) > 1  # a wrong order would show
-    prefetcher = BatchPrefetcher(reader, iter(ScheduleSampler(plan.schedule, 0, cfg.seed, 0, 0)),
-                                 labels, cfg.seed, (0, 1), flip=False, pin=False, start=0)
+    labels = plan.records.label if use_classes else None
+    assert not use_classes or len(set(labels.tolist())) > 1  # a wrong order would show
+    items = ScheduleSampler(plan.schedule, 0, cfg.seed, 0, 0)
+    expected = iter(ScheduleSampler(plan.schedule, 0, cfg.seed, 0, 0))
+    prefetcher = BatchPrefetcher(reader, iter(items), plan.records.path, labels,
+                                 ClassCondition(len(plan.class_names)), cfg.seed, (0, 1),
+                                 flip=False, device=torch.device("cpu"), start=0)
     try:
         for _ in range(6):
-            items, _, x0, y = prefetcher.get()
-            indices = [i for i, _, _, _ in items]
+            batch = next(prefetcher)
+            indices = [i for i, _, _, _ in next(expected)]
+            x0, cond, _ = batch.data
             assert x0.shape[0] == len(indices) == cfg.batch_size
+            assert batch.files == [plan.records.path(i) for i in indices]
             if use_classes:
-                assert y.dtype == torch.int64 and y.tolist() == [labels[i] for i in indices]
+                assert cond.dtype == torch.int64 and cond.tolist() == labels[indices].tolist()
             else:
-                assert y is None
+                assert cond is None
     finally:
         prefetcher.close()
         reader.close()

@@ -34,7 +34,7 @@ def test_export_gives_the_pixels_of_its_run(tiny_run: Path, loaded, tmp_path: Pa
     model, vae, info = load_generator(out)
     assert info.source == out and info.vae_fingerprint == meta["vae_fingerprint"]
     assert info.resolution == 32
-    args = dict(num_samples=2, labels=[1, 2], steps=3, seed=11, base_tokens=64)
+    args = dict(num_samples=2, cond=torch.tensor([1, 2]), steps=3, seed=11, base_tokens=64)
     assert torch.equal(generate(model, vae, 32, 32, **args),
                        generate(loaded[0], loaded[1], 32, 32, **args))
     with pytest.raises(ExportError, match="not --step 1"):

@@ -2,9 +2,11 @@ import math
 
 import torch
 
-from inference.samplers import sample_euler
+from inference.samplers import sample_euler, shifted_timesteps
 from models.registry import build_dit
-from training.flow import RectifiedFlow, shifted_timesteps, time_shift, token_shift
+from inference.samplers import time_shift, token_shift
+from models.conditioning import ClassCondition
+from training.flow import RectifiedFlow
 
 
 def test_flow_shift_is_identity_at_one_monotone_and_fixes_endpoints():
@@ -22,13 +24,6 @@ def test_flow_shift_is_identity_at_one_monotone_and_fixes_endpoints():
     assert flow.shift_for(48, 40) == token_shift(48, 40, flow.patch_size, flow.base_tokens)
 
 
-def test_flow_sampling_schedule_runs_from_one_to_zero():
-    ts = shifted_timesteps(10, shift=3.0)
-    assert ts.shape == (11,) and ts[0] == 1 and ts[-1] == 0
-    assert (ts.diff() < 0).all()
-    torch.testing.assert_close(ts, time_shift(torch.linspace(1, 0, 11), 3.0))
-
-
 def test_flow_timesteps_are_logit_normal_and_seeded():
     flow = RectifiedFlow()
     t = flow.sample_t(20_000, 1.0, generator=torch.Generator().manual_seed(0))
@@ -41,10 +36,10 @@ def test_flow_timesteps_are_logit_normal_and_seeded():
     torch.testing.assert_close(shifted, time_shift(t, 2.0))
 
 
-def test_flow_label_dropout_rate_is_about_ten_percent():
-    flow = RectifiedFlow(num_classes=10)
+def test_flow_condition_dropout_rate_is_about_ten_percent():
+    flow = RectifiedFlow(condition=ClassCondition(10))
     y = torch.arange(100_000) % 10
-    dropped = flow.drop_labels(y, torch.Generator().manual_seed(0))
+    dropped = flow.drop_condition(y, len(y), y.device, torch.Generator().manual_seed(0))
     is_null = dropped == 10
     assert abs(is_null.float().mean().item() - 0.1) < 0.005
     assert torch.equal(dropped[~is_null], y[~is_null])
@@ -66,7 +61,7 @@ def test_flow_validation_bins_are_deterministic_given_seed():
 def test_flow_loss_decreases_when_overfitting_one_batch():
     torch.manual_seed(0)
     model = build_dit("dit-t/2", in_channels=4, num_classes=5)
-    flow = RectifiedFlow(num_classes=5)
+    flow = RectifiedFlow(condition=ClassCondition(5))
     # One colour per latent: learnable in a few steps. (A RoPE-only DiT knows no absolute
     # positions, so memorising arbitrary per-pixel latents from pure noise takes far longer.)
     x0 = torch.randn(4, 4, 1, 1).expand(4, 4, 8, 8).contiguous()
@@ -111,14 +106,15 @@ def test_flow_loss_is_zero_for_the_exact_velocity() -> None:
     assert loss.shape == (6,) and loss.max() < 1e-12
 
 
-def test_flow_loss_drops_labels_and_shifts_t_for_the_latent_size() -> None:
+def test_flow_loss_drops_conditions_and_shifts_t_for_the_latent_size() -> None:
     seen = {}
 
     def spy(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         seen["t"], seen["y"] = t, y
         return torch.zeros_like(x_t)
 
-    flow = RectifiedFlow(num_classes=10, patch_size=2, base_tokens=256, label_dropout=0.1)
+    flow = RectifiedFlow(condition=ClassCondition(10), patch_size=2,
+                         base_tokens=256, dropout=0.1)
     count = 20_000
     x0 = torch.zeros(count, 1, 64, 64)  # 1024 tokens at patch 2: shift sqrt(1024 / 256) = 2
     flow.loss(spy, x0, torch.zeros(count, dtype=torch.long), torch.Generator().manual_seed(0))
@@ -129,11 +125,11 @@ def test_flow_loss_drops_labels_and_shifts_t_for_the_latent_size() -> None:
 
 def test_flow_loss_split_across_ranks_is_the_loss_of_the_whole_batch() -> None:
     # Rank r of 2 passes its half of the batch with part (r, 2): the halves draw the t, noise and
-    # label dropout that one process draws for the whole batch.
+    # condition dropout that one process draws for the whole batch.
     def each_alone(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x_t * t.view(-1, 1, 1, 1) + y.view(-1, 1, 1, 1)  # sees its t and label
 
-    flow = RectifiedFlow(num_classes=3, label_dropout=0.5)
+    flow = RectifiedFlow(condition=ClassCondition(3), dropout=0.5)
     x0 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     whole = flow.loss(each_alone, x0, y, torch.Generator().manual_seed(5))  # (6,)

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from models.vae import AutoencoderKL, VAEConfig
 from models.vae_weights import load_vae, save_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from training import vae_stage
 from training.config import Config, ConfigError, TrainingStopped, from_dict, save_config
 from training.vae_stage import build_vae, export_checkpoint, train_vae
 
@@ -269,8 +268,10 @@ def test_vae_stage_signal_stops_early_but_not_at_the_end(tmp_path: Path, monkeyp
     # A stop request every step (as if a signal had reached another rank): a run stopped before
     # max_steps raises TrainingStopped after saving; one stopped at its last step is finished,
     # so it exports its VAE and returns as usual.
-    real_agree = vae_stage.agree
-    monkeypatch.setattr(vae_stage, "agree", lambda loss, stop: real_agree(loss, True))
+    from training import loop
+
+    real_agree = loop.agree
+    monkeypatch.setattr(loop, "agree", lambda loss, stop: real_agree(loss, True))
     cfg = _cfg(tmp_path / "run", max_steps=max_steps)
     if max_steps == 1:
         assert train_vae(cfg) == tmp_path / "run"
