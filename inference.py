@@ -294,6 +294,28 @@ def _recon_target(image: str, out: str | None) -> tuple[Path, str]:
     return path, image_format
 
 
+# A model samples well only near the sizes it trained on: its buckets have areas of about
+# resolution² and aspects up to 4:1 (`data.max_aspect`). Beyond these factors, say so.
+SIZE_WARN_AREA = 2.0
+SIZE_WARN_ASPECT = 4.0
+
+
+def _warn_if_untrained_size(width: int, height: int, resolution: int | None) -> None:
+    """Print a warning when width × height lies far from the training sizes: an area more than
+    SIZE_WARN_AREA times larger or smaller than resolution², or an aspect beyond
+    SIZE_WARN_ASPECT:1 (samples there come out as texture, not pictures)."""
+    if resolution is None:  # exports from before the resolution was recorded
+        return
+    area = width * height / resolution ** 2
+    aspect = max(width / height, height / width)
+    if not 1 / SIZE_WARN_AREA <= area <= SIZE_WARN_AREA or aspect > SIZE_WARN_ASPECT:
+        print(f"warning: {width}x{height} is far from the sizes this model was trained at "
+              f"(about {resolution}x{resolution} pixels in area, aspect up to "
+              f"{SIZE_WARN_ASPECT:g}:1; this is {area:.1f}x the area, {aspect:.1f}:1); expect "
+              "texture rather than pictures, or train at --resolution "
+              f"{round((width * height) ** 0.5 / 16) * 16}", file=sys.stderr)
+
+
 def sample(args: argparse.Namespace) -> int:
     """Generate (or, with --image, image-to-image) into --out. Bad input is refused before
     anything is written (exit 2); a failure while sampling or writing exits 1."""
@@ -335,6 +357,7 @@ def sample(args: argparse.Namespace) -> int:
             side = info.resolution or round(info.base_tokens ** 0.5) * step
             width, height = snap_size(side, side, step)
         image = prepare_image(source, step, (width, height)) if source is not None else None
+        _warn_if_untrained_size(width, height, info.resolution)
     except (OSError, ValueError) as exc:  # ImageLoadError and ExportError are ValueErrors
         return _refuse(exc)
     except RuntimeError as exc:  # out of memory while loading, say
@@ -405,7 +428,7 @@ def reconstruct(args: argparse.Namespace) -> int:
     except RuntimeError as exc:  # out of memory while loading, say
         return _fail(exc)
     try:
-        result = reconstruct_image(vae, image, device, dtype)
+        result = reconstruct_image(vae, image, device, dtype, progress=True)
         encoded = io.BytesIO()
         result.image.save(encoded, format=image_format)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,7 @@ from typing import Sequence
 from dotenv import load_dotenv
 
 from training.config import (REPO_ROOT, Config, ConfigError, TrainingAborted, TrainingStopped,
-                             absolute_config, apply_overrides, get_dotted, is_synthetic,
-                             load_config, resolve_path, validate_config)
+                             from_cwd, get_dotted, load_config, resolve_run_config)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.json"
 
@@ -38,8 +37,11 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--batch-size": ("batch_size", int, "batch per process"),
     "--seed": ("seed", int, "seed of the schedule, model init and noise"),
     "--num-workers": ("data.num_workers", int, "data worker processes"),
+    "--threads": ("train.threads", int, "CPU threads of torch (0: the CPUs this process may "
+                                        "use, less its data workers)"),
     "--model": ("dit.model", str, "DiT size from models/registry.py"),
     "--vae": ("dit.vae", str, "VAE (folder, config.json or file) whose latents the DiT learns"),
+    "--sampler": ("dit.sampler", str, "sampler of the preview grids"),
     "--lr": ("train.lr", float, "peak learning rate"),
     "--max-steps": ("train.max_steps", int, "optimizer steps to train for"),
     "--precision": ("train.precision", str, "auto (bf16 where supported), bf16 or fp32"),
@@ -52,21 +54,23 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--eval-dataset": ("data.eval_dataset", str, "folder of validation images"),
     "--holdout": ("data.holdout", int, "images held out of training for validation"),
 }
-
-
 PATH_FLAGS = ("--dataset", "--eval-dataset", "--run-dir", "--vae")
-
-
-def _from_cwd(path: str) -> str:
-    """A path from the command line or the environment, made absolute against the current
-    folder ("~" expanded); the synthetic set and "" (nothing) stay as they are."""
-    if not path or is_synthetic(path):
-        return path
-    return os.path.abspath(os.path.expanduser(path))
+# --X / --no-X -> (dotted config key, help): a resumed run keeps its saved value unless given
+SWITCHES: dict[str, tuple[str, str]] = {
+    "--classes": ("data.use_classes", "label = first-level sub-folder name"),
+    "--allow-upscale": ("data.allow_upscale", "upscale images smaller than their bucket "
+                                              "instead of skipping them"),
+    "--keep-duplicates": ("data.keep_duplicates", "train on every copy of a picture instead "
+                                                  "of once per content"),
+    "--compile": ("train.compile", "torch.compile each DiT block"),
+}
 
 
 def build_parser(defaults: Config) -> argparse.ArgumentParser:
     """Every flag, with the value it takes when not given (from the default config)."""
+    from inference.samplers import SAMPLERS
+    from models.registry import MODEL_NAMES
+
     parser = argparse.ArgumentParser(
         description="Train a KL-VAE (--stage vae) or a diffusion transformer (--stage dit).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,28 +78,14 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
                         help="JSON config in configs/ (default: "
                              f"{DEFAULT_CONFIG.relative_to(REPO_ROOT)}, or with --resume the "
                              "checkpoint's own)")
-    from models.registry import MODEL_NAMES
-
+    choices = {"--model": MODEL_NAMES, "--sampler": list(SAMPLERS)}
     for flag, (key, tp, text) in FLAGS.items():
-        parser.add_argument(flag, type=tp, default=None,
-                            choices=MODEL_NAMES if flag == "--model" else None,
+        parser.add_argument(flag, type=tp, default=None, choices=choices.get(flag),
                             help=f"{text} (config {key}; "
                                  f"default: {get_dotted(defaults, key)})")
-    # --X / --no-X: a resumed run keeps its saved value unless one of them is given
-    parser.add_argument("--classes", action=argparse.BooleanOptionalAction, default=None,
-                        help="label = first-level sub-folder name (config data.use_classes; "
-                             f"default: {defaults.data.use_classes})")
-    parser.add_argument("--allow-upscale", action=argparse.BooleanOptionalAction, default=None,
-                        help="upscale images smaller than their bucket instead of skipping them "
-                             f"(config data.allow_upscale; default: {defaults.data.allow_upscale})")
-    parser.add_argument("--keep-duplicates", action=argparse.BooleanOptionalAction,
-                        default=None,
-                        help="train on every copy of a picture instead of once per content "
-                             "(config data.keep_duplicates; default: "
-                             f"{defaults.data.keep_duplicates})")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile each DiT block (config train.compile; "
-                             f"default: {defaults.train.compile})")
+    for flag, (key, text) in SWITCHES.items():
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                            help=f"{text} (config {key}; default: {get_dotted(defaults, key)})")
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                         help="continue from a checkpoint: a run folder, a checkpoint folder, or "
                              "nothing for the newest complete one of --run-dir; without "
@@ -115,53 +105,27 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
-    """The run's config and the checkpoint to resume (None for a new run).
-
-    The config file named by --config (configs/default.json if none), with LDM_DATASET as its
-    dataset when it names none, LDM_RUNS_DIR standing in for --run-dir, and the flags on top.
-    --resume without --config instead takes the config saved with the checkpoint and applies
-    only the flags, and the run folder is the checkpoint's own unless --run-dir is given. The
-    stages refuse a change that would break the batch schedule (`training.resume.find_resume`).
-    """
-    flags = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in
-             FLAGS.items()}
+    """The run's config and the checkpoint to resume (None for a new run): the config file
+    named by --config (configs/default.json if none), or with --resume and no --config the
+    checkpoint's own, with the flags on top (`training.config.resolve_run_config`)."""
+    overrides = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in
+                 FLAGS.items()}
     for flag in PATH_FLAGS:
         key = FLAGS[flag][0]
-        if flags[key] is not None:
-            flags[key] = _from_cwd(flags[key])
-    flags["data.use_classes"] = args.classes
-    flags["data.allow_upscale"] = args.allow_upscale
-    flags["data.keep_duplicates"] = args.keep_duplicates
-    flags["train.compile"] = args.compile
-    config_file = _from_cwd(args.config) if args.config else DEFAULT_CONFIG
-    from_file = load_config(config_file)
-    env = {}
-    # LDM_DATASET is the dataset of a config file that names none (the shipped ones do not)
-    names_dataset = "dataset" in json.loads(Path(config_file).read_text()).get("data", {})
-    if args.dataset is None and not names_dataset and os.environ.get("LDM_DATASET"):
-        env["data.dataset"] = _from_cwd(os.environ["LDM_DATASET"])
-    if args.run_dir is None and os.environ.get("LDM_RUNS_DIR"):
-        env["run_dir"] = str(Path(_from_cwd(os.environ["LDM_RUNS_DIR"])) / Path(config_file).stem)
-    # the file's relative paths are read from the repository, whatever the current folder
-    cfg = apply_overrides(apply_overrides(absolute_config(from_file), env), flags)
-    resume = args.resume
-    if resume is not None:
-        from training.checkpoint import read_state, resolve_resume
-        from training.resume import saved_config
-
-        checkpoint = resolve_resume(Path(_from_cwd(resume)) if resume
-                                    else resolve_path(cfg.run_dir))
-        resume = str(checkpoint)
-        if args.config is None:
-            cfg = apply_overrides(saved_config(read_state(checkpoint), checkpoint), flags)
-            if args.run_dir is None:
-                cfg.run_dir = str(checkpoint.parent.parent)
+        if overrides[key] is not None:
+            overrides[key] = from_cwd(overrides[key])
+    for flag, (key, _) in SWITCHES.items():
+        overrides[key] = getattr(args, flag[2:].replace("-", "_"))
+    config_file = from_cwd(args.config) if args.config else DEFAULT_CONFIG
+    cfg, resume = resolve_run_config(config_file, overrides, args.resume,
+                                     explicit_config=args.config is not None)
     if cfg.stage == "vae":  # DiT-only flags would be silently ignored
         given = [flag for flag, value in (("--model", args.model), ("--vae", args.vae),
-                                          ("--compile", args.compile)) if value is not None]
+                                          ("--compile", args.compile),
+                                          ("--sampler", args.sampler)) if value is not None]
         if given:
             raise ConfigError(f"{', '.join(given)}: DiT-stage flags, not used by --stage vae")
-    return validate_config(cfg), resume  # bad values fail here, not steps into training
+    return cfg, resume
 
 
 def dry_run(cfg: Config) -> None:
@@ -198,7 +162,7 @@ def export(source: str, out: str | None, vae: str | None = None) -> Path:
     recorded."""
     from training.checkpoint import STATE_FILE, resolve_resume
 
-    folder = resolve_resume(Path(_from_cwd(source)))
+    folder = resolve_resume(Path(from_cwd(source)))
     try:
         stage = json.loads((folder / STATE_FILE).read_text())["config"]["stage"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -206,12 +170,12 @@ def export(source: str, out: str | None, vae: str | None = None) -> Path:
     if stage == "dit":
         from training.export import export_dit
 
-        return export_dit(folder, out and _from_cwd(out), vae and _from_cwd(vae))
+        return export_dit(folder, out and from_cwd(out), vae and from_cwd(vae))
     if vae is not None:
         raise ConfigError(f"{folder}: a VAE run exports its own weights; --vae is for a DiT run")
     from training.vae_stage import export_checkpoint
 
-    return export_checkpoint(folder, out and _from_cwd(out))
+    return export_checkpoint(folder, out and from_cwd(out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,8 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None and not args.export:
         parser.error("--out is where --export writes; give --export RUN too")
     if args.export:
-        given = [flag for flag in (*FLAGS, "--config", "--classes", "--allow-upscale",
-                                   "--keep-duplicates", "--compile", "--resume")
+        given = [flag for flag in (*FLAGS, *SWITCHES, "--config", "--resume")
                  if flag != "--vae" and getattr(args, flag[2:].replace("-", "_")) is not None]
         given += ["--dry-run"] if args.dry_run else []
         if given:

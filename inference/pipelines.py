@@ -77,17 +77,19 @@ def crop_to_multiple(img: Image.Image, factor: int) -> Image.Image:
 
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKL, img: Image.Image, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> Reconstruction:
+                dtype: torch.dtype = torch.float32, progress: bool = False) -> Reconstruction:
     """Encode an image to its posterior mean and decode it at its own size.
 
-    Images above `TILE_ABOVE_PIXELS` go through tiled encode and decode, so memory stays bounded.
+    Images above `TILE_ABOVE_PIXELS` go through tiled encode and decode, so memory stays
+    bounded; `progress` shows a bar over the tiles then (a large photograph takes minutes on a
+    CPU).
     """
     original = crop_to_multiple(img, vae.downsample_factor)
     x = pil_to_tensor(original).to(device=device, dtype=dtype)  # (1, 3, H, W)
     tiled = needs_tiling(*x.shape[-2:])
-    posterior = vae.encode_tiled(x) if tiled else vae.encode(x)
+    posterior = vae.encode_tiled(x, progress) if tiled else vae.encode(x)
     z = posterior.mode()  # (1, C, H/f, W/f)
-    rec = (vae.decode_tiled(z) if tiled else vae.decode(z)).float().clamp(-1, 1)
+    rec = (vae.decode_tiled(z, progress) if tiled else vae.decode(z)).float().clamp(-1, 1)
     ref = x.float()
     return Reconstruction(tensor_to_pil(rec), original, float(psnr(rec, ref)[0]),
                           float(ssim(rec, ref)[0]), tuple(z.shape), tiled)

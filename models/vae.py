@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.tiling import run_tiled
+
 # Keys a diffusers AutoencoderKL config.json may hold that are not VAEConfig fields. The
 # architecture-bearing ones (act_fn, block types) are checked against what this module builds.
 _DIFFUSERS_ONLY_KEYS = {
@@ -491,25 +493,25 @@ class AutoencoderKL(nn.Module):
         """Images (B, 3, h*f, w*f) from raw (denormalised) latents z (B, latent, h, w)."""
         return self._in_compute_dtype(self._decode, z)
 
-    def encode_tiled(self, x: Tensor) -> DiagonalGaussian:
-        """Like `encode`, in overlapping tiles of `sample_size` pixels blended linearly.
+    def encode_tiled(self, x: Tensor, progress: bool = False) -> DiagonalGaussian:
+        """Like `encode`, in overlapping tiles of `sample_size` pixels blended linearly
+        (`models/tiling.py`), with a bar over the tiles when `progress`.
 
         Memory stays bounded for large images; an image that fits in one tile gives exactly the
         result of `encode`. H and W must be multiples of `downsample_factor`.
         """
-        tiled = partial(
-            _run_tiled, self._moments, tile=self._latent_tile, in_scale=self.downsample_factor
-        )
+        tiled = partial(run_tiled, self._moments, tile=self._latent_tile,
+                        in_scale=self.downsample_factor, progress=progress and "encoding tiles")
         return DiagonalGaussian(self._in_compute_dtype(tiled, x))
 
-    def decode_tiled(self, z: Tensor) -> Tensor:
-        """Like `decode`, in overlapping tiles of `sample_size / f` latent pixels blended linearly.
+    def decode_tiled(self, z: Tensor, progress: bool = False) -> Tensor:
+        """Like `decode`, in overlapping tiles of `sample_size / f` latent pixels blended linearly,
+        with a bar over the tiles when `progress`.
 
         A latent that fits in one tile gives exactly the result of `decode`.
         """
-        tiled = partial(
-            _run_tiled, self._decode, tile=self._latent_tile, out_scale=self.downsample_factor
-        )
+        tiled = partial(run_tiled, self._decode, tile=self._latent_tile,
+                        out_scale=self.downsample_factor, progress=progress and "decoding tiles")
         return self._in_compute_dtype(tiled, z)
 
     @property
@@ -547,63 +549,3 @@ class AutoencoderKL(nn.Module):
         z / scale + shift, the inverse of `normalize`."""
         shift, scale = self._affine(z)
         return (z.to(shift.dtype) / scale + shift).to(z.dtype)
-
-
-# --- tiling ------------------------------------------------------------------------------------
-def _tile_starts(length: int, tile: int) -> list[int]:
-    """Evenly spread starts of tiles covering [0, length), neighbours overlapping >= tile // 4."""
-    if length <= tile:
-        return [0]
-    overlap = tile // 4
-    count = math.ceil((length - overlap) / (tile - overlap))
-    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
-
-
-def _blend_weights(starts: list[int], tile: int, length: int, scale: int) -> list[Tensor]:
-    """Per-tile 1D weights in output units (scale per grid unit): 1 inside, linear ramps across
-    each overlap with a neighbouring tile, so two overlapping tiles' weights sum to 1."""
-    size = min(tile, length) * scale
-    weights = []
-    for i, start in enumerate(starts):
-        w = torch.ones(size)
-        if i > 0:  # ramp up across the overlap with the previous tile
-            n = (starts[i - 1] + tile - start) * scale
-            w[:n] = torch.minimum(w[:n], torch.arange(1, n + 1) / (n + 1))
-        if i < len(starts) - 1:  # ramp down across the overlap with the next tile
-            n = (start + tile - starts[i + 1]) * scale
-            w[size - n :] = torch.minimum(w[size - n :], torch.arange(n, 0, -1) / (n + 1))
-        weights.append(w)
-    return weights
-
-
-def _run_tiled(
-    fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, in_scale: int = 1, out_scale: int = 1
-) -> Tensor:
-    """Apply fn tile by tile and blend. Tiles are laid out on the latent grid: `tile` latent
-    pixels, which are `in_scale` units of x and `out_scale` units of fn's output each."""
-    height, width = x.shape[-2] // in_scale, x.shape[-1] // in_scale  # latent grid size
-    if x.shape[-2] % in_scale or x.shape[-1] % in_scale:
-        raise ValueError(
-            f"tiled VAE input {tuple(x.shape)}: H and W must be multiples of {in_scale}"
-        )
-    if height <= tile and width <= tile:
-        return fn(x)
-    rows, cols = _tile_starts(height, tile), _tile_starts(width, tile)
-    row_w = _blend_weights(rows, tile, height, out_scale)
-    col_w = _blend_weights(cols, tile, width, out_scale)
-    th, tw = min(tile, height), min(tile, width)
-    out = weight_sum = None
-    for r, wr in zip(rows, row_w):
-        for c, wc in zip(cols, col_w):
-            rows_in = slice(r * in_scale, (r + th) * in_scale)
-            cols_in = slice(c * in_scale, (c + tw) * in_scale)
-            piece = fn(x[..., rows_in, cols_in])  # (B, C_out, th * out_scale, tw * out_scale)
-            if out is None:  # (B, C_out, height * out_scale, width * out_scale)
-                out = piece.new_zeros(*piece.shape[:2], height * out_scale, width * out_scale)
-                weight_sum = piece.new_zeros(height * out_scale, width * out_scale)
-            w = (wr[:, None] * wc[None, :]).to(piece)  # (th * out_scale, tw * out_scale)
-            rs = slice(r * out_scale, (r + th) * out_scale)
-            cs = slice(c * out_scale, (c + tw) * out_scale)
-            out[..., rs, cs] += piece * w
-            weight_sum[rs, cs] += w
-    return out / weight_sum

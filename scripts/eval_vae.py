@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CURVE_TAGS = ("loss/rec", "eval/psnr", "eval/ssim")  # what a VAE run logs (training/vae_stage.py)
+CURVE_TAGS = ("loss/rec", "val/psnr", "val/ssim")  # what a VAE run logs (training/vae_stage.py)
 
 
 def quality(vae_path: str, dataset: str, crop: int, limit: int) -> dict:
@@ -64,8 +64,8 @@ def _run_kind(tags: set[str]) -> str:
     """What a run looks like from the scalar tags it logged (a phrase)."""
     if "loss/rec" in tags:
         return "a VAE run that has not been evaluated yet"
-    if "train/loss" in tags or "val/loss" in tags:
-        return "a DiT run (it logs train/loss); --curve reads VAE runs"
+    if "loss/train" in tags or "loss/val" in tags:
+        return "a DiT run (it logs loss/train); --curve reads VAE runs"
     if tags:
         return "no kind of run this script knows"
     return "a run that logged no scalars"
@@ -102,9 +102,9 @@ def curve(run_dir: str) -> dict:
         before = sum(last[p] - first[p] for p in first if p < e.process)
         return round((before + e.wall_time - first.get(e.process, e.wall_time)) / 60, 1)
 
-    ssim = {e.step: e.value for e in scalars["eval/ssim"]}
+    ssim = {e.step: e.value for e in scalars["val/ssim"]}
     rows = [{"step": e.step, "minutes": minutes(e), "psnr": round(e.value, 2),
-             "ssim": round(ssim.get(e.step, float("nan")), 4)} for e in scalars["eval/psnr"]]
+             "ssim": round(ssim.get(e.step, float("nan")), 4)} for e in scalars["val/psnr"]]
     return {"run": run_dir, "curve": rows}
 
 

@@ -76,8 +76,8 @@ def time_stage(cfg: Config, run_dir: Path) -> dict:
     train_vae(apply_overrides(cfg, overrides))
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     events.Reload()
-    logged = {e.step: e.wall_time for e in events.Scalars("loss/total")}  # when each was logged
-    waits = [e.value for e in events.Scalars("train/data_wait_fraction") if e.step > warm]
+    logged = {e.step: e.wall_time for e in events.Scalars("loss/train")}  # when each was logged
+    waits = [e.value for e in events.Scalars("speed/data_wait_fraction") if e.step > warm]
     return {"step_s": (logged[steps] - logged[warm]) / timed,
             "data_wait_fraction": sum(waits) / len(waits), "steps_timed": timed}
 

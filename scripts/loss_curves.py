@@ -1,7 +1,7 @@
 """Loss curves of several runs side by side, from their TensorBoard files, as JSON.
 
     UV_CACHE_DIR=.uv-cache uv run python scripts/loss_curves.py runs/a runs/b \\
-        [--tags train/loss val/loss train/data_wait_fraction] [--every 50]
+        [--tags loss/train loss/val speed/data_wait_fraction] [--every 50]
 
 For each run and tag: the mean of the values logged in each interval (k·every − every, k·every]
 that holds a logged step, reported at k·every (the last one at the run's last logged step;
@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-DEFAULT_TAGS = ["train/loss", "val/loss", "train/data_wait_fraction", "train/samples_per_s"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DEFAULT_TAGS = ["loss/train", "loss/val", "speed/data_wait_fraction", "speed/samples_per_s"]
 
 
 def _events_files(run: Path) -> list[Path]:
@@ -52,9 +54,12 @@ def run_scalars(files: list[Path]) -> dict[str, list[Scalar]]:
     dropped. Files are ordered by the wall time of their first event, written when the file is
     created. (Their names are no reliable order: they hold that time in whole seconds, then the
     host, the process id and a per-process counter, the last two not zero-padded.) A file
-    without events holds nothing and is passed over.
+    without events holds nothing and is passed over. Tags older runs logged under other names
+    come under today's (`training.logging.RENAMED_TAGS`).
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.logging import RENAMED_TAGS
 
     loaded = []
     for path in files:
@@ -64,7 +69,7 @@ def run_scalars(files: list[Path]) -> dict[str, list[Scalar]]:
             created = acc.FirstEventTimestamp()
         except ValueError:  # no event at all
             continue
-        loaded.append((created, path.name, {tag: acc.Scalars(tag)
+        loaded.append((created, path.name, {RENAMED_TAGS.get(tag, tag): acc.Scalars(tag)
                                             for tag in acc.Tags()["scalars"]}))
     kept: dict[str, list[Scalar]] = {}
     cut = math.inf  # the first step of the newer files: older files count below it

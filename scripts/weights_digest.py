@@ -58,7 +58,7 @@ def run_both(work: Path) -> dict[str, str]:
                                   scaling_factor=1.0, shift_factor=0.0))
     vae_dir = save_vae(vae, work / "vae")
     train = {"lr": 1e-3, "log_every": 5, "eval_every": 10, "ckpt_every": 0,
-             "sample_every": 1000, "precision": "fp32", "device": "cpu"}
+             "sample_every": 1000, "precision": "fp32", "device": "cpu", "threads": 1}
     dit = {"description": "weights digest: DiT stage", "stage": "dit", "seed": 3,
            "run_dir": str(work / "dit"), "batch_size": 2,
            "data": {"dataset": "synthetic:24", "resolution": 32, "num_workers": 0,
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    torch.set_num_threads(1)  # the digests depend on the order of float sums
+    torch.set_num_threads(1)  # the digests depend on the order of float sums (also "threads")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["LDM_CACHE_DIR"] = str(Path(tmp) / "cache")  # a fresh scan and latent cache
         digests = run_both(Path(tmp))

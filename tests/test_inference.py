@@ -242,6 +242,19 @@ def test_inference_default_size_is_the_training_resolution(tiny_run: Path, tmp_p
         assert json.loads(out.stdout.strip().splitlines()[-1])["size"] == size
 
 
+def test_inference_warns_of_a_size_far_from_the_training_sizes(tiny_run: Path,
+                                                                tmp_path: Path) -> None:
+    # the tiny run trained at 32 px: 96x96 is 9x its area, 64x16 an aspect of 4:1 (still fine)
+    args = ["--checkpoint", str(tiny_run), "--num-samples", "1", "--steps", "1", "--device",
+            "cpu", "--no-progress"]
+    far = _run(*args, "--size", "96x96", "--out", str(tmp_path / "far"))
+    assert far.returncode == 0, far.stderr
+    assert "warning: 96x96 is far from the sizes this model was trained at" in far.stderr
+    assert "9.0x the area" in far.stderr
+    near = _run(*args, "--size", "64x16", "--out", str(tmp_path / "near"))
+    assert near.returncode == 0 and "warning" not in near.stderr, near.stderr
+
+
 def test_inference_strength_without_image_is_one_line_error(tiny_run: Path,
                                                             tmp_path: Path) -> None:
     out = _run("--checkpoint", str(tiny_run), "--strength", "0.5", "--out",

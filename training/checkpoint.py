@@ -224,22 +224,7 @@ def save_checkpoint(
     An existing checkpoint of the same step is replaced only once the new one is complete.
     Temporary folders left by dead processes are removed at the end.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
-    for group in tensors:
-        if not _GROUP_RE.match(group):
-            raise ValueError(
-                f"tensor group name {group!r} is not a plain file name (letters, digits, _.-)"
-            )
-    _check_finite(step, tensors)
-    _check_weights_only(torch_state, "torch_state")
-    if state.get("step", step) != step:
-        raise ValueError(f"state['step'] = {state['step']!r} disagrees with step = {step}")
-    try:
-        state_text = json.dumps({**state, "step": step}, indent=2, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"checkpoint state for step {step} is not plain JSON: {exc}") from exc
-
+    state_text = _checked(step, tensors, torch_state, state)
     ckpt_dir = Path(run_dir) / CHECKPOINTS
     complete = _complete_in(ckpt_dir)
     if complete and _step_of(complete[-1]) > step:
@@ -284,6 +269,27 @@ def save_checkpoint(
             _delete(old)
     _remove_stale(ckpt_dir)
     return final
+
+
+def _checked(step: int, tensors: dict[str, dict[str, torch.Tensor]], torch_state: dict[str, Any],
+             state: dict[str, Any]) -> str:
+    """The JSON text of `state` with `step`, once everything `save_checkpoint` refuses is
+    ruled out (ValueError / TypeError naming what is wrong)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+    for group in tensors:
+        if not _GROUP_RE.match(group):
+            raise ValueError(
+                f"tensor group name {group!r} is not a plain file name (letters, digits, _.-)"
+            )
+    _check_finite(step, tensors)
+    _check_weights_only(torch_state, "torch_state")
+    if state.get("step", step) != step:
+        raise ValueError(f"state['step'] = {state['step']!r} disagrees with step = {step}")
+    try:
+        return json.dumps({**state, "step": step}, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint state for step {step} is not plain JSON: {exc}") from exc
 
 
 def _check_finite(step: int, tensors: dict[str, dict[str, torch.Tensor]]) -> None:

@@ -82,6 +82,7 @@ class TrainConfig:
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one lands
     sample_every: int = 1000  # DiT sample grids; VAE reconstruction grids (at evaluations)
     max_nonfinite: int = 5  # abort after this many non-finite steps in a row
+    threads: int = 0  # CPU threads of torch; 0: the CPUs this process may use less its workers
 
 
 @dataclass
@@ -130,6 +131,7 @@ class DiTStageConfig:
     # preview grids, "WxH" in pixels; empty: the run's buckets nearest to 1:1, 5:3 and 3:5
     sample_sizes: list[str] = field(default_factory=list)
     sample_steps: int = 28
+    sampler: str = "euler"  # of the preview grids: a name from inference/samplers.py SAMPLERS
     cfg_scale: float = 4.0
     num_samples: int = 4  # images per sample grid
 
@@ -172,6 +174,7 @@ def validate_config(cfg: Config) -> Config:
     not_negative = {"data.holdout": cfg.data.holdout, "data.num_workers": cfg.data.num_workers,
                     "train.ckpt_every (0: only at the end)": t.ckpt_every,
                     "train.warmup_steps": t.warmup_steps, "train.lr": t.lr,
+                    "train.threads (0: chosen)": t.threads,
                     "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip}
     for key, value in at_least_one.items():
         if value < 1:
@@ -185,6 +188,10 @@ def validate_config(cfg: Config) -> Config:
     for size in d.sample_sizes:
         if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", size):
             raise ConfigError(f"dit.sample_sizes: {size!r} is not WIDTHxHEIGHT in pixels")
+    from inference.samplers import SAMPLERS  # here: importing torch is slow
+
+    if d.sampler not in SAMPLERS:
+        raise ConfigError(f"dit.sampler must be one of {', '.join(SAMPLERS)}, got {d.sampler!r}")
     return cfg
 
 
@@ -359,3 +366,50 @@ def resolve_path(path: str | os.PathLike[str], root: str | os.PathLike[str] = RE
     """Inverse of `portable_path`: relative paths are taken from `root`."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else Path(root) / p
+
+
+def from_cwd(path: str) -> str:
+    """A path from the command line or the environment, made absolute against the current
+    folder ("~" expanded); the synthetic set and "" (nothing) stay as they are."""
+    if not path or is_synthetic(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_run_config(config_file: str | os.PathLike[str], overrides: dict[str, Any],
+                       resume: str | None, explicit_config: bool = True,
+                       environ: typing.Mapping[str, str] = os.environ
+                       ) -> tuple[Config, str | None]:
+    """The config a run trains with, and the checkpoint it resumes (None for a new run).
+
+    Layers, each over the one before: the config file (its relative paths are the
+    repository's, whatever the current folder), LDM_DATASET as its dataset when it names none,
+    LDM_RUNS_DIR/<config name> as its run folder, then `overrides` (dotted keys from the
+    command line; None: not given; paths already absolute). `resume` ("" for the newest
+    checkpoint of the run folder) without `explicit_config` instead takes the config saved
+    with the checkpoint and applies only `overrides`, and the run folder is the checkpoint's
+    own unless `overrides` names one. The stages refuse a change that would break the batch
+    schedule (`training.resume.find_resume`). Bad values are refused here (`validate_config`),
+    not steps into training.
+    """
+    from training.checkpoint import read_state, resolve_resume
+    from training.resume import saved_config
+
+    env = {}
+    # LDM_DATASET is the dataset of a config file that names none (the shipped ones do not)
+    names_dataset = "dataset" in json.loads(Path(config_file).read_text()).get("data", {})
+    if overrides.get("data.dataset") is None and not names_dataset and environ.get("LDM_DATASET"):
+        env["data.dataset"] = from_cwd(environ["LDM_DATASET"])
+    if overrides.get("run_dir") is None and environ.get("LDM_RUNS_DIR"):
+        env["run_dir"] = str(Path(from_cwd(environ["LDM_RUNS_DIR"])) / Path(config_file).stem)
+    cfg = apply_overrides(apply_overrides(absolute_config(load_config(config_file)), env),
+                          overrides)
+    if resume is not None:
+        checkpoint = resolve_resume(Path(from_cwd(resume)) if resume
+                                    else resolve_path(cfg.run_dir))
+        resume = str(checkpoint)
+        if not explicit_config:
+            cfg = apply_overrides(saved_config(read_state(checkpoint), checkpoint), overrides)
+            if overrides.get("run_dir") is None:
+                cfg.run_dir = str(checkpoint.parent.parent)
+    return validate_config(cfg), resume

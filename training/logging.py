@@ -1,10 +1,35 @@
-"""TensorBoard logging from rank 0; other ranks get a writer that does nothing."""
+"""TensorBoard logging from rank 0; other ranks get a writer that does nothing.
+
+A run logs into `RUN_DIR/tb/`; `tensorboard --logdir runs` shows every run under its folder's
+name. The tags are grouped so that TensorBoard, which orders the groups by name, shows the loss
+first and the learning rate soon after:
+
+    loss/train, loss/val          the training loss (mean over the step's batch) and the
+                                  validation loss (mean over the timestep bins); the VAE stage
+                                  adds its terms (loss/rec, loss/kl, loss/perceptual, ...)
+    loss_gan/...                  the VAE's adversarial term: adaptive weight, logits, ramp
+    loss_train_by_bucket/WxH      the DiT's training loss per bucket shape
+    loss_val_at_t/0.062 ...       the DiT's validation loss at timestep t (0: the clean latent,
+                                  1: pure noise), each bin's midpoint; seeded, so runs compare
+    optim/lr, optim/grad_norm     the learning rate and the gradient norm before clipping
+    samples/WxH                   EMA sample grids (images)
+    speed/samples_per_s, speed/data_wait_fraction
+    val/psnr, val/ssim, val/reconstructions   the VAE's held-out reconstructions
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+# Tags that runs logged before the groups above, and their names now (`scripts/` read both).
+RENAMED_TAGS = {"train/loss": "loss/train", "val/loss": "loss/val", "train/lr": "optim/lr",
+                "train/grad_norm": "optim/grad_norm", "train/samples_per_s": "speed/samples_per_s",
+                "train/data_wait_fraction": "speed/data_wait_fraction",
+                "loss/total": "loss/train", "eval/psnr": "val/psnr", "eval/ssim": "val/ssim",
+                **{f"gan/{k}": f"loss_gan/{k}" for k in ("adaptive_weight", "logits_real",
+                                                         "logits_fake", "ramp")}}
 
 
 class RunLogger:

@@ -160,8 +160,8 @@ class StepRate:
         """The window's rates up to `step` (`samples_per_step` over all ranks), as logged;
         starts the next window."""
         elapsed = max(time.perf_counter() - self.start - self.paused, 1e-9)
-        values = {"train/samples_per_s": samples_per_step * (step - self.step) / elapsed,
-                  "train/data_wait_fraction": self.waited / elapsed}
+        values = {"speed/samples_per_s": samples_per_step * (step - self.step) / elapsed,
+                  "speed/data_wait_fraction": self.waited / elapsed}
         self._restart(step)
         return values
 
@@ -249,9 +249,9 @@ def train_loop(cfg: Config, info: DistInfo, run_dir: Path, step: int, batches: I
             if step % t.log_every == 0 or step == 1:
                 values = stage.scalars()  # on every rank: it may all-reduce
                 if main:
-                    logger.scalars({"train/loss": total.item(),
-                                    "train/lr": optimizer.param_groups[0]["lr"],
-                                    "train/grad_norm": grad_norm.item(),
+                    logger.scalars({"loss/train": total.item(),
+                                    "optim/lr": optimizer.param_groups[0]["lr"],
+                                    "optim/grad_norm": grad_norm.item(),
                                     **rate.scalars(step, samples_per_step), **values}, step)
                     bar.set_postfix(loss=f"{total.item():.4f}")
             # Save first: a failure in validation or previews then loses no training. A stop
@@ -259,6 +259,7 @@ def train_loop(cfg: Config, info: DistInfo, run_dir: Path, step: int, batches: I
             # after SIGTERM is short, and they can take longer than a step.
             with rate.pause():
                 if checkpoint_due(step, t, stopping) and main:
+                    bar.set_description_str("saving a checkpoint")  # the bar says what waits
                     tensors, torch_state, extra = stage.payload()
                     save_checkpoint(run_dir, step, tensors, torch_state,
                                     state_for_json(cfg, step, *position, info.world_size, extra),
@@ -268,9 +269,12 @@ def train_loop(cfg: Config, info: DistInfo, run_dir: Path, step: int, batches: I
                     break
                 final = step == t.max_steps
                 if main and not stop.received and (step % t.eval_every == 0 or final):
+                    bar.set_description_str("validating")
                     stage.validate(step)
                 if main and not stop.received and (step % t.sample_every == 0 or final):
+                    bar.set_description_str("drawing sample grids")
                     stage.preview(step, lambda: stop.received is not None)
+                bar.set_description_str("")
     finally:
         stop.restore()
         bar.close()

@@ -41,11 +41,12 @@ from training.plan import DataPlan, eval_crops, pixel_loader, plan_data
 from training.resume import (data_state, find_resume, load_optimizer, prepare_run_dir,
                              refuse_finished, resume_position)
 from training.runtime import (autocast, autocast_dtype, close_loader, keep_freed_memory,
-                              seed_everything)
+                              seed_everything, set_threads)
 from training.vae_loss import autoencoder_loss, gan_ramp
 
-LOGGED_TERMS = ("loss/total", "loss/rec", "loss/perceptual", "loss/kl", "loss/gan_generator",
-                "loss/disc", "gan/adaptive_weight", "gan/logits_real", "gan/logits_fake")
+# the loss terms logged beside the loop's loss/train (their weighted sum)
+LOGGED_TERMS = ("loss/rec", "loss/perceptual", "loss/kl", "loss/gan_generator", "loss/disc",
+                "loss_gan/adaptive_weight", "loss_gan/logits_real", "loss_gan/logits_fake")
 SCALE_CHUNK = 8  # images encoded at once when measuring the latent scale (a fixed noise order)
 # Adam (β1, β2) of the autoencoder and of the discriminator: LDM's autoencoder recipe, whose
 # low β1 (less momentum) is the usual choice for adversarial training.
@@ -179,9 +180,11 @@ def train_vae(cfg: Config, resume: str | None = None) -> Path:
     `train.max_steps` raises `TrainingStopped` once the checkpoint is saved."""
     validate_config(cfg)  # also when called from Python, not train.py
     info: DistInfo = setup(cfg.train.device)
+    threads = torch.get_num_threads()  # the stage sets its own (`set_threads`)
     try:
         return _train(cfg, resume, info)
     finally:
+        torch.set_num_threads(threads)
         teardown()
 
 
@@ -197,6 +200,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         raise ConfigError(f"{', '.join(dit_only)}: the DiT stage's; the VAE stage would ignore "
                           "them")
     seed_everything(cfg.seed)
+    set_threads(cfg.train.threads, cfg.data.num_workers, main)
     keep_freed_memory()  # no page faults re-zeroing activations every step
     resume_path = find_resume(cfg, resume, info.world_size)
     plan = plan_data(cfg, info)
@@ -253,6 +257,16 @@ def _batches(loader: Iterator[dict], plan: DataPlan) -> Iterator[Batch]:
                     (int(batch["epoch"][0]), int(batch["batch_index"][0]) + 1))
 
 
+def load_lpips(cfg: Config, device: torch.device) -> torch.nn.Module | None:
+    """The LPIPS network of `vae.lpips_vgg` and `vae.lpips_lin`, None without them."""
+    v = cfg.vae
+    if not (v.lpips_vgg and v.lpips_lin):
+        return None
+    from training.lpips import LPIPS
+
+    return LPIPS.from_files(resolve_path(v.lpips_vgg), resolve_path(v.lpips_lin)).to(device)
+
+
 def vae_steps(cfg: Config, info: DistInfo, vae: AutoencoderKL, disc: torch.nn.Module,
               ema: EMA, ema_model: AutoencoderKL, opt_g: torch.optim.Optimizer,
               opt_d: torch.optim.Optimizer, plan: DataPlan, logger: RunLogger,
@@ -262,10 +276,7 @@ def vae_steps(cfg: Config, info: DistInfo, vae: AutoencoderKL, disc: torch.nn.Mo
     SSIM, reconstruction grids, and what a checkpoint holds."""
     v, device = cfg.vae, info.device
     amp = autocast_dtype(cfg.train.precision, device)
-    lpips = None
-    if v.lpips_vgg and v.lpips_lin:
-        from training.lpips import LPIPS
-        lpips = LPIPS.from_files(resolve_path(v.lpips_vgg), resolve_path(v.lpips_lin)).to(device)
+    lpips = load_lpips(cfg, device)
     eval_images = (eval_crops(plan.eval_records, v.eval_crop, v.eval_images,
                               cfg.data.max_image_pixels) if info.is_main else None)
     zero = torch.zeros((), device=device)
@@ -309,9 +320,9 @@ def vae_steps(cfg: Config, info: DistInfo, vae: AutoencoderKL, disc: torch.nn.Mo
         # On every rank: the terms' means over the global batch (one all-reduce).
         terms = now["terms"]
         values = all_reduce_mean(torch.stack([
-            terms.total, terms.rec, terms.perceptual, terms.kl, terms.gan, now["d_loss"],
-            terms.gan_weight, now["real"], now["fake"]]).detach().float()).tolist()
-        return {**dict(zip(LOGGED_TERMS, values)), "gan/ramp": now["ramp"]}
+            terms.rec, terms.perceptual, terms.kl, terms.gan, now["d_loss"], terms.gan_weight,
+            now["real"], now["fake"]]).detach().float()).tolist()
+        return {**dict(zip(LOGGED_TERMS, values)), "loss_gan/ramp": now["ramp"]}
 
     def payload() -> tuple[dict, dict, dict]:
         return ({"model": vae.state_dict(), "ema": ema.state_dict(),
@@ -324,7 +335,7 @@ def vae_steps(cfg: Config, info: DistInfo, vae: AutoencoderKL, disc: torch.nn.Mo
         if len(eval_images):
             ema.copy_to(ema_model)
             p, s, _ = evaluate(ema_model, eval_images, device)
-            logger.scalars({"eval/psnr": p, "eval/ssim": s}, step)
+            logger.scalars({"val/psnr": p, "val/ssim": s}, step)
             tqdm.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
 
     def preview(step: int, stop_requested: Callable[[], bool]) -> None:
@@ -333,7 +344,7 @@ def vae_steps(cfg: Config, info: DistInfo, vae: AutoencoderKL, disc: torch.nn.Mo
 
             ema.copy_to(ema_model)
             _, _, pairs = evaluate(ema_model, eval_images[:4], device)
-            logger.image("eval/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
+            logger.image("val/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
 
     return StageSteps(loss, update, scalars, payload, validate, preview)
 
@@ -382,6 +393,7 @@ def export_vae(vae: AutoencoderKL, ema: EMA, ema_model: AutoencoderKL,
     again (the measured factors are deterministic) just replaces it.
     """
     ema.copy_to(ema_model)
+    print(f"exporting the VAE: measuring its latent scale on {images} images", flush=True)
     shift, scale = measure_latent_scale(ema_model, loader, device, images)
     # measured on raw latents: they replace any per-channel statistics a `vae.init` came with
     ema_model.config = dataclasses.replace(ema_model.config, shift_factor=round(shift, 6),

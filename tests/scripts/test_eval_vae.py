@@ -70,9 +70,9 @@ def test_eval_vae_curve_minutes_leave_out_the_time_between_processes(tmp_path: P
 
 
 @pytest.mark.parametrize("scalars, phrase", [
-    ({1: {"train/loss": 1.0}, 2: {"val/loss": 0.9}},
-     "no loss/rec, eval/psnr, eval/ssim scalars; it looks like a DiT run"),
-    ({1: {"loss/rec": 0.3}}, "no eval/psnr, eval/ssim scalars; it looks like a VAE run that has "
+    ({1: {"loss/train": 1.0}, 2: {"loss/val": 0.9}},
+     "no loss/rec, val/psnr, val/ssim scalars; it looks like a DiT run"),
+    ({1: {"loss/rec": 0.3}}, "no val/psnr, val/ssim scalars; it looks like a VAE run that has "
                              "not been evaluated yet"),
 ], ids=["dit-run", "vae-run-before-eval"])
 def test_eval_vae_curve_without_vae_scalars_is_one_line_error(

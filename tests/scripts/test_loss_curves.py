@@ -29,33 +29,34 @@ def _curves(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def _run(folder: Path, losses: list[float]) -> Path:
+def _run(folder: Path, losses: list[float], tags: tuple[str, str] = ("loss/train", "loss/val")
+         ) -> Path:
     logger = RunLogger(folder, True)
     for step, loss in enumerate(losses, start=1):
-        logger.scalars({"train/loss": loss}, step)
-    logger.scalars({"val/loss": losses[-1]}, len(losses))
+        logger.scalars({tags[0]: loss}, step)
+    logger.scalars({tags[1]: losses[-1]}, len(losses))
     logger.close()
     return folder
 
 
 def test_loss_curves_bins_and_compares_runs(tmp_path: Path) -> None:
     a = _run(tmp_path / "a", [4.0, 2.0, 3.0, 1.0, 5.0])
-    b = _run(tmp_path / "b", [1.0] * 4)
+    b = _run(tmp_path / "b", [1.0] * 4, ("train/loss", "val/loss"))  # logged as before 2026-12
     done = subprocess.run([sys.executable, "scripts/loss_curves.py", str(a), str(b), "--every",
                            "2"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     # means over (0, 2], (2, 4] and the last logged step
-    assert report[str(a)]["train/loss"]["curve"] == [[2, 3.0], [4, 2.0], [5, 5.0]]
-    assert report[str(a)]["train/loss"]["mean"] == 3.0
-    assert report[str(a)]["val/loss"]["curve"] == [[5, 5.0]]
-    assert report[str(b)]["train/loss"]["curve"] == [[2, 1.0], [4, 1.0]]
+    assert report[str(a)]["loss/train"]["curve"] == [[2, 3.0], [4, 2.0], [5, 5.0]]
+    assert report[str(a)]["loss/train"]["mean"] == 3.0
+    assert report[str(a)]["loss/val"]["curve"] == [[5, 5.0]]
+    assert report[str(b)]["loss/train"]["curve"] == [[2, 1.0], [4, 1.0]]
 
 
 def test_loss_curves_bins_end_at_multiples_of_every(tmp_path: Path, capsys) -> None:
     # logged every 10 steps, reported every 25: each point is the mean over (end - 25, end]
-    run = _log(tmp_path / "a", {step: {"train/loss": float(step)} for step in range(10, 111, 10)})
-    report = _curves(capsys, str(run), "--tags", "train/loss", "--every", "25")
-    assert report[str(run)]["train/loss"]["curve"] == [
+    run = _log(tmp_path / "a", {step: {"loss/train": float(step)} for step in range(10, 111, 10)})
+    report = _curves(capsys, str(run), "--tags", "loss/train", "--every", "25")
+    assert report[str(run)]["loss/train"]["curve"] == [
         [25, 15.0], [50, 40.0], [75, 65.0], [100, 90.0], [110, 110.0]]
 
 
@@ -64,15 +65,15 @@ def test_loss_curves_resumed_run_leaves_out_the_abandoned_branch(tmp_path: Path,
                                                                 names: str) -> None:
     run = tmp_path / "run"
     # trained to step 80, then resumed from its checkpoint at step 50 and trained to step 70
-    _log(run, {step: {"train/loss": 1.0} for step in range(10, 81, 10)})
-    _log(run, {step: {"train/loss": 0.5} for step in (60, 70)})
+    _log(run, {step: {"loss/train": 1.0} for step in range(10, 81, 10)})
+    _log(run, {step: {"loss/train": 0.5} for step in (60, 70)})
     if names == "swapped":  # names out of creation order (as a same-second pid wrap gives)
         old, new = sorted((run / "tb").iterdir())
         old.rename(tmp_path / "old")
         new.rename(old)
         (tmp_path / "old").rename(new)
-    report = _curves(capsys, str(run), "--tags", "train/loss", "--every", "10")
-    assert report[str(run)]["train/loss"] == {
+    report = _curves(capsys, str(run), "--tags", "loss/train", "--every", "10")
+    assert report[str(run)]["loss/train"] == {
         "curve": [[10, 1.0], [20, 1.0], [30, 1.0], [40, 1.0], [50, 1.0], [60, 0.5], [70, 0.5]],
         "mean": round(6 / 7, 5)}
 

@@ -36,11 +36,11 @@ def test_loop_step_rate_leaves_paused_time_out_and_restarts_each_window(monkeypa
         advance(5)
     advance(4)
     # 4 steps of 8 samples in 12 s of which 5 paused: 32 samples in 7 s, 2 of them waiting
-    assert rate.scalars(14, 8) == {"train/samples_per_s": 32 / 7,
-                                   "train/data_wait_fraction": 2 / 7}
+    assert rate.scalars(14, 8) == {"speed/samples_per_s": 32 / 7,
+                                   "speed/data_wait_fraction": 2 / 7}
     for _ in range(3):  # a `break` out of the pause (a stop request) still counts it
         with rate.pause():
             advance(10)
             break
     advance(2)
-    assert rate.scalars(15, 8) == {"train/samples_per_s": 4.0, "train/data_wait_fraction": 0.0}
+    assert rate.scalars(15, 8) == {"speed/samples_per_s": 4.0, "speed/data_wait_fraction": 0.0}

@@ -75,7 +75,7 @@ def test_vae_stage_reconstruction_loss_falls(tmp_path: Path) -> None:
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
     assert len(events.Scalars("loss/rec")) == 80
-    assert events.Scalars("eval/psnr")[-1].value > 10
+    assert events.Scalars("val/psnr")[-1].value > 10
     seed_everything(cfg.seed)  # as the stage does before building its model
     initial = build_vae(cfg).eval()
     trained = build_vae(cfg).eval()
@@ -100,16 +100,17 @@ def test_vae_stage_loss_is_the_sum_of_its_logged_terms(tmp_path: Path) -> None:
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
     term = {tag: [e.value for e in events.Scalars(tag)] for tag in (
-        "loss/total", "loss/rec", "loss/perceptual", "loss/kl", "loss/gan_generator",
-        "gan/adaptive_weight", "gan/ramp")}
-    assert term["gan/ramp"] == [0.0, 0.5, 1.0] and term["loss/perceptual"] == [0.0] * 3
+        "loss/train", "loss/rec", "loss/perceptual", "loss/kl", "loss/gan_generator",
+        "loss_gan/adaptive_weight", "loss_gan/ramp")}
+    assert term["loss_gan/ramp"] == [0.0, 0.5, 1.0] and term["loss/perceptual"] == [0.0] * 3
     pixels = 3 * 32 * 32
     for i in range(3):
         kl = cfg.vae.kl_weight * term["loss/kl"][i] / pixels
-        gan = term["gan/ramp"][i] * term["gan/adaptive_weight"][i] * term["loss/gan_generator"][i]
-        assert kl > 0.01 * term["loss/total"][i] and (i == 0 or abs(gan) > 0)
+        gan = (term["loss_gan/ramp"][i] * term["loss_gan/adaptive_weight"][i]
+               * term["loss/gan_generator"][i])
+        assert kl > 0.01 * term["loss/train"][i] and (i == 0 or abs(gan) > 0)
         expected = term["loss/rec"][i] + kl + gan
-        assert abs(term["loss/total"][i] - expected) < 1e-5 * abs(expected), (i, term)
+        assert abs(term["loss/train"][i] - expected) < 1e-5 * abs(expected), (i, term)
 
 
 def test_vae_stage_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
