@@ -440,8 +440,31 @@ def scan_folder(root: str | os.PathLike[str], *, use_classes: bool = False,
         return _list_folder(root, cache_path, max_pixels, use_classes, writer, show)
 
     found = on_every_rank(listing) if together else listing()
-    n = found.rows
-    pending = np.zeros(n, dtype=bool)
+    to_read = _rows_to_read(root, found, together)  # rows any rank lacks: each reads a share
+    mine = _read_rows(str(root), found, to_read[rank::world], max_pixels, num_workers, show)
+    shares = all_gather_objects(mine) if together else [mine]
+    width, height, sha256, state, verified = _merge_reads(found, shares)
+    if writer and (len(found.pending) or found.gone):
+        _write_scan_cache(cache_path, root, found, sha256, width, height, verified)
+    del verified
+    if together:
+        barrier()  # a scan that follows at once reads the cache as written
+    ok, skipped = _usable(root, found, width, height, state, max_pixels)
+    class_names, label = _labels(found, use_classes)
+    offsets = found.view("offsets", np.uint32 if found.offsets.typecode == "I" else np.int64,
+                         extra=1)
+    names = np.frombuffer(found.names, np.uint8, count=int(offsets[-1]))
+    columns = ImageColumns(str(root), frozen(names), frozen(offsets), frozen(width),
+                           frozen(height), frozen(label), frozen(sha256))
+    records = ImageTable(columns, None if ok.all() else np.flatnonzero(ok))
+    return ScanResult(str(root), records, sorted(skipped, key=lambda s: s.path), class_names,
+                      read=len(to_read))
+
+
+def _rows_to_read(root: Path, found: _Listing, together: bool) -> np.ndarray:
+    """The rows that this process, or under torchrun any rank, has pending (ascending); the
+    ranks must list the same files (ConfigError otherwise)."""
+    pending = np.zeros(found.rows, dtype=bool)
     pending[np.frombuffer(found.pending, np.int64)] = True
     if together:
         views = all_gather_objects((found.files, found.digest.hexdigest(),
@@ -452,12 +475,15 @@ def scan_folder(root: str | os.PathLike[str], *, use_classes: bool = False,
                               "every machine must see the same dataset, unchanged while the run "
                               "starts")
         for _, _, bits in views:
-            pending |= np.unpackbits(bits, count=n).astype(bool)
-    to_read = np.flatnonzero(pending)  # rows any rank lacks: every rank reads its share
-    mine = _read_rows(str(root), found, to_read[rank::world], max_pixels, num_workers, show)
-    shares = all_gather_objects(mine) if together else [mine]
+            pending |= np.unpackbits(bits, count=found.rows).astype(bool)
+    return np.flatnonzero(pending)
 
-    # Columns: the listing's buffers, now final, seen as arrays (no copies).
+
+def _merge_reads(found: _Listing, shares: Sequence[_Found]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Enter what the ranks read (`shares`) into the listing's columns, now final, seen as
+    arrays (no copies): (width, height (N,), sha256 (N, 32), state (N,), verified (N,))."""
+    n = found.rows
     for share in shares:
         found.fit(int(max(share.width.max(initial=0), share.height.max(initial=0))))
     side = np.uint16 if found.width.typecode == "H" else np.int32
@@ -474,39 +500,39 @@ def scan_folder(root: str | os.PathLike[str], *, use_classes: bool = False,
             for row in share.rows.tolist():
                 found.errors.pop(row, None)
         found.errors.update(share.errors)
-    if writer and (len(found.pending) or found.gone):
-        _write_scan_cache(cache_path, root, found, sha256, width, height, verified)
-    del verified
-    if together:
-        barrier()  # a scan that follows at once reads the cache as written
+    return width, height, sha256, state, verified
 
+
+def _usable(root: Path, found: _Listing, width: np.ndarray, height: np.ndarray,
+            state: np.ndarray, max_pixels: int) -> tuple[np.ndarray, list[SkippedFile]]:
+    """(usable (N,) bool, every skipped file with its reason): the files listed as skipped,
+    those that failed to read, and decompression bombs."""
     def path(row: int) -> str:
         return os.path.join(root, os.fsdecode(found.rel(row)))
 
     skipped = found.skipped + [SkippedFile(path(row), reason)
                                for row, reason in found.errors.items()]
     ok = state == _OK
-    for lo in range(0, n, CHUNK_ROWS):
+    for lo in range(0, found.rows, CHUNK_ROWS):
         area = np.multiply(width[lo:lo + CHUNK_ROWS], height[lo:lo + CHUNK_ROWS], dtype=np.int64)
         for row in (lo + np.flatnonzero(ok[lo:lo + CHUNK_ROWS] & (area > max_pixels))).tolist():
             skipped.append(SkippedFile(path(row), f"decompression bomb: {width[row]}x"
                                                   f"{height[row]} exceeds {max_pixels} pixels"))
             ok[row] = False
-    class_names: list[str] = []
-    label = np.broadcast_to(np.int16(-1), (n,))  # unlabelled: one value stands for all
-    if use_classes:
-        top = found.view("top", np.int32)
-        used = np.unique(top)  # first-level folders holding an image file, usable or not
-        class_names = sorted(found.tops[t] for t in used.tolist())
-        where = {name: i for i, name in enumerate(class_names)}
-        index = np.full(len(found.tops) + 1, -1, dtype=np.int64)  # index -1: no class
-        index[used] = [where[found.tops[t]] for t in used.tolist()]
-        label = index[top].astype(np.int16 if len(class_names) < 2**15 else np.int32)
-    offsets = found.view("offsets", np.uint32 if found.offsets.typecode == "I" else np.int64,
-                         extra=1)
-    names = np.frombuffer(found.names, np.uint8, count=int(offsets[-1]))
-    columns = ImageColumns(str(root), frozen(names), frozen(offsets), frozen(width),
-                           frozen(height), frozen(label), frozen(sha256))
-    records = ImageTable(columns, None if ok.all() else np.flatnonzero(ok))
-    return ScanResult(str(root), records, sorted(skipped, key=lambda s: s.path), class_names,
-                      read=len(to_read))
+    return ok, skipped
+
+
+def _labels(found: _Listing, use_classes: bool) -> tuple[list[str], np.ndarray]:
+    """(class names, label (N,)): with `use_classes` the index of each row's first-level folder
+    among the sorted names of those holding an image file (usable or not), int16 below 2**15
+    classes; else none, and one broadcast -1 for every row."""
+    if not use_classes:
+        return [], np.broadcast_to(np.int16(-1), (found.rows,))  # one value stands for all
+    top = found.view("top", np.int32)
+    used = np.unique(top)  # first-level folders holding an image file, usable or not
+    class_names = sorted(found.tops[t] for t in used.tolist())
+    where = {name: i for i, name in enumerate(class_names)}
+    index = np.full(len(found.tops) + 1, -1, dtype=np.int64)  # index -1: no class
+    index[used] = [where[found.tops[t]] for t in used.tolist()]
+    label = index[top].astype(np.int16 if len(class_names) < 2**15 else np.int32)
+    return class_names, label

@@ -5,17 +5,23 @@ writers (when it has the cache to itself), checks the shards it reuses, and enco
 missing. An entry holds the VAE posterior's mean and log-variance (fp16) of one bucket crop, so
 training draws a fresh latent `mean + exp(logvar / 2) · ε` at every step.
 
-Start-up reads the index and each reused shard's header, not the shards themselves. A build
-trusts a shard whose stamp is unchanged (`shards.shard_stamp`); a shard whose stamp changed, or
-that has none (written before stamps existed: older indexes gain the `checks` and `dropped` tables
-in place and nothing is re-encoded), is checked in full once, and then its stamp and per-row
-checksums are recorded. Every build also reads SAMPLE_ROWS rows drawn among all rows of the shards
-it trusts and compares their checksums, so silent corruption that keeps the stamp is still found
-over time, for the bytes of a few rows. The sample is seeded with the index's start counter (meta
-`starts`, which every build increments), so successive builds read different rows and each
-build's sample is reproducible. A damaged or missing shard, or one with a sampled row that does
-not match, is reported (file, and row where one is to blame), dropped, and its entries are
-re-encoded; without the exclusive lock its file is left for a later process that has it.
+Start-up reads a few bytes per entry, not the shards themselves: the locations of the entries
+(`locate`: the index's manifest of this key list while the index is unchanged, else a lookup in
+the index that leaves a new manifest), each reused shard's header and a few sampled rows. A
+build trusts a shard whose stamp is unchanged (`shards.shard_stamp`); a shard whose stamp
+changed, or that has none (written before stamps existed: older indexes gain the tables they
+lack in place and nothing is re-encoded), is checked in full once, and then its stamp and
+per-row checksums are recorded. Every build also reads SAMPLE_ROWS rows drawn among all rows of
+the shards it trusts and compares their checksums, so silent corruption that keeps the stamp is
+still found over time, for the bytes of a few rows. The sample is seeded with the index's start
+counter (meta `starts`, which every build increments), so successive builds read different rows
+and each build's sample is reproducible. A damaged or missing shard, or one with a sampled row
+that does not match, is reported (file, and row where one is to blame), dropped, and its entries
+are re-encoded; without the exclusive lock its file is left for a later process that has it.
+
+A run keeps the build's `Locations` of its entries (4 bytes each), not their keys: those are
+computed a chunk of records at a time (`EntryKeys`), and the locations of what a build encoded
+are looked up once it is done.
 
 Under `torchrun` every rank encodes a disjoint share of the missing entries; the result equals
 the single-process cache. Across machines the folder must be one folder on a filesystem every
@@ -39,13 +45,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.image_table import ImageRecord
+from bucketing import PlacementTable
+from training.image_table import ImageTable
 from training.images import ImageLoadError, crop_to_bucket, load_image, to_unit_range
 from training.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from training.latent_cache.shards import (ROW_SUM_BYTES, check_rows, full_check, row_layout,
                                           sample_rows, shard_stamp)
+from training.latent_cache.locate import EntryKeys, Locations, locate
 from training.latent_cache.store import (DIGEST_BYTES, ShardInfo, ShardWriter, Store,
-                                         default_latent_dir, record_keys, warn)
+                                         default_latent_dir, warn)
 
 SAMPLE_ROWS = 8  # rows of trusted shards each build reads and compares with their checksums
 # How long a rank looks for the file rank 0 just created before it concludes that they do not
@@ -60,7 +68,7 @@ class _CropSource(torch.utils.data.Dataset):
     stored under a hash its pixels do not have), then decoded from those bytes.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], placements: Sequence,
+    def __init__(self, records: ImageTable, placements: PlacementTable,
                  max_pixels: int) -> None:
         self.records, self.placements, self.max_pixels = records, placements, max_pixels
 
@@ -125,6 +133,7 @@ def encode_moments(encode: Callable, x: torch.Tensor, chunk: int,
 @dataclass
 class _Plan:
     need: np.ndarray  # (N, O) bool: the entries to encode
+    locations: Locations  # of the entries, as found in the index before encoding
     reused: int
     repaired: int
     damaged: list[str]
@@ -133,6 +142,7 @@ class _Plan:
     leftovers_removed: int
     full_checks: int  # shards read in full (stamp changed or never recorded)
     rows_sampled: int
+    from_manifest: bool  # the locations came from the manifest, not an index lookup
 
 
 def _check_shards(store: Store, conn: sqlite3.Connection, names: Sequence[str],
@@ -191,27 +201,35 @@ def _check_shards(store: Store, conn: sqlite3.Connection, names: Sequence[str],
     return damaged, full, len(sample)
 
 
-def _plan(store: Store, keys: np.ndarray, progress: bool, log: Callable[[str], None]
+def _tidy(store: Store, conn: sqlite3.Connection, log: Callable[[str], None]
+          ) -> tuple[bool, int]:
+    """Take the exclusive lock if it is free, and then clean up after crashed writers and
+    finish earlier removals (`Store.tidy`); else take the shared lock. Returns (whether this
+    process has the cache to itself, leftover files removed)."""
+    if not store.lock(exclusive=True, blocking=False):
+        store.lock(exclusive=False)
+        return False, 0
+    leftovers, adopted, removed = store.tidy(conn)
+    if leftovers:
+        log(f"removed {leftovers} leftover file(s) of an interrupted build")
+    if adopted:
+        log(f"re-indexed {adopted} whole shard(s) the index did not list")
+    if removed:
+        log(f"deleted {removed} shard file(s) dropped earlier (damaged, or left by an "
+            "interrupted removal)")
+    return True, leftovers
+
+
+def _plan(store: Store, keys: EntryKeys, progress: bool, log: Callable[[str], None]
           ) -> _Plan:
-    """Clean up after crashed writers and finish earlier removals (if alone), check the shards
-    holding `keys` (uint8 (N, O, 32)), drop damaged ones, list what is missing."""
+    """Clean up after crashed writers and finish earlier removals (if alone), locate `keys`,
+    check the shards holding them, drop damaged ones, list what is missing."""
     conn = store.connect()
     try:
-        leftovers = 0
-        alone = store.lock(exclusive=True, blocking=False)
-        if alone:
-            leftovers, adopted, removed = store.tidy(conn)
-            if leftovers:
-                log(f"removed {leftovers} leftover file(s) of an interrupted build")
-            if adopted:
-                log(f"re-indexed {adopted} whole shard(s) the index did not list")
-            if removed:
-                log(f"deleted {removed} shard file(s) dropped earlier (damaged, or left by an "
-                    "interrupted removal)")
-        else:
-            store.lock(exclusive=False)
+        alone, leftovers = _tidy(store, conn, log)
         seed = store.next_start(conn)
-        names, shard, _ = store.lookup(conn, keys)  # (N, O) each
+        locations, from_manifest = locate(conn, keys)
+        names = locations.names
         info = store.shard_info(conn, names)
         damaged, full, sampled = _check_shards(store, conn, names, info, seed, progress, log)
         # Without the exclusive lock another run may map the damaged shards: they leave the
@@ -221,15 +239,17 @@ def _plan(store: Store, keys: np.ndarray, progress: bool, log: Callable[[str], N
             store.lock(exclusive=False)
     finally:
         conn.close()
-    bad = np.zeros(len(names) + 1, dtype=bool)  # per shard; the last one stands for "none"
-    bad[[names.index(n) for n in damaged]] = True
-    found = shard >= 0
-    stale = bad[shard]  # (N, O): held by a damaged shard (shard -1 reads the last, False)
+    need = locations.missing()  # (N, O)
+    stale = locations.held_by(list(damaged)) if damaged else None  # (N, O): to re-encode
+    repaired = 0 if stale is None else int(np.count_nonzero(stale))
+    if stale is not None:
+        need |= stale
     kept = [n for n in names if n not in damaged]
-    return _Plan(need=~found | stale, reused=int((found & ~stale).sum()),
-                 repaired=int(stale.sum()), damaged=sorted(damaged),
+    return _Plan(need=need, locations=locations, reused=need.size - int(np.count_nonzero(need)),
+                 repaired=repaired, damaged=sorted(damaged),
                  reused_bytes=sum(info[n].bytes for n in kept), reused_shards=len(kept),
-                 leftovers_removed=leftovers, full_checks=full, rows_sampled=sampled)
+                 leftovers_removed=leftovers, full_checks=full, rows_sampled=sampled,
+                 from_manifest=from_manifest)
 
 
 class _Batches:
@@ -253,7 +273,7 @@ class _Batches:
 
 
 def _encode_share(work: np.ndarray, need: np.ndarray, records, placements, buckets,
-                  keys: np.ndarray, vae, store: Store, fingerprint: str, rank: int,
+                  keys: EntryKeys, vae, store: Store, fingerprint: str, rank: int,
                   batch_size: int, num_workers: int, shard_size: int, max_pixels: int,
                   progress: bool, log: Callable[[str], None]) -> dict:
     """Encode and store this rank's entries: those `need` (N, O) marks of records `work` (M,);
@@ -302,14 +322,15 @@ def _encode_share(work: np.ndarray, need: np.ndarray, records, placements, bucke
                 mirrored = [j for j, i in enumerate(indices) if flip and need[i, 1]]
                 owners = [(indices[j], 0) for j in plain] + [(indices[j], 1) for j in mirrored]
                 x = torch.cat([x[plain], x[mirrored].flip(-1)])  # (E, 3, H, W), E = entries
+                named = keys.rows(indices)  # (B, O, 32)
+                digests = [named[j, 0] for j in plain] + [named[j, 1] for j in mirrored]
                 mean, logvar, chunk = encode_moments(vae.encode, x, chunk, log)
                 mean, logvar = mean.half(), logvar.half()  # (E, C, h, w)
                 finite = (torch.isfinite(mean).flatten(1).all(1)
                           & torch.isfinite(logvar).flatten(1).all(1))  # (E,)
                 for e, (i, orientation) in enumerate(owners):
                     if finite[e]:
-                        writer.add(bucket_of(i), bytes(keys[i, orientation]).hex(), mean[e],
-                                   logvar[e])
+                        writer.add(bucket_of(i), digests[e], mean[e], logvar[e])
                         stats["encoded"] += 1
                         bar.update(1)
                     else:
@@ -329,8 +350,10 @@ def _encode_share(work: np.ndarray, need: np.ndarray, records, placements, bucke
 class CacheSummary:
     """What a build found and did, counted in entries (one per image, two with flip) except
     `images`. `total = reused + encoded + skipped`; `repaired` counts the entries re-encoded
-    because the shard holding them was damaged or missing. `keys` are every record's entry keys,
-    uint8 (N, O, 32) digests (`record_hex_keys` gives one record's as hex)."""
+    because the shard holding them was damaged or missing. `locations` says where every
+    record's entries lie (`LatentReader` reads them), 4 bytes an entry; `keys` computes every
+    record's entry keys when asked, uint8 (N, O, 32) digests (`record_hex_keys` gives one
+    record's as hex): a run keeps its locations, not its keys."""
 
     cache_dir: str
     fingerprint: str
@@ -347,11 +370,20 @@ class CacheSummary:
     damaged_shards: list[str] = field(default_factory=list)
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     leftovers_removed: int = 0
-    keys: np.ndarray = field(default_factory=lambda: np.empty((0, 1, DIGEST_BYTES), np.uint8),
-                             repr=False, compare=False)  # (N, O, 32) uint8, per record
+    locations: Locations = field(default_factory=lambda: Locations(
+        [], np.zeros(1, np.int64), np.zeros((0, 1), np.int32)), repr=False, compare=False)
     unusable: list[int] = field(default_factory=list)  # records lacking an entry
     shards_checked_fully: int = 0  # read in full because their stamp changed or was missing
     rows_sampled: int = 0  # rows of trusted shards compared with their checksums
+    from_manifest: bool = False  # the index's manifest located the entries (no lookup)
+    entry_keys: EntryKeys | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Every record's entry keys, uint8 (N, O, 32), computed now (32 bytes an entry)."""
+        if self.entry_keys is None:
+            return np.zeros((0,) + self.locations.where.shape[1:] + (DIGEST_BYTES,), np.uint8)
+        return self.entry_keys.array()
 
     def to_json(self, scan_skipped: Sequence = ()) -> dict:
         """The machine-readable summary (without the per-record keys).
@@ -363,8 +395,8 @@ class CacheSummary:
         two orientations both failed at encode time is listed twice). The other counts are of
         entries, `entries_per_image` per image.
         """
-        out = {k: v for k, v in vars(self).items() if k != "keys"}
-        out["entries_per_image"] = int(self.keys.shape[1])
+        out = {k: v for k, v in vars(self).items() if k not in ("locations", "entry_keys")}
+        out["entries_per_image"] = int(self.locations.where.shape[1])
         out["files"] = {"found": self.images + len(scan_skipped),
                         "cached": self.images - len(self.unusable),
                         "skipped": len(scan_skipped) + len(self.unusable)}
@@ -420,7 +452,42 @@ def _check_shared(root: Path, rank: int, share: Callable, gather: Callable) -> N
             "must be on a filesystem every machine shares")
 
 
-def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: Sequence,
+def _collectives(dist_info: DistInfo | None) -> tuple[int, int, Callable, Callable, Callable]:
+    """(rank, world size, gather, share, wait): the collectives of a build, which only a build
+    given a `dist_info` uses (one rank may build a cache alone inside a process group)."""
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+    if world == 1:
+        return rank, world, lambda obj: [obj], lambda obj: obj, lambda: None
+    return rank, world, all_gather_objects, broadcast_object, barrier
+
+
+def _from_rank0(rank: int, share: Callable, work: Callable, what: str):
+    """`work()` on rank 0, its result on every rank; a failure there is raised on rank 0 and
+    reported on the others, so that none waits forever on the others."""
+    result = None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as exc:
+            share(f"rank 0: {type(exc).__name__}: {exc}")
+            raise
+    result = share(result)
+    if isinstance(result, str):
+        raise RuntimeError(f"latent cache {what} failed on {result}")
+    return result
+
+
+def _relocate(store: Store, keys: EntryKeys) -> Locations:
+    """The locations of `keys` once the build has written its shards (files it could not
+    encode stay missing), filed as their manifest."""
+    conn = store.connect()
+    try:
+        return locate(conn, keys)[0]
+    finally:
+        conn.close()
+
+
+def ensure_cache(records: ImageTable, placements: PlacementTable, buckets: Sequence,
                  vae, cache_dir: str | os.PathLike[str] | None = None, flip: bool = False,
                  batch_size: int = 8, num_workers: int = 2, dist_info: DistInfo | None = None,
                  *, shard_size: int = 0, max_pixels: int = 100_000_000, progress: bool = True,
@@ -428,52 +495,33 @@ def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: 
                  fingerprint: str | None = None) -> CacheSummary:
     """Build or update the cache so that every (record, orientation) has an entry.
 
-    `placements[i]` belongs to `records[i]`; `vae` sits on the device that encodes. With
-    `flip`, the mirrored crop is cached too. Under torchrun (`dist_info` with world_size > 1)
-    every rank must call this with the same arguments: rank 0 checks and plans, each rank
-    encodes pending entries i with i % world_size == rank, and all ranks return the same
-    summary after a barrier. Without `dist_info` it runs alone, even inside a process group.
-    `shard_size` is entries per shard (0: about 64 MiB per shard). Images that fail to load or
-    encode to NaN/inf are reported, skipped and listed in `unusable` (record indices).
-    `fingerprint` is `vae_fingerprint(vae)` when the caller has it already.
+    `placements[i]` (a `PlacementTable`) belongs to `records[i]` (an `ImageTable`); `vae` sits
+    on the device that encodes. With `flip`, the mirrored crop is cached too. Under torchrun
+    (`dist_info` with world_size > 1) every rank must call this with the same arguments: rank 0
+    checks and plans, each rank encodes pending entries i with i % world_size == rank, and all
+    ranks return the same summary after a barrier. Without `dist_info` it runs alone, even
+    inside a process group. `shard_size` is entries per shard (0: about 64 MiB per shard).
+    Images that fail to load or encode to NaN/inf are reported, skipped and listed in
+    `unusable` (record indices). `fingerprint` is `vae_fingerprint(vae)` when the caller has it
+    already.
     """
     from models.vae_weights import vae_fingerprint
 
     start = time.perf_counter()
     if len(records) != len(placements):
         raise ValueError(f"{len(records)} records but {len(placements)} placements")
-    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
-    # Collectives only with a dist_info: one rank may build a cache alone in a process group.
-    together = world > 1
-    gather = all_gather_objects if together else (lambda obj: [obj])
-    share = broadcast_object if together else (lambda obj: obj)
-    wait = barrier if together else (lambda: None)
-    factor = vae.downsample_factor
-    bad = sorted({tuple(buckets[p.bucket]) for p in placements
-                  if buckets[p.bucket][0] % factor or buckets[p.bucket][1] % factor})
-    if bad:
-        raise ValueError(f"buckets {bad} are not multiples of the VAE's downsampling factor "
-                         f"{factor}; choose a bucket step that is")
+    rank, world, gather, share, wait = _collectives(dist_info)
+    _check_buckets(placements, buckets, vae.downsample_factor)
     fingerprint = fingerprint or vae_fingerprint(vae)
     if len(set(gather(fingerprint))) > 1:
         raise RuntimeError("ranks hold different VAE weights; every rank must load the same VAE")
-    keys = record_keys(records, placements, buckets, fingerprint, flip)
+    keys = EntryKeys.for_records(records, placements, buckets, fingerprint, flip)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_latent_dir()
     store = Store(cache_dir)
     try:
-        if together:
+        if world > 1:
             _check_shared(store.root, rank, share, gather)
-        # A failure on one rank is passed to all of them, so none waits forever on the others.
-        plan: _Plan | str | None = None
-        if rank == 0:
-            try:
-                plan = _plan(store, keys, progress, log)
-            except Exception as exc:
-                share(f"rank 0: {type(exc).__name__}: {exc}")
-                raise
-        plan = share(plan)
-        if isinstance(plan, str):
-            raise RuntimeError(f"latent cache planning failed on {plan}")
+        plan = _from_rank0(rank, share, lambda: _plan(store, keys, progress, log), "planning")
         if rank != 0:
             store.lock(exclusive=False)
         error: Exception | None = None
@@ -486,6 +534,10 @@ def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: 
             error, stats = exc, {"error": f"rank {rank}: {type(exc).__name__}: {exc}"}
         wait()
         every = gather(stats)
+        if error is None and not any("error" in s for s in every) and (
+                plan.damaged or any(s["encoded"] for s in every)):  # the index changed
+            plan.locations = _from_rank0(rank, share, lambda: _relocate(store, keys),
+                                         "locating")
     finally:
         store.unlock()
     if error is not None:
@@ -493,19 +545,35 @@ def ensure_cache(records: Sequence[ImageRecord], placements: Sequence, buckets: 
     failed = [s["error"] for s in every if "error" in s]
     if failed:
         raise RuntimeError(f"latent cache building failed on {failed[0]}")
-    encoded = sum(s["encoded"] for s in every)
-    skipped_files = [item for s in every for item in s["skipped_files"]]
-    encode_seconds = max(s["encode_seconds"] for s in every)
-    return CacheSummary(
-        cache_dir=str(cache_dir), fingerprint=fingerprint, images=len(records),
-        total=keys.shape[0] * keys.shape[1], reused=plan.reused, encoded=encoded,
-        repaired=plan.repaired, skipped=keys.shape[0] * keys.shape[1] - plan.reused - encoded,
-        bytes=plan.reused_bytes + sum(s["bytes"] for s in every),
-        shards=plan.reused_shards + sum(s["shards"] for s in every),
-        seconds=time.perf_counter() - start,
-        images_per_s=encoded / encode_seconds if encode_seconds > 0 else 0.0,
-        damaged_shards=plan.damaged, skipped_files=sorted(skipped_files),
-        leftovers_removed=plan.leftovers_removed, keys=keys,
-        unusable=sorted({int(i) for s in every for i in s["unusable"]}),
-        shards_checked_fully=plan.full_checks, rows_sampled=plan.rows_sampled)
+    return _summary(plan, every, keys, str(cache_dir), fingerprint, time.perf_counter() - start)
 
+
+def _check_buckets(placements: PlacementTable, buckets: Sequence, factor: int) -> None:
+    """Refuse buckets whose sides the VAE cannot downsample to whole latents."""
+    used = np.unique(placements.bucket)
+    bad = sorted({tuple(buckets[b]) for b in used.tolist()
+                  if buckets[b][0] % factor or buckets[b][1] % factor})
+    if bad:
+        raise ValueError(f"buckets {bad} are not multiples of the VAE's downsampling factor "
+                         f"{factor}; choose a bucket step that is")
+
+
+def _summary(plan: _Plan, every: list[dict], keys: EntryKeys, cache_dir: str,
+             fingerprint: str, seconds: float) -> CacheSummary:
+    """The summary of a build from its plan and every rank's counters."""
+    encoded = sum(s["encoded"] for s in every)
+    encode_seconds = max(s["encode_seconds"] for s in every)
+    total = len(keys) * keys.orientations
+    return CacheSummary(
+        cache_dir=cache_dir, fingerprint=fingerprint, images=len(keys), total=total,
+        reused=plan.reused, encoded=encoded, repaired=plan.repaired,
+        skipped=total - plan.reused - encoded,
+        bytes=plan.reused_bytes + sum(s["bytes"] for s in every),
+        shards=plan.reused_shards + sum(s["shards"] for s in every), seconds=seconds,
+        images_per_s=encoded / encode_seconds if encode_seconds > 0 else 0.0,
+        damaged_shards=plan.damaged,
+        skipped_files=sorted(item for s in every for item in s["skipped_files"]),
+        leftovers_removed=plan.leftovers_removed, locations=plan.locations,
+        unusable=sorted({int(i) for s in every for i in s["unusable"]}),
+        shards_checked_fully=plan.full_checks, rows_sampled=plan.rows_sampled,
+        from_manifest=plan.from_manifest, entry_keys=keys)

@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from training.latent_cache.shards import ROW_SUM_BYTES, full_check, map_shard
-from training.latent_cache.store import INDEX_NAME, SHARD_SUFFIX, Store, transaction, warn
+from training.latent_cache.store import (INDEX_NAME, SHARD_SUFFIX, Store, keys_from_hex,
+                                         transaction, warn)
 
 def verify_cache(cache_dir: str | os.PathLike[str], *, repair: bool = False,
                  progress: bool = False, log: Callable[[str], None] = warn) -> list[str]:
@@ -28,7 +29,7 @@ def verify_cache(cache_dir: str | os.PathLike[str], *, repair: bool = False,
     (or the index, for an entry whose shard it does not list).
 
     Reads every shard: its size and sha256 against the index, its header, every entry's row
-    (the key the shard's header names there) and every row's checksum (a mismatch names the
+    (the key the shard names for it) and every row's checksum (a mismatch names the
     row). A whole shard's stamp and per-row checksums are recorded (so a shard from before
     stamps needs no full check at the next build). Runs under the shared lock, beside builds
     and readers. With `repair`, damaged shards are dropped (tombstoned: the next build re-encodes
@@ -44,7 +45,7 @@ def verify_cache(cache_dir: str | os.PathLike[str], *, repair: bool = False,
     problems: list[str] = []
     damaged: dict[str, str] = {}
     try:
-        conn = store.connect()
+        conn = store.connect(readahead=True)  # it reads whole tables and shards
         try:
             dropped = store.dropped(conn)
             shards = [row for row in conn.execute(
@@ -95,7 +96,7 @@ def _verify_shard(conn: sqlite3.Connection, path: Path, size: int, sha256: str, 
                 "SELECT key, row FROM entries WHERE shard = ?", (path.name,))
                 if row >= rows or check.keys[row] != key]
     elif not problems:
-        problems.append("no key list in its header")
+        problems.append("names no key for its rows (no keys tensor or key list)")
     if not problems:
         Store.record_check(conn, path.name, check.stamp, check.sums)
     return problems
@@ -160,7 +161,7 @@ def _preview_prune(cache_dir: str | os.PathLike[str], keep: Iterable[str], resul
                                 "cache first")
     store.lock(exclusive=False)
     try:
-        conn = store.connect(readonly=True)
+        conn = store.connect(readonly=True, readahead=True)
         try:
             with transaction(conn, "DEFERRED"):  # one consistent snapshot of the index
                 known = {name for (name,) in conn.execute("SELECT name FROM shards")}
@@ -239,7 +240,7 @@ def _prune(cache_dir: str | os.PathLike[str], keep: Iterable[str], result: dict
     if not store.lock(exclusive=True, blocking=False):
         raise RuntimeError(f"{cache_dir}: another process is using the latent cache; prune "
                            "when it is done")
-    conn = store.connect()
+    conn = store.connect(readahead=True)
     try:
         leftovers, result["shards_reindexed"], removed = store.tidy(conn)
         result["leftovers_removed"] = leftovers + removed
@@ -265,7 +266,8 @@ def _prune(cache_dir: str | os.PathLike[str], keep: Iterable[str], result: dict
                 del arrays
                 new = f"{fingerprint[:12]}-{prefix}-{w}x{h}-{n:05d}{SHARD_SUFFIX}"
                 written = store.write_shard(conn, new, mean, logvar,
-                                            [k for k, _ in live_rows], fingerprint)
+                                            keys_from_hex([[k] for k, _ in live_rows]),
+                                            fingerprint)
                 store.drop_shards(conn, {name: "pruned: rewritten"}, delete=True)
                 result["shards_rewritten"] += 1
                 result["bytes_freed"] += size - written

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from training.latent_cache.locate import EntryKeys, Locations, locate
 from training.latent_cache.shards import map_shard
-from training.latent_cache.store import DIGEST_BYTES, Store
+from training.latent_cache.store import Store
+
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """CPU generator for the latent noise of one training (micro-)step, the same on every rank:
@@ -32,21 +34,20 @@ def flip_from_seed(augment_seed: int) -> bool:
 class LatentReader:
     """Serves training batches from memory-mapped shards.
 
-    `keys` are the samples' entry keys, uint8 (N, O, 32) digests as `CacheSummary.keys` (or
-    `keys_from_hex`): keys[i, 0] the plain crop of sample i, keys[i, 1] the mirrored one when
-    O = 2. Each shard is mapped once (at most `max_open` stay open, least recently used closed
-    first); the index is read once, here, in chunks, into two int32 arrays (N, O): 8 bytes per
-    entry. Holds the cache's shared lock until `close`, so a prune cannot pull shards away
-    underneath it.
+    `entries` says which entries to serve: the `Locations` a build found
+    (`CacheSummary.locations`), or their keys, uint8 (N, O, 32) digests (`keys_from_hex`
+    converts hex keys), which are then located in the index (or its manifest). Entry (i, 0) is
+    the plain crop of sample i, (i, 1) the mirrored one when O = 2. Each shard is mapped on
+    first use (at most `max_open` stay open, least recently used closed first); the reader
+    holds one packed location per entry (4 bytes). Holds the cache's shared lock until
+    `close`, so a prune cannot pull shards away underneath it; given locations, it first
+    checks that their shards are all still in the cache.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str], keys: np.ndarray,
+    def __init__(self, cache_dir: str | os.PathLike[str], entries: Locations | np.ndarray,
                  affine: tuple[Sequence[float], Sequence[float]] | None = None,
                  max_open: int = 256) -> None:
-        if not (isinstance(keys, np.ndarray) and keys.dtype == np.uint8 and keys.ndim == 3
-                and keys.shape[2] == DIGEST_BYTES):
-            raise TypeError("keys must be uint8 (N, O, 32) digests, as CacheSummary.keys; "
-                            "keys_from_hex converts hex keys")
+        keys = None if isinstance(entries, Locations) else EntryKeys.from_array(entries)
         self.store = Store(cache_dir)
         self.store.lock(exclusive=False)
         # normalisation (latent - shift) * scale, per channel: `VAEConfig.latent_affine`
@@ -58,20 +59,29 @@ class LatentReader:
         try:
             conn = self.store.connect()
             try:
-                self._names, self._shard, self._row = self.store.lookup(conn, keys)  # (N, O)
+                if keys is not None:
+                    entries = locate(conn, keys)[0]
+                gone = sorted(set(entries.names) - set(self.store.shard_info(conn,
+                                                                             entries.names)))
             finally:
                 conn.close()
-            missing = np.argwhere(self._shard < 0)  # (M, 2) (sample, orientation)
+            self._names, self._starts, self._where = entries.names, entries.starts, entries.where
+            missing = np.argwhere(self._where < 0)  # (M, 2) (sample, orientation)
             if len(missing):
-                example = bytes(keys[tuple(missing[0])]).hex()
-                raise KeyError(f"{len(missing)} of {self._shard.size} entries are missing from "
-                               f"{cache_dir} (e.g. {example}); build the cache first")
+                example = (f"e.g. {bytes(keys.rows([missing[0][0]])[0, missing[0][1]]).hex()}"
+                           if keys is not None else f"e.g. sample {missing[0][0]}")
+                raise KeyError(f"{len(missing)} of {self._where.size} entries are missing from "
+                               f"{cache_dir} ({example}); build the cache first")
+            if gone:
+                raise KeyError(f"{cache_dir}: shard {gone[0]} of these entries is no longer in "
+                               "the cache (pruned or dropped since they were located); build "
+                               "the cache again")
         except BaseException:
             self.close()  # release the lock, so this process can still prune or rebuild
             raise
 
     def __len__(self) -> int:
-        return len(self._shard)
+        return len(self._where)
 
     def _arrays(self, shard: int) -> dict[str, np.ndarray]:
         arrays = self._open.get(shard)
@@ -89,11 +99,12 @@ class LatentReader:
         """float32 (mean, logvar) arrays (B, C, h, w) of samples `indices`."""
         flips = np.zeros(len(indices), np.int64) if flip_flags is None else \
             np.asarray(flip_flags, dtype=np.int64)
-        if flips.any() and self._shard.shape[1] < 2:
+        if flips.any() and self._where.shape[1] < 2:
             raise ValueError("a mirrored latent was asked for, but the cache was built "
                              "without flip")
-        samples = np.asarray(indices, dtype=np.int64)
-        shards, rows = self._shard[samples, flips], self._row[samples, flips]  # (B,) each
+        positions = self._where[np.asarray(indices, dtype=np.int64), flips]  # (B,)
+        shards = np.searchsorted(self._starts, positions, side="right") - 1  # (B,)
+        rows = positions - self._starts[shards]
         means, logvars = [], []
         for shard, row in zip(shards.tolist(), rows.tolist()):
             arrays = self._arrays(shard)

@@ -1,11 +1,18 @@
 """One shard file of the latent cache: its safetensors layout, stamp and integrity checks.
 
 A shard is a safetensors file holding tensors `mean` and `logvar`, (rows, C, h, w) fp16, of one
-bucket, with the writer's metadata (format, version, VAE fingerprint, the rows' keys). Its stamp
-("size:mtime_ns:inode:sha256 of the header bytes", `shard_stamp`) is what a build compares with
-the index to trust a shard without reading its data; `row_sums` are the per-row checksums (the
-first ROW_SUM_BYTES of a BLAKE2b of a row's mean then log-variance bytes) that a build samples
-and `full_check` compares. `map_shard` memory-maps the tensors for reading.
+bucket, and `keys`, (rows, 32) uint8, each row's entry key, with the writer's metadata (format,
+version, VAE fingerprint). Shards of version 1 (before `keys`) list the rows' keys as hex in
+their metadata instead: about 70 bytes a row in a header that every build reads; they stay
+readable as they are (`shard_keys` reads either). Its stamp ("size:mtime_ns:inode:sha256 of the
+header bytes", `shard_stamp`) is what a build compares with the index to trust a shard without
+reading its data; `row_sums` are the per-row checksums (the first ROW_SUM_BYTES of a BLAKE2b of
+a row's mean then log-variance bytes) that a build samples and `full_check` compares.
+`map_shard` memory-maps the tensors for reading.
+
+Headers and sampled rows are read with readahead off (POSIX_FADV_RANDOM, MADV_RANDOM for the
+mappings): they are a few bytes or rows at scattered places, and a disk's readahead window
+(8 MiB on some virtual disks) would otherwise read megabytes for each.
 """
 
 from __future__ import annotations
@@ -13,14 +20,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 ROW_SUM_BYTES = 8  # per-row checksum: this many bytes of a BLAKE2b digest
+SHARD_VERSION = "2"  # written now: keys as a tensor; "1": keys as hex in the metadata
+SHARD_VERSIONS = ("1", "2")  # readable
 
 
 def _parse_header(raw: bytes, path: Path) -> dict:
@@ -35,7 +45,9 @@ def _parse_header(raw: bytes, path: Path) -> dict:
 
 
 def _header_bytes(f: io.BufferedReader, path: Path) -> bytes:
-    """The first 8 + header-length bytes of an open safetensors file."""
+    """The first 8 + header-length bytes of an open safetensors file, read without
+    readahead."""
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
     head = f.read(8)
     if len(head) < 8:
         raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
@@ -101,10 +113,34 @@ def row_sums(data: np.ndarray, start: int, header: dict, path: Path) -> bytes:
     return b"".join(_row_sum(m, lv) for m, lv in zip(mean, logvar))
 
 
+def shard_keys(header: dict, start: int, read: Callable[[int, int], bytes]) -> list[str] | None:
+    """The keys of a shard's rows, as hex: its `keys` tensor (version 2; `read(offset, n)`
+    gives n bytes of the file at offset, `start` is where its data section begins) or the list
+    in its metadata (version 1); None when it names none, or not one per row."""
+    meta = header.get("__metadata__")
+    try:
+        rows = int(header["mean"]["shape"][0])
+        if meta.get("version") == "1":
+            keys = json.loads(meta.get("keys", "null"))
+            good = isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+            return keys if good and len(keys) == rows else None
+        info = header["keys"]
+        lo, hi = info["data_offsets"]
+        if (info.get("dtype") != "U8" or info.get("shape") != [rows, 32]
+                or hi - lo != 32 * rows):
+            return None
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        return None
+    data = read(start + lo, hi - lo)
+    if len(data) != hi - lo:
+        return None
+    return [data[32 * r:32 * r + 32].hex() for r in range(rows)]
+
+
 @dataclass
 class FullCheck:
     """What reading a whole shard found: `problems` (phrases, empty when whole), its `sha256`,
-    and when its header is readable its `stamp`, per-row checksums `sums` and header `keys`."""
+    and when its header is readable its `stamp`, per-row checksums `sums` and `keys`."""
 
     problems: list[str]
     sha256: str | None = None
@@ -132,13 +168,12 @@ def full_check(path: Path, size: int, sha256: str | None, recorded: bytes | None
         try:
             check.stamp, start, header = shard_stamp(path)
             check.sums = row_sums(data, start, header, path)
-            keys = json.loads(header.get("__metadata__", {}).get("keys", "null"))
+            check.keys = shard_keys(header, start, lambda at, n, d=data: d[at:at + n].tobytes())
         except (ValueError, TypeError, AttributeError) as exc:
             check.problems.append(str(exc).split(": ", 1)[-1])
             return check
     finally:
         del data
-    check.keys = keys if isinstance(keys, list) else None
     if recorded is not None and len(recorded) == len(check.sums):
         n = ROW_SUM_BYTES
         check.problems += [f"row {r} does not match its checksum"
@@ -154,6 +189,7 @@ def check_rows(path: Path, layout: tuple[int, int, int, int], rows: Sequence[int
     _, width, mean_at, logvar_at = layout
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # only these rows, no readahead
         for row, expected in zip(rows, recorded):
             mean = os.pread(fd, width, mean_at + row * width)
             logvar = os.pread(fd, width, logvar_at + row * width)
@@ -180,9 +216,13 @@ def sample_rows(seed: int, shards: Sequence[tuple[str, int]], count: int
 
 
 def map_shard(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map a shard: {"mean": (rows, C, h, w), "logvar": ...} fp16 views, one mmap."""
+    """Memory-map a shard: {"mean": (rows, C, h, w), "logvar": ...} fp16 views, one mmap,
+    advised MADV_RANDOM: a batch reads single rows, so a page fault reads only its pages."""
     start, header = read_header(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    mapping.madvise(mmap.MADV_RANDOM)
+    data = np.frombuffer(mapping, dtype=np.uint8)  # keeps the mapping open while in use
     out = {}
     for name in ("mean", "logvar"):
         info = header.get(name)

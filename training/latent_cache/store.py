@@ -3,21 +3,28 @@
 Layout of a cache folder (default `$LDM_CACHE_DIR/latents`, shareable by runs and ranks):
 
     index.sqlite    entries(key -> shard, row), shards(name -> bytes, sha256, rows, ...),
-                    checks(shard -> stamp, per-row checksums), dropped(shard -> reason)
-    shards/*.safetensors   tensors `mean` and `logvar`, (rows, C, h, w) fp16, one bucket each;
-                    names carry the writer's rank and a random token, so writers never collide
+                    checks(shard -> stamp, per-row checksums), dropped(shard -> reason),
+                    manifests(digest of a run's keys -> their locations; `locate`)
+    shards/*.safetensors   tensors `mean` and `logvar`, (rows, C, h, w) fp16, one bucket each,
+                    and `keys` (rows, 32) uint8; names carry the writer's rank and a random
+                    token, so writers never collide
     lock            flock: builders, readers, checks and prune dry runs hold it shared; cleanup,
                     deleting shard files and prune exclusive
 
 An entry's key hashes the image's content (sha256 of the file), its bucket, resized size and
 crop box, the horizontal flip, and the VAE fingerprint (weights and config): a changed image,
 grid or VAE never meets a stale latent. Keys travel as raw sha256 digests, uint8 (records,
-orientations, 32) (`record_keys`), and the index is looked up in chunks.
+orientations, 32), computed a chunk at a time (`locate.EntryKeys`).
+
+Index format 2 added the manifests and the generation counter (meta `generation`, bumped by
+triggers on every row written to or deleted from `entries` and `shards`, by any code); an index
+of format 1 is upgraded in place by the first process that opens it for writing, keeping every
+entry and shard (older code then refuses the folder rather than misread it).
 
 A shard is written to a temporary file, fsynced and renamed into place, and only then are its
 index rows committed, so a kill at any moment loses at most the shard being written. A shard file
 the index does not list (its writer died before the commit, or the index was lost) is listed again
-from its own metadata by the next build that has the cache to itself (`Store.tidy`). Removal is
+from its own keys by the next build that has the cache to itself (`Store.tidy`). Removal is
 crash-safe: a shard is first tombstoned (its entries deleted and its name entered in `dropped`, in
 one transaction), then its file is deleted, then its index rows; a process killed in between
 leaves a tombstone that the next process with the cache to itself completes, so a dropped shard
@@ -30,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import secrets
 import sqlite3
@@ -46,11 +52,11 @@ from safetensors.torch import save as safetensors_bytes
 
 from training.checkpoint import fsync_dir
 from training.config import default_cache_dir
-from training.image_table import ImageRecord
-from training.latent_cache.shards import (ROW_SUM_BYTES, full_check, read_header, row_sums,
+from training.latent_cache.shards import (ROW_SUM_BYTES, SHARD_VERSION, SHARD_VERSIONS,
+                                          full_check, read_header, row_sums, shard_keys,
                                           shard_stamp)
 
-FORMAT_VERSION = 1  # of the index and shard layout: a folder of another version is refused
+FORMAT_VERSION = 2  # of the index: 1 is upgraded in place, another is refused
 # Of the key recipe and the pixels an entry is encoded from: bumping it gives every image new
 # keys, so entries made by older code are no longer read (and `--prune` removes them). 2: JPEGs
 # decoded at reduced scale are resized from the exact area of the file (`load_image`).
@@ -64,22 +70,38 @@ TARGET_SHARD_BYTES = 64 << 20  # automatic shard size: about this many bytes per
 DIGEST_BYTES = 32  # an entry key is a sha256 digest: 32 bytes, 64 hex digits in the index
 LOOKUP_CHUNK = 500  # keys per index query (under sqlite's oldest limit of 999 parameters)
 BUSY_TIMEOUT_S = 600.0  # sqlite waits this long for another writer's lock
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS shards (
-    name TEXT PRIMARY KEY, bytes INTEGER NOT NULL, sha256 TEXT NOT NULL, rows INTEGER NOT NULL,
-    fingerprint TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL,
-    created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS entries (
-    key TEXT PRIMARY KEY, shard TEXT NOT NULL, row INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS entries_by_shard ON entries (shard);
-CREATE TABLE IF NOT EXISTS checks (
-    shard TEXT PRIMARY KEY, stamp TEXT NOT NULL, row_sums BLOB NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dropped (shard TEXT PRIMARY KEY, reason TEXT NOT NULL) WITHOUT ROWID;
-"""
-# `checks` and `dropped` came later than FORMAT_VERSION 1: `connect` adds them to older indexes
-# (a shard without a `checks` row is checked in full once). They are tables of their own rather
-# than columns of `shards`, so code from before them keeps writing into a shared index.
+# `sums_bytes` (the length of `row_sums`) comes before the blob: sqlite reads a row's columns
+# in order, so a column after a blob costs reading the blob.
+_CHECKS = """CREATE TABLE IF NOT EXISTS {name} (
+    shard TEXT PRIMARY KEY, stamp TEXT NOT NULL, sums_bytes INTEGER NOT NULL,
+    row_sums BLOB NOT NULL) WITHOUT ROWID"""
+_BUMP = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE name = 'generation'"
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS shards (
+        name TEXT PRIMARY KEY, bytes INTEGER NOT NULL, sha256 TEXT NOT NULL,
+        rows INTEGER NOT NULL, fingerprint TEXT NOT NULL, width INTEGER NOT NULL,
+        height INTEGER NOT NULL, created REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS entries (
+        key TEXT PRIMARY KEY, shard TEXT NOT NULL, row INTEGER NOT NULL) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS entries_by_shard ON entries (shard)",
+    _CHECKS.format(name="checks"),
+    """CREATE TABLE IF NOT EXISTS dropped (
+        shard TEXT PRIMARY KEY, reason TEXT NOT NULL) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS manifests (
+        digest TEXT UNIQUE NOT NULL, generation INTEGER NOT NULL, shards TEXT NOT NULL,
+        locations BLOB NOT NULL)""",
+    "INSERT OR IGNORE INTO meta VALUES ('generation', '0')",
+    *(f"CREATE TRIGGER IF NOT EXISTS {table}_{event.lower()} AFTER {event} ON {table} "
+      f"BEGIN {_BUMP}; END" for table in ("entries", "shards")
+      for event in ("INSERT", "UPDATE", "DELETE")),
+)
+_RECORD_CHECK = ("INSERT OR REPLACE INTO checks (shard, stamp, row_sums, sums_bytes) "
+                 "VALUES (?, ?, ?, ?)")
+# `checks` and `dropped` came in format 1 after it was first written, and format 2 added
+# `manifests`, `generation` and its triggers, and `checks.sums_bytes` (which sqlite would read
+# the whole blob to measure): `connect` adds what an index lacks (a shard without a `checks`
+# row is checked in full once).
 
 
 def warn(message: str) -> None:
@@ -105,21 +127,6 @@ def entry_key(sha256: str, bucket: tuple[int, int], resized: tuple[int, int],
     return _entry_digest(sha256, bucket, resized, crop, flip, fingerprint).hex()
 
 
-def record_keys(records: Sequence[ImageRecord], placements: Sequence, buckets: Sequence,
-                fingerprint: str, flip: bool) -> np.ndarray:
-    """Every record's entry keys as raw digests, uint8 (N, O, 32): O = 1, or 2 with `flip`
-    (orientation 1 is the mirrored crop). `entry_key` is the hex form of one of them."""
-    flips = (False, True) if flip else (False,)
-    out = np.empty((len(records), len(flips), DIGEST_BYTES), dtype=np.uint8)  # (N, O, 32)
-    for i in range(len(records)):
-        rec, p = records[i], placements[i]
-        bucket, resized, crop = tuple(buckets[p.bucket]), tuple(p.resized), tuple(p.crop)
-        for o, f in enumerate(flips):
-            out[i, o] = np.frombuffer(_entry_digest(rec.sha256, bucket, resized, crop, f,
-                                                    fingerprint), dtype=np.uint8)
-    return out
-
-
 def record_hex_keys(keys: np.ndarray, i: int) -> tuple[str, ...]:
     """The entry keys of record `i` of `keys` (uint8 (N, O, 32)) as 64-digit hex strings."""
     return tuple(bytes(k).hex() for k in keys[i])
@@ -139,6 +146,39 @@ def keys_from_hex(rows: Sequence[Sequence[str]]) -> np.ndarray:
         raise ValueError(f"every record needs {width} key(s); got {sorted({len(r) for r in rows})}")
     flat = bytes.fromhex("".join(k for r in rows for k in r))
     return np.frombuffer(flat, dtype=np.uint8).reshape(len(rows), width, DIGEST_BYTES).copy()
+
+
+def _read_header_page(index: Path) -> None:
+    """Read the first page of `index` (if there is one) with readahead off, before sqlite
+    reads its header: sqlite's first read would otherwise start a readahead window, whose
+    marked pages go on widening it as sqlite's next reads meet them, whatever its descriptor's
+    advice says by then."""
+    try:
+        fd = os.open(index, os.O_RDONLY)
+    except OSError:
+        return  # not there yet: sqlite creates it
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+
+
+def _no_readahead(index: Path) -> None:
+    """Turn the kernel's readahead off for this process's open files of `index`, sqlite's
+    among them (POSIX_FADV_RANDOM on each descriptor found in /proc/self/fd; nothing where
+    there is no /proc). sqlite opens the file when it connects and reads it lazily."""
+    target = os.path.realpath(index)
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                os.posix_fadvise(int(fd), 0, 0, os.POSIX_FADV_RANDOM)
+        except OSError:  # closed meanwhile, or not a file
+            continue
 
 
 @contextlib.contextmanager
@@ -194,29 +234,34 @@ class Store:
             self._lock_fd = None
 
     # -- index ------------------------------------------------------------------------------
-    def connect(self, readonly: bool = False) -> sqlite3.Connection:
+    def connect(self, readonly: bool = False, readahead: bool = False) -> sqlite3.Connection:
         """Open the index, waiting up to BUSY_TIMEOUT_S for other writers: creating it (or
         adding the tables an older index lacks), or with `readonly` only an existing one,
-        opened so that nothing in the folder is written."""
+        opened so that nothing in the folder is written.
+
+        Without `readahead` the kernel reads only the pages sqlite asks for: a start reads a
+        few scattered pages and blobs of the index, around each of which a disk's readahead
+        window (8 MiB on some virtual disks) would read megabytes of the entries table.
+        Maintenance that scans whole tables (`verify_cache`, `prune_cache`) keeps it."""
         index = self.root / INDEX_NAME
+        if not readahead:
+            _read_header_page(index)
         if readonly:  # sqlite refuses every write, even rolling back an interrupted one
             conn = sqlite3.connect(f"{index.resolve().as_uri()}?mode=ro", uri=True,
                                    timeout=BUSY_TIMEOUT_S, isolation_level=None)
         else:
             conn = sqlite3.connect(index, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        if not readahead:  # before sqlite reads its first page
+            _no_readahead(index)
         try:
             if readonly:
                 row = conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
                 found = row[0] if row else None
+                if found == "1":  # read as it is; the next writer upgrades it
+                    found = str(FORMAT_VERSION)
             else:
                 with transaction(conn):
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)",
-                                 (str(FORMAT_VERSION),))
-                    (found,) = conn.execute(
-                        "SELECT value FROM meta WHERE name = 'format'").fetchone()
+                    found = self._create_or_upgrade(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
@@ -235,6 +280,25 @@ class Store:
         return conn
 
     @staticmethod
+    def _create_or_upgrade(conn: sqlite3.Connection) -> str | None:
+        """Create the index's tables, or add those an older index lacks (format 1 becomes 2,
+        keeping every row), inside the caller's transaction; returns the format found."""
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(checks)")]
+        if columns != ["shard", "stamp", "sums_bytes", "row_sums"]:  # format 1's: rebuilt
+            conn.execute(_CHECKS.format(name="checks_upgraded"))
+            conn.execute("INSERT INTO checks_upgraded SELECT shard, stamp, length(row_sums), "
+                         "row_sums FROM checks")
+            conn.execute("DROP TABLE checks")
+            conn.execute("ALTER TABLE checks_upgraded RENAME TO checks")
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
+        conn.execute("UPDATE meta SET value = ? WHERE name = 'format' AND value = '1'",
+                     (str(FORMAT_VERSION),))
+        row = conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
+        return row[0]
+
+    @staticmethod
     def next_start(conn: sqlite3.Connection) -> int:
         """Count one more build in the index (meta `starts`) and return the new count: the seed
         of this build's row sample."""
@@ -246,28 +310,6 @@ class Store:
         return int(value)
 
     @staticmethod
-    def lookup(conn: sqlite3.Connection, keys: np.ndarray
-               ) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Where the index holds each of `keys` (uint8 (N, O, 32) digests), read LOOKUP_CHUNK
-        keys at a time: (shard names, shard (N, O) int32 position in the names or -1 where the
-        index lacks the key, row (N, O) int32)."""
-        flat = keys.reshape(-1, DIGEST_BYTES)  # (N·O, 32)
-        shard = np.full(len(flat), -1, dtype=np.int32)
-        row = np.zeros(len(flat), dtype=np.int32)
-        ids: dict[str, int] = {}
-        for start in range(0, len(flat), LOOKUP_CHUNK):
-            part = [bytes(k).hex() for k in flat[start:start + LOOKUP_CHUNK]]
-            where: dict[str, list[int]] = {}
-            for offset, key in enumerate(part):  # a key twice: two files of the same bytes
-                where.setdefault(key, []).append(start + offset)
-            marks = ",".join("?" * len(where))
-            for key, name, r in conn.execute(
-                    f"SELECT key, shard, row FROM entries WHERE key IN ({marks})", list(where)):
-                shard[where[key]] = ids.setdefault(name, len(ids))
-                row[where[key]] = r
-        return list(ids), shard.reshape(keys.shape[:2]), row.reshape(keys.shape[:2])
-
-    @staticmethod
     def shard_info(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, ShardInfo]:
         """The index rows of those of `names` the index lists and has not dropped."""
         out = {}
@@ -276,7 +318,7 @@ class Store:
             part = names[i:i + LOOKUP_CHUNK]
             marks = ",".join("?" * len(part))
             for name, size, sha, rows, stamp, sums in conn.execute(
-                    "SELECT s.name, s.bytes, s.sha256, s.rows, c.stamp, length(c.row_sums) "
+                    "SELECT s.name, s.bytes, s.sha256, s.rows, c.stamp, c.sums_bytes "
                     "FROM shards s LEFT JOIN checks c ON c.shard = s.name "
                     f"WHERE s.name IN ({marks}) AND s.name NOT IN (SELECT shard FROM dropped)",
                     part):
@@ -294,7 +336,7 @@ class Store:
     def record_check(conn: sqlite3.Connection, name: str, stamp: str, sums: bytes) -> None:
         """Record a shard's stamp and per-row checksums (written or checked in full)."""
         with transaction(conn):
-            conn.execute("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)", (name, stamp, sums))
+            conn.execute(_RECORD_CHECK, (name, stamp, sums, len(sums)))
 
     @staticmethod
     def dropped(conn: sqlite3.Connection) -> dict[str, str]:
@@ -349,17 +391,19 @@ class Store:
         return len(names)
 
     def write_shard(self, conn: sqlite3.Connection, name: str, mean: torch.Tensor,
-                    logvar: torch.Tensor, keys: Sequence[str], fingerprint: str) -> int:
+                    logvar: torch.Tensor, keys: np.ndarray, fingerprint: str) -> int:
         """Write one shard atomically, then commit its index rows, stamp and per-row checksums;
         returns its size in bytes.
 
-        mean, logvar: (rows, C, h, w) fp16 on the CPU.
+        mean, logvar: (rows, C, h, w) fp16 on the CPU; keys: (rows, 32) uint8 digests.
         """
-        data = safetensors_bytes({"mean": mean.contiguous(), "logvar": logvar.contiguous()},
+        keys = np.ascontiguousarray(keys, dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+        data = safetensors_bytes({"mean": mean.contiguous(), "logvar": logvar.contiguous(),
+                                  "keys": torch.from_numpy(keys)},
                                  metadata={"format": "ldm-latent-cache",
-                                           "version": str(FORMAT_VERSION),
-                                           "fingerprint": fingerprint,
-                                           "keys": json.dumps(list(keys))})
+                                           "version": SHARD_VERSION,
+                                           "fingerprint": fingerprint})
+        hex_keys = keys.tobytes().hex()
         final = self.shard_path(name)
         tmp = final.with_name(f".{name}{TMP_SUFFIX}")
         with open(tmp, "wb") as f:
@@ -376,8 +420,9 @@ class Store:
                          (name, len(data), hashlib.sha256(data).hexdigest(), len(keys),
                           fingerprint, int(width), int(height), time.time()))
             conn.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?)",
-                             ((k, name, row) for row, k in enumerate(keys)))
-            conn.execute("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)", (name, stamp, sums))
+                             ((hex_keys[64 * row:64 * row + 64], name, row)
+                              for row in range(len(keys))))
+            conn.execute(_RECORD_CHECK, (name, stamp, sums, len(sums)))
         return len(data)
 
     def tidy(self, conn: sqlite3.Connection) -> tuple[int, int, int]:
@@ -410,8 +455,8 @@ class Store:
                               width, height, path.stat().st_mtime))
                 conn.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?)",
                                  ((k, path.name, row) for row, k in enumerate(keys)))
-                conn.execute("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)",
-                             (path.name, check.stamp, check.sums))
+                conn.execute(_RECORD_CHECK, (path.name, check.stamp, check.sums,
+                                             len(check.sums)))
         for path in leftovers:
             path.unlink(missing_ok=True)
         return len(leftovers), adopted, removed
@@ -438,21 +483,24 @@ class Store:
 
     @staticmethod
     def _shard_metadata(path: Path) -> tuple[int, list[str], str, int, int] | None:
-        """(bytes, keys, fingerprint, width, height) of a shard file from its own metadata, or
-        None if it is not a whole shard."""
+        """(bytes, keys, fingerprint, width, height) of a shard file from its own header and
+        keys, or None if it is not a whole shard."""
         try:
             start, header = read_header(path)
             meta = header.get("__metadata__", {})
-            keys = json.loads(meta.get("keys", "null"))
+            names = [n for n in header if n != "__metadata__"]
             shapes = {name: header[name]["shape"] for name in ("mean", "logvar")}
-            end = max(header[name]["data_offsets"][1] for name in shapes)
+            end = max(header[name]["data_offsets"][1] for name in names)
             size = path.stat().st_size
+            if (meta.get("format") != "ldm-latent-cache"
+                    or meta.get("version") not in SHARD_VERSIONS or len(shapes["mean"]) != 4
+                    or shapes["mean"] != shapes["logvar"] or size != start + end):
+                return None
+            with open(path, "rb") as f:
+                keys = shard_keys(header, start, lambda at, n: os.pread(f.fileno(), n, at))
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
             return None
-        if (meta.get("format") != "ldm-latent-cache" or meta.get("version") != str(FORMAT_VERSION)
-                or not isinstance(keys, list) or len(shapes["mean"]) != 4
-                or shapes["mean"] != shapes["logvar"] or shapes["mean"][0] != len(keys)
-                or size != start + end):
+        if keys is None:
             return None
         height, width = shapes["mean"][-2:]
         return size, keys, meta.get("fingerprint", ""), int(width), int(height)
@@ -468,15 +516,15 @@ class ShardWriter:
         self.prefix = f"{fingerprint[:12]}-r{rank}-{secrets.token_hex(4)}"
         self.seq = 0
         self.bucket: tuple[int, int] | None = None
-        self.keys: list[str] = []
+        self.keys: list[np.ndarray] = []  # (32,) uint8 digests
         self.means: list[torch.Tensor] = []
         self.logvars: list[torch.Tensor] = []
         self.bytes_written = 0
         self.shards_written = 0
 
-    def add(self, bucket: tuple[int, int], key: str, mean: torch.Tensor,
+    def add(self, bucket: tuple[int, int], key: np.ndarray, mean: torch.Tensor,
             logvar: torch.Tensor) -> None:
-        """Queue one entry; mean, logvar: (C, h, w) fp16."""
+        """Queue one entry; key: (32,) uint8 digest; mean, logvar: (C, h, w) fp16."""
         if bucket != self.bucket:
             self.flush()
             self.bucket = bucket
@@ -495,8 +543,8 @@ class ShardWriter:
         name = f"{self.prefix}-{w}x{h}-{self.seq:05d}{SHARD_SUFFIX}"
         self.seq += 1
         self.bytes_written += self.store.write_shard(
-            self.conn, name, torch.stack(self.means), torch.stack(self.logvars), self.keys,
-            self.fingerprint)  # (rows, C, h, w) each
+            self.conn, name, torch.stack(self.means), torch.stack(self.logvars),
+            np.stack(self.keys), self.fingerprint)  # (rows, C, h, w) each, keys (rows, 32)
         self.shards_written += 1
         self.keys, self.means, self.logvars = [], [], []
 

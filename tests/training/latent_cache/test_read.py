@@ -78,18 +78,25 @@ def test_read_reader_normalises_as_the_vae(tmp_path: Path, stats: dict) -> None:
 
 
 def test_read_reader_and_summary_hold_compact_arrays(tmp_path: Path) -> None:
-    # Per entry: a 32-byte digest in the summary, two int32 in the reader; no Python object
-    # (string, tuple, dict entry) per entry is kept.
+    # Per entry: one int32 location in the summary and in the reader, which the summary's keys
+    # (32 bytes an entry, computed on demand) locate alike; no Python object (string, tuple,
+    # dict entry) per entry is kept.
     root, vae = write_images(tmp_path / "img", 6), tiny_vae()
     summary = build_cache(root, vae, tmp_path / "c", flip=True)
     entries = summary.total
+    where = summary.locations.where
+    assert where.dtype == np.int32 and where.shape == (7, 2)
     assert summary.keys.nbytes == 32 * entries and summary.keys.dtype == np.uint8
     assert record_hex_keys(summary.keys, 0) == tuple(
         bytes(k).hex() for k in summary.keys[0])
-    with LatentReader(tmp_path / "c", summary.keys) as reader:
+    for entries_given in (summary.locations, summary.keys):
+        with LatentReader(tmp_path / "c", entries_given) as reader:
+            assert np.array_equal(reader._where, where) and reader._names == \
+                summary.locations.names
+    with LatentReader(tmp_path / "c", summary.locations) as reader:
         arrays = {k: v for k, v in vars(reader).items() if isinstance(v, np.ndarray)}
         per_entry = sum(v.nbytes for v in arrays.values() if v.size >= entries) / entries
-        assert per_entry == 8, {k: (v.dtype, v.shape) for k, v in arrays.items()}
+        assert per_entry == 4, {k: (v.dtype, v.shape) for k, v in arrays.items()}
         shards = len(reader._names)
         assert shards < entries
         for name, value in vars(reader).items():

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from pathlib import Path
 
 import pytest
+from safetensors.numpy import load_file
 
 from training.latent_cache import store
 from training.latent_cache.maintenance import (prune_cache, verify_cache)
-from training.latent_cache.store import (Store, entry_key, iter_hex_keys)
+from training.latent_cache.shards import read_header
+from training.latent_cache.store import (INDEX_NAME, Store, entry_key, iter_hex_keys)
 from tests.training.latent_cache.common import (write_images, tiny_vae, build_cache, index_keys,
                                                 shard_rows, Killed)
 
@@ -74,3 +77,20 @@ def test_store_removal_is_crash_safe(tmp_path: Path, monkeypatch) -> None:
         assert {p.name for p in (c / "shards").iterdir()} == indexed
     assert index_keys(c) == sorted(keep)
     assert verify_cache(c) == []
+
+
+def test_store_shards_hold_their_keys_as_a_tensor(tmp_path: Path) -> None:
+    # A shard's header holds no key list, so it stays a few hundred bytes however many rows:
+    # a build stamps every shard it reuses by its header. Its keys are a (rows, 32) tensor.
+    root, c = write_images(tmp_path / "img", 6), tmp_path / "c"
+    build_cache(root, tiny_vae(), c, flip=True, shard_size=5)
+    with contextlib.closing(sqlite3.connect(c / INDEX_NAME)) as conn:
+        for name, rows in shard_rows(c).items():
+            path = c / "shards" / name
+            start, header = read_header(path)
+            assert header["__metadata__"]["version"] == "2" and start < 512
+            assert "keys" not in header["__metadata__"]
+            assert (header["keys"]["dtype"], header["keys"]["shape"]) == ("U8", [rows, 32])
+            keys = load_file(path)["keys"]
+            listed = dict(conn.execute("SELECT row, key FROM entries WHERE shard = ?", (name,)))
+            assert listed == {r: bytes(keys[r]).hex() for r in range(rows)}
