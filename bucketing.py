@@ -323,13 +323,23 @@ class BatchSchedule:
             raise ValueError("batch_size and world_size must be positive")
         self.batch_size, self.world_size, self.seed = batch_size, world_size, seed
         self.global_batch = batch_size * world_size
-        bucket_of = np.asarray(bucket_of, dtype=np.int64)
+        self.members = self._members(np.asarray(bucket_of))
+        self.buckets = sorted(self.members)
+        self._cached: tuple[int, np.ndarray] | None = None  # (epoch, plan)
+
+    @staticmethod
+    def _members(bucket_of: np.ndarray) -> dict[int, np.ndarray]:
+        """Each bucket's samples, ascending, as int32 (int64 past 2**31 samples): sorted a
+        chunk of CHUNK_ROWS at a time, so that no temporary spans every sample."""
         index = np.int32 if len(bucket_of) < 2**31 else np.int64  # 4 bytes a sample
-        order = np.argsort(bucket_of, kind="stable").astype(index)  # samples by bucket
-        buckets, starts = np.unique(bucket_of[order], return_index=True)
-        self.buckets = buckets.tolist()
-        self.members = dict(zip(self.buckets, np.split(order, starts[1:])))
-        self._cached: tuple[int, list[np.ndarray]] | None = None  # (epoch, plan)
+        parts: dict[int, list[np.ndarray]] = {}
+        for lo in range(0, len(bucket_of), CHUNK_ROWS):
+            chunk = bucket_of[lo:lo + CHUNK_ROWS]
+            order = np.argsort(chunk, kind="stable")  # (chunk,) by bucket, then sample
+            buckets, starts = np.unique(chunk[order], return_index=True)
+            for b, rows in zip(buckets.tolist(), np.split(order, starts[1:])):
+                parts.setdefault(b, []).append((rows + lo).astype(index))
+        return {b: np.concatenate(p) if len(p) > 1 else p[0] for b, p in parts.items()}
 
     def unused_samples(self) -> int:
         """Samples in buckets too small to ever fill a global batch."""
@@ -357,37 +367,59 @@ class BatchSchedule:
         return np.sort(end)
 
     def _pass(self, b: int, p: int) -> np.ndarray:
-        """Pass p of bucket b: a permutation of its members (see the class docstring)."""
+        """Pass p of bucket b: a permutation of its members (see the class docstring).
+
+        Its seeded permutation with the next tail moved to the end (the body before it), and
+        the body's first `head_length` samples outside the last tail moved to the front. The
+        tail of a large bucket's pass is its permutation's own end, and both tails hold fewer
+        than G samples, so the head lies among the body's first head_length + G samples: only
+        that prefix is rearranged, in place, and the pass takes no more memory than its
+        permutation."""
         members, G = self.members[b], self.global_batch
-        order = self._permutation(b, p)
-        tail, before = self._tail(b, p), self._tail(b, p - 1)
+        before = self._tail(b, p - 1)  # first: its permutation is gone before this one comes
+        order = self._permutation(b, p)  # (n,)
+        r = self._tail_length(len(members), p)
+        if r and len(members) < 2 * G - 1:  # nested tails: this one moves to the end
+            end = np.isin(order, self._tail(b, p))
+            order = np.concatenate([order[~end], order[end]])
         r_before = self._tail_length(len(members), p - 1)
         head_length = G - r_before if r_before else 0  # this pass's share of that batch
-        end = np.isin(order, tail)
-        tail_part, body = order[end], order[~end]
-        clash = np.isin(body, before)
+        prefix = order[:min(len(order) - r, head_length + len(before))]  # of the body
+        clash = np.isin(prefix, before)
         free = np.flatnonzero(~clash)[:head_length]  # first samples the last tail lacks
-        rest = np.ones(len(body), dtype=bool)
+        rest = np.ones(len(prefix), dtype=bool)
         rest[free] = False
-        return np.concatenate([body[free], body[rest], tail_part])
+        prefix[:] = np.concatenate([prefix[free], prefix[rest]])
+        return order
 
-    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
-        """The global batches of `epoch` (arrays of sample indices, one bucket each)."""
+    def epoch_plan(self, epoch: int) -> np.ndarray:
+        """The global batches of `epoch`, (batches, G) sample indices (int32 below 2**31
+        samples), one bucket a row: every bucket's batches in bucket order, then shuffled by a
+        generator seeded with (seed, epoch). Filled in place, a bucket at a time."""
         if self._cached is not None and self._cached[0] == epoch:
             return self._cached[1]
-        G, batches = self.global_batch, []
+        G, count = self.global_batch, self.batches_per_epoch(epoch)
+        members = self.members.values()
+        index = next(iter(members)).dtype if members else np.int32
+        plan = np.empty((count, G), dtype=index)
+        slot = np.empty(count, dtype=np.int64)  # where each batch, in bucket order, goes
+        slot[np.random.default_rng([self.seed, epoch]).permutation(count)] = np.arange(count)
+        done = 0
         for b in self.buckets:
             n = len(self.members[b])
-            if n < G:
-                continue
             first, stop = -(-epoch * n // G), -(-(epoch + 1) * n // G)  # batch numbers
-            if first == stop:
+            if n < G or first == stop:
                 continue
-            stream = np.concatenate([self._pass(b, epoch), self._pass(b, epoch + 1)])
             offset = first * G - epoch * n  # where batch `first` starts in pass `epoch`
-            batches += list(stream[offset:offset + (stop - first) * G].reshape(-1, G))
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(batches))
-        plan = [batches[i] for i in order]
+            stream = self._pass(b, epoch)[offset:offset + (stop - first) * G]
+            whole = len(stream) // G  # batches that end in this pass
+            plan[slot[done:done + whole]] = stream[:whole * G].reshape(-1, G)
+            last = stream[whole * G:].copy()  # fewer than G: the pass goes before the next
+            del stream
+            if whole < stop - first:  # the last batch ends in the next pass
+                plan[slot[done + whole]] = np.concatenate(
+                    [last, self._pass(b, epoch + 1)[:G - len(last)]])
+            done += stop - first
         self._cached = (epoch, plan)
         return plan
 
@@ -423,6 +455,24 @@ class BatchSchedule:
                 yield epoch, i, plan[i][lo:hi]
             epoch, index = epoch + 1, 0
             plan = self.epoch_plan(epoch)
+
+
+class ScheduleSampler:
+    """The schedule for one rank, starting at (epoch, index): lists of (sample index, augment
+    seed, epoch, batch index), usable as a DataLoader's batch sampler. A sample's augment seed
+    fixes its random choices (flip, random crop) from (seed, epoch, sample); after a batch from
+    (epoch, i) is consumed, the schedule state to save is (epoch, i + 1).
+    """
+
+    def __init__(self, schedule: BatchSchedule, rank: int, seed: int, epoch: int = 0,
+                 index: int = 0) -> None:
+        self.schedule, self.rank, self.seed = schedule, rank, seed
+        self.start = (epoch, index)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
+        for epoch, index, batch in self.schedule.iterate(self.rank, *self.start):
+            yield [(int(i), int(np.random.SeedSequence([self.seed, epoch, int(i)])
+                                .generate_state(1)[0]), epoch, index) for i in batch]
 
 
 def report(scan: ScanResult, buckets: Sequence[tuple[int, int]],

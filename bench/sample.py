@@ -31,10 +31,10 @@ if str(REPO) not in sys.path:  # allow `python bench/sample.py` as well as `pyth
 
 from bench.vae import build_pair, read_config  # noqa: E402
 from inference.pipelines import decode_latents, initial_noise, sample_latents  # noqa: E402
+from inference.samplers import token_shift  # noqa: E402
 from models.dit import DiT  # noqa: E402
 from models.registry import MODEL_NAMES, build_dit, dit_config  # noqa: E402
 from models.vae import VAEConfig  # noqa: E402
-from training.flow import token_shift  # noqa: E402
 
 DEFAULT_VAE = REPO / "vae" / "config.json"
 
@@ -73,8 +73,10 @@ def run_ours(model: DiT, vae, args: argparse.Namespace, labels: list[int], steps
     latent = args.resolution // vae.downsample_factor
     _sync(device)
     start = time.perf_counter()
-    z = sample_latents(model, (latent, latent), args.batch, labels, args.cfg_scale, steps,
-                       "euler", args.seed, args.base_tokens, args.autocast)
+    z = sample_latents(model, (latent, latent), num_samples=args.batch,
+                       cond=torch.tensor(labels), cfg_scale=args.cfg_scale, steps=steps,
+                       sampler="euler", seed=args.seed, base_tokens=args.base_tokens,
+                       autocast_dtype=args.autocast)
     _sync(device)
     mid = time.perf_counter()
     decode_latents(vae, z)

@@ -57,6 +57,7 @@ if str(REPO) not in sys.path:  # allow `python bench/train.py` as well as `pytho
 
 from models.dit import TIMESTEP_SCALE, DiT  # noqa: E402
 from models.registry import MODEL_NAMES, dit_config  # noqa: E402
+from models.conditioning import ClassCondition  # noqa: E402
 from training.flow import RectifiedFlow  # noqa: E402
 from training.runtime import keep_freed_memory  # noqa: E402
 
@@ -121,7 +122,7 @@ def make_step(model: torch.nn.Module, velocity: Callable, height: int, width: in
         for block in blocks:
             block.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
-    flow = RectifiedFlow(NUM_CLASSES)  # its patch size only sets the timestep shift
+    flow = RectifiedFlow(ClassCondition(NUM_CLASSES))  # its patch size only sets the shift
     gen = torch.Generator(device).manual_seed(seed)
     x0 = torch.randn(batch, LATENT_CHANNELS, height, width, device=device, generator=gen)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device, generator=gen)

@@ -272,6 +272,27 @@ def test_bucketing_schedule_refuses_when_no_bucket_fills_a_batch() -> None:
         next(sched.iterate())
 
 
+def test_bucketing_schedule_holds_int32_indices_and_its_plan_is_unchanged() -> None:
+    # 4 bytes a sample for the members and for an epoch's plan, one array each, sorted a chunk at
+    # a time from the int16 bucket column; and the very batches the list-of-arrays form gave
+    # (digest from before), so a checkpoint of an older run resumes with the same batches.
+    import hashlib
+
+    rng = np.random.default_rng(7)
+    bucket_of = rng.integers(0, 6, size=70_001).astype(np.int16)  # over one CHUNK_ROWS
+    sched = BatchSchedule(bucket_of, batch_size=4, world_size=2, seed=3)
+    assert sorted(sched.members) == sched.buckets == list(range(6))
+    for b, members in sched.members.items():
+        assert members.dtype == np.int32
+        assert np.array_equal(members, np.flatnonzero(bucket_of == b))
+    digest = hashlib.sha256()
+    for epoch in (0, 1, 5):
+        plan = sched.epoch_plan(epoch)
+        assert plan.dtype == np.int32 and plan.shape == (sched.batches_per_epoch(epoch), 8)
+        digest.update(plan.astype(np.int64).tobytes())
+    assert digest.hexdigest()[:16] == "c99f333d3c41d018"
+
+
 def test_bucketing_cli_json_reports_buckets_and_skips(tmp_path: Path) -> None:
     root = tmp_path / "photos"
     root.mkdir()

@@ -1,91 +1,25 @@
 """Data sets for training: where they come from and how their pixels reach a batch.
 
-`resolve_dataset` turns a `--dataset` value into a folder (generating the synthetic set when
-asked); `PixelDataset` and `ScheduleSampler` serve bucket-cropped uint8 batches that follow the
-batch schedule, so a resumed run sees exactly the same pixels. Scanning lives in
-`training/scan.py`, the table of images in `training/image_table.py`, decoding in
-`training/images.py`.
+`resolve_dataset` turns a `--dataset` value into a folder (generating the synthetic set of
+`training/synthetic.py` when asked); `PixelDataset` serves bucket-cropped uint8 images in the
+order of the batch schedule (`bucketing.ScheduleSampler` as its batch sampler), so a resumed run
+sees exactly the same pixels. Scanning lives in `training/scan.py`, the table of images in
+`training/image_table.py`, decoding in `training/images.py`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from training.config import is_synthetic
-from training.config import default_cache_dir
+from training.config import default_cache_dir, is_synthetic
 from training.image_table import ImageTable
 from training.images import (ImageLoadError, crop_to_bucket, load_image, printable,
                              random_crop_box)
-
-
-SYNTHETIC_VERSION = 1
-SYNTHETIC_CLASSES = ("discs", "stripes", "checkers", "clouds")
-
-
-def _synthetic_image(index: int, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """One smooth, structured picture of class `kind`, shape (H, W, 3) uint8."""
-    aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))  # width / height
-    area = rng.uniform(300, 400) ** 2
-    w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = rng.uniform(0, 255, size=3)
-    tint = rng.uniform(0, 255, size=3)
-    gradient = (xx / w * rng.uniform(-1, 1) + yy / h * rng.uniform(-1, 1))[..., None]
-    img = base + 60 * gradient  # (H, W, 3)
-    if kind == "discs":
-        for _ in range(rng.integers(3, 8)):
-            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(15, 80)
-            mask = np.clip(r - np.hypot(xx - cx, yy - cy), 0, 1)[..., None]
-            img = img * (1 - mask) + rng.uniform(0, 255, size=3) * mask
-    elif kind == "stripes":
-        angle, period = rng.uniform(0, math.pi), rng.uniform(12, 48)
-        wave = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
-        img = img * 0.5 + tint * (0.5 + 0.5 * wave[..., None]) * 0.5
-    elif kind == "checkers":
-        cell = rng.uniform(16, 56)
-        board = ((xx // cell + yy // cell) % 2)[..., None]
-        img = img * (1 - board) + tint * board
-    else:  # clouds: smooth noise, bilinearly upsampled from a coarse grid
-        coarse = rng.uniform(0, 255, size=(max(2, h // 40), max(2, w // 40), 3)).astype(np.uint8)
-        img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
-    noise = rng.normal(0, 3, size=img.shape)
-    return np.clip(img + noise, 0, 255).astype(np.uint8)
-
-
-def make_synthetic(root: str | os.PathLike[str], count: int, seed: int = 0) -> Path:
-    """Write `count` deterministic PNG/JPEG files of varied shapes in class sub-folders.
-
-    Aspect ratios spread log-uniformly over 1:3..3:1 and areas over 300²..400² pixels; classes
-    (discs, stripes, checkers, clouds) look distinct. The folder is built in a temporary
-    sibling and renamed into place, so an interrupted build is never mistaken for a finished one.
-    """
-    root = Path(root)
-    if (root / "DONE").exists():
-        return root
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    for i in range(count):
-        kind = SYNTHETIC_CLASSES[i % len(SYNTHETIC_CLASSES)]
-        rng = np.random.default_rng([seed, i])
-        pixels = _synthetic_image(i, kind, rng)
-        folder = tmp / kind
-        folder.mkdir(parents=True, exist_ok=True)
-        if i % 2:
-            Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=95)
-        else:
-            Image.fromarray(pixels).save(folder / f"{i:05d}.png", compress_level=1)
-    (tmp / "DONE").write_text(f"{count} images, seed {seed}\n")
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process finished first
-        if not (root / "DONE").exists():
-            raise
-    return root
+from training.synthetic import SYNTHETIC_VERSION, make_synthetic
 
 
 def resolve_dataset(spec: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -113,10 +47,11 @@ class PixelDataset:
     """Bucket-cropped RGB images as uint8 tensors, addressed by (sample index, augment seed).
 
     Used through a DataLoader whose batch sampler yields lists of such pairs (see
-    `ScheduleSampler`), so every random choice (flip, random crop) is fixed by the schedule
-    and a resumed run sees exactly the same pixels. A file that fails to load is reported and
-    replaced by another image of the same bucket (tried in an order fixed by the augment seed),
-    so a batch never changes shape; `ImageLoadError` when no image of the bucket loads.
+    `bucketing.ScheduleSampler`), so every random choice (flip, random crop) is fixed by the
+    schedule and a resumed run sees exactly the same pixels. A file that fails to load is
+    reported and replaced by another image of the same bucket (tried in an order fixed by the
+    augment seed), so a batch never changes shape; `ImageLoadError` when no image of the bucket
+    loads.
     `placements` (a `bucketing.PlacementTable`) belongs to `records`, row for row.
     """
 
@@ -173,20 +108,3 @@ class PixelDataset:
         if position:
             out["epoch"], out["batch_index"] = position
         return out
-
-
-class ScheduleSampler:
-    """Batch sampler over a `BatchSchedule` for one rank, starting at (epoch, index).
-
-    Yields lists of (sample index, augment seed, epoch, batch index); after a batch from
-    (epoch, i) is consumed, the schedule state to save is (epoch, i + 1).
-    """
-
-    def __init__(self, schedule, rank: int, seed: int, epoch: int = 0, index: int = 0) -> None:
-        self.schedule, self.rank, self.seed = schedule, rank, seed
-        self.start = (epoch, index)
-
-    def __iter__(self):
-        for epoch, index, batch in self.schedule.iterate(self.rank, *self.start):
-            yield [(int(i), int(np.random.SeedSequence([self.seed, epoch, int(i)])
-                                .generate_state(1)[0]), epoch, index) for i in batch]

@@ -71,21 +71,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def agree(loss: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
-    """One step as every rank must see it: the loss averaged over ranks, and whether any rank
-    was asked to stop. One small all-reduce; the inputs themselves in a single process.
-
-    The non-finite guard then skips a step on every rank or on none (a rank that alone skipped
-    would train other weights from then on), and a signal that reached one rank stops all of
-    them after the same step, which rank 0 saves (the others would wait for it forever).
-    """
-    if not dist.is_initialized():
-        return loss, stop
-    both = all_reduce_mean(torch.stack([loss.detach().float().reshape(()),
-                                        torch.tensor(float(stop), device=loss.device)]))  # (2,)
-    return both[0], bool(both[1] > 0)  # the mean is non-finite if any rank's loss is
-
-
 def all_gather_objects(obj):
     """Gather one picklable object from every rank into a list (one element when single)."""
     if not dist.is_initialized():

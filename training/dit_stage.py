@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bucketing import BatchSchedule, assign
+from bucketing import BatchSchedule, ScheduleSampler, assign
 from inference.pipelines import generate, image_grid, parse_size, tensor_to_pil
 from models.conditioning import ClassCondition
 from models.dit import DiT, upgrade_state_dict
@@ -38,18 +38,17 @@ from models.vae import AutoencoderKL
 from models.vae_weights import kept_vae_folder, load_vae, vae_fingerprint
 from training.checkpoint import load_checkpoint
 from training.config import Config, ConfigError, portable_path, resolve_path, validate_config
-from training.data import ScheduleSampler
 from training.distributed import DistInfo, setup, teardown
-from training.ema import EMA
 from training.flow import RectifiedFlow
 from training.latent_cache.build import ensure_cache
 from training.latent_cache.read import LatentReader, flip_from_seed, step_generator
 from training.logging import RunLogger
-from training.loop import Batch, StageSteps, train_loop
+from training.loop import EMA, Batch, StageSteps, train_loop
 from training.plan import DataPlan, plan_data, warn_unused
 from training.resume import (data_state, find_resume, load_optimizer, prepare_run_dir,
                              refuse_finished, resume_position)
-from training.runtime import autocast, autocast_dtype, keep_freed_memory, seed_everything
+from training.runtime import (autocast_dtype, keep_freed_memory, seed_everything,
+                              set_threads)
 
 
 def load_stage_vae(cfg: Config, device: torch.device) -> AutoencoderKL:
@@ -107,9 +106,11 @@ def train_dit(cfg: Config, resume: str | None = None) -> Path:
     `train.max_steps` raises `TrainingStopped` once the checkpoint is saved."""
     validate_config(cfg)  # also when called from Python, not train.py
     info = setup(cfg.train.device)
+    threads = torch.get_num_threads()  # the stage sets its own (`set_threads`)
     try:
         return _train(cfg, resume, info)
     finally:
+        torch.set_num_threads(threads)
         teardown()
 
 
@@ -160,10 +161,9 @@ class BatchPrefetcher:
     """
 
     def __init__(self, reader: LatentReader, items: Iterator[list[ScheduleItem]],
-                 files: Callable[[int], str], values: np.ndarray | None,
-                 condition: ClassCondition, seed: int, part: tuple[int, int], flip: bool,
-                 device: torch.device, start: int) -> None:
-        self.reader, self.items, self.files, self.values = reader, items, files, values
+                 values: np.ndarray | None, condition: ClassCondition, seed: int,
+                 part: tuple[int, int], flip: bool, device: torch.device, start: int) -> None:
+        self.reader, self.items, self.values = reader, items, values
         self.condition, self.seed, self.part, self.flip = condition, seed, part, flip
         self.device, self.pin = device, device.type == "cuda"
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="latent-prefetch")
@@ -191,8 +191,7 @@ class BatchPrefetcher:
         x0 = x0.to(self.device, non_blocking=True)  # (B, C, h, w)
         cond = None if cond is None else cond.to(self.device, non_blocking=True)
         epoch, index = items[0][2], items[0][3]
-        return Batch((x0, cond, noise_gen), [self.files(i) for i, _, _, _ in items],
-                     (epoch, index + 1))
+        return Batch((x0, cond, noise_gen), [i for i, _, _, _ in items], (epoch, index + 1))
 
     def close(self) -> None:
         """Wait for the read in flight and stop the thread."""
@@ -205,6 +204,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     if d.model not in MODEL_NAMES:
         raise ConfigError(f"unknown model {d.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     seed_everything(cfg.seed)
+    set_threads(cfg.train.threads, cfg.data.num_workers, main)
     keep_freed_memory()  # no page faults re-zeroing activations every step
     resume_path = find_resume(cfg, resume, info.world_size)
     vae = load_stage_vae(cfg, device)
@@ -250,7 +250,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     logger = RunLogger(run_dir, main, resumed_step=step if resume_path is not None else None)
     batches = BatchPrefetcher(reader, iter(ScheduleSampler(plan.schedule, info.rank, cfg.seed,
                                                            epoch, index)),
-                              plan.records.path, plan.records.label if plan.class_names else None,
+                              plan.records.label if plan.class_names else None,
                               model.condition, cfg.seed, (info.rank, info.world_size),
                               cfg.data.flip, device, start=step * cfg.train.grad_accum)
     extra = {"stage": "dit", "num_classes": len(plan.class_names),
@@ -261,8 +261,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
                       extra)
     samples_per_step = cfg.train.grad_accum * cfg.batch_size * info.world_size
     try:
-        train_loop(cfg, info, run_dir, step, batches, steps, opt, list(model.parameters()),
-                   logger, samples_per_step, train_model if info.world_size > 1 else None)
+        train_loop(cfg, info, run_dir, step, batches, steps, model, opt, ema, logger,
+                   samples_per_step, train_model if info.world_size > 1 else None)
     finally:  # also when the loop raised: stop the prefetch thread, free the shards
         batches.close()
         reader.close()
@@ -283,17 +283,18 @@ def cache_latents(cfg: Config, plan: DataPlan, vae: AutoencoderKL, info: DistInf
     summary = ensure_cache(plan.records, plan.placements, plan.buckets, vae, cache_dir, **build)
     if main:
         print(summary.format(), flush=True)
-    keys = summary.keys
+    locations = summary.locations  # of every record's entries
     if summary.unusable:  # reported above; train on the rest
         keep = np.setdiff1d(np.arange(len(plan.records)), summary.unusable)
         plan.records = plan.records.take(keep)
         plan.placements = plan.placements.take(keep)
-        keys = keys[keep]  # (kept, O, 32) digests
+        locations = locations.take(keep)
         plan.schedule = BatchSchedule(plan.placements.bucket, cfg.batch_size,
                                       info.world_size, cfg.seed)
         if main:  # their buckets stay as they were cached, so some may now be too small
             warn_unused(plan.schedule)
-    return LatentReader(summary.cache_dir, keys, vae.config.latent_affine()), summary.fingerprint
+    return (LatentReader(summary.cache_dir, locations, vae.config.latent_affine()),
+            summary.fingerprint)
 
 
 def validation_latents(cfg: Config, plan: DataPlan, vae: AutoencoderKL, info: DistInfo,
@@ -313,7 +314,7 @@ def validation_latents(cfg: Config, plan: DataPlan, vae: AutoencoderKL, info: Di
     unusable = set(val.unusable)  # reported by that summary; validate on the rest
     usable = [i for i in range(n) if i not in unusable]
     # raw moments: their means are normalised by the VAE below
-    val_reader = LatentReader(val.cache_dir, val.keys[usable])
+    val_reader = LatentReader(val.cache_dir, val.locations.take(usable))
     groups = defaultdict(list)  # bucket -> positions in the reader, i.e. in `usable`
     for pos, i in enumerate(usable):
         groups[plan.eval_placements[i].bucket].append(pos)
@@ -328,6 +329,21 @@ def validation_latents(cfg: Config, plan: DataPlan, vae: AutoencoderKL, info: Di
     return chunks
 
 
+def validation_loss(flow: RectifiedFlow, model: DiT, val: list[tuple[torch.Tensor, torch.Tensor]],
+                    conditional: bool, bins: int, seed: int) -> torch.Tensor:
+    """The mean loss (bins,) of the validation chunks `val` (`validation_latents`) per timestep
+    bin, each chunk weighted by its size."""
+    device = next(model.parameters()).device
+    per_bin, count = torch.zeros(bins), 0  # (bins,): sample-weighted loss sums
+    for x0, labels in val:  # (n_k, C, h, w), (n_k,)
+        losses = flow.validation_losses(model, x0.to(device),
+                                        labels.to(device) if conditional else None, bins,
+                                        seed=seed)  # (bins,)
+        per_bin += losses.float().cpu() * len(x0)
+        count += len(x0)
+    return per_bin / count
+
+
 def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Module, ema: EMA,
               opt: torch.optim.Optimizer, vae: AutoencoderKL, plan: DataPlan,
               val: list[tuple[torch.Tensor, torch.Tensor]], logger: RunLogger, run_dir: Path,
@@ -335,34 +351,32 @@ def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Mod
     """The DiT stage's part of each step (`training/loop.py`): the flow loss of a micro-batch,
     the EMA update, the loss per bucket for the log, validation loss per timestep bin, EMA
     sample grids, and what a checkpoint holds."""
-    d, device = cfg.dit, info.device
+    d, device, main = cfg.dit, info.device, info.is_main
     amp = autocast_dtype(cfg.train.precision, device)
     part = (info.rank, info.world_size)  # this rank's slice of every step's random draws
     conditional = bool(plan.class_names)
     flow = RectifiedFlow(model.condition if conditional else None, model.config.patch_size,
                          d.base_tokens, d.logit_mean, d.logit_std, d.label_dropout)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # eager: previews, validation
-    step_px = vae.downsample_factor * model.config.patch_size
-    grid_sizes = preview_sizes(d.sample_sizes, plan.buckets, step_px)
+    f = vae.downsample_factor
+    grid_sizes = preview_sizes(d.sample_sizes, plan.buckets, f * model.config.patch_size)
     bucket_losses: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def loss(data: tuple) -> torch.Tensor:
         x0, cond, noise_gen = data
-        with autocast(device, amp):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             per_sample = flow.loss(train_model, x0, cond, flow_generator(noise_gen, device),
                                    part)  # (B,)
             value = per_sample.mean()
-        f = vae.downsample_factor
-        if info.is_main:  # read at log time (no sync), which only the main process does
+        if main:  # read at log time (no sync), which only the main process does
             bucket_losses[f"{x0.shape[-1] * f}x{x0.shape[-2] * f}"].append(value.detach())
         return value
 
-    def update(finite: bool) -> None:
-        if finite:
-            ema.update(model)
+    def update(finite: bool) -> None:  # the loop updates the EMA
+        pass
 
     def scalars() -> dict[str, float]:
-        values = {f"loss_bucket/{k}": torch.stack(v).mean().item()
+        values = {f"loss_train_by_bucket/{k}": torch.stack(v).mean().item()
                   for k, v in bucket_losses.items()}
         bucket_losses.clear()
         return values
@@ -375,19 +389,14 @@ def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Mod
         if not val:
             return
         ema.copy_to(ema_model)
-        per_bin, count = torch.zeros(d.val_bins), 0  # (bins,): sample-weighted loss sums
-        with autocast(device, amp):
-            for x0, labels in val:  # (n_k, C, h, w), (n_k,)
-                losses = flow.validation_losses(ema_model, x0.to(device),
-                                                labels.to(device) if conditional else None,
-                                                d.val_bins, seed=cfg.seed)  # (bins,)
-                per_bin += losses.float().cpu() * len(x0)
-                count += len(x0)
-        per_bin /= count  # (bins,): mean loss per timestep bin
-        values = {f"val/loss_bin{i}": float(v) for i, v in enumerate(per_bin)}
-        values["val/loss"] = float(per_bin.mean())
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            per_bin = validation_loss(flow, ema_model, val, conditional, d.val_bins, cfg.seed)
+        # the loss at each bin's midpoint t (0: the clean latent, 1: pure noise)
+        values = {f"loss_val_at_t/{(i + 0.5) / d.val_bins:.3f}": float(v)
+                  for i, v in enumerate(per_bin)}
+        values["loss/val"] = float(per_bin.mean())
         logger.scalars(values, step)
-        tqdm.write(f"step {step}: validation loss {values['val/loss']:.4f}")
+        tqdm.write(f"step {step}: validation loss {values['loss/val']:.4f}")
 
     def preview(step: int, stop_requested: Callable[[], bool]) -> None:
         ema.copy_to(ema_model)
@@ -400,10 +409,11 @@ def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Mod
             if stop_requested():  # a stop request must not wait for the remaining grids
                 return
             images = generate(ema_model, vae, h, w, num_samples=d.num_samples, cond=cond,
-                              cfg_scale=d.cfg_scale, steps=d.sample_steps, seed=cfg.seed + k,
-                              base_tokens=d.base_tokens, autocast_dtype=amp)
+                              cfg_scale=d.cfg_scale, steps=d.sample_steps, sampler=d.sampler,
+                              seed=cfg.seed + k, base_tokens=d.base_tokens, autocast_dtype=amp)
             grid = image_grid(images)  # (3, H', W') in [-1, 1]
             logger.image(f"samples/{w}x{h}", (grid + 1) / 2, step)
             tensor_to_pil(grid).save(samples_dir / f"step_{step:07d}_{w}x{h}.png")
 
-    return StageSteps(loss, update, scalars, payload, validate, preview)
+    return StageSteps(loss, update, scalars, payload, validate, preview,
+                      lambda samples: [plan.records.path(i) for i in samples])

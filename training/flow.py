@@ -14,13 +14,13 @@ forward and backward.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from inference.samplers import time_shift, token_shift
 from models.conditioning import ClassCondition
 
 # model(x_t (B, C, H, W), t (B,), cond or None) -> v (B, C, H, W)
@@ -39,8 +39,10 @@ class RectifiedFlow:
     dropout: float = 0.1  # probability of replacing a sample's condition by the null one
 
     def shift_for(self, height: int, width: int) -> float:
-        """`token_shift` of a latent of height x width for this model's patch size."""
-        return token_shift(height, width, self.patch_size, self.base_tokens)
+        """Shift s = sqrt(tokens / base_tokens) for a latent of height x width (SD3): the
+        sampling schedule's `inference.samplers.token_shift` for this model's patch size."""
+        tokens = (height // self.patch_size) * (width // self.patch_size)
+        return math.sqrt(tokens / self.base_tokens)
 
     def sample_t(
         self,
@@ -51,7 +53,8 @@ class RectifiedFlow:
     ) -> torch.Tensor:
         """n training timesteps (n,): logit-normal, then shifted."""
         z = torch.randn(n, device=device, generator=generator)
-        return time_shift(torch.sigmoid(self.logit_mean + self.logit_std * z), shift)
+        t = torch.sigmoid(self.logit_mean + self.logit_std * z)
+        return shift * t / (1 + (shift - 1) * t)  # `inference.samplers.time_shift`
 
     def drop_condition(
         self,

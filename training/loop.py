@@ -2,10 +2,11 @@
 
 A stage (`training/dit_stage.py`, `training/vae_stage.py`) sets up its model and data, then hands
 the loop an iterator of micro-batches and its `StageSteps`: plain functions over its own state
-that compute a micro-batch's loss, act after each optimizer step (EMA, a discriminator), add
-values to the log, and validate, preview and describe a checkpoint. The loop owns what both
+that compute a micro-batch's loss, act after each optimizer step (a discriminator's own step),
+add values to the log, and validate, preview and describe a checkpoint. The loop owns what both
 stages share: the learning rate, gradient accumulation, averaging gradients over ranks, clipping,
-the non-finite guard, the logging window, the checkpoint cadence, stop signals and cleanup.
+the non-finite guard, the EMA of the weights (`EMA`, kept here as part of every step), the
+logging window, the checkpoint cadence, stop signals and cleanup.
 
 One step, as `train_loop` runs it:
 
@@ -13,7 +14,7 @@ One step, as `train_loop` runs it:
     for each of train.grad_accum micro-batches: loss ← stage.loss(batch); backward(loss / accum)
     average gradients over ranks (DDP does it during backward where the stage uses it)
     loss, stop ← agree over ranks; norm ← clip gradients
-    if loss and norm are finite: optimizer.step()      (else skipped, and counted)
+    if loss and norm are finite: optimizer.step(); ema.update(model)   (else skipped, counted)
     stage.update(finite); zero gradients; step ← step + 1
     log every train.log_every steps; then checkpoint, validate and preview when due
 """
@@ -31,23 +32,25 @@ from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 from training.checkpoint import save_checkpoint
 from training.config import Config, ConfigError, TrainConfig, TrainingAborted, TrainingStopped
-from training.distributed import DistInfo, agree, barrier
+from training.distributed import DistInfo, all_reduce_mean, barrier
 from training.logging import RunLogger
 from training.resume import state_for_json
 
 
 @dataclass
 class Batch:
-    """One micro-batch as the loop sees it: the stage's own `data`, the `files` it was made of
-    (named when its step goes non-finite) and the schedule's state once it is consumed
-    (`position` = (epoch, index of the next batch), saved in checkpoints)."""
+    """One micro-batch as the loop sees it: the stage's own `data`, the `samples` it was made
+    of (indices, whose files `StageSteps.files` names when its step goes non-finite) and the
+    schedule's state once it is consumed (`position` = (epoch, index of the next batch), saved
+    in checkpoints)."""
 
     data: Any
-    files: list[str]
+    samples: list[int]
     position: tuple[int, int]
 
 
@@ -56,7 +59,7 @@ class StageSteps:
     """A stage's part of training, as plain functions that `train_loop` calls.
 
     loss(data) -> the scalar loss of one micro-batch (the loop backpropagates it);
-    update(finite) after each optimizer step (`finite`: whether it was applied);
+    update(finite) after each optimizer step and the EMA's (`finite`: whether they applied);
     scalars() -> values to log at a log step (called on every rank: it may all-reduce);
     payload() -> (tensor groups, torch state dicts, JSON extras) of a checkpoint;
     validate(step) and preview(step, stop_requested) on the main process, every
@@ -70,6 +73,7 @@ class StageSteps:
     payload: Callable[[], tuple[dict, dict, dict]]
     validate: Callable[[int], None]
     preview: Callable[[int, Callable[[], bool]], None]
+    files: Callable[[list[int]], list[str]]  # the files of samples, to name a non-finite step
 
 
 def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
@@ -110,16 +114,16 @@ class NonFiniteGuard:
         self.limit, self.in_a_row = limit, 0
 
     def ok(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
-           files: list[str]) -> bool:
+           files: Callable[[], list[str]]) -> bool:
         """Whether optimizer step `step` may apply: True when `loss` and `grad_norm` are finite.
-        Otherwise counts it, prints it with the batch's `files`, and returns False, or raises
+        Otherwise counts it, prints it with the batch's `files()`, and returns False, or raises
         `TrainingAborted` once `limit` steps in a row were non-finite."""
         if bool(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item()):
             self.in_a_row = 0
             return True
         self.in_a_row += 1
         print(f"step {step}: non-finite loss {loss.item()} or gradient norm {grad_norm.item()};"
-              f" optimizer step skipped; batch: {files}", flush=True)
+              f" optimizer step skipped; batch: {files()}", flush=True)
         if self.in_a_row >= self.limit:
             raise TrainingAborted(f"{self.in_a_row} non-finite steps in a row at step {step}; "
                                   "lower the learning rate or check the files listed above")
@@ -194,6 +198,21 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def agree(loss: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
+    """One step as every rank must see it: the loss averaged over ranks, and whether any rank
+    was asked to stop. One small all-reduce; the inputs themselves in a single process.
+
+    The non-finite guard then skips a step on every rank or on none (a rank that alone skipped
+    would train other weights from then on), and a signal that reached one rank stops all of
+    them after the same step, which rank 0 saves (the others would wait for it forever).
+    """
+    if not dist.is_initialized():
+        return loss, stop
+    both = all_reduce_mean(torch.stack([loss.detach().float().reshape(()),
+                                        torch.tensor(float(stop), device=loss.device)]))  # (2,)
+    return both[0], bool(both[1] > 0)  # the mean is non-finite if any rank's loss is
+
+
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """All-reduce gradients to their mean over ranks (no-op in a single process)."""
     if dist.is_initialized():
@@ -205,18 +224,20 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 
 
 def train_loop(cfg: Config, info: DistInfo, run_dir: Path, step: int, batches: Iterator[Batch],
-               stage: StageSteps, optimizer: torch.optim.Optimizer,
-               params: list[torch.nn.Parameter], logger: RunLogger, samples_per_step: int,
+               stage: StageSteps, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA,
+               logger: RunLogger, samples_per_step: int,
                ddp: torch.nn.parallel.DistributedDataParallel | None = None) -> int:
     """Train from `step` to `train.max_steps` (see the module docstring); returns the last step.
 
-    `optimizer` steps `params` with the learning rate of the schedule; `ddp`, when the stage
-    wraps its model in DistributedDataParallel, averages their gradients during backward (else
-    the loop does after it). `samples_per_step` counts one optimizer step's samples over all
-    ranks. A stop signal saves a checkpoint after the current step and raises
-    `TrainingStopped`; too many non-finite steps in a row raise `TrainingAborted`.
+    `optimizer` steps `model`'s parameters with the learning rate of the schedule, and `ema`
+    follows them; `ddp`, when the stage wraps `model` in DistributedDataParallel, averages their
+    gradients during backward (else the loop does after it). `samples_per_step` counts one
+    optimizer step's samples over all ranks. A stop signal saves a checkpoint after the current
+    step and raises `TrainingStopped`; too many non-finite steps in a row raise
+    `TrainingAborted`.
     """
     t, main = cfg.train, info.is_main
+    params = list(model.parameters())
     stop, guard, rate = StopSignal(), NonFiniteGuard(t.max_nonfinite), StepRate(step)
     bar = tqdm(total=t.max_steps, initial=step, disable=not main, dynamic_ncols=True)
     position = (0, 0)  # the schedule's state after the last batch trained on
@@ -224,13 +245,12 @@ def train_loop(cfg: Config, info: DistInfo, run_dir: Path, step: int, batches: I
         while step < t.max_steps:
             for group in optimizer.param_groups:
                 group["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule)
-            total, files = torch.zeros((), device=info.device), []
+            total, samples = torch.zeros((), device=info.device), []
             for micro in range(t.grad_accum):
                 with rate.waiting():
                     batch = next(batches)
-                files += batch.files
-                position = batch.position
-                last = micro == t.grad_accum - 1
+                samples += batch.samples
+                position, last = batch.position, micro == t.grad_accum - 1
                 with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
                     loss = stage.loss(batch.data)
                     (loss / t.grad_accum).backward()
@@ -239,9 +259,11 @@ def train_loop(cfg: Config, info: DistInfo, run_dir: Path, step: int, batches: I
                 average_gradients(params)
             total, stopping = agree(total, stop.received is not None)  # the same on every rank
             grad_norm = clip_and_check(params, t.grad_clip)
-            finite = guard.ok(step + 1, total, grad_norm, files)  # numbered as it is logged
+            # numbered as it is logged
+            finite = guard.ok(step + 1, total, grad_norm, lambda: stage.files(samples))
             if finite:
                 optimizer.step()
+                ema.update(model)
             stage.update(finite)
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -281,3 +303,116 @@ def train_loop(cfg: Config, info: DistInfo, run_dir: Path, step: int, batches: I
     if step < t.max_steps:  # stopped early by a signal (at the last step it is done anyway)
         stopped(stop, step, run_dir)
     return step
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA of the weights, updated by the loop after every applied optimizer step. After update n
+# (counting from 0) the shadow weights are
+#
+#     shadow <- decay_n * shadow + (1 - decay_n) * param,   decay_n = min(decay, (1 + n) / (10 + n))
+#
+# so early updates follow the model closely (decay 0.1, 0.18, 0.25, ...) and later ones approach
+# `decay`. Floating parameters are averaged; buffers and any other state-dict entries are copied.
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel / DataParallel (`.module`) and
+    torch.compile (`._orig_mod`) wrappers, however nested."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        # DDP and DataParallel hold the model as their only child, named "module"; a model that
+        # merely has a sub-module called "module" among others is not a wrapper.
+        if list(model._modules) == ["module"] and isinstance(model.module, nn.Module):
+            model = model.module
+            continue
+        return model
+
+
+class EMA:
+    """fp32 shadow copies of a model's floating parameters, updated with foreach kernels.
+
+    Create it after the model is on its device; the shadow lives on the same device. Wrapped
+    models (DDP, torch.compile) are unwrapped, so keys never carry `module.` or `_orig_mod.`.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+        self.decay = decay
+        self.num_updates = 0
+        m = unwrap_model(model)
+        params = list(m.parameters())  # unique tensors, in a fixed order
+        self._num_params = len(params)
+        self._index = [i for i, p in enumerate(params) if p.is_floating_point()]
+        self._shadow = [params[i].detach().float().clone() for i in self._index]
+        shadow_of = {id(params[i]): s for i, s in zip(self._index, self._shadow)}
+        # state-dict keys -> shadow tensors; tied parameters share one shadow under each key
+        self._state: dict[str, torch.Tensor] = {}
+        self._copied: list[str] = []  # buffers (and non-floating parameters): copied as they are
+        for key, value in m.state_dict(keep_vars=True).items():
+            if id(value) in shadow_of:
+                self._state[key] = shadow_of[id(value)]
+            else:
+                self._state[key] = value.detach().clone()
+                self._copied.append(key)
+
+    @property
+    def current_decay(self) -> float:
+        """The decay the next `update` will use."""
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the shadow towards `model`'s current weights (call after each optimizer step)."""
+        m = unwrap_model(model)
+        params = list(m.parameters())
+        if len(params) != self._num_params:
+            raise ValueError(
+                f"EMA.update: the model has {len(params)} parameters, the EMA tracks "
+                f"{self._num_params}; pass the model the EMA was created from"
+            )
+        current = [params[i].detach() for i in self._index]
+        current = [p if p.dtype == torch.float32 else p.float() for p in current]
+        if current:
+            torch._foreach_lerp_(self._shadow, current, 1.0 - self.current_decay)
+        if self._copied:
+            sd = m.state_dict(keep_vars=True)
+            for key in self._copied:
+                self._state[key].copy_(sd[key].detach())
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Shadow tensors keyed like the model's state_dict (live references, like nn.Module's).
+
+        Loads straight into a fresh model with `model.load_state_dict`; tied parameters appear
+        under every key, sharing one tensor.
+        """
+        return dict(self._state)
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], num_updates: int) -> None:
+        """Copy saved shadow tensors in (keys and shapes must match) and set `num_updates`."""
+        missing = sorted(self._state.keys() - state_dict.keys())
+        unexpected = sorted(state_dict.keys() - self._state.keys())
+        if missing or unexpected:
+            raise KeyError(
+                f"EMA state dict does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        for key, target in self._state.items():
+            source = state_dict[key]
+            if source.shape != target.shape:
+                raise ValueError(
+                    f"EMA state dict: '{key}' has shape {tuple(source.shape)}, "
+                    f"the model expects {tuple(target.shape)}"
+                )
+            target.copy_(source)
+        self.num_updates = int(num_updates)
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into `model` (e.g. a separate copy used for sampling)."""
+        unwrap_model(model).load_state_dict(self._state)

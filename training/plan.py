@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bucketing import (BatchSchedule, CHUNK_ROWS, PlacementTable, make_buckets, merge_small_buckets,
-                       nearest_buckets)
+from bucketing import (CHUNK_ROWS, BatchSchedule, PlacementTable, ScheduleSampler, make_buckets,
+                       merge_small_buckets, nearest_buckets)
 from training.config import Config, ConfigError, DataConfig
-from training.data import PixelDataset, ScheduleSampler
+from training.data import PixelDataset
 from training.distributed import DistInfo, all_gather_objects, on_every_rank
 from training.image_table import Duplicates, ImageTable, ScanResult, SkippedFile, fold_duplicates
 from training.runtime import ignore_stop_signals

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import ctypes
 import ctypes.util
@@ -47,13 +46,6 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to `dtype` on `device`, or a no-op context for fp32 (dtype None)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 # glibc mallopt parameters (malloc.h)

@@ -33,14 +33,13 @@ from models.vae_weights import load_vae, save_vae, state_dict_problems
 from training.checkpoint import Checkpoint, load_checkpoint, read_state, resolve_resume
 from training.config import Config, ConfigError, resolve_path, validate_config
 from training.distributed import DistInfo, all_reduce_mean, setup, teardown
-from training.ema import EMA
 from training.images import to_unit_range
 from training.logging import RunLogger
-from training.loop import Batch, StageSteps, average_gradients, train_loop
+from training.loop import EMA, Batch, StageSteps, average_gradients, train_loop
 from training.plan import DataPlan, eval_crops, pixel_loader, plan_data
 from training.resume import (data_state, find_resume, load_optimizer, prepare_run_dir,
                              refuse_finished, resume_position)
-from training.runtime import (autocast, autocast_dtype, close_loader, keep_freed_memory,
+from training.runtime import (autocast_dtype, close_loader, keep_freed_memory,
                               seed_everything, set_threads)
 from training.vae_loss import autoencoder_loss, gan_ramp
 
@@ -239,8 +238,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     steps = vae_steps(cfg, info, vae, disc, ema, ema_model, opt_g, opt_d, plan, logger, step)
     batches = iter(loader)
     try:
-        train_loop(cfg, info, run_dir, step, _batches(batches, plan), steps, opt_g,
-                   list(vae.parameters()), logger, cfg.batch_size * info.world_size)
+        train_loop(cfg, info, run_dir, step, _batches(batches), steps, vae, opt_g, ema, logger,
+                   cfg.batch_size * info.world_size)
     finally:  # also when the loop raised (see `close_loader`)
         close_loader(batches)
     if main:  # trained to the end (a stop at the last step included)
@@ -250,10 +249,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     return run_dir
 
 
-def _batches(loader: Iterator[dict], plan: DataPlan) -> Iterator[Batch]:
+def _batches(loader: Iterator[dict]) -> Iterator[Batch]:
     """The pixel loader's batches as the loop's: uint8 pixels (B, 3, H, W) on the CPU."""
     for batch in loader:
-        yield Batch(batch["pixels"], [plan.records.path(int(i)) for i in batch["index"]],
+        yield Batch(batch["pixels"], batch["index"].tolist(),
                     (int(batch["epoch"][0]), int(batch["batch_index"][0]) + 1))
 
 
@@ -291,7 +290,7 @@ def vae_steps(cfg: Config, info: DistInfo, vae: AutoencoderKL, disc: torch.nn.Mo
         # draws: negligible next to the autoencoder). One seed per (run seed, step); two pairs
         # share one only for steps over a million apart (1_000_003 and 97 are primes).
         noise_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + now["step"] * 97)
-        with autocast(device, amp):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             posterior = vae.encode(x)
             # (B, C, H/f, W/f), f = vae.downsample_factor
             z = posterior.sample(noise_gen, (info.rank, info.world_size))
@@ -301,11 +300,9 @@ def vae_steps(cfg: Config, info: DistInfo, vae: AutoencoderKL, disc: torch.nn.Mo
         now.update(x=x, rec=rec, terms=terms, ramp=ramp, d_loss=zero, real=zero, fake=zero)
         return terms.total
 
-    def update(finite: bool) -> None:
-        if finite:
-            ema.update(vae)
-        if now["step"] >= v.disc_start - v.disc_warmup and finite:  # the discriminator's step
-            with autocast(device, amp):
+    def update(finite: bool) -> None:  # after the loop's EMA update: the discriminator's step
+        if now["step"] >= v.disc_start - v.disc_warmup and finite:
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 # per-patch logits, (B, 1, h', w') each with h' ≈ H / 2**disc_layers, w' alike
                 real, fake = disc(now["x"]), disc(now["rec"].detach())
                 d_loss = hinge_d_loss(real, fake)
@@ -346,7 +343,8 @@ def vae_steps(cfg: Config, info: DistInfo, vae: AutoencoderKL, disc: torch.nn.Mo
             _, _, pairs = evaluate(ema_model, eval_images[:4], device)
             logger.image("val/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
 
-    return StageSteps(loss, update, scalars, payload, validate, preview)
+    return StageSteps(loss, update, scalars, payload, validate, preview,
+                      lambda samples: [plan.records.path(i) for i in samples])
 
 
 def loader_for_scale(cfg: Config, plan: DataPlan, info: DistInfo,

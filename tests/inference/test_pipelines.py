@@ -16,10 +16,10 @@ from inference.pipelines import (decode_latents, encode_image, generate, grid_st
                                  snap_size, tensor_to_pil)
 from models.vae import AutoencoderKL, VAEConfig
 from models.vae_weights import load_vae, vae_fingerprint
-from training.data import SYNTHETIC_CLASSES
+from training.synthetic import FAMILIES
 from training.export import load_generator
 
-CLASSES = sorted(SYNTHETIC_CLASSES)  # class names are the sorted sub-folder names
+CLASSES = sorted(FAMILIES)  # class names are the sorted sub-folder names
 
 
 def _image(path: Path, w: int, h: int) -> Path:

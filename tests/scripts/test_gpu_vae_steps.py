@@ -10,7 +10,7 @@ import pytest
 
 from scripts import gpu_vae_steps
 from training.config import load_config
-from training.data import make_synthetic
+from training.synthetic import make_synthetic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 CONFIG = str(REPO_ROOT / "configs" / "vae_f8c16_gpu.json")

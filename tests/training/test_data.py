@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from bucketing import PlacementTable, make_buckets, nearest_buckets
-from training.data import PixelDataset, make_synthetic, resolve_dataset
+from training.data import PixelDataset, resolve_dataset
+from training.synthetic import make_synthetic
 from training.images import ImageLoadError
 from training.scan import scan_folder
 

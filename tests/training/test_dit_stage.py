@@ -87,8 +87,8 @@ def test_dit_stage_one_mini_batch_smoke(tmp_path: Path, tiny_vae: Path, device: 
     assert ckpt.state["class_names"] == ["checkers", "clouds", "discs", "stripes"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
         "step_0000001_32x32.png", "step_0000001_48x16.png"]
-    assert _scalars(run, "train/loss") and _scalars(run, "val/loss_bin0")
-    assert any(k.startswith("loss_bucket/") for k in _tags(run))
+    assert _scalars(run, "loss/train") and _scalars(run, "loss_val_at_t/0.062")
+    assert any(k.startswith("loss_train_by_bucket/") for k in _tags(run))
 
 
 def _tags(run: Path) -> list[str]:
@@ -125,7 +125,7 @@ def test_dit_stage_validates_on_the_usable_eval_images(tmp_path: Path, tiny_vae:
     run = train_dit(from_dict(Config, cfg))
     out = capsys.readouterr()
     assert f"{(tmp_path / 'eval' / 'red.png').resolve()}: " in out.out + out.err
-    assert list(_scalars(run, "val/loss")) == [1]
+    assert list(_scalars(run, "loss/val")) == [1]
 
 
 def test_dit_stage_resume_after_sigterm_is_exact(tmp_path: Path, tiny_vae: Path) -> None:
@@ -150,7 +150,7 @@ def test_dit_stage_resume_after_sigterm_is_exact(tmp_path: Path, tiny_vae: Path)
     resumed = _train("--config", str(split_cfg), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
-    assert _scalars(tmp_path / "a", "train/loss") == _scalars(tmp_path / "b", "train/loss")
+    assert _scalars(tmp_path / "a", "loss/train") == _scalars(tmp_path / "b", "loss/train")
     for group in ("model", "ema"):
         a = load_file(tmp_path / "a" / "checkpoints" / f"step_{steps:07d}" / f"{group}.safetensors")
         b = load_file(tmp_path / "b" / "checkpoints" / f"step_{steps:07d}" / f"{group}.safetensors")
@@ -238,7 +238,7 @@ def test_dit_stage_nan_guard_aborts_without_bad_checkpoint(tmp_path: Path,
     assert "optimizer step skipped" in out.stdout and ".png" in out.stdout  # names the files
     # The messages number steps as TensorBoard and the checkpoints do.
     skipped = [int(n) for n in re.findall(r"step (\d+): non-finite", out.stdout)]
-    losses = _scalars(tmp_path / "run", "train/loss")
+    losses = _scalars(tmp_path / "run", "loss/train")
     assert len(skipped) == 2 and not math.isfinite(losses[skipped[0]])
     assert all(math.isfinite(v) for n, v in losses.items() if n < skipped[0])
     assert f"in a row at step {skipped[1]};" in out.stderr
@@ -263,7 +263,7 @@ def test_dit_stage_torchrun_two_ranks_train_as_one_rank(tmp_path: Path, tiny_vae
                          cwd=REPO_ROOT, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("run folder:") == 1  # said by rank 0 alone
-    a, b = _scalars(tmp_path / "one", "train/loss"), _scalars(tmp_path / "two", "train/loss")
+    a, b = _scalars(tmp_path / "one", "loss/train"), _scalars(tmp_path / "two", "loss/train")
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     # Measured: losses within 1.2e-7 relative, weights within 1.2e-7 (an ulp at |w| ~ 1). The
     # tolerances are ~100× that, and 100× below an AdamW step (lr 1e-3). Ranks that do not
@@ -301,7 +301,7 @@ def test_dit_stage_torchrun_signal_to_one_rank_stops_all(tmp_path: Path, tiny_va
                              text=True, env=env)
     try:
         deadline = time.monotonic() + 120
-        while not _scalars(tmp_path / "run", "train/loss"):  # both ranks are in the loop
+        while not _scalars(tmp_path / "run", "loss/train"):  # both ranks are in the loop
             assert agent.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
         os.kill(_worker_pids(agent.pid)[1], signal.SIGTERM)
@@ -481,7 +481,7 @@ def test_dit_stage_flow_noise_is_independent_of_the_latent_noise() -> None:
 def test_dit_stage_prefetcher_reads_each_batch_with_its_condition(tmp_path: Path, tiny_vae: Path,
                                                                   use_classes: bool) -> None:
     from models.conditioning import ClassCondition
-    from training.data import ScheduleSampler
+    from bucketing import ScheduleSampler
     from training.distributed import DistInfo
     from training.dit_stage import BatchPrefetcher, load_stage_vae
     from training.latent_cache.build import ensure_cache
@@ -494,13 +494,12 @@ def test_dit_stage_prefetcher_reads_each_batch_with_its_condition(tmp_path: Path
     vae = load_stage_vae(cfg, torch.device("cpu"))
     summary = ensure_cache(plan.records, plan.placements, plan.buckets, vae, cfg.dit.cache_dir,
                            num_workers=0, progress=False)
-    reader = LatentReader(summary.cache_dir, summary.keys, vae.config.latent_affine())
+    reader = LatentReader(summary.cache_dir, summary.locations, vae.config.latent_affine())
     labels = plan.records.label if use_classes else None
     assert not use_classes or len(set(labels.tolist())) > 1  # a wrong order would show
     items = ScheduleSampler(plan.schedule, 0, cfg.seed, 0, 0)
     expected = iter(ScheduleSampler(plan.schedule, 0, cfg.seed, 0, 0))
-    prefetcher = BatchPrefetcher(reader, iter(items), plan.records.path, labels,
-                                 ClassCondition(len(plan.class_names)), cfg.seed, (0, 1),
+    prefetcher = BatchPrefetcher(reader, iter(items), labels, ClassCondition(len(plan.class_names)), cfg.seed, (0, 1),
                                  flip=False, device=torch.device("cpu"), start=0)
     try:
         for _ in range(6):
@@ -508,7 +507,7 @@ def test_dit_stage_prefetcher_reads_each_batch_with_its_condition(tmp_path: Path
             indices = [i for i, _, _, _ in next(expected)]
             x0, cond, _ = batch.data
             assert x0.shape[0] == len(indices) == cfg.batch_size
-            assert batch.files == [plan.records.path(i) for i in indices]
+            assert batch.samples == indices
             if use_classes:
                 assert cond.dtype == torch.int64 and cond.tolist() == labels[indices].tolist()
             else:

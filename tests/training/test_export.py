@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 from inference.pipelines import generate
 from models.vae import AutoencoderKL, VAEConfig
 from models.vae_weights import kept_vae_folder, save_vae, vae_fingerprint
-from training.data import SYNTHETIC_CLASSES
+from training.synthetic import FAMILIES
 from training.export import ExportError, export_dit, export_name, is_export, load_generator
 
-CLASSES = sorted(SYNTHETIC_CLASSES)  # class names are the sorted sub-folder names
+CLASSES = sorted(FAMILIES)  # class names are the sorted sub-folder names
 
 
 def test_export_gives_the_pixels_of_its_run(tiny_run: Path, loaded, tmp_path: Path,
