@@ -509,8 +509,8 @@ def sample_npz(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {result.count} samples of {result.size[0]}x{result.size[1]} to "
               f"{result.path} in {result.seconds:.1f} s ({result.images_per_s:.2f} images/s on "
-              f"{dist.world_size} rank(s), {result.resumed} kept from an earlier run; labels "
-              f"{job.params['labels']})")
+              f"{dist.world_size} rank(s), {result.resumed} kept from an earlier run; labels: "
+              f"{job.params['labels'] if job.params['labels'] is not None else 'none'})")
     return 0
 
 

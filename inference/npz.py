@@ -173,7 +173,7 @@ def open_parts(job: NpzJob) -> list[int]:
         match = CHUNK_NAME.fullmatch(path.name)
         if path.name.startswith(TEMP_PREFIX):
             path.unlink()
-        elif match and int(match[1]) < job.num_chunks:
+        elif match and int(match[1]) < job.num_chunks and path.is_file():
             finished.append(int(match[1]))
     return sorted(finished)
 
