@@ -5,6 +5,12 @@ Sample from a DiT run (newest complete checkpoint, EMA weights), a checkpoint or
     UV_CACHE_DIR=.uv-cache uv run python inference.py --checkpoint runs/NAME --num-samples 4 \
         --size 384x256 --class-label 3 --cfg-scale 4 --steps 28 --seed 0 --out DIR
 
+An ADM sample batch for FID-50K (arr_0 uint8 N x H x W x 3, arr_1 class labels), in chunks
+that a rerun resumes, on one process or every rank of a torchrun group:
+
+    UV_CACHE_DIR=.uv-cache uv run torchrun --nproc_per_node 8 inference.py \
+        --checkpoint runs/NAME --num-samples 50000 --npz samples.npz
+
 Image-to-image (output at the input's size, snapped to the grid):
 
     UV_CACHE_DIR=.uv-cache uv run python inference.py --checkpoint checkpoints/NAME \
@@ -54,6 +60,7 @@ FAILED = 1  # the input was accepted, then sampling, reconstructing or writing f
 SAMPLING_DEFAULTS = {"num_samples": 4, "cfg_scale": 4.0, "steps": 28, "sampler": "euler",
                      "seed": 0}
 IMG2IMG_STRENGTH = 0.6
+NPZ_BATCH_SIZE, NPZ_CHUNK_SIZE = 50, 250  # inference/npz.py's defaults; import-free here
 RECONSTRUCTION_FLAGS = ("--config", "--vae", "--image", "--out", "--device", "--dtype",
                         "--tile-size", "--json")
 
@@ -87,12 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampling: output folder (required); reconstruction: output image "
                              "file (.png, .jpg, ...) or folder (ending in /, or existing) for "
                              "*_recon.png (default: next to the input); never overwritten")
+    inputs.add_argument("--npz", metavar="FILE",
+                        help="sampling: write an ADM sample batch FILE.npz instead of PNGs "
+                             "(arr_0 images, arr_1 labels; under torchrun the ranks share the "
+                             "work); resumes from FILE.npz.parts/ after an interruption")
     sampling = parser.add_argument_group(
         "sampling and image-to-image (--checkpoint); refused in reconstruction")
     sampling.add_argument("--num-samples", type=int, metavar="N",
                           help=f"images to sample (default: {SAMPLING_DEFAULTS['num_samples']})")
     sampling.add_argument("--batch-size", type=int, metavar="N",
-                          help="images per forward pass (default: all at once)")
+                          help="images per forward pass, on each rank (default: all at once; "
+                               f"with --npz {NPZ_BATCH_SIZE})")
+    sampling.add_argument("--chunk-size", type=int, metavar="N",
+                          help="--npz only: samples per resumable chunk, the unit of work dealt "
+                               f"to the ranks (default: {NPZ_CHUNK_SIZE})")
     sampling.add_argument("--size", metavar="WxH",
                           help="WIDTHxHEIGHT, snapped to multiples of VAE factor × patch "
                                "(default: the training resolution, square; image-to-image: the "
@@ -142,8 +157,14 @@ def usage_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
                    "the VAE"
         if args.strength is not None and args.image is None:
             return "--strength is for image-to-image; give --image too"
-        if args.out is None:
-            return "give --out DIR for the sampled images"
+        if args.npz is not None and args.image is not None:
+            return "--npz writes generated samples; image-to-image (--image) writes PNGs to --out"
+        if args.npz is not None and args.out is not None:
+            return "--npz and --out both name the output; give one of them"
+        if args.chunk_size is not None and args.npz is None:
+            return "--chunk-size is for --npz"
+        if args.out is None and args.npz is None:
+            return "give --out DIR for the sampled images (or --npz FILE for an ADM sample batch)"
         return None
     if args.image is None or (args.config is None and args.vae is None):
         return "give --checkpoint RUN to sample, or --image with --config/--vae to reconstruct"
@@ -164,7 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = usage_error(parser, args)
     if problem is not None:
         return _refuse(problem)
-    return sample(args) if args.checkpoint is not None else reconstruct(args)
+    if args.checkpoint is None:
+        return reconstruct(args)
+    return sample_npz(args) if args.npz is not None else sample(args)
 
 
 def _refuse(problem: object) -> int:
@@ -206,7 +229,7 @@ def _sampling_values(args: argparse.Namespace) -> tuple[int, int] | None:
     from inference.pipelines import parse_size, snap_size
 
     for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
-                        ("--steps", args.steps)):
+                        ("--steps", args.steps), ("--chunk-size", args.chunk_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
     if not math.isfinite(args.cfg_scale):
@@ -316,18 +339,44 @@ def _warn_if_untrained_size(width: int, height: int, resolution: int | None) -> 
               f"{round((width * height) ** 0.5 / 16) * 16}", file=sys.stderr)
 
 
+def _fill_sampling_defaults(args: argparse.Namespace) -> None:
+    """Give the sampling flags left out their `SAMPLING_DEFAULTS`."""
+    for key, value in SAMPLING_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _output_size(args: argparse.Namespace, requested: tuple[int, int] | None, source,
+                 step: int, info) -> tuple[int, int]:
+    """(width, height) of the samples: --size snapped to the grid of `step` (with a note when
+    it moved), else the input image's size, else square at the training resolution (older
+    exports: sqrt(base_tokens) tokens); warns of a size far from the training sizes."""
+    from inference.pipelines import snap_size
+
+    if requested is not None:
+        width, height = snap_size(*requested, step)
+        if requested != (width, height):
+            print(f"note: size {requested[0]}x{requested[1]} is off the grid (sides are "
+                  f"multiples of {step}); using {width}x{height}", file=sys.stderr)
+    elif source is not None:
+        with _naming(args.image):
+            width, height = snap_size(*source.size, step)
+    else:
+        side = info.resolution or round(info.base_tokens ** 0.5) * step
+        width, height = snap_size(side, side, step)
+    _warn_if_untrained_size(width, height, info.resolution)
+    return width, height
+
+
 def sample(args: argparse.Namespace) -> int:
     """Generate (or, with --image, image-to-image) into --out. Bad input is refused before
     anything is written (exit 2); a failure while sampling or writing exits 1."""
     import torch
 
-    from inference.pipelines import (generate, grid_step, img2img, prepare_image, save_images,
-                                     snap_size)
+    from inference.pipelines import generate, grid_step, img2img, prepare_image, save_images
     from training.export import checkpoint_folder, is_export, load_generator
 
-    for key, value in SAMPLING_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _fill_sampling_defaults(args)
     if args.image is not None and args.strength is None:
         args.strength = IMG2IMG_STRENGTH
     started = time.perf_counter()
@@ -345,19 +394,8 @@ def sample(args: argparse.Namespace) -> int:
         _set_tile_size(vae, args.tile_size)
         step = grid_step(model, vae)
         cond = info.condition.parse(args.class_label, args.num_samples)
-        if requested is not None:
-            width, height = snap_size(*requested, step)
-            if requested != (width, height):
-                print(f"note: size {requested[0]}x{requested[1]} is off the grid (sides are "
-                      f"multiples of {step}); using {width}x{height}", file=sys.stderr)
-        elif source is not None:
-            with _naming(args.image):
-                width, height = snap_size(*source.size, step)
-        else:  # square at the training resolution (older exports: sqrt(base_tokens) tokens)
-            side = info.resolution or round(info.base_tokens ** 0.5) * step
-            width, height = snap_size(side, side, step)
+        width, height = _output_size(args, requested, source, step, info)
         image = prepare_image(source, step, (width, height)) if source is not None else None
-        _warn_if_untrained_size(width, height, info.resolution)
     except (OSError, ValueError) as exc:  # ImageLoadError and ExportError are ValueErrors
         return _refuse(exc)
     except RuntimeError as exc:  # out of memory while loading, say
@@ -397,6 +435,82 @@ def sample(args: argparse.Namespace) -> int:
         print(f"wrote {args.num_samples} {what} of {width}x{height} to {paths[0]} .. "
               f"{paths[-2].name} and {paths[-1].name} "
               f"(step {info.step}, {args.sampler} {args.steps} steps, seed {args.seed})")
+    return 0
+
+
+def sample_npz(args: argparse.Namespace) -> int:
+    """Sample --num-samples images into the ADM sample batch --npz (`inference/npz.py`), on
+    this process or, under torchrun, every rank's share. Bad input, an existing output and a
+    parts folder of other parameters are refused before any sampling (exit 2); a failure while
+    sampling or writing exits 1, keeping the finished chunks for a rerun."""
+    import torch
+
+    from inference.npz import NpzJob, Sampling, check_output, prepare_parts, write_npz
+    from inference.pipelines import grid_step
+    from training.distributed import on_every_rank, setup, teardown
+    from training.export import checkpoint_folder, is_export, load_generator
+
+    _fill_sampling_defaults(args)
+    try:
+        _, dtype = _device_and_dtype(args)
+        requested = _sampling_values(args)
+        dist = setup(args.device)
+    except (OSError, ValueError) as exc:
+        return _refuse(exc)
+
+    def load():  # on every rank: the input paths, the output, then the model
+        if not is_export(Path(args.checkpoint)):
+            checkpoint_folder(Path(args.checkpoint), args.step)
+        if args.vae is not None:
+            _check_vae(args.vae, "--vae")
+        check_output(Path(args.npz))
+        model, vae, info = load_generator(args.checkpoint, args.step, dist.device, args.vae,
+                                          vae_dtype=dtype)
+        _set_tile_size(vae, args.tile_size)
+        labels = info.condition.parse(args.class_label, args.num_samples)  # i mod classes
+        width, height = _output_size(args, requested, None, grid_step(model, vae), info)
+        rule = None if labels is None else (
+            "balanced" if args.class_label is None else int(labels[0]))
+        params = {"checkpoint": str(info.source.resolve()), "step": info.step,
+                  "vae": str(Path(info.vae).resolve()), "size": f"{width}x{height}",
+                  "labels": rule, "cfg_scale": args.cfg_scale, "steps": args.steps,
+                  "sampler": args.sampler, "seed": args.seed, "dtype": args.dtype,
+                  "tile_size": args.tile_size}
+        job = NpzJob(Path(args.npz), args.num_samples, args.chunk_size or NPZ_CHUNK_SIZE, params)
+        sampling = Sampling(height, width, labels, args.cfg_scale, args.steps, args.sampler,
+                            args.seed, info.base_tokens,
+                            None if dtype == torch.float32 else dtype,
+                            args.batch_size or NPZ_BATCH_SIZE)
+        return model, vae, job, sampling
+
+    try:
+        try:
+            model, vae, job, sampling = on_every_rank(load)
+            finished = prepare_parts(job, dist)
+        except (OSError, ValueError) as exc:
+            return _refuse(exc)
+        except RuntimeError as exc:  # out of memory while loading, say
+            return _fail(exc)
+        try:
+            result = write_npz(model, vae, job, sampling, finished, dist,
+                               progress=not args.no_progress)
+        except (OSError, ValueError, RuntimeError) as exc:
+            return _fail(exc)
+    finally:
+        teardown()
+    if not dist.is_main:
+        return 0
+    summary = {"path": str(result.path), "count": result.count, "size": list(result.size),
+               "seconds": round(result.seconds, 3), "images_per_s": round(result.images_per_s, 3),
+               "resumed": result.resumed, "ranks": dist.world_size,
+               "labels": job.params["labels"]}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {result.count} samples of {result.size[0]}x{result.size[1]} to "
+              f"{result.path} in {result.seconds:.1f} s ({result.images_per_s:.2f} images/s on "
+              f"{dist.world_size} rank(s), {result.resumed} kept from an earlier run; labels: "
+              f"{job.params['labels'] if job.params['labels'] is not None else 'none'})")
     return 0
 
 

@@ -11,7 +11,12 @@ reported, with ratios ours / peer in images per second (above 1: we are faster).
 random (perturbed off their zero inits), which does not change the work done. The last line
 printed is one JSON object.
 
-    UV_CACHE_DIR=.uv-cache uv run python bench/sample.py --batch 2 --repeats 3
+With `--npz` a third pipeline joins the alternation: ours as `inference.py --npz` runs it
+(`inference.npz.sample_chunk`, one chunk of `--batch` samples: sampling, decode, the uint8
+conversion, then `write_chunk`'s atomic .npz write into a temporary folder), reported as
+`ours_npz` with its images/s over ours plain (`npz_vs_plain`) and over the peer (`npz_ratio`).
+
+    UV_CACHE_DIR=.uv-cache uv run python bench/sample.py --batch 2 --repeats 3 [--npz]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +36,7 @@ if str(REPO) not in sys.path:  # allow `python bench/sample.py` as well as `pyth
     sys.path.insert(0, str(REPO))
 
 from bench.vae import build_pair, read_config  # noqa: E402
+from inference.npz import NpzJob, Sampling, open_parts, sample_chunk, write_chunk  # noqa: E402
 from inference.pipelines import decode_latents, initial_noise, sample_latents  # noqa: E402
 from inference.samplers import token_shift  # noqa: E402
 from models.dit import DiT  # noqa: E402
@@ -84,6 +91,18 @@ def run_ours(model: DiT, vae, args: argparse.Namespace, labels: list[int], steps
     return mid - start, time.perf_counter() - mid
 
 
+def run_ours_npz(model: DiT, vae, args: argparse.Namespace, labels: list[int], steps: int,
+                 device: torch.device, job: NpzJob) -> tuple[float, float]:
+    """Seconds for one chunk as `inference.py --npz` makes it: sampling, decode, uint8 and the
+    chunk's .npz write, timed as one piece (returned as loop seconds, 0 for the decode)."""
+    sampling = Sampling(args.resolution, args.resolution, torch.tensor(labels), args.cfg_scale,
+                        steps, "euler", args.seed, args.base_tokens, args.autocast, args.batch)
+    _sync(device)
+    start = time.perf_counter()
+    write_chunk(job, 0, *sample_chunk(model, vae, job, 0, sampling))
+    return time.perf_counter() - start, 0.0
+
+
 @torch.no_grad()
 def run_peer(peer, peer_vae, scheduler, args: argparse.Namespace, labels: list[int],
              steps: int, device: torch.device) -> tuple[float, float]:
@@ -115,8 +134,10 @@ def run_peer(peer, peer_vae, scheduler, args: argparse.Namespace, labels: list[i
     return mid - start, time.perf_counter() - mid
 
 
-def bench_device(device: torch.device, vae_config: VAEConfig, args: argparse.Namespace) -> dict:
-    """Median seconds and images/s of both pipelines on one device, alternating."""
+def bench_device(device: torch.device, vae_config: VAEConfig, args: argparse.Namespace,
+                 parts: Path) -> dict:
+    """Median seconds and images/s of the pipelines on one device, alternating; with --npz,
+    ours writing chunks into a job under `parts` as well."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     vae, peer_vae = build_pair(vae_config, args.seed)
@@ -131,9 +152,13 @@ def bench_device(device: torch.device, vae_config: VAEConfig, args: argparse.Nam
     labels = [i % args.classes for i in range(args.batch)]
     runners = {"ours": lambda n: run_ours(ours, vae, args, labels, n, device),
                "peer": lambda n: run_peer(peer, peer_vae, scheduler, args, labels, n, device)}
+    if args.npz:
+        job = NpzJob(parts / f"{device.type}.npz", args.batch, args.batch, {"bench": True})
+        open_parts(job)
+        runners["ours_npz"] = lambda n: run_ours_npz(ours, vae, args, labels, n, device, job)
     for run in runners.values():  # warm up: kernels, allocator, rope tables
         run(args.warmup_steps)
-    times: dict[str, list[tuple[float, float]]] = {"ours": [], "peer": []}
+    times: dict[str, list[tuple[float, float]]] = {who: [] for who in runners}
     order = list(runners)
     for repeat in range(args.repeats):  # alternate which goes first
         for who in order if repeat % 2 == 0 else order[::-1]:
@@ -148,9 +173,15 @@ def bench_device(device: torch.device, vae_config: VAEConfig, args: argparse.Nam
         result[who] = {"loop_s": round(loop, 4), "decode_s": round(decode, 4),
                        "total_s": round(total, 4),
                        "images_per_s": round(args.batch / total, 4)}
+        if who == "ours_npz":  # timed as one piece
+            del result[who]["loop_s"], result[who]["decode_s"]
     result["ratio"] = round(result["peer"]["total_s"] / result["ours"]["total_s"], 3)
     result["loop_ratio"] = round(result["peer"]["loop_s"] / result["ours"]["loop_s"], 3)
     result["decode_ratio"] = round(result["peer"]["decode_s"] / result["ours"]["decode_s"], 3)
+    if args.npz:
+        npz_total = result["ours_npz"]["total_s"]
+        result["npz_vs_plain"] = round(result["ours"]["total_s"] / npz_total, 3)
+        result["npz_ratio"] = round(result["peer"]["total_s"] / npz_total, 3)
     result["params_ours_m"] = round(sum(p.numel() for p in ours.parameters()) / 1e6, 2)
     result["params_peer_m"] = round(sum(p.numel() for p in peer.parameters()) / 1e6, 2)
     return result
@@ -183,6 +214,8 @@ def main() -> None:
                         help="DiT compute dtype for both (bfloat16: autocast); VAEs stay fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="weights, noise and labels seed")
+    parser.add_argument("--npz", action="store_true",
+                        help="also time ours writing ADM batch chunks (uint8 + .npz write)")
     args = parser.parse_args()
 
     if args.threads:
@@ -210,14 +243,20 @@ def main() -> None:
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "npz": args.npz,
         "results": {},
     }
-    for name in devices:
-        result = bench_device(torch.device(name), vae_config, args)
-        report["results"][name] = result
-        print(f"{name}: ours {result['ours']['images_per_s']:.3f} img/s, peer "
-              f"{result['peer']['images_per_s']:.3f} img/s, ratio {result['ratio']:.3f} "
-              f"(loop {result['loop_ratio']:.3f}, decode {result['decode_ratio']:.3f})")
+    with tempfile.TemporaryDirectory() as parts:
+        for name in devices:
+            result = bench_device(torch.device(name), vae_config, args, Path(parts))
+            report["results"][name] = result
+            print(f"{name}: ours {result['ours']['images_per_s']:.3f} img/s, peer "
+                  f"{result['peer']['images_per_s']:.3f} img/s, ratio {result['ratio']:.3f} "
+                  f"(loop {result['loop_ratio']:.3f}, decode {result['decode_ratio']:.3f})")
+            if args.npz:
+                print(f"{name}: ours to npz {result['ours_npz']['images_per_s']:.3f} img/s, "
+                      f"{result['npz_vs_plain']:.3f} of plain, {result['npz_ratio']:.3f} of "
+                      "the peer")
     print(json.dumps(report))
 
 

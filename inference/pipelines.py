@@ -58,11 +58,16 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return arr.unsqueeze(0).float() / 127.5 - 1.0
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) on the CPU: the pixels that PNGs
+    and ADM sample batches hold (values outside [-1, 1] are clamped)."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W)
+    return x.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+
+
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """(1, 3, H, W) or (3, H, W) in [-1, 1] -> RGB image."""
-    x = x.reshape(-1, *x.shape[-3:])[0].float().clamp(-1, 1)
-    arr = ((x + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
+    return Image.fromarray(to_uint8(x.reshape(-1, *x.shape[-3:])[:1])[0])
 
 
 def crop_to_multiple(img: Image.Image, factor: int) -> Image.Image:

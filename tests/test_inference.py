@@ -276,8 +276,9 @@ def places(tiny_run: Path, tiny_vae: Path, tmp_path: Path) -> dict[str, Path]:
     img = _image(tmp_path / "in.png", 32, 32)
     (tmp_path / "in_recon.png").write_bytes(b"an earlier result")
     (tmp_path / "taken.txt").write_text("not a folder")
+    (tmp_path / "done.npz").write_bytes(b"an earlier batch")
     return {"run": tiny_run, "config": tiny_vae / "config.json", "img": img,
-            "taken": tmp_path / "taken.txt", "tmp": tmp_path}
+            "taken": tmp_path / "taken.txt", "done": tmp_path / "done.npz", "tmp": tmp_path}
 
 
 # Each has a bad input and a bad output (in_recon.png exists, or --out is a file): the input is
@@ -316,6 +317,7 @@ def test_inference_inputs_are_checked_before_the_output(cli, places: dict[str, P
 SAMPLE = ["--checkpoint", "{run}", "--out", "{tmp}/o", "--device", "cpu"]
 RECONSTRUCT = ["--config", "{config}", "--image", "{img}", "--out", "{tmp}/o.png", "--device",
                "cpu"]
+NPZ = ["--checkpoint", "{run}", "--npz", "{tmp}/s.npz", "--device", "cpu"]
 # Bad input of every kind, each refused in one line with exit status 2 before anything is
 # written (a flag given twice: the last one counts).
 BAD_INPUT = [
@@ -340,7 +342,20 @@ BAD_INPUT = [
     (SAMPLE + ["--out", "{taken}/sub"], "{taken}/sub: cannot be made, {taken} is a file"),
     (SAMPLE + ["--config", "{config}"],
      "--config is for reconstruction; with --checkpoint use --vae to override the VAE"),
-    (["--checkpoint", "{run}"], "give --out DIR for the sampled images"),
+    (["--checkpoint", "{run}"], "give --out DIR for the sampled images (or --npz FILE for an "
+                                "ADM sample batch)"),
+    (NPZ + ["--image", "{img}"],
+     "--npz writes generated samples; image-to-image (--image) writes PNGs to --out"),
+    (NPZ + ["--out", "{tmp}/o"], "--npz and --out both name the output; give one of them"),
+    (SAMPLE + ["--chunk-size", "2"], "--chunk-size is for --npz"),
+    (NPZ + ["--chunk-size", "0"], "--chunk-size 0: must be at least 1"),
+    (NPZ[:2] + ["--npz", "{done}", "--device", "cpu"],
+     "{done}: exists; refusing to overwrite it (choose another --npz)"),
+    (NPZ[:2] + ["--npz", "{taken}", "--device", "cpu"],
+     "{taken}: an ADM sample batch is an .npz file; give a name ending in .npz"),
+    (NPZ[:2] + ["--npz", "{taken}/s.npz", "--device", "cpu"],
+     "{taken}/s.npz: cannot be made, {taken} is a file"),
+    (NPZ + ["--class-label", "nope"], "unknown class 'nope'; give a name or an index: "),
     (RECONSTRUCT + ["--vae", "{config}"],
      "--config and --vae both name the VAE to reconstruct through; give one of them"),
     (["--image", "{img}"],
@@ -351,7 +366,7 @@ BAD_INPUT = [
 
 
 def _row_id(args: list[str]) -> str:
-    for base, name in ((SAMPLE, "sample"), (RECONSTRUCT, "reconstruct")):
+    for base, name in ((SAMPLE, "sample"), (RECONSTRUCT, "reconstruct"), (NPZ, "npz")):
         if args[:len(base)] == base:
             return " ".join([name, *args[len(base):]])
     return " ".join(args)
@@ -379,6 +394,7 @@ RECONSTRUCTION_IGNORES = [
     (["--strength", "0.5"], "--strength"),
     (["--step", "1"], "--step"),
     (["--no-progress"], "--no-progress"),
+    (["--npz", "s.npz"], "--npz"),
     (["--steps", "3", "--cfg-scale", "2", "--class", "1"], "--class-label, --cfg-scale, --steps"),
 ]
 
@@ -410,6 +426,9 @@ DOCUMENTED = [  # README.md, the docstring of inference.py and scripts/gpu_check
     "--checkpoint runs/NAME --step 2 --vae vae --image in.png --strength 0.3 --num-samples 2 "
     "--batch-size 1 --size 64x64 --class-label 0 --cfg-scale 1 --steps 4 --sampler heun "
     "--seed 3 --out out/ --device cpu --dtype fp16 --no-progress --json",
+    "--checkpoint runs/NAME --num-samples 50000 --npz samples.npz",
+    "--checkpoint runs/NAME --num-samples 50000 --npz samples.npz --size 256x256 --cfg-scale 1.5 "
+    "--steps 50 --batch-size 64 --sampler heun --seed 0 --chunk-size 500",
 ]
 
 
@@ -464,3 +483,81 @@ def test_inference_img2img_notes_an_off_grid_size(tiny_run: Path, tmp_path: Path
     assert out.returncode == 0, out.stderr
     assert "note: size 45x30 is off the grid" in out.stderr and "using 44x32" in out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["size"] == [44, 32]
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+NPZ_ARGS = ["--num-samples", "6", "--chunk-size", "2", "--batch-size", "2", "--size", "24x24",
+            "--steps", "2", "--device", "cpu", "--no-progress", "--json"]
+
+
+def test_inference_npz_two_ranks_write_what_one_process_writes(cli, tiny_run: Path,
+                                                               tmp_path: Path, capsys) -> None:
+    import os
+
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    assert cli.main(["--checkpoint", str(tiny_run), "--npz", str(one), *NPZ_ARGS]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: report[k] for k in ("path", "count", "size", "resumed", "ranks", "labels")} == {
+        "path": str(one), "count": 6, "size": [24, 24], "resumed": 0, "ranks": 1,
+        "labels": "balanced"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29541", "inference.py", "--checkpoint",
+                          str(tiny_run), "--npz", str(two), *NPZ_ARGS],
+                         cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1 and reports[0]["ranks"] == 2  # rank 0 alone reports
+    a, b = _npz(one), _npz(two)
+    assert sorted(a) == sorted(b) == ["arr_0", "arr_1"]
+    assert a["arr_0"].tobytes() == b["arr_0"].tobytes() and a["arr_0"].shape == (6, 24, 24, 3)
+    assert a["arr_1"].tobytes() == b["arr_1"].tobytes() and a["arr_1"].dtype == np.int64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npz", "two.npz"]
+
+
+def test_inference_npz_killed_run_resumes_and_refuses_other_parameters(
+        cli, tiny_run: Path, tmp_path: Path, capsys, error_line) -> None:
+    import os
+    import time
+
+    out, parts = tmp_path / "s.npz", tmp_path / "s.npz.parts"
+    args = ["--checkpoint", str(tiny_run), "--npz", str(out), *NPZ_ARGS, "--num-samples", "32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, "inference.py", *args], cwd=REPO_ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120  # a guard against a hung run, not a timing check
+    while not (parts / "000000.npz").exists() and run.poll() is None:
+        assert time.monotonic() < deadline, "the run wrote no chunk"
+        time.sleep(0.01)
+    run.kill()  # interrupted after its first chunk (of 16)
+    assert run.wait() != 0 and not out.exists()
+    kept = sorted(p.name for p in parts.glob("0*.npz"))
+    assert kept and len(kept) < 16
+    before = _files(tmp_path)
+    for flags, diff in ((["--seed", "1"], "seed 0 there, 1 here"),
+                        (["--cfg-scale", "2"], "cfg_scale 4.0 there, 2.0 here"),
+                        (["--class-label", "1"], "labels 'balanced' there, 1 here"),
+                        (["--step", "1"], "step 2 there, 1 here"),
+                        (["--chunk-size", "4"], "chunk_size 2 there, 4 here")):
+        assert cli.main([*args, *flags]) == 2
+        line = error_line()
+        assert line.startswith(f"error: {parts}: holds chunks sampled with other parameters (")
+        assert diff in line, line
+    assert _files(tmp_path) == before
+    blocker = parts / "000015.npz"  # the last chunk cannot be written: the rerun fails there
+    blocker.mkdir()
+    assert cli.main(args) == 1 and "000015.npz" in error_line()
+    blocker.rmdir()
+    assert cli.main([*args, "--batch-size", "3"]) == 0  # not a recorded parameter
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed"] == 30
+    assert not parts.exists()
+    whole = tmp_path / "whole.npz"
+    assert cli.main([*args[:2], "--npz", str(whole), *args[4:]]) == 0
+    a, b = _npz(out), _npz(whole)
+    assert a["arr_0"].tobytes() == b["arr_0"].tobytes()
+    assert np.bincount(a["arr_1"]).tolist() == [8] * 4 and a["arr_1"].tolist() == b[
+        "arr_1"].tolist()
