@@ -29,16 +29,16 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from inference.pipelines import generate, to_uint8
 from models.dit import DiT
 from models.vae import AutoencoderKL
-from training.distributed import DistInfo, all_gather_objects, broadcast_object
 
 DEFAULT_CHUNK_SIZE = 250  # 50k samples: 200 chunks of 49 MB at 256², 25 per rank on 8 GPUs
 PARAMS_FILE = "params.json"
@@ -50,6 +50,14 @@ CHUNK_NAME = re.compile(r"(\d{6})\.npz")
 
 class NpzError(ValueError):
     """An output or parts folder that this run must not touch; the message says why."""
+
+
+class Ranks(Protocol):
+    """This process's place under torchrun (`training.distributed.DistInfo` is one); the
+    process group must be initialised when world_size > 1."""
+
+    rank: int
+    world_size: int
 
 
 def parts_folder(out: Path) -> Path:
@@ -178,10 +186,10 @@ def open_parts(job: NpzJob) -> list[int]:
     return sorted(finished)
 
 
-def prepare_parts(job: NpzJob, dist: DistInfo | None = None) -> list[int]:
+def prepare_parts(job: NpzJob, dist: Ranks | None = None) -> list[int]:
     """`open_parts` on rank 0, its finished chunks on every rank; its refusal is raised on every
     rank, so that none waits for one that has stopped."""
-    return _together(dist, lambda: open_parts(job) if dist is None or dist.is_main else None,
+    return _together(dist, lambda: open_parts(job) if dist is None or dist.rank == 0 else None,
                      share=True)
 
 
@@ -240,7 +248,7 @@ def sample_chunk(model: DiT, vae: AutoencoderKL, job: NpzJob, index: int, sampli
 
 
 def write_npz(model: DiT, vae: AutoencoderKL, job: NpzJob, sampling: Sampling,
-              finished: Iterable[int], dist: DistInfo | None = None, progress: bool = False
+              finished: Iterable[int], dist: Ranks | None = None, progress: bool = False
               ) -> NpzResult:
     """Sample this rank's share of the chunks not in `finished` (from `prepare_parts`), then
     assemble the output on rank 0. A failure on any rank is raised on every rank once the others
@@ -271,7 +279,7 @@ def write_npz(model: DiT, vae: AutoencoderKL, job: NpzJob, sampling: Sampling,
                      time.perf_counter() - started, resumed, mine)
 
 
-def _together(dist: DistInfo | None, work: Callable[[], Any], share: bool = False) -> Any:
+def _together(dist: Ranks | None, work: Callable[[], Any], share: bool = False) -> Any:
     """Run `work` on every rank; raise the lowest failing rank's error on every rank (named by
     its rank when it is not this one's), else return this rank's result, or rank 0's with
     `share`."""
@@ -285,7 +293,10 @@ def _together(dist: DistInfo | None, work: Callable[[], Any], share: bool = Fals
     if dist is None:
         return result
     sent = None if error is None else (str(error), isinstance(error, ValueError))
-    for rank, found in enumerate(all_gather_objects(sent)):
+    everyone = [sent] * dist.world_size
+    if dist.world_size > 1:
+        torch_dist.all_gather_object(everyone, sent)
+    for rank, found in enumerate(everyone):
         if found is None:
             continue
         if rank == dist.rank:
@@ -293,7 +304,11 @@ def _together(dist: DistInfo | None, work: Callable[[], Any], share: bool = Fals
         message, bad_input = found
         kind = NpzError if bad_input else RuntimeError
         raise kind(message if rank == 0 else f"rank {rank}: {message}")
-    return broadcast_object(result) if share else result
+    if share and dist.world_size > 1:
+        box = [result]
+        torch_dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
 
 
 # --- assembly --------------------------------------------------------------------------------
