@@ -25,6 +25,8 @@ from models.vae_weights import load_vae, save_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.config import Config, ConfigError, TrainingStopped, from_dict
 from training.dit_stage import train_dit
+from training.quality import BEST_FILE
+from tests.models.inception_file import random_inception_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -36,6 +38,18 @@ def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                   latent_channels=4, sample_size=32, force_upcast=False,
                                   scaling_factor=1.0, shift_factor=0.0))
     return save_vae(vae, tmp_path_factory.mktemp("vae") / "vae")
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's random-weight FID Inception file."""
+    return random_inception_file(tmp_path_factory)
+
+
+def fid_settings(weights: Path, every: int = 1) -> dict:
+    """`train` keys that measure FID/KID on a handful of samples and training images."""
+    return {"inception": str(weights), "fid_every": every, "fid_samples": 4,
+            "fid_ref_images": 4}
 
 
 def _config(path: Path, run_dir: Path, vae: Path, **train) -> Path:
@@ -77,10 +91,11 @@ DEVICES = [pytest.param({"device": "cpu"}, id="cpu"),
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dit_stage_one_mini_batch_smoke(tmp_path: Path, tiny_vae: Path, device: dict) -> None:
+def test_dit_stage_one_mini_batch_smoke(tmp_path: Path, tiny_vae: Path, inception: Path,
+                                        device: dict) -> None:
     cfg = from_dict(Config, json.loads(_config(tmp_path / "c.json", tmp_path / "run", tiny_vae,
                                                max_steps=1, eval_every=1, sample_every=1,
-                                               **device).read_text()))
+                                               **fid_settings(inception), **device).read_text()))
     run = train_dit(cfg)
     ckpt = load_checkpoint(latest_checkpoint(run))
     assert ckpt.step == 1 and set(ckpt.tensors) == {"model", "ema"}
@@ -89,6 +104,8 @@ def test_dit_stage_one_mini_batch_smoke(tmp_path: Path, tiny_vae: Path, device: 
         "step_0000001_32x32.png", "step_0000001_48x16.png"]
     assert _scalars(run, "loss/train") and _scalars(run, "loss_val_at_t/0.062")
     assert any(k.startswith("loss_train_by_bucket/") for k in _tags(run))
+    assert list(_scalars(run, "quality/fid")) == list(_scalars(run, "quality/kid")) == [1]
+    assert json.loads((run / BEST_FILE).read_text())["step"] == 1
 
 
 def _tags(run: Path) -> list[str]:
@@ -247,16 +264,18 @@ def test_dit_stage_nan_guard_aborts_without_bad_checkpoint(tmp_path: Path,
             assert all(torch.isfinite(v).all() for v in group.values())
 
 
-def test_dit_stage_torchrun_two_ranks_train_as_one_rank(tmp_path: Path, tiny_vae: Path) -> None:
+def test_dit_stage_torchrun_two_ranks_train_as_one_rank(tmp_path: Path, tiny_vae: Path,
+                                                        inception: Path) -> None:
     # 2 ranks × batch 2 take the same global batches as 1 rank × batch 4, and draw the same
-    # noise for them: only the order of float sums (DDP's all-reduce) differs.
-    steps = 6
-    one = _config(tmp_path / "one.json", tmp_path / "one", tiny_vae, max_steps=steps)
+    # noise for them: only the order of float sums (DDP's all-reduce) differs. The ranks share
+    # the FID samples at the last step (5: 2 on rank 0, 3 on rank 1), seeded by global index.
+    steps, quality = 6, {**fid_settings(inception, every=6), "fid_samples": 5}
+    one = _config(tmp_path / "one.json", tmp_path / "one", tiny_vae, max_steps=steps, **quality)
     cfg = json.loads(one.read_text())
     cfg["batch_size"] = 4
     one.write_text(json.dumps(cfg))
     assert _train("--config", str(one)).returncode == 0
-    two = _config(tmp_path / "two.json", tmp_path / "two", tiny_vae, max_steps=steps)
+    two = _config(tmp_path / "two.json", tmp_path / "two", tiny_vae, max_steps=steps, **quality)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29517", "train.py", "--config", str(two)],
@@ -271,6 +290,10 @@ def test_dit_stage_torchrun_two_ranks_train_as_one_rank(tmp_path: Path, tiny_vae
     # step 1's by 1e-2.
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * a[step], (step, a[step], b[step])
+    fid_one, fid_two = _scalars(tmp_path / "one", "quality/fid"), _scalars(tmp_path / "two",
+                                                                         "quality/fid")
+    assert list(fid_one) == list(fid_two) == [steps]
+    assert fid_two[steps] == pytest.approx(fid_one[steps], rel=1e-3)
     for group in ("model", "ema"):
         x, y = (load_file(tmp_path / run / "checkpoints" / f"step_{steps:07d}"
                           / f"{group}.safetensors") for run in ("one", "two"))
@@ -499,7 +522,8 @@ def test_dit_stage_prefetcher_reads_each_batch_with_its_condition(tmp_path: Path
     assert not use_classes or len(set(labels.tolist())) > 1  # a wrong order would show
     items = ScheduleSampler(plan.schedule, 0, cfg.seed, 0, 0)
     expected = iter(ScheduleSampler(plan.schedule, 0, cfg.seed, 0, 0))
-    prefetcher = BatchPrefetcher(reader, iter(items), labels, ClassCondition(len(plan.class_names)), cfg.seed, (0, 1),
+    prefetcher = BatchPrefetcher(reader, iter(items), labels,
+                                 ClassCondition(len(plan.class_names)), cfg.seed, (0, 1),
                                  flip=False, device=torch.device("cpu"), start=0)
     try:
         for _ in range(6):
