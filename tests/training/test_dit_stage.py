@@ -25,7 +25,7 @@ from models.vae_weights import load_vae, save_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.config import Config, ConfigError, TrainingStopped, from_dict
 from training.dit_stage import train_dit
-from training.quality import BEST_FILE
+from training.quality import BEST_FILE, OFF_MESSAGE
 from tests.models.inception_file import random_inception_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -48,8 +48,8 @@ def inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def fid_settings(weights: Path, every: int = 1) -> dict:
     """`train` keys that measure FID/KID on a handful of samples and training images."""
-    return {"inception": str(weights), "fid_every": every, "fid_samples": 4,
-            "fid_ref_images": 4}
+    return {"inception": str(weights), "fid_every": every, "fid_samples": 3,
+            "fid_ref_images": 3}
 
 
 def _config(path: Path, run_dir: Path, vae: Path, **train) -> Path:
@@ -105,7 +105,8 @@ def test_dit_stage_one_mini_batch_smoke(tmp_path: Path, tiny_vae: Path, inceptio
     assert _scalars(run, "loss/train") and _scalars(run, "loss_val_at_t/0.062")
     assert any(k.startswith("loss_train_by_bucket/") for k in _tags(run))
     assert list(_scalars(run, "quality/fid")) == list(_scalars(run, "quality/kid")) == [1]
-    assert json.loads((run / BEST_FILE).read_text())["step"] == 1
+    best = json.loads((run / BEST_FILE).read_text())
+    assert (best["step"], best["size"], best["n"]) == (1, "32x32", 3)  # the square bucket
 
 
 def _tags(run: Path) -> list[str]:
@@ -145,13 +146,18 @@ def test_dit_stage_validates_on_the_usable_eval_images(tmp_path: Path, tiny_vae:
     assert list(_scalars(run, "loss/val")) == [1]
 
 
-def test_dit_stage_resume_after_sigterm_is_exact(tmp_path: Path, tiny_vae: Path) -> None:
+def test_dit_stage_resume_after_sigterm_is_exact(tmp_path: Path, tiny_vae: Path,
+                                                 inception: Path) -> None:
+    # The interrupted run also measures FID every 6 steps: its sampling, Inception and KID
+    # draw from no stream that training uses, so it still trains exactly as the plain run.
     steps = 12
     straight_cfg = _config(tmp_path / "a.json", tmp_path / "a", tiny_vae, max_steps=steps)
-    assert _train("--config", str(straight_cfg)).returncode == 0
+    straight = _train("--config", str(straight_cfg))
+    assert straight.returncode == 0
+    assert straight.stdout.count(OFF_MESSAGE) == 1  # no weights: said once, and trained on
 
     split_cfg = _config(tmp_path / "b.json", tmp_path / "b", tiny_vae, max_steps=steps,
-                        ckpt_every=2)
+                        ckpt_every=2, **fid_settings(inception, every=6))
     proc = subprocess.Popen([sys.executable, "train.py", "--config", str(split_cfg)],
                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -166,6 +172,14 @@ def test_dit_stage_resume_after_sigterm_is_exact(tmp_path: Path, tiny_vae: Path)
     assert 2 <= stopped_at < steps, "SIGTERM should stop the run early with a checkpoint"
     resumed = _train("--config", str(split_cfg), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # the reference statistics come from the cache; the FID schedule goes on
+    assert "FID reference: 3 training images at 32x32 (from the cache)" in resumed.stdout
+    fids = _scalars(tmp_path / "b", "quality/fid")
+    assert set(fids) <= {6, 12} and 12 in fids  # 6 is lost if the stop came during it
+    assert all(math.isfinite(v) and v > 0 for v in fids.values())
+    best = json.loads((tmp_path / "b" / BEST_FILE).read_text())
+    assert best["step"] == min(fids, key=fids.get) and (best["n"], best["n_ref"]) == (3, 3)
+    assert best["fid"] == pytest.approx(fids[best["step"]], rel=1e-6)  # TensorBoard's float32
 
     assert _scalars(tmp_path / "a", "loss/train") == _scalars(tmp_path / "b", "loss/train")
     for group in ("model", "ema"):
