@@ -6,8 +6,9 @@
 Flags override the JSON config (`configs/`); the resolved config is saved in the run folder.
 `--resume` without `--config` continues the checkpoint's own run with the config saved in it,
 changing only what this command's flags say. Paths given on the command line (and in
-LDM_DATASET, LDM_RUNS_DIR) are relative to the current folder, like any command's; paths inside
-a config file are relative to the repository, so a config means the same from anywhere.
+LDM_DATASET, LDM_RUNS_DIR, LDM_INCEPTION) are relative to the current folder, like any
+command's; paths inside a config file are relative to the repository, so a config means the
+same from anywhere.
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--log-every": ("train.log_every", int, "steps between TensorBoard scalars"),
     "--eval-dataset": ("data.eval_dataset", str, "folder of validation images"),
     "--holdout": ("data.holdout", int, "images held out of training for validation"),
+    "--inception": ("train.inception", str, "FID Inception weights for the quality metrics "
+                                            "(env LDM_INCEPTION)"),
+    "--fid-every": ("train.fid_every", int, "steps between the DiT's FID/KID (0: quality "
+                                            "metrics off)"),
 }
-PATH_FLAGS = ("--dataset", "--eval-dataset", "--run-dir", "--vae")
+PATH_FLAGS = ("--dataset", "--eval-dataset", "--run-dir", "--vae", "--inception")
 # --X / --no-X -> (dotted config key, help): a resumed run keeps its saved value unless given
 SWITCHES: dict[str, tuple[str, str]] = {
     "--classes": ("data.use_classes", "label = first-level sub-folder name"),

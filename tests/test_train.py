@@ -172,6 +172,23 @@ def test_train_ldm_dataset_fills_in_only_where_no_dataset_is_named(
     assert resolve_config(flag)[0].data.dataset == "synthetic:4"
 
 
+def test_train_ldm_inception_fills_in_where_no_weights_are_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from train import build_parser, resolve_config
+    from training.config import Config, from_dict, portable_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LDM_INCEPTION", "weights/pt.pth")  # from the current folder
+    parser = build_parser(from_dict(Config, {}))
+    shipped = resolve_config(parser.parse_args(["--dataset", "synthetic:8"]))[0]
+    assert shipped.train.inception == str(tmp_path / "weights" / "pt.pth")
+    assert portable_config(shipped).train.inception == str(tmp_path / "weights" / "pt.pth")
+    flag = parser.parse_args(["--dataset", "synthetic:8", "--inception", "other.pth"])
+    assert resolve_config(flag)[0].train.inception == str(tmp_path / "other.pth")
+    monkeypatch.delenv("LDM_INCEPTION")
+    assert resolve_config(parser.parse_args(["--dataset", "synthetic:8"]))[0].train.inception == ""
+
+
 def test_train_boolean_flags_turn_off_and_out_needs_export() -> None:
     from train import build_parser, resolve_config
     from training.config import Config, from_dict

@@ -83,6 +83,11 @@ class TrainConfig:
     sample_every: int = 1000  # DiT sample grids; VAE reconstruction grids (at evaluations)
     max_nonfinite: int = 5  # abort after this many non-finite steps in a row
     threads: int = 0  # CPU threads of torch; 0: the CPUs this process may use less its workers
+    # Quality metrics (docs/evaluation.md "During training"); all need the FID Inception file.
+    inception: str = ""  # pt_inception-2015-12-05 weights; empty: LDM_INCEPTION, else off
+    fid_every: int = 5000  # DiT FID/KID of EMA samples every this many steps; 0: metrics off
+    fid_samples: int = 1000  # EMA samples per FID, shared over ranks
+    fid_ref_images: int = 10_000  # training images whose statistics FID compares against
 
 
 @dataclass
@@ -175,13 +180,17 @@ def validate_config(cfg: Config) -> Config:
                     "train.ckpt_every (0: only at the end)": t.ckpt_every,
                     "train.warmup_steps": t.warmup_steps, "train.lr": t.lr,
                     "train.threads (0: chosen)": t.threads,
-                    "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip}
+                    "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
+                    "train.fid_every (0: off)": t.fid_every}
     for key, value in at_least_one.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     for key, value in not_negative.items():
         if not value >= 0:  # NaN too
             raise ConfigError(f"{key} must not be negative, got {value}")
+    for key in ("fid_samples", "fid_ref_images"):  # a covariance needs two
+        if getattr(t, key) < 2:
+            raise ConfigError(f"train.{key} must be at least 2, got {getattr(t, key)}")
     if bool(cfg.vae.lpips_vgg) != bool(cfg.vae.lpips_lin):
         raise ConfigError("vae.lpips_vgg and vae.lpips_lin come together (both files, or neither "
                           "for no perceptual loss)")
@@ -327,7 +336,7 @@ def portable_path(path: str | os.PathLike[str], root: str | os.PathLike[str] = R
 
 
 PATH_KEYS = ("run_dir", "data.dataset", "data.eval_dataset", "dit.vae", "dit.cache_dir",
-             "vae.init", "vae.lpips_vgg", "vae.lpips_lin")
+             "vae.init", "vae.lpips_vgg", "vae.lpips_lin", "train.inception")
 
 
 def portable_config(cfg: Config) -> Config:
@@ -388,9 +397,11 @@ def resolve_run_config(config_file: str | os.PathLike[str], overrides: dict[str,
     command line; None: not given; paths already absolute). `resume` ("" for the newest
     checkpoint of the run folder) without `explicit_config` instead takes the config saved
     with the checkpoint and applies only `overrides`, and the run folder is the checkpoint's
-    own unless `overrides` names one. The stages refuse a change that would break the batch
-    schedule (`training.resume.find_resume`). Bad values are refused here (`validate_config`),
-    not steps into training.
+    own unless `overrides` names one. Last, LDM_INCEPTION fills `train.inception` when the
+    result leaves it empty (new and resumed runs alike: the file is a machine's setting). The
+    stages refuse a change that would break the batch schedule
+    (`training.resume.find_resume`). Bad values are refused here (`validate_config`), not
+    steps into training.
     """
     from training.checkpoint import read_state, resolve_resume
     from training.resume import saved_config
@@ -412,4 +423,6 @@ def resolve_run_config(config_file: str | os.PathLike[str], overrides: dict[str,
             cfg = apply_overrides(saved_config(read_state(checkpoint), checkpoint), overrides)
             if overrides.get("run_dir") is None:
                 cfg.run_dir = str(checkpoint.parent.parent)
+    if not cfg.train.inception and environ.get("LDM_INCEPTION"):
+        cfg.train.inception = from_cwd(environ["LDM_INCEPTION"])
     return validate_config(cfg), resume

@@ -4,7 +4,8 @@ One step: take this rank's slice of the next single-bucket global batch from the
 draw fresh latents `mean + σ·ε` from the memory-mapped cache, compute the flow loss under
 autocast, all-reduce gradients (DDP), check that loss and gradient norm are finite, step AdamW,
 update the EMA. Around it: validation loss per timestep bin on held-out latents, EMA sample
-grids at several bucket shapes, checkpoints, and a clean stop on SIGTERM/SIGINT.
+grids at several bucket shapes, FID/KID of EMA samples (`training/quality.py`), checkpoints,
+and a clean stop on SIGTERM/SIGINT.
 
 The next micro-batch is read from the cache on a background thread while the current one
 trains (`BatchPrefetcher`): its samples, noise and flips depend only on the schedule and the
@@ -45,6 +46,7 @@ from training.latent_cache.read import LatentReader, flip_from_seed, step_genera
 from training.logging import RunLogger
 from training.loop import EMA, Batch, StageSteps, train_loop
 from training.plan import DataPlan, plan_data, warn_unused
+from training.quality import SampleQuality, dit_quality, open_inception
 from training.resume import (data_state, find_resume, load_optimizer, prepare_run_dir,
                              refuse_finished, resume_position)
 from training.runtime import (autocast_dtype, keep_freed_memory, seed_everything,
@@ -203,6 +205,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     d, device, main = cfg.dit, info.device, info.is_main
     if d.model not in MODEL_NAMES:
         raise ConfigError(f"unknown model {d.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    inception = open_inception(cfg, info)  # a bad file is refused before any work
     seed_everything(cfg.seed)
     set_threads(cfg.train.threads, cfg.data.num_workers, main)
     keep_freed_memory()  # no page faults re-zeroing activations every step
@@ -257,8 +260,11 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
              "latent_channels": vae.config.latent_channels, "class_names": plan.class_names,
              "model_config": model.config.to_dict(), "vae": portable_path(resolve_path(d.vae)),
              "vae_fingerprint": fingerprint, **data_state(plan)}
+    meter = dit_quality(cfg, info, inception, plan.records,
+                        preview_sizes([], plan.buckets, step_px)[0], len(plan.class_names), step,
+                        autocast_dtype(cfg.train.precision, device), logger, run_dir)
     steps = dit_steps(cfg, info, model, train_model, ema, opt, vae, plan, val, logger, run_dir,
-                      extra)
+                      extra, meter)
     samples_per_step = cfg.train.grad_accum * cfg.batch_size * info.world_size
     try:
         train_loop(cfg, info, run_dir, step, batches, steps, model, opt, ema, logger,
@@ -347,10 +353,10 @@ def validation_loss(flow: RectifiedFlow, model: DiT, val: list[tuple[torch.Tenso
 def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Module, ema: EMA,
               opt: torch.optim.Optimizer, vae: AutoencoderKL, plan: DataPlan,
               val: list[tuple[torch.Tensor, torch.Tensor]], logger: RunLogger, run_dir: Path,
-              extra: dict) -> StageSteps:
+              extra: dict, meter: SampleQuality | None) -> StageSteps:
     """The DiT stage's part of each step (`training/loop.py`): the flow loss of a micro-batch,
     the EMA update, the loss per bucket for the log, validation loss per timestep bin, EMA
-    sample grids, and what a checkpoint holds."""
+    sample grids, FID/KID of EMA samples (`meter`), and what a checkpoint holds."""
     d, device, main = cfg.dit, info.device, info.is_main
     amp = autocast_dtype(cfg.train.precision, device)
     part = (info.rank, info.world_size)  # this rank's slice of every step's random draws
@@ -415,5 +421,10 @@ def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Mod
             logger.image(f"samples/{w}x{h}", (grid + 1) / 2, step)
             tensor_to_pil(grid).save(samples_dir / f"step_{step:07d}_{w}x{h}.png")
 
+    def quality(step: int, stop_requested: Callable[[], bool]) -> None:
+        ema.copy_to(ema_model)
+        meter.measure(ema_model, vae, step, stop_requested)
+
     return StageSteps(loss, update, scalars, payload, validate, preview,
-                      lambda samples: [plan.records.path(i) for i in samples])
+                      lambda samples: [plan.records.path(i) for i in samples],
+                      quality if meter is not None else None)

@@ -12,6 +12,9 @@ first and the learning rate soon after:
     loss_val_at_t/0.062 ...       the DiT's validation loss at timestep t (0: the clean latent,
                                   1: pure noise), each bin's midpoint; seeded, so runs compare
     optim/lr, optim/grad_norm     the learning rate and the gradient norm before clipping
+    quality/fid, quality/kid      FID and KID of the DiT's EMA samples against training images
+    quality/rfid                  FID of the VAE's held-out reconstructions against the originals
+                                  (both with the FID Inception weights: `training/quality.py`)
     samples/WxH                   EMA sample grids (images)
     speed/samples_per_s, speed/data_wait_fraction
     val/psnr, val/ssim, val/reconstructions   the VAE's held-out reconstructions

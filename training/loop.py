@@ -16,7 +16,8 @@ One step, as `train_loop` runs it:
     loss, stop ← agree over ranks; norm ← clip gradients
     if loss and norm are finite: optimizer.step(); ema.update(model)   (else skipped, counted)
     stage.update(finite); zero gradients; step ← step + 1
-    log every train.log_every steps; then checkpoint, validate and preview when due
+    log every train.log_every steps; then checkpoint, validate, measure quality and preview
+    when due
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ class StageSteps:
     payload() -> (tensor groups, torch state dicts, JSON extras) of a checkpoint;
     validate(step) and preview(step, stop_requested) on the main process, every
     train.eval_every and train.sample_every steps and at the end (`stop_requested()` tells a
-    preview drawing several grids that a stop signal came, so that it returns at once).
+    preview drawing several grids that a stop signal came, so that it returns at once);
+    quality(step, stop_requested), when the stage has it, on every rank every
+    train.fid_every steps (the ranks share its work; it returns early on a stop request).
     """
 
     loss: Callable[[Any], torch.Tensor]
@@ -74,6 +77,7 @@ class StageSteps:
     validate: Callable[[int], None]
     preview: Callable[[int, Callable[[], bool]], None]
     files: Callable[[list[int]], list[str]]  # the files of samples, to name a non-finite step
+    quality: Callable[[int, Callable[[], bool]], None] | None = None
 
 
 def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
@@ -223,6 +227,25 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
                 p.grad /= world
 
 
+def evaluate_due(stage: StageSteps, t: TrainConfig, step: int, main: bool, stop: StopSignal,
+                 bar: tqdm) -> None:
+    """After `step` (and its checkpoint): validation, quality metrics and previews, those that
+    are due. Validation and previews run on the main process and not after a stop request;
+    quality runs on every rank whatever this rank has seen (the ranks share its work, and a
+    stop request may have reached some of them only): it returns early itself."""
+    final = step == t.max_steps
+    if main and not stop.received and (step % t.eval_every == 0 or final):
+        bar.set_description_str("validating")
+        stage.validate(step)
+    if stage.quality and t.fid_every and step % t.fid_every == 0:
+        bar.set_description_str("measuring FID")
+        stage.quality(step, lambda: stop.received is not None)
+    if main and not stop.received and (step % t.sample_every == 0 or final):
+        bar.set_description_str("drawing sample grids")
+        stage.preview(step, lambda: stop.received is not None)
+    bar.set_description_str("")
+
+
 def train_loop(cfg: Config, info: DistInfo, run_dir: Path, step: int, batches: Iterator[Batch],
                stage: StageSteps, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA,
                logger: RunLogger, samples_per_step: int,
@@ -289,14 +312,7 @@ def train_loop(cfg: Config, info: DistInfo, run_dir: Path, step: int, batches: I
                     logger.flush()  # the events logged up to the checkpoint reach disk with it
                 if stopping:
                     break
-                final = step == t.max_steps
-                if main and not stop.received and (step % t.eval_every == 0 or final):
-                    bar.set_description_str("validating")
-                    stage.validate(step)
-                if main and not stop.received and (step % t.sample_every == 0 or final):
-                    bar.set_description_str("drawing sample grids")
-                    stage.preview(step, lambda: stop.received is not None)
-                bar.set_description_str("")
+                evaluate_due(stage, t, step, main, stop, bar)
     finally:
         stop.restore()
         bar.close()

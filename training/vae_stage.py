@@ -28,6 +28,7 @@ from tqdm import tqdm
 from bucketing import BatchSchedule
 from inference.metrics import psnr, ssim
 from models.discriminator import PatchDiscriminator, hinge_d_loss, share_batch_statistics
+from models.inception import InceptionFeatures
 from models.vae import AutoencoderKL, VAEConfig
 from models.vae_weights import load_vae, save_vae, state_dict_problems
 from training.checkpoint import Checkpoint, load_checkpoint, read_state, resolve_resume
@@ -37,6 +38,7 @@ from training.images import to_unit_range
 from training.logging import RunLogger
 from training.loop import EMA, Batch, StageSteps, average_gradients, train_loop
 from training.plan import DataPlan, eval_crops, pixel_loader, plan_data
+from training.quality import ReconstructionFID, open_inception, vae_quality
 from training.resume import (data_state, find_resume, load_optimizer, prepare_run_dir,
                              refuse_finished, resume_position)
 from training.runtime import (autocast_dtype, close_loader, keep_freed_memory,
@@ -106,7 +108,8 @@ def build_vae(cfg: Config, check_keys: bool = True) -> AutoencoderKL:
 @torch.no_grad()
 def evaluate(model: AutoencoderKL, images: torch.Tensor, device: torch.device,
              batch: int = 8) -> tuple[float, float, torch.Tensor]:
-    """Mean PSNR and SSIM of posterior-mean reconstructions; also a grid-ready pair tensor."""
+    """Mean PSNR and SSIM of the posterior-mean reconstructions of uint8 `images`
+    (N, 3, H, W), and the reconstructions (N, 3, H, W) in [-1, 1] on the CPU."""
     was_training = model.training
     model.eval()
     scores_p, scores_s, recs = [], [], []
@@ -117,9 +120,20 @@ def evaluate(model: AutoencoderKL, images: torch.Tensor, device: torch.device,
         scores_s.append(ssim(rec, x))
         recs.append(rec.cpu())
     model.train(was_training)
-    rec = torch.cat(recs)
-    pairs = torch.stack([to_unit_range(images[:4]), rec[:4]], 1).flatten(0, 1)  # (8, 3, H, W)
-    return float(torch.cat(scores_p).mean()), float(torch.cat(scores_s).mean()), pairs
+    return float(torch.cat(scores_p).mean()), float(torch.cat(scores_s).mean()), torch.cat(recs)
+
+
+def log_held_out(model: AutoencoderKL, images: torch.Tensor, device: torch.device,
+                 rfid: ReconstructionFID | None, logger: RunLogger, step: int) -> None:
+    """Log (and print) `val/psnr` and `val/ssim` of `model`'s reconstructions of uint8
+    `images` (N, 3, H, W), and with `rfid` their `quality/rfid`, at `step`."""
+    p, s, rec = evaluate(model, images, device)
+    values = {"val/psnr": p, "val/ssim": s}
+    if rfid is not None:
+        values["quality/rfid"] = rfid(rec)
+    logger.scalars(values, step)
+    tqdm.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}"
+               + (f", rFID {values['quality/rfid']:.2f}" if rfid else ""))
 
 
 @torch.no_grad()
@@ -198,6 +212,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     if dit_only:
         raise ConfigError(f"{', '.join(dit_only)}: the DiT stage's; the VAE stage would ignore "
                           "them")
+    inception = open_inception(cfg, info)  # a bad file is refused before any work
     seed_everything(cfg.seed)
     set_threads(cfg.train.threads, cfg.data.num_workers, main)
     keep_freed_memory()  # no page faults re-zeroing activations every step
@@ -235,7 +250,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     loader = pixel_loader(cfg, plan, info, epoch, index, random_crop=cfg.data.random_crop)
     ema_model = copy.deepcopy(vae).eval()
     logger = RunLogger(run_dir, main, resumed_step=step if resume_path is not None else None)
-    steps = vae_steps(cfg, info, vae, disc, ema, ema_model, opt_g, opt_d, plan, logger, step)
+    steps = vae_steps(cfg, info, vae, disc, ema, ema_model, opt_g, opt_d, plan, logger, step,
+                      inception)
     batches = iter(loader)
     try:
         train_loop(cfg, info, run_dir, step, _batches(batches), steps, vae, opt_g, ema, logger,
@@ -269,15 +285,16 @@ def load_lpips(cfg: Config, device: torch.device) -> torch.nn.Module | None:
 def vae_steps(cfg: Config, info: DistInfo, vae: AutoencoderKL, disc: torch.nn.Module,
               ema: EMA, ema_model: AutoencoderKL, opt_g: torch.optim.Optimizer,
               opt_d: torch.optim.Optimizer, plan: DataPlan, logger: RunLogger,
-              step: int) -> StageSteps:
+              step: int, inception: InceptionFeatures | None) -> StageSteps:
     """The VAE stage's part of each step (`training/loop.py`): the autoencoder loss of a batch,
-    then the EMA and the discriminator's own step, the loss terms for the log, held-out PSNR and
-    SSIM, reconstruction grids, and what a checkpoint holds."""
+    then the EMA and the discriminator's own step, the loss terms for the log, held-out PSNR,
+    SSIM and rFID (with `inception`), reconstruction grids, and what a checkpoint holds."""
     v, device = cfg.vae, info.device
     amp = autocast_dtype(cfg.train.precision, device)
     lpips = load_lpips(cfg, device)
     eval_images = (eval_crops(plan.eval_records, v.eval_crop, v.eval_images,
                               cfg.data.max_image_pixels) if info.is_main else None)
+    rfid = vae_quality(inception, eval_images, info)
     zero = torch.zeros((), device=device)
     now = {"step": step}  # the step being trained, and its tensors the later functions read
 
@@ -331,16 +348,16 @@ def vae_steps(cfg: Config, info: DistInfo, vae: AutoencoderKL, disc: torch.nn.Mo
     def validate(step: int) -> None:
         if len(eval_images):
             ema.copy_to(ema_model)
-            p, s, _ = evaluate(ema_model, eval_images, device)
-            logger.scalars({"val/psnr": p, "val/ssim": s}, step)
-            tqdm.write(f"step {step}: held-out PSNR {p:.2f} dB, SSIM {s:.4f}")
+            log_held_out(ema_model, eval_images, device, rfid, logger, step)
 
     def preview(step: int, stop_requested: Callable[[], bool]) -> None:
         if len(eval_images):
             from inference.pipelines import image_grid
 
             ema.copy_to(ema_model)
-            _, _, pairs = evaluate(ema_model, eval_images[:4], device)
+            _, _, rec = evaluate(ema_model, eval_images[:4], device)
+            # originals and reconstructions side by side, (8, 3, H, W)
+            pairs = torch.stack([to_unit_range(eval_images[:4]), rec], 1).flatten(0, 1)
             logger.image("val/reconstructions", (image_grid(pairs, cols=2) + 1) / 2, step)
 
     return StageSteps(loss, update, scalars, payload, validate, preview,

@@ -25,6 +25,8 @@ from models.vae_weights import load_vae, save_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.config import Config, ConfigError, TrainingStopped, from_dict
 from training.dit_stage import train_dit
+from training.quality import BEST_FILE, OFF_MESSAGE
+from tests.models.inception_file import random_inception_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -36,6 +38,18 @@ def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                   latent_channels=4, sample_size=32, force_upcast=False,
                                   scaling_factor=1.0, shift_factor=0.0))
     return save_vae(vae, tmp_path_factory.mktemp("vae") / "vae")
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's random-weight FID Inception file."""
+    return random_inception_file(tmp_path_factory)
+
+
+def fid_settings(weights: Path, every: int = 1) -> dict:
+    """`train` keys that measure FID/KID on a handful of samples and training images."""
+    return {"inception": str(weights), "fid_every": every, "fid_samples": 3,
+            "fid_ref_images": 3}
 
 
 def _config(path: Path, run_dir: Path, vae: Path, **train) -> Path:
@@ -77,10 +91,11 @@ DEVICES = [pytest.param({"device": "cpu"}, id="cpu"),
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dit_stage_one_mini_batch_smoke(tmp_path: Path, tiny_vae: Path, device: dict) -> None:
+def test_dit_stage_one_mini_batch_smoke(tmp_path: Path, tiny_vae: Path, inception: Path,
+                                        device: dict) -> None:
     cfg = from_dict(Config, json.loads(_config(tmp_path / "c.json", tmp_path / "run", tiny_vae,
                                                max_steps=1, eval_every=1, sample_every=1,
-                                               **device).read_text()))
+                                               **fid_settings(inception), **device).read_text()))
     run = train_dit(cfg)
     ckpt = load_checkpoint(latest_checkpoint(run))
     assert ckpt.step == 1 and set(ckpt.tensors) == {"model", "ema"}
@@ -89,6 +104,9 @@ def test_dit_stage_one_mini_batch_smoke(tmp_path: Path, tiny_vae: Path, device: 
         "step_0000001_32x32.png", "step_0000001_48x16.png"]
     assert _scalars(run, "loss/train") and _scalars(run, "loss_val_at_t/0.062")
     assert any(k.startswith("loss_train_by_bucket/") for k in _tags(run))
+    assert list(_scalars(run, "quality/fid")) == list(_scalars(run, "quality/kid")) == [1]
+    best = json.loads((run / BEST_FILE).read_text())
+    assert (best["step"], best["size"], best["n"]) == (1, "32x32", 3)  # the square bucket
 
 
 def _tags(run: Path) -> list[str]:
@@ -128,13 +146,18 @@ def test_dit_stage_validates_on_the_usable_eval_images(tmp_path: Path, tiny_vae:
     assert list(_scalars(run, "loss/val")) == [1]
 
 
-def test_dit_stage_resume_after_sigterm_is_exact(tmp_path: Path, tiny_vae: Path) -> None:
+def test_dit_stage_resume_after_sigterm_is_exact(tmp_path: Path, tiny_vae: Path,
+                                                 inception: Path) -> None:
+    # The interrupted run also measures FID every 6 steps: its sampling, Inception and KID
+    # draw from no stream that training uses, so it still trains exactly as the plain run.
     steps = 12
     straight_cfg = _config(tmp_path / "a.json", tmp_path / "a", tiny_vae, max_steps=steps)
-    assert _train("--config", str(straight_cfg)).returncode == 0
+    straight = _train("--config", str(straight_cfg))
+    assert straight.returncode == 0
+    assert straight.stdout.count(OFF_MESSAGE) == 1  # no weights: said once, and trained on
 
     split_cfg = _config(tmp_path / "b.json", tmp_path / "b", tiny_vae, max_steps=steps,
-                        ckpt_every=2)
+                        ckpt_every=2, **fid_settings(inception, every=6))
     proc = subprocess.Popen([sys.executable, "train.py", "--config", str(split_cfg)],
                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -149,6 +172,14 @@ def test_dit_stage_resume_after_sigterm_is_exact(tmp_path: Path, tiny_vae: Path)
     assert 2 <= stopped_at < steps, "SIGTERM should stop the run early with a checkpoint"
     resumed = _train("--config", str(split_cfg), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # the reference statistics come from the cache; the FID schedule goes on
+    assert "FID reference: 3 training images at 32x32 (from the cache)" in resumed.stdout
+    fids = _scalars(tmp_path / "b", "quality/fid")
+    assert set(fids) <= {6, 12} and 12 in fids  # 6 is lost if the stop came during it
+    assert all(math.isfinite(v) and v > 0 for v in fids.values())
+    best = json.loads((tmp_path / "b" / BEST_FILE).read_text())
+    assert best["step"] == min(fids, key=fids.get) and (best["n"], best["n_ref"]) == (3, 3)
+    assert best["fid"] == pytest.approx(fids[best["step"]], rel=1e-6)  # TensorBoard's float32
 
     assert _scalars(tmp_path / "a", "loss/train") == _scalars(tmp_path / "b", "loss/train")
     for group in ("model", "ema"):
@@ -247,16 +278,18 @@ def test_dit_stage_nan_guard_aborts_without_bad_checkpoint(tmp_path: Path,
             assert all(torch.isfinite(v).all() for v in group.values())
 
 
-def test_dit_stage_torchrun_two_ranks_train_as_one_rank(tmp_path: Path, tiny_vae: Path) -> None:
+def test_dit_stage_torchrun_two_ranks_train_as_one_rank(tmp_path: Path, tiny_vae: Path,
+                                                        inception: Path) -> None:
     # 2 ranks × batch 2 take the same global batches as 1 rank × batch 4, and draw the same
-    # noise for them: only the order of float sums (DDP's all-reduce) differs.
-    steps = 6
-    one = _config(tmp_path / "one.json", tmp_path / "one", tiny_vae, max_steps=steps)
+    # noise for them: only the order of float sums (DDP's all-reduce) differs. The ranks share
+    # the FID samples at the last step (5: 2 on rank 0, 3 on rank 1), seeded by global index.
+    steps, quality = 6, {**fid_settings(inception, every=6), "fid_samples": 5}
+    one = _config(tmp_path / "one.json", tmp_path / "one", tiny_vae, max_steps=steps, **quality)
     cfg = json.loads(one.read_text())
     cfg["batch_size"] = 4
     one.write_text(json.dumps(cfg))
     assert _train("--config", str(one)).returncode == 0
-    two = _config(tmp_path / "two.json", tmp_path / "two", tiny_vae, max_steps=steps)
+    two = _config(tmp_path / "two.json", tmp_path / "two", tiny_vae, max_steps=steps, **quality)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29517", "train.py", "--config", str(two)],
@@ -271,6 +304,10 @@ def test_dit_stage_torchrun_two_ranks_train_as_one_rank(tmp_path: Path, tiny_vae
     # step 1's by 1e-2.
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * a[step], (step, a[step], b[step])
+    fid_one, fid_two = _scalars(tmp_path / "one", "quality/fid"), _scalars(tmp_path / "two",
+                                                                         "quality/fid")
+    assert list(fid_one) == list(fid_two) == [steps]
+    assert fid_two[steps] == pytest.approx(fid_one[steps], rel=1e-3)
     for group in ("model", "ema"):
         x, y = (load_file(tmp_path / run / "checkpoints" / f"step_{steps:07d}"
                           / f"{group}.safetensors") for run in ("one", "two"))

@@ -13,8 +13,8 @@ from PIL import Image
 
 from models.inception import WEIGHTS_NAME, InceptionFeatures
 from tests.models.inception_file import peer_hub, random_inception_file, varied_images
-from training.fid import (_cache_key, fid, inception_score, kid, precision_recall,
-                          read_sample_set, statistics)
+from training.fid import (_cache_key, fid, fid_of_features, inception_score, kid,
+                          precision_recall, read_sample_set, statistics)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,16 @@ def test_fid_of_a_set_against_itself_is_zero_and_fid_is_symmetric() -> None:
         assert abs(fid(m1, s1, m1, s1)) < 1e-8 * np.trace(s1)
         assert fid(m1, s1, m2, s2) > 1
         assert fid(m1, s1, m2, s2) == pytest.approx(fid(m2, s2, m1, s1), rel=1e-10)
+
+
+def test_fid_of_features_equals_fid_of_their_statistics() -> None:
+    rng = np.random.default_rng(0)
+    ref = statistics(rng.normal(size=(300, 64)) + 0.5)  # full rank
+    for n in (3, 40, 64, 100):  # fewer, as many and more features than dimensions
+        x = rng.normal(size=(n, 64)) * rng.uniform(0.5, 2, 64)
+        assert fid_of_features(x, *ref) == pytest.approx(fid(*statistics(x), *ref), rel=1e-9)
+    pool = rng.normal(size=(5, 48))
+    assert fid_of_features(pool, *statistics(pool)) == pytest.approx(0, abs=1e-9)
 
 
 def test_fid_refuses_an_imaginary_square_root_and_bad_shapes() -> None:

@@ -20,6 +20,8 @@ from models.vae_weights import load_vae, save_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.config import Config, ConfigError, TrainingStopped, from_dict, save_config
 from training.vae_stage import build_vae, export_checkpoint, train_vae
+from tests.models.inception_file import random_inception_file
+from tests.training.test_dit_stage import _scalars
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -43,15 +45,17 @@ def _cfg(run_dir: Path, **train) -> Config:
     pytest.param({"device": "cuda", "precision": "bf16"}, id="cuda",
                  marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ])
-def test_vae_stage_one_mini_batch_smoke(tmp_path: Path, device: dict) -> None:
-    run = train_vae(_cfg(tmp_path / "run", max_steps=2, **device))
+def test_vae_stage_one_mini_batch_smoke(tmp_path: Path, tmp_path_factory, device: dict) -> None:
+    weights = random_inception_file(tmp_path_factory)  # rFID at the evaluation (the last step)
+    run = train_vae(_cfg(tmp_path / "run", max_steps=2, inception=str(weights), **device))
     ckpt = latest_checkpoint(run)
     assert ckpt is not None and ckpt.name == "step_0000002"
     loaded = load_checkpoint(ckpt)
     assert set(loaded.tensors) == {"model", "ema", "discriminator"}
     assert set(loaded.torch_state) == {"opt_g", "opt_d"}
     assert json.loads((run / "config.json").read_text())["stage"] == "vae"
-    assert list((run / "tb").glob("events.out.tfevents.*"))
+    rfid = _scalars(run, "quality/rfid")
+    assert list(rfid) == [2] and rfid[2] >= 0
     vae = load_vae(run / "vae")
     assert vae.config.latent_channels == 4 and vae.config.scaling_factor > 0
     x = torch.rand(1, 3, 32, 48) * 2 - 1
