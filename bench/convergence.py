@@ -18,9 +18,10 @@ resumes the checkpoint of the one before (`--resume`: weights, EMA, optimizer, s
 position and the per-step noise carry on exactly as in one long run). A subprocess is stopped
 with SIGTERM once it has trained for the rest of its budget; the run finishes the step, saves a
 checkpoint and exits, so every budget has a checkpoint of its own and none is saved while the
-clock runs. Start-up (imports, VAE, scan, cache check) is not training: the clock of a
-subprocess starts when its TensorBoard events file appears, which the stage creates just
-before its training loop. The training time reported is exact: the run logs every step
+clock runs. Start-up (imports, VAE, scan, cache check) is not training: the bench counts a
+subprocess's time from the first showing of its training loop's progress bar ("STEP/MAX ["
+in its output), which the loop draws once it has taken the stop signals and started its step
+clock. The training time reported is exact: the run logs every step
 (`train.log_every` 1) and `speed/samples_per_s` of each step gives that step's time, without
 checkpoints (training/loop.py `StepRate`); the next subprocess trains for what is left of its
 budget by that count. In-run validation and sample grids are off (`eval_every`,
@@ -61,6 +62,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,7 +74,7 @@ BIG = 10**9  # steps: out of reach, so that only the bench's signals end a run
 FIXED_KEYS = ("seed", "stage", "run_dir", "data.", "dit.vae", "dit.cache_dir", "train.device",
               "train.threads", "train.max_steps", "train.ckpt_every", "train.keep_last",
               "train.eval_every", "train.sample_every", "train.log_every")
-POLL_S = 0.02  # how often the bench looks for a subprocess's events file
+POLL_S = 0.05  # how often the bench looks whether a subprocess is still alive
 
 
 # -- recipes and their configs ------------------------------------------------------------------
@@ -144,10 +146,6 @@ def prepare(cfg, device) -> list:
 
 
 # -- training -----------------------------------------------------------------------------------
-def _events(run_dir: Path) -> set[Path]:
-    return set((run_dir / "tb").glob("events.out.tfevents.*"))
-
-
 def trained(run_dir: Path, samples_per_step: int) -> tuple[int, float]:
     """(last step, seconds of training) of a run that logged every step: each step's time is
     samples_per_step / its speed/samples_per_s (checkpoints left out)."""
@@ -163,31 +161,49 @@ def trained(run_dir: Path, samples_per_step: int) -> tuple[int, float]:
     return last, seconds
 
 
-def train_segment(config_file: Path, run_dir: Path, seconds: float, resume: bool,
-                  env: dict, log: Path) -> None:
-    """One `train.py` process over `config_file`: wait for its training loop to start (its
-    events file appears), let it train `seconds` (at least one step), stop it with SIGTERM and
-    wait until it has saved its checkpoint and exited."""
-    before = _events(run_dir)
+def _copy_output(stream, log: Path, started: threading.Event) -> None:
+    """Copy a child's output to `log` as it comes; set `started` once its training loop's
+    progress bar ("STEP/BIG [") shows: the loop has taken the stop signals and started its
+    step clock (training/loop.py `train_loop`)."""
+    marker, seen = f"/{BIG} [".encode(), b""
+    with open(log, "ab") as out:
+        while chunk := stream.read1(65536):
+            out.write(chunk)
+            out.flush()
+            if not started.is_set():
+                seen = seen[-64:] + chunk
+                if marker in seen:
+                    started.set()
+
+
+def train_segment(config_file: Path, seconds: float, resume: bool, env: dict, log: Path,
+                  startup_limit: float = 1800.0) -> None:
+    """One `train.py` process over `config_file` (resuming its run's newest checkpoint with
+    `resume`): wait for its training loop to start, let it train `seconds` (at least one step),
+    stop it with SIGTERM and wait until it has saved its checkpoint and exited."""
     cmd = [sys.executable, str(REPO / "train.py"), "--config", str(config_file)]
     cmd += ["--resume"] if resume else []
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    started = threading.Event()
+    copier = threading.Thread(target=_copy_output, args=(proc.stdout, log, started), daemon=True)
+    copier.start()
+    try:
+        deadline = time.monotonic() + startup_limit
+        while not started.wait(POLL_S):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(cmd)}: its training loop did not start (exit "
+                                   f"status {proc.poll()}); see {log}:\n{_tail(log)}")
         try:
-            while not (_events(run_dir) - before):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{' '.join(cmd)} exited ({proc.returncode}) before "
-                                       f"training; see {log}:\n{_tail(log)}")
-                time.sleep(POLL_S)
-            try:
-                proc.wait(timeout=max(seconds, 0.0))
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGTERM)
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:  # the bench itself failed or was interrupted
-                proc.kill()
-                proc.wait()
+            proc.wait(timeout=max(seconds, 0.0))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:  # the bench itself failed or was interrupted
+            proc.kill()
+            proc.wait()
+        copier.join()
     if code != 128 + signal.SIGTERM:
         raise RuntimeError(f"{' '.join(cmd)} exited with {code}, expected a stop on SIGTERM "
                            f"({128 + signal.SIGTERM}); see {log}:\n{_tail(log)}")
@@ -314,8 +330,7 @@ def run_recipe(name: str, overrides: dict, args: argparse.Namespace, work: Path,
     reached = []
     train_s = 0.0
     for i, budget in enumerate(args.budgets):
-        train_segment(config_file, run_dir, budget - train_s, i > 0, env,
-                      work / "logs" / f"{name}.log")
+        train_segment(config_file, budget - train_s, i > 0, env, work / "logs" / f"{name}.log")
         step, train_s = trained(run_dir, samples_per_step)
         checkpoint = latest_checkpoint(run_dir)
         saved = int(json.loads((checkpoint / "state.json").read_text())["step"])
@@ -423,8 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     while work.exists():  # two invocations within a second
         work = work.with_name(work.name + "x")
     (work / "logs").mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "MKL_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
+    # the children's progress bar tells when their training loops start: not disabled
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TQDM_")},
+           "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     load_before = [round(v, 2) for v in os.getloadavg()]
     start = time.perf_counter()
     val = prepare(recipe_config(args, {}, work / "runs" / "_prepare"), device)
