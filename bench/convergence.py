@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -65,6 +66,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from training.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow `python bench/convergence.py` as well as `python -m ...`
@@ -99,7 +106,7 @@ def parse_recipe(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def recipe_config(args: argparse.Namespace, overrides: dict, run_dir: Path):
+def recipe_config(args: argparse.Namespace, overrides: dict, run_dir: Path) -> Config:
     """The config a recipe trains with: `--config`, the bench's shared settings, the recipe's
     `overrides`, then the bookkeeping that lets only the bench's signals end the run."""
     from training.config import absolute_config, apply_overrides, load_config, validate_config
@@ -121,9 +128,10 @@ def recipe_config(args: argparse.Namespace, overrides: dict, run_dir: Path):
 
 
 # -- preparation: the latent cache and the validation latents, once ----------------------------
-def prepare(cfg, device) -> list:
+def prepare(cfg: Config, device: torch.device) -> tuple[list, list[str]]:
     """Build (or check) the latent cache of the training and held-out images in this process;
-    returns the validation chunks (`training.dit_stage.validation_latents`)."""
+    returns the validation chunks (`training.dit_stage.validation_latents`) and the class
+    names."""
     from models.vae_weights import vae_fingerprint
     from training.distributed import DistInfo
     from training.dit_stage import cache_latents, load_stage_vae, validation_latents
@@ -142,7 +150,7 @@ def prepare(cfg, device) -> list:
     if not val:
         raise ValueError(f"{cfg.data.dataset}: no held-out images for the validation loss "
                          "(--holdout)")
-    return val
+    return val, plan.class_names
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -214,7 +222,8 @@ def _tail(log: Path, chars: int = 2000) -> str:
 
 
 # -- evaluation ---------------------------------------------------------------------------------
-def evaluate(checkpoint: Path, cfg, val: list, args: argparse.Namespace, device) -> dict:
+def evaluate(checkpoint: Path, cfg: Config, val: list, args: argparse.Namespace,
+             device: torch.device) -> dict:
     """Class accuracy of the checkpoint's EMA samples (scripts/synthetic_check.py) and its
     validation loss per timestep bin."""
     import torch
@@ -247,7 +256,7 @@ def evaluate(checkpoint: Path, cfg, val: list, args: argparse.Namespace, device)
 
 
 # -- the report ---------------------------------------------------------------------------------
-def machine(device) -> dict:
+def machine(device: torch.device) -> dict:
     """The CPU (or GPU), cores, torch and the load average, as reported."""
     import torch
 
@@ -279,7 +288,9 @@ def plot(report: dict, path: Path) -> None:
     font = ImageFont.load_default()
     points = {name: [(r["train_s"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
               for name, rows in report["results"].items()}
-    x_max = max([x for pts in points.values() for x, _ in pts] + [1.0]) * 1.05
+    longest = max([x for pts in points.values() for x, _ in pts] + [1e-3])
+    tick = min(m * 10 ** e for e in range(-3, 7) for m in (1, 2, 5) if m * 10 ** e * 6 >= longest)
+    x_max = tick * math.ceil(longest * 1.02 / tick)  # ticks at multiples of 1, 2 or 5 × 10^k
     x0, x1, y0, y1 = left, width - right, height - bottom, top
 
     def at(x: float, y: float) -> tuple[float, float]:
@@ -290,10 +301,10 @@ def plot(report: dict, path: Path) -> None:
         _, y = at(0, k / 5)
         draw.line((x0 - 4, y, x0, y), fill="black")
         draw.text((x0 - 34, y - 6), f"{k / 5:.1f}", fill="black", font=font)
-    for k in range(6):
-        x, _ = at(x_max * k / 5, 0)
+    for k in range(round(x_max / tick) + 1):
+        x, _ = at(k * tick, 0)
         draw.line((x, y0, x, y0 + 4), fill="black")
-        draw.text((x - 10, y0 + 8), f"{x_max * k / 5:.3g}", fill="black", font=font)
+        draw.text((x - 10, y0 + 8), f"{k * tick:g}", fill="black", font=font)
     draw.text(((x0 + x1) / 2 - 60, height - 22), "training seconds", fill="black", font=font)
     draw.text((x0, 8), f"class accuracy ({report['samples_per_class']} samples per class, "
               f"{report['threads']} thread(s))", fill="black", font=font)
@@ -313,7 +324,7 @@ def plot(report: dict, path: Path) -> None:
 
 # -- main ---------------------------------------------------------------------------------------
 def run_recipe(name: str, overrides: dict, args: argparse.Namespace, work: Path, val: list,
-               env: dict, device) -> tuple[dict, list[dict]]:
+               env: dict, device: torch.device) -> tuple[dict, list[dict]]:
     """Train one recipe for every budget, then evaluate each budget's checkpoint."""
     from training.checkpoint import latest_checkpoint
     from training.config import save_config
@@ -443,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
            "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     load_before = [round(v, 2) for v in os.getloadavg()]
     start = time.perf_counter()
-    val = prepare(recipe_config(args, {}, work / "runs" / "_prepare"), device)
+    val, classes = prepare(recipe_config(args, {}, work / "runs" / "_prepare"), device)
     prepare_s = time.perf_counter() - start
     print(f"latent cache ready in {prepare_s:.1f} s; {sum(len(x) for x, _ in val)} held-out "
           f"latents", file=sys.stderr, flush=True)
@@ -458,6 +469,8 @@ def main(argv: list[str] | None = None) -> None:
               "holdout": args.holdout, "resolution": args.resolution, "seed": args.seed,
               "vae": recipe_config(args, {}, work).dit.vae,
               "samples_per_class": args.samples_per_class, "eval_seed": args.eval_seed,
+              # accuracy of pictures the checker cannot tell apart: all judged one family
+              "chance": round(1 / len(classes), 4),
               "budgets": args.budgets, "peer": recipes[0]["name"], "recipes": recipes,
               "prepare_s": round(prepare_s, 1), "work": str(work), "results": results}
     if args.plot:

@@ -42,7 +42,7 @@ def test_convergence_reports_every_recipe_at_every_budget(tmp_path: Path) -> Non
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["budgets"] == [1.0, 2.0] and report["threads"] == 1
-    assert report["peer"] == "slow"
+    assert report["peer"] == "slow" and report["chance"] == 0.25
     assert [(r["name"], r["lr"], r["model"]) for r in report["recipes"]] == [
         ("slow", 3e-4, "dit-t/2"), ("fast", 1e-3, "dit-t/2")]
     classes = {"discs", "stripes", "checkers", "clouds"}
