@@ -1,9 +1,9 @@
 """Convergence per wall-clock second: DiT recipes trained for equal time budgets, then judged.
 
 A recipe is a name and config overrides (dotted keys over `--config`, default
-configs/default.json): the built-in `plain` is that config as it is (dit-s/2 at lr 3e-4), the
-others come from the command line (`--recipe NAME='{"dit.model": "dit-xs/2", "train.lr":
-1e-3}'`, repeatable), each at its own learning rate. Every recipe trains on the same data (the
+configs/default.json): the built-in `plain` is that config as it is (dit-xs/2 at lr 1e-3), the
+others come from the command line (`--recipe NAME='{"dit.model": "dit-s/2", "train.lr":
+3e-4}'`, repeatable), each at its own learning rate. Every recipe trains on the same data (the
 quickstart's synthetic set, `--dataset synthetic`: 256 pictures, their families as classes,
 `--holdout` of them kept for validation), with the same seed and the same VAE, at the same
 `--resolution`, `--threads` CPU threads and device, for each of the `--budgets` (seconds of
@@ -46,7 +46,7 @@ FILE.png` draws accuracy against training seconds per recipe (with PIL: matplotl
 dependency). Other jobs on the machine slow every figure; the load average is reported.
 
     UV_CACHE_DIR=.uv-cache uv run python bench/convergence.py \\
-        --recipe xs='{"dit.model": "dit-xs/2", "train.lr": 1e-3}' --plot convergence.png
+        --recipe s2='{"dit.model": "dit-s/2", "train.lr": 3e-4}' --plot convergence.png
     UV_CACHE_DIR=.uv-cache uv run python bench/convergence.py --budgets 30 60 \\
         --samples-per-class 8 --recipe tiny='{"dit.model": "dit-t/2"}'  # quick
 """
@@ -383,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
-                        help="a recipe: NAME='{\"dit.model\": \"dit-xs/2\", \"train.lr\": 1e-3}' "
+                        help="a recipe: NAME='{\"dit.model\": \"dit-s/2\", \"train.lr\": 3e-4}' "
                         "(dotted config keys over --config); repeatable")
     parser.add_argument("--no-plain", action="store_true",
                         help="leave out the built-in recipe `plain` (--config as it is)")

@@ -8,6 +8,9 @@ from models.dit import DiT, DiTConfig
 # name -> DiTConfig constructor still needing in_channels and num_classes.
 MODELS: dict[str, Callable[..., DiTConfig]] = {
     "dit-t/2": partial(DiTConfig, hidden_size=64, depth=2, num_heads=2, patch_size=2),  # tests
+    # the quickstart's (configs/default.json): on 2 CPU cores it reaches dit-s/2's quality in
+    # less than half the time (bench/convergence.py, docs/figures.md)
+    "dit-xs/2": partial(DiTConfig, hidden_size=256, depth=6, num_heads=4, patch_size=2),
     "dit-s/2": partial(DiTConfig, hidden_size=384, depth=12, num_heads=6, patch_size=2),
     "dit-s/4": partial(DiTConfig, hidden_size=384, depth=12, num_heads=6, patch_size=4),
     "dit-b/2": partial(DiTConfig, hidden_size=768, depth=12, num_heads=12, patch_size=2),

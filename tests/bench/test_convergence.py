@@ -32,7 +32,7 @@ def test_convergence_reports_every_recipe_at_every_budget(tmp_path: Path) -> Non
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LDM_CACHE_DIR": str(tmp_path / "cache")}
     tiny = {"dit.model": "dit-t/2", "dit.sample_steps": 2}
     cmd = [sys.executable, "bench/convergence.py", "--no-plain",
-           "--recipe", "slow=" + json.dumps(tiny),
+           "--recipe", "slow=" + json.dumps({**tiny, "train.lr": 3e-4}),
            "--recipe", "fast=" + json.dumps({**tiny, "train.lr": 1e-3}),
            "--budgets", "2", "1", "--samples-per-class", "2", "--dataset", "synthetic:40",
            "--holdout", "4", "--resolution", "64", "--vae", str(vae),
