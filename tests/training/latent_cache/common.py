@@ -109,7 +109,8 @@ def committed_rows(cache_dir: Path) -> int:
 SEPARATE_FOLDERS = """
 import os, sys
 import cache
-SHARED_PROBE_WAIT_S = 1.0
+import training.latent_cache.build as build
+build.SHARED_PROBE_WAIT_S = 1.0  # the probe file never shows up here: wait 1 s, not 60
 sys.exit(cache.main([*sys.argv[2:], "--cache-dir", f"{sys.argv[1]}/r{os.environ['RANK']}"]))
 """
 
