@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow `python bench/inception.py` as well as `-m bench.inception`
     sys.path.insert(0, str(REPO))
 
+from bench.vae import timed  # noqa: E402
 from models.inception import WEIGHTS_NAME, FIDInceptionV3, InceptionFeatures  # noqa: E402
 
 
@@ -78,16 +79,6 @@ def local_hub(weights: Path) -> Iterator[None]:
             torch.hub.download_url_to_file = old_download
 
 
-def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def bench_device(weights: Path, device: torch.device, args: argparse.Namespace) -> dict:
     """Images/s of ours and pytorch-fid's on one device, per-repeat ratios and max rel. diff."""
     from pytorch_fid.inception import InceptionV3
@@ -119,7 +110,7 @@ def bench_device(weights: Path, device: torch.device, args: argparse.Namespace) 
     for repeat in range(args.repeats):
         order = [("ours", run_ours), ("peer", run_peer)]
         for who, fn in order if repeat % 2 == 0 else order[::-1]:
-            times[who].append(_timed(fn, device))
+            times[who].append(timed(fn, device))
     ours_ips = args.batch / statistics.median(times["ours"])
     peer_ips = args.batch / statistics.median(times["peer"])
     return {"ours_images_per_s": round(ours_ips, 3), "peer_images_per_s": round(peer_ips, 3),

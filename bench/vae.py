@@ -59,7 +59,8 @@ def build_pair(config: VAEConfig, seed: int) -> tuple[AutoencoderKL, torch.nn.Mo
     return ours.eval(), peer.eval()
 
 
-def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """Seconds `fn()` takes, with the device's queued work finished before and after it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -97,7 +98,7 @@ def bench_device(
         for repeat in range(args.repeats):  # alternate which goes first
             order = [("ours", ours_fn), ("peer", peer_fn)]
             for who, fn in order if repeat % 2 == 0 else order[::-1]:
-                times[who].append(_timed(fn, device))
+                times[who].append(timed(fn, device))
         ours_ips = args.batch / statistics.median(times["ours"])
         peer_ips = args.batch / statistics.median(times["peer"])
         result[name] = {
