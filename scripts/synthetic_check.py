@@ -18,17 +18,21 @@ family with soft ones), and how the directions of its edges concentrate, on one 
 whose orientation it names too) or on two at right angles (checkers); discs are sharp and
 have no preferred direction. `accuracy(images, truths)` scores it against the truth.
 
-On the command line a folder is judged against its `params.jsonl` (as `make_synthetic` writes
-it; for samples, write one JSON object a line with `file_name`, relative to the folder, and
-`family`, optionally `background`, `foreground` and `orientation`), or failing that against
-class sub-folders named after the families; files named on the command line and other images
-only get predictions, one line each. Colours of stripes and checkers, which cover equal
-shares, count as right in either order. It prints accuracy per family and overall, colour
-accuracy and the confusion matrix, then one JSON line of them (`--json`: only the JSON, with
-every file's prediction too). `--validate` draws held-out pictures (seed `VALIDATION_SEED`,
-training and held-out colour pairs in turn) and measures the checker at full size, resized to
-128-px buckets as training sees them and, with `--vae`, on those reconstructed through that
-VAE. Bad input is one `error:` line, exit 2.
+On the command line a folder is judged against its `metadata.jsonl` (as `make_synthetic` writes
+it, `params.jsonl` in folders built earlier; for samples, write one JSON object a line with
+`file_name`, relative to the folder, and `family`, optionally `background`, `foreground` and
+`orientation`, or a synthetic `caption` or `text`), or failing that each file against the
+`prompt` (a synthetic caption: family, colours, orientation) or `class` (a family) recorded in
+its PNG text chunks, as the inference CLI writes them, or else against class sub-folders named
+after the families; files named on the command line are judged by their PNG text chunks too,
+and images without a truth only get predictions, one line each. Colours of stripes and
+checkers, which cover equal shares, count as right in either order. It prints accuracy per
+family and overall, colour accuracy (background, foreground, both) and the confusion matrix,
+then one JSON line of them (`--json`: only the JSON, with every file's prediction too).
+`--validate` draws held-out pictures (seed `VALIDATION_SEED`, training and held-out colour
+pairs in turn) and measures the checker at full size, resized to 128-px buckets as training
+sees them and, with `--vae`, on those reconstructed through that VAE. Bad input is one
+`error:` line, exit 2.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.synthetic import FAMILIES, PALETTE, PARAMS_FILE, picture  # noqa: E402
+from training.synthetic import (  # noqa: E402
+    FAMILIES, OLD_PARAMS_FILE, PALETTE, PARAMS_FILE, picture, truth_from_caption)
 
 WORK_SCALE = 128  # pictures are judged at this square root of area, in pixels
 VALIDATION_SEED = 2_000_003  # held out: the data sets and the README's VAE recipes use 0, 1, 2
@@ -335,10 +340,36 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ValueError(f"{path}: cannot decode as an image: {exc}") from None
 
 
+def caption_truth(text: object) -> Truth | None:
+    """The truth a synthetic caption (a prompt) states: family, both colours and, for stripes,
+    the orientation; None when `text` is not a caption as `training.synthetic.caption` writes
+    it."""
+    said = truth_from_caption(text) if isinstance(text, str) else None
+    if said is None:
+        return None
+    return Truth(said.family, said.background, said.foreground, said.orientation or None)
+
+
+def chunk_truth(path: Path) -> Truth | None:
+    """The truth recorded in an image file's PNG text chunks, as the inference CLI writes them:
+    `prompt` (a synthetic caption) or else `class` (a family name); None without either, or
+    when the file cannot be read (decoding it reports that)."""
+    try:
+        with Image.open(path) as img:
+            chunks = dict(getattr(img, "text", None) or {})
+    except (OSError, ValueError, SyntaxError):
+        return None
+    truth = caption_truth(chunks.get("prompt"))
+    if truth is None and chunks.get("class") in FAMILIES:
+        truth = Truth(chunks["class"])
+    return truth
+
+
 def read_truths(path: Path) -> dict[str, Truth]:
     """The expected families (and colours, orientations) of a folder's files from its
-    `params.jsonl`: one JSON object a line with `file_name` (relative to the folder) and
-    `family`, optionally `background`, `foreground` and `orientation`."""
+    `metadata.jsonl`: one JSON object a line with `file_name` (relative to the folder) and
+    `family`, optionally `background`, `foreground` and `orientation`, or else a synthetic
+    `caption` or `text`."""
     truths = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -346,10 +377,15 @@ def read_truths(path: Path) -> dict[str, Truth]:
         where = f"{path}:{number}"
         try:
             record = json.loads(line)
-            name, family = record["file_name"], record["family"]
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{where}: expected a JSON object with file_name and family"
-                             ) from None
+            name = record["file_name"]
+            said = caption_truth(record.get("caption", record.get("text")))
+            if "family" not in record and said is not None:
+                truths[name] = said
+                continue
+            family = record["family"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{where}: expected a JSON object with file_name and family or "
+                             "a synthetic caption") from None
         if family not in FAMILIES:
             raise ValueError(f"{where}: family {family!r} is not one of {', '.join(FAMILIES)}")
         colours = [record.get(k) for k in ("background", "foreground")]
@@ -363,17 +399,20 @@ def read_truths(path: Path) -> dict[str, Truth]:
 
 def collect(paths: Sequence[str]) -> list[tuple[Path, Truth | None]]:
     """The image files that `paths` name, each with its truth when known: a folder's
-    `params.jsonl`, else its class sub-folders named after families; files named directly
-    and other images have none."""
+    `metadata.jsonl` (or `params.jsonl`), else each file's PNG text chunks (`chunk_truth`),
+    else the class sub-folders named after families; files named directly have their PNG
+    text chunks only."""
     out: list[tuple[Path, Truth | None]] = []
     for arg in paths:
         path = Path(arg)
         if path.is_file():
-            out.append((path, None))
+            out.append((path, chunk_truth(path)))
             continue
         if not path.is_dir():
             raise FileNotFoundError(f"{arg}: no such file or folder")
         listing = path / PARAMS_FILE
+        if not listing.is_file():
+            listing = path / OLD_PARAMS_FILE
         if listing.is_file():
             truths = read_truths(listing)
             for name, truth in truths.items():
@@ -387,7 +426,10 @@ def collect(paths: Sequence[str]) -> list[tuple[Path, Truth | None]]:
             raise ValueError(f"{arg}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
         for file in files:
             top = file.relative_to(path).parts[0]
-            out.append((file, Truth(top) if top in FAMILIES and top != file.name else None))
+            truth = chunk_truth(file)
+            if truth is None and top in FAMILIES and top != file.name:
+                truth = Truth(top)
+            out.append((file, truth))
     return out
 
 

@@ -5,8 +5,10 @@ of a small named palette, a background and a foreground, on a smooth shading wit
 `draw_params(seed, index)` picks its parameters (a `SyntheticParams`), `render(params, rng)`
 paints it and `caption(params)` describes it in plain English ("three yellow discs on a dark
 blue background", "horizontal red and white stripes"). `make_synthetic` writes a folder of
-them, with the parameters and caption of every file in `params.jsonl`, so that checkers
-(`scripts/synthetic_check.py`) and text conditioning read the truth instead of guessing it.
+them, with the parameters and caption of every file in `metadata.jsonl` (a standard captioned
+image folder), so that checkers (`scripts/synthetic_check.py`) and text conditioning read the
+truth instead of guessing it. `truth_from_caption` reads a caption back, and `heldout_prompts`
+gives captions of colour pairs never seen in training, to measure prompt following.
 
 Version 2 (this one) against version 1 (training/data.py before it):
 - Colours come from `PALETTE`, nine colours with plain names, instead of uniform RGB. A
@@ -40,12 +42,15 @@ first 8 pictures of `synthetic:32`) and the way a folder is built.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -65,7 +70,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {  # sRGB; at least 43 apart in CIELA
 }
 ORIENTATIONS = ("horizontal", "vertical", "diagonal")  # stripes
 MAX_DISCS = 5
-PARAMS_FILE = "params.jsonl"  # one JSON object a file, at the root of a `make_synthetic` folder
+PARAMS_FILE = "metadata.jsonl"  # one JSON object a file, at the root of a `make_synthetic` folder
+OLD_PARAMS_FILE = "params.jsonl"  # its name in folders built before captioned training
 
 
 def _pairs(*pairs: tuple[str, str]) -> frozenset[frozenset[str]]:
@@ -227,6 +233,64 @@ def caption(params: SyntheticParams) -> str:
     return f"{fg} clouds on {_article(bg)} {bg} background"
 
 
+class CaptionTruth(NamedTuple):
+    """What a synthetic caption says: everything of `SyntheticParams` but the size, the
+    feature size and what `render` draws."""
+
+    family: str
+    background: str
+    foreground: str
+    count: int = 0  # discs
+    orientation: str = ""  # stripes
+
+
+@functools.cache
+def _caption_patterns() -> tuple[tuple[str, re.Pattern], ...]:
+    """(family, pattern) of each form `caption` writes; groups name the facts."""
+    colour = "|".join(re.escape(c) for c in PALETTE)
+    bg, fg = f"(?P<bg>{colour})", f"(?P<fg>{colour})"
+    count = "|".join(_NUMBERS[1:])
+    forms = (("discs", f"an? {fg} disc on an? {bg} background"),
+             ("discs", f"(?P<count>{count}) {fg} discs on an? {bg} background"),
+             ("stripes", f"(?P<orientation>{'|'.join(ORIENTATIONS)}) {bg} and {fg} stripes"),
+             ("checkers", f"{bg} and {fg} checkers"),
+             ("clouds", f"{fg} clouds on an? {bg} background"))
+    return tuple((family, re.compile(form)) for family, form in forms)
+
+
+def truth_from_caption(text: str) -> CaptionTruth | None:
+    """The family, colours, count and orientation that `text`, a caption as `caption` writes
+    it, names; None for text that is not such a caption. Case and runs of spaces do not
+    matter; `caption` of parameters with these facts gives `text` back."""
+    words = " ".join(text.lower().split())
+    for family, pattern in _caption_patterns():
+        match = pattern.fullmatch(words)
+        if match is None:
+            continue
+        facts = match.groupdict()
+        if facts["bg"] == facts["fg"]:
+            return None
+        count = _NUMBERS.index(facts["count"]) + 1 if facts.get("count") else int(
+            family == "discs")
+        return CaptionTruth(family, facts["bg"], facts["fg"], count,
+                            facts.get("orientation") or "")
+    return None
+
+
+def heldout_prompts(count: int, seed: int = 1) -> list[tuple[str, SyntheticParams]]:
+    """`count` prompts for measuring prompt following: the captions (with the parameters) of
+    `draw_params(seed, i, heldout=True)`, i = 0..count-1, pictures whose combination of family
+    and colour pair no training picture shows. The families take turns, so every prefix is
+    balanced."""
+    if count < 0:
+        raise ValueError(f"held-out prompts: count {count} must be >= 0")
+    out = []
+    for i in range(count):
+        params = draw_params(seed, i, heldout=True)
+        out.append((caption(params), params))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Rendering
 
@@ -332,15 +396,23 @@ def make_synthetic(root: str | os.PathLike[str], count: int, seed: int = 0,
                    heldout: bool = False) -> Path:
     """Write pictures 0..count-1 of `draw_params(seed, i, heldout)` into `root`; return it.
 
-    Files go into one sub-folder per family (`file_name`); `params.jsonl` at the root holds one
-    line per file, in index order: `file_name`, every `SyntheticParams` field and the
-    `caption`. Every file depends on (seed, index) alone, so smaller sets are prefixes of larger
-    ones. The folder is built in a temporary sibling, finished with a DONE marker and renamed
-    into place, so an interrupted build is never mistaken for a finished one; a folder with a
-    DONE marker is returned as it is.
+    Files go into one sub-folder per family (`file_name`); `metadata.jsonl` at the root (the
+    Hugging Face imagefolder convention) holds one line per file, in index order: `file_name`,
+    every `SyntheticParams` field and the `caption`. Every file depends on (seed, index) alone,
+    so smaller sets are prefixes of larger ones. The folder is built in a temporary sibling,
+    finished with a DONE marker and renamed into place, so an interrupted build is never
+    mistaken for a finished one; a folder with a DONE marker is returned as it is, but for its
+    `params.jsonl` (the name in folders built before captioned training), renamed to
+    `metadata.jsonl`.
     """
     root = Path(root)
     if (root / "DONE").exists():
+        if not (root / PARAMS_FILE).exists() and (root / OLD_PARAMS_FILE).exists():
+            try:
+                os.replace(root / OLD_PARAMS_FILE, root / PARAMS_FILE)
+            except FileNotFoundError:  # another process renamed it first
+                if not (root / PARAMS_FILE).exists():
+                    raise
         return root
     if count < 1:
         raise ValueError(f"{root}: a synthetic set needs a positive image count, not {count}")
@@ -374,9 +446,11 @@ def make_synthetic(root: str | os.PathLike[str], count: int, seed: int = 0,
 
 def read_params(root: str | os.PathLike[str]) -> dict[str, SyntheticParams]:
     """The parameters of every file of a `make_synthetic` folder, by file name (relative,
-    POSIX separators). Raises FileNotFoundError without `params.jsonl`, ValueError naming the
-    line of a bad record."""
+    POSIX separators), from its `metadata.jsonl` (or, in a folder built earlier, `params.jsonl`).
+    Raises FileNotFoundError without either, ValueError naming the line of a bad record."""
     path = Path(root) / PARAMS_FILE
+    if not path.is_file() and (Path(root) / OLD_PARAMS_FILE).is_file():
+        path = Path(root) / OLD_PARAMS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; expected the {PARAMS_FILE} that "
                                 "make_synthetic writes")
