@@ -140,11 +140,12 @@ def _read_sidecar(path: str) -> tuple[str, ...]:
 
 
 def _sidecar_names(folder: str) -> set[str]:
-    """The names of the sidecar (`.txt`) files in `folder`, from one listing."""
+    """The names of the sidecar (`.txt`) entries in `folder` that are not folders, from one
+    listing (a broken link among them is reported when read)."""
     try:
         with os.scandir(folder) as entries:
             return {e.name for e in entries
-                    if e.name.endswith(SIDECAR_SUFFIX) and e.is_file()}
+                    if e.name.endswith(SIDECAR_SUFFIX) and not e.is_dir()}
     except OSError as exc:
         raise CaptionError(f"{folder}: cannot list the folder for caption files: "
                            f"{exc.strerror or exc}") from None

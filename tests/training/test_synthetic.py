@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 import training.synthetic as synthetic
-from training.synthetic import (FAMILIES, HELDOUT_PAIRS, MAX_DISCS, ORIENTATIONS, PALETTE,
-                                PARAMS_FILE, SyntheticParams, caption, draw_params,
-                                make_synthetic, picture, read_params)
+from training.synthetic import (FAMILIES, HELDOUT_PAIRS, MAX_DISCS, OLD_PARAMS_FILE,
+                                ORIENTATIONS, PALETTE, PARAMS_FILE, SyntheticParams, caption,
+                                draw_params, heldout_prompts, make_synthetic, picture,
+                                read_params, truth_from_caption)
 
 
 def _files(root: Path) -> list[str]:
@@ -91,6 +92,42 @@ def test_synthetic_caption_names_family_colours_count_and_orientation() -> None:
             assert text.startswith(("two", "three", "four", "five")[p.count - 2])
 
 
+def test_synthetic_truth_from_caption_inverts_every_caption() -> None:
+    forms = set()
+    for seed in range(3):
+        for i in range(240):
+            for heldout in (False, True):
+                p = draw_params(seed, i, heldout)
+                truth = truth_from_caption(caption(p))
+                assert truth == (p.family, p.background, p.foreground, p.count, p.orientation)
+                again = SyntheticParams(*truth[:3], 10, 10, 1.0, *truth[3:])
+                assert caption(again) == caption(p)  # the caption back, exactly
+                forms.add((p.family, p.count, p.orientation))
+    assert forms == ({("discs", n, "") for n in range(1, MAX_DISCS + 1)}
+                     | {("stripes", 0, o) for o in ORIENTATIONS}
+                     | {("checkers", 0, ""), ("clouds", 0, "")})
+    assert truth_from_caption("  A White disc on an  ORANGE background ") == (
+        "discs", "orange", "white", 1, "")
+    for text in ("", "a cat", "red and red checkers", "purple clouds on a white background",
+                 "three yellow discs on a dark blue background, please", "one red disc on a "
+                 "white background", "diagonal red and white checkers"):
+        assert truth_from_caption(text) is None, text
+
+
+def test_synthetic_heldout_prompts_are_balanced_and_never_trained() -> None:
+    prompts = heldout_prompts(40)
+    assert prompts == heldout_prompts(40, seed=1) != heldout_prompts(40, seed=2)
+    assert [p.family for _, p in prompts] == list(FAMILIES) * 10
+    trained = {(p.family, frozenset((p.background, p.foreground)))
+               for seed in (0, 1) for p in (draw_params(seed, i) for i in range(400))}
+    for text, params in prompts:
+        combination = (params.family, frozenset((params.background, params.foreground)))
+        assert combination not in trained and combination[1] in HELDOUT_PAIRS[params.family]
+        assert text == caption(params) and truth_from_caption(text)[:3] == (
+            params.family, params.background, params.foreground)
+    assert len({text for text, _ in prompts}) > 20  # varied
+
+
 def test_synthetic_params_refuse_what_a_picture_cannot_show() -> None:
     with pytest.raises(ValueError, match="family 'squares' is not one of discs"):
         SyntheticParams("squares", "red", "white", 300, 300, feature=30.0)
@@ -144,6 +181,7 @@ def test_synthetic_discs_lie_apart_inside_the_picture() -> None:
 def test_synthetic_folder_records_the_truth_of_every_file(tmp_path: Path) -> None:
     root = make_synthetic(tmp_path / "set", 10, seed=3)
     assert (root / "DONE").exists() and not list(tmp_path.glob("set.tmp*"))
+    assert PARAMS_FILE == "metadata.jsonl" and not (root / OLD_PARAMS_FILE).exists()
     lines = [json.loads(line) for line in (root / PARAMS_FILE).read_text().splitlines()]
     assert [line["file_name"] for line in lines] == [
         f"{FAMILIES[i % 4]}/{i:05d}.{'png' if (i // 4) % 2 == 0 else 'jpg'}" for i in range(10)]
@@ -199,3 +237,18 @@ def test_synthetic_folder_is_built_aside_and_never_half_done(tmp_path: Path,
     assert (root / "mine.txt").read_text() == "keep"
     with pytest.raises(ValueError, match="needs a positive image count, not 0"):
         make_synthetic(tmp_path / "none", 0)
+
+
+def test_synthetic_folder_built_before_captions_gets_its_metadata_renamed(tmp_path: Path
+                                                                           ) -> None:
+    root = make_synthetic(tmp_path / "set", 3, seed=5)
+    listing = (root / PARAMS_FILE).read_text()
+    recorded = read_params(root)
+    os.replace(root / PARAMS_FILE, root / OLD_PARAMS_FILE)  # as an earlier version left it
+    assert read_params(root) == recorded  # read from the old name too
+    assert make_synthetic(root, 3, seed=5) == root
+    assert not (root / OLD_PARAMS_FILE).exists()
+    assert (root / PARAMS_FILE).read_text() == listing and read_params(root) == recorded
+    (root / PARAMS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl: not found; expected the"):
+        read_params(root)
