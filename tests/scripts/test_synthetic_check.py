@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
 from scripts import synthetic_check as sc
 from scripts.synthetic_check import Prediction, Truth, accuracy, check, summarize, to_bucket
-from training.synthetic import (CLOSE_PAIRS, FAMILIES, PALETTE, PARAMS_FILE, file_name,
+from training.synthetic import (CLOSE_PAIRS, FAMILIES, OLD_PARAMS_FILE, PALETTE, PARAMS_FILE,
+                                SyntheticParams, caption, file_name, heldout_prompts,
                                 make_synthetic, picture, read_params)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -158,6 +160,54 @@ def test_synthetic_check_cli_judges_samples_by_class_folder_or_listing(tmp_path:
     assert sc.main([str(samples)]) == 0
     out = capsys.readouterr().out
     assert "family: 100.0 % of 2" in out and "both 0.0 %" in out
+    # a listing may give a synthetic caption instead, and keep its name of before captions
+    listing[1] = {"file_name": "two.png", "text": caption(truth[discs])}
+    (samples / PARAMS_FILE).unlink()
+    (samples / OLD_PARAMS_FILE).write_text("".join(json.dumps(r) + "\n" for r in listing))
+    assert sc.main([str(samples), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 2 and result["accuracy"]["both_colours"] == 1.0
+
+
+def test_synthetic_check_cli_judges_samples_by_their_prompt_chunk(tmp_path: Path,
+                                                                  capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    prompts = heldout_prompts(3)  # discs, stripes, checkers: unseen family and colour pairs
+
+    def sample(name: str, index: int, **chunks: str) -> None:
+        info = PngInfo()
+        for key, value in chunks.items():
+            info.add_text(key, value)
+        Image.fromarray(picture(1, index, heldout=True)[1]).save(out / name, pnginfo=info)
+
+    stripes = prompts[1][1]
+    others = [c for c in PALETTE if c not in (stripes.background, stripes.foreground)]
+    wrong = caption(SyntheticParams("stripes", others[0], others[1], 9, 9, 1.0,
+                                    orientation=stripes.orientation))
+    sample("0000.png", 0, prompt=prompts[0][0], seed="0")  # the prompt it was drawn for
+    sample("0001.png", 1, prompt=wrong)  # the family and orientation asked for, not the colours
+    sample("0002.png", 2, prompt="a cat on a mat", **{"class": "checkers"})  # class only
+    sample("0003.png", 2)  # nothing recorded: predicted only
+    assert sc.main([str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = {Path(f["file"]).name: f["expected"] for f in result["files"]}
+    first = prompts[0][1]
+    assert expected == {
+        "0000.png": {"family": "discs", "background": first.background,
+                     "foreground": first.foreground},
+        "0001.png": {"family": "stripes", "background": others[0], "foreground": others[1],
+                     "orientation": stripes.orientation},
+        "0002.png": {"family": "checkers"}, "0003.png": None}
+    summary = result["accuracy"]
+    assert summary["images"] == 3 and summary["family"] == 1.0
+    assert summary["orientation"] == 1.0  # stripes' orientation, from the prompt
+    assert summary["background"] == summary["foreground"] == 0.5  # each colour
+    assert summary["both_colours"] == 0.5 and summary["colour"] == 0.5
+    # a file named on the command line is judged by its prompt too
+    assert sc.main([str(out / "0000.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("family: 100.0 % of 1") and "both 100.0 %" in lines[1]
 
 
 def test_synthetic_check_cli_refuses_bad_input(tmp_path: Path, capsys, error_line) -> None:
