@@ -182,8 +182,8 @@ def _metadata_record(line: str, where: str) -> tuple[str, tuple[str, ...]]:
     return posixpath.normpath(name), captions
 
 
-def read_metadata(path: str) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """The entries of a `metadata.jsonl`: normalised file_name -> (file:line, captions); {}
+def read_metadata(path: str) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """The entries of a `metadata.jsonl`: normalised file_name -> (line number, captions); {}
     without the file. Raises CaptionError naming the file and line of a bad entry."""
     try:
         with open(path, "rb") as f:
@@ -197,16 +197,16 @@ def read_metadata(path: str) -> dict[str, tuple[str, tuple[str, ...]]]:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise CaptionError(f"{path}:{line}: not UTF-8; expected JSON lines") from None
-    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    out: dict[str, tuple[int, tuple[str, ...]]] = {}
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         name, captions = _metadata_record(line, where)
         if name in out:
-            raise CaptionError(f"{where}: {name} again (first at line "
-                               f"{out[name][0].rsplit(':', 1)[1]}); expected one line a file")
-        out[name] = (where, captions)
+            raise CaptionError(f"{where}: {name} again (first at line {out[name][0]}); "
+                               "expected one line a file")
+        out[name] = (number, captions)
     return out
 
 
