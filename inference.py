@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "input's size)")
     sampling.add_argument("--class-label", metavar="NAME_OR_INDEX",
                           help="class name or index (default: cycle through the classes)")
+    sampling.add_argument("--prompt", metavar="TEXT", help="text-conditioned model: the prompt")
+    sampling.add_argument("--prompts-file", metavar="FILE",
+                          help="text-conditioned model: one prompt a line, sample i takes line "
+                               "i mod lines")
+    sampling.add_argument("--negative-prompt", metavar="TEXT",
+                          help="what guidance steers away from (default: the empty caption)")
+    sampling.add_argument("--text-encoder", metavar="FOLDER",
+                          help="the frozen text encoder, if it moved (default: the recorded one)")
     sampling.add_argument("--cfg-scale", type=float, metavar="S",
                           help="classifier-free guidance scale (1: conditional model alone; "
                                f"default: {SAMPLING_DEFAULTS['cfg_scale']})")
@@ -373,6 +381,7 @@ def sample(args: argparse.Namespace) -> int:
     anything is written (exit 2); a failure while sampling or writing exits 1."""
     import torch
 
+    from inference.conditions import described, sample_conditions
     from inference.pipelines import generate, grid_step, img2img, prepare_image, save_images
     from training.export import checkpoint_folder, is_export, load_generator
 
@@ -390,10 +399,11 @@ def sample(args: argparse.Namespace) -> int:
         source = _read_image(args.image) if args.image is not None else None
         _check_folder(Path(args.out))
         model, vae, info = load_generator(args.checkpoint, args.step, device, args.vae,
-                                          vae_dtype=dtype)
+                                          vae_dtype=dtype, text_encoder=args.text_encoder)
         _set_tile_size(vae, args.tile_size)
         step = grid_step(model, vae)
-        cond = info.condition.parse(args.class_label, args.num_samples)
+        cond = sample_conditions(info, args.num_samples, args.class_label, args.prompt,
+                                 args.prompts_file, args.negative_prompt)
         width, height = _output_size(args, requested, source, step, info)
         image = prepare_image(source, step, (width, height)) if source is not None else None
     except (OSError, ValueError) as exc:  # ImageLoadError and ExportError are ValueErrors
@@ -423,10 +433,9 @@ def sample(args: argparse.Namespace) -> int:
         paths = save_images(images, args.out, params)  # refuses NaN samples, writes nothing
     except (OSError, ValueError, RuntimeError) as exc:
         return _fail(exc)
-    classes = [] if cond is None else [info.class_names[i] for i in cond.tolist()]
     summary = {"out": str(args.out), "files": [str(p) for p in paths],
                "size": [width, height], "checkpoint": str(info.source), "step": info.step,
-               "vae": str(info.vae), "classes": classes,
+               "vae": str(info.vae), **described(cond, info),
                "seconds": round(time.perf_counter() - started, 3)}
     if args.json:
         print(json.dumps(summary))
@@ -467,6 +476,9 @@ def sample_npz(args: argparse.Namespace) -> int:
         model, vae, info = load_generator(args.checkpoint, args.step, dist.device, args.vae,
                                           vae_dtype=dtype)
         _set_tile_size(vae, args.tile_size)
+        if info.condition.kind == "text":
+            raise ValueError(f"{info.source}: --npz writes class-labelled ADM batches; sample a "
+                             "text-conditioned model with --prompts-file and --out")
         labels = info.condition.parse(args.class_label, args.num_samples)  # i mod classes
         width, height = _output_size(args, requested, None, grid_step(model, vae), info)
         rule = None if labels is None else (

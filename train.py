@@ -56,13 +56,19 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--holdout": ("data.holdout", int, "images held out of training for validation"),
     "--inception": ("train.inception", str, "FID Inception weights for the quality metrics "
                                             "(env LDM_INCEPTION)"),
+    "--text-encoder": ("text.encoder", str, "text encoder of a --captions run: builtin, or a "
+                                            "local Hugging Face folder (CLIP text, T5 encoder "
+                                            "or a decoder LM)"),
     "--fid-every": ("train.fid_every", int, "steps between the DiT's FID/KID (0: quality "
                                             "metrics off)"),
 }
-PATH_FLAGS = ("--dataset", "--eval-dataset", "--run-dir", "--vae", "--inception")
+PATH_FLAGS = ("--dataset", "--eval-dataset", "--run-dir", "--vae", "--inception",
+              "--text-encoder")
 # --X / --no-X -> (dotted config key, help): a resumed run keeps its saved value unless given
 SWITCHES: dict[str, tuple[str, str]] = {
     "--classes": ("data.use_classes", "label = first-level sub-folder name"),
+    "--captions": ("data.captions", "text-to-image from captions: NAME.txt beside each image "
+                                    "or metadata.jsonl at the data set's root"),
     "--allow-upscale": ("data.allow_upscale", "upscale images smaller than their bucket "
                                               "instead of skipping them"),
     "--keep-duplicates": ("data.keep_duplicates", "train on every copy of a picture instead "
@@ -117,7 +123,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
                  FLAGS.items()}
     for flag in PATH_FLAGS:
         key = FLAGS[flag][0]
-        if overrides[key] is not None:
+        if overrides[key] not in (None, "builtin"):  # "builtin" names no folder
             overrides[key] = from_cwd(overrides[key])
     for flag, (key, _) in SWITCHES.items():
         overrides[key] = getattr(args, flag[2:].replace("-", "_"))

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import ROPE_BASE, Attention, rope_2d
-from models.conditioning import ClassCondition
+from models.attention import ROPE_BASE, Attention, CrossAttention, rope_2d
+from models.conditioning import (ByteTextEncoder, ClassCondition, TextBatch, TextCondition,
+                                 byte_tokens)
 
 TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] is scaled to [0, 1000] before the sinusoid
@@ -35,6 +36,14 @@ class DiTConfig:
     mlp_ratio: float = 4.0  # MLP hidden width / hidden_size
     num_classes: int = 0  # real classes; index num_classes is the null class for CFG
     rope_base: float = ROPE_BASE  # frequency base of the 2D rotary embedding
+    # Text conditioning (cross-attention to caption tokens; `models/conditioning.TextCondition`):
+    # "" none, "builtin" (byte encoder trained with the model, `ByteTextEncoder` below) or "frozen"
+    # (features of a frozen encoder, `training/text_encoders.py`, of width text_dim).
+    text: str = ""
+    text_dim: int = 0  # frozen: width of the encoder's token features
+    text_pooled_dim: int = 0  # frozen: width of its pooled output (CLIP), 0 when it has none
+    text_max_length: int = 0  # builtin: most tokens (bytes + 1) a caption keeps
+    text_depth: int = 2  # builtin: transformer blocks of the byte encoder
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
@@ -44,6 +53,16 @@ class DiTConfig:
             )
         if min(self.depth, self.in_channels, self.patch_size) < 1 or self.num_classes < 0:
             raise ValueError(f"DiTConfig: depth, in_channels, patch_size must be >= 1: {self}")
+        if self.text not in ("", "builtin", "frozen"):
+            raise ValueError(f"DiTConfig: text must be '', 'builtin' or 'frozen', not "
+                             f"{self.text!r}")
+        if self.text and self.num_classes:
+            raise ValueError("DiTConfig: a model is conditioned on classes or on text, not both")
+        if self.text == "frozen" and self.text_dim < 1:
+            raise ValueError("DiTConfig: a frozen text encoder needs text_dim >= 1")
+        if self.text == "builtin" and min(self.text_max_length, self.text_depth) < 1:
+            raise ValueError("DiTConfig: the built-in text encoder needs text_max_length and "
+                             "text_depth >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -146,6 +165,11 @@ class MLP(nn.Module):
 _SEQUENTIAL_MLP = re.compile(r"^(blocks\.\d+\.mlp\.)([02])\.")
 
 
+def _no_encoder(captions: list[str]) -> list:
+    raise RuntimeError("this DiT reads a frozen text encoder's features: attach a "
+                       "TextCondition that encodes captions (training/text_encoders.py)")
+
+
 def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A DiT state dict (model weights or their EMA) with older checkpoints' keys renamed to
     today's layout; today's keys pass through unchanged."""
@@ -158,23 +182,31 @@ def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 class DiTBlock(nn.Module):
     """Pre-norm transformer block; adaLN-Zero gives shift, scale and gate for attention and MLP."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float,
+                 cross_attention: bool = False) -> None:
         super().__init__()
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
+        if cross_attention:  # text: image tokens attend to the caption (PixArt-α)
+            self.norm_c = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.cross = CrossAttention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(hidden_size, mlp_hidden)
         self.modulation = nn.Linear(hidden_size, 6 * hidden_size)  # applied to SiLU(c)
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        ctx: torch.Tensor | None = None, ctx_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, N, hidden), c = SiLU(conditioning) (B, hidden), cos/sin (N, head_dim)."""
+        """x (B, N, hidden), c = SiLU(conditioning) (B, hidden), cos/sin (N, head_dim); with
+        cross-attention the caption's tokens ctx (B, L, hidden) and their mask (B, L)."""
         mods = self.modulation(c).unsqueeze(1).chunk(6, dim=-1)  # 6 x (B, 1, hidden)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         attn = self.attn(modulate(self.norm1(x), shift_a, scale_a), (cos, sin))  # (B, N, hidden)
         x = torch.addcmul(x, gate_a, attn)  # x + gate * attn
+        if ctx is not None:
+            x = x + self.cross(self.norm_c(x), ctx, ctx_mask)  # (B, N, hidden)
         mlp = self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (B, N, hidden)
         x = torch.addcmul(x, gate_m, mlp)
         return x  # (B, N, hidden)
@@ -207,10 +239,34 @@ class DiT(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing  # recompute blocks in backward
         self.x_embed = nn.Conv2d(config.in_channels, hidden, kernel_size=p, stride=p)
         self.t_embed = TimestepEmbedder(hidden)
-        self.condition = ClassCondition(config.num_classes)  # what `cond` is, and its null
-        self.y_embed = nn.Embedding(config.num_classes + 1, hidden)  # last row: null class
+        text = config.text
+        # what `cond` is, and its null (a frozen encoder's is attached by whoever loads it)
+        self.condition: ClassCondition | TextCondition = ClassCondition(config.num_classes)
+        if not text:
+            self.y_embed = nn.Embedding(config.num_classes + 1, hidden)  # last row: null class
+        else:
+            if text == "builtin":
+                self.text = ByteTextEncoder(hidden, config.text_depth, config.num_heads,
+                                            config.text_max_length)
+                limit = config.text_max_length
+                self.condition = TextCondition(
+                    lambda captions: [(byte_tokens(c, limit), None) for c in captions],
+                    {"kind": "builtin", "max_length": limit})
+            else:
+                self.condition = TextCondition(_no_encoder, {"kind": "frozen"})
+            width = hidden if text == "builtin" else config.text_dim
+            # caption tokens -> the model's width (PixArt-α's caption projection)
+            self.text_proj = nn.Sequential(nn.LayerNorm(width, elementwise_affine=False),
+                                           nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
+                                           nn.Linear(hidden, hidden))
+            # always-valid first context token: the empty caption attends to it alone
+            self.text_register = nn.Parameter(torch.zeros(1, 1, hidden))
+            # the caption as one vector for adaLN: a frozen CLIP's pooled output, else the
+            # mean of the projected tokens
+            self.text_pool = nn.Linear(config.text_pooled_dim or hidden, hidden)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+            DiTBlock(hidden, config.num_heads, config.mlp_ratio, cross_attention=bool(text))
+            for _ in range(config.depth)
         )
         self.final = FinalLayer(hidden, p, config.in_channels)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -224,7 +280,15 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.xavier_uniform_(self.x_embed.weight.view(self.config.hidden_size, -1))
         nn.init.zeros_(self.x_embed.bias)
-        nn.init.normal_(self.y_embed.weight, std=0.02)
+        if self.config.text:
+            nn.init.normal_(self.text_register, std=0.02)
+            for block in self.blocks:  # each cross-attention starts as the identity
+                nn.init.zeros_(block.cross.proj.weight)
+                nn.init.zeros_(block.cross.proj.bias)
+            if self.config.text == "builtin":  # its own initialisation, after the loop above
+                self.text.reset_parameters()
+        else:
+            nn.init.normal_(self.y_embed.weight, std=0.02)
         for layer in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
         for layer in [block.modulation for block in self.blocks] + [
@@ -269,7 +333,12 @@ class DiT(nn.Module):
             t = t.expand(B)
         if cond is None:
             cond = self.condition.null(B, x.device)
-        c = F.silu(self.t_embed(t) + self.y_embed(cond))  # (B, hidden), SiLU shared by adaLNs
+        ctx = ctx_mask = None
+        if self.config.text:
+            ctx, ctx_mask, pooled = self._context(cond)  # (B, 1+L, hidden), (B, 1+L), (B, hidden)
+            c = F.silu(self.t_embed(t) + pooled)  # (B, hidden), SiLU shared by adaLNs
+        else:
+            c = F.silu(self.t_embed(t) + self.y_embed(cond))  # (B, hidden)
         # Tables in the dtype q and k will have: the autocast dtype, else the parameters' dtype.
         device = tokens.device
         autocast = torch.is_autocast_enabled(device.type)
@@ -277,12 +346,32 @@ class DiT(nn.Module):
         cos, sin = self._rope(h, w, device, dtype)  # each (N, head_dim)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, cos, sin, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c, cos, sin, ctx, ctx_mask,
+                                    use_reentrant=False)
             else:
-                tokens = block(tokens, c, cos, sin)
+                tokens = block(tokens, c, cos, sin, ctx, ctx_mask)
         out = self.final(tokens, c)  # (B, N, p*p*C)
         out = out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         return out.reshape(B, C, H, W)
+
+    def _context(self, cond: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A caption batch as cross-attention context: (tokens (B, 1+L, hidden) with the
+        register first, their mask (B, 1+L), the pooled vector (B, hidden) for adaLN). Padded
+        positions change nothing: they are masked in attention and left out of the mean."""
+        mask = cond.mask  # (B, L)
+        features = cond.tokens  # (B, L) byte ids or (B, L, D) frozen features
+        if self.config.text == "builtin":
+            features = self.text(features, mask)  # (B, L, hidden)
+        ctx = self.text_proj(features.to(self.text_register.dtype))  # (B, L, hidden)
+        B = ctx.shape[0]
+        ctx = torch.cat([self.text_register.expand(B, 1, -1).to(ctx.dtype), ctx], dim=1)
+        mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)  # (B, 1+L)
+        if self.config.text_pooled_dim:
+            pooled = cond.pooled.to(self.text_register.dtype)  # (B, P)
+        else:
+            weights = mask[..., None].to(ctx.dtype)  # (B, 1+L, 1)
+            pooled = (ctx * weights).sum(1) / weights.sum(1)  # (B, hidden)
+        return ctx, mask, self.text_pool(pooled)
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True,
                         assign: bool = False) -> Any:

@@ -22,13 +22,14 @@ MODELS: dict[str, Callable[..., DiTConfig]] = {
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 
 
-def dit_config(name: str, in_channels: int = 4, num_classes: int = 0) -> DiTConfig:
-    """The config of the named size for latents with `in_channels` and `num_classes` labels."""
+def dit_config(name: str, in_channels: int = 4, num_classes: int = 0, **fields) -> DiTConfig:
+    """The config of the named size for latents with `in_channels` and `num_classes` labels;
+    `fields` set other `DiTConfig` fields (the text conditioning's)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    return MODELS[name](in_channels=in_channels, num_classes=num_classes)
+    return MODELS[name](in_channels=in_channels, num_classes=num_classes, **fields)
 
 
-def build_dit(name: str, in_channels: int = 4, num_classes: int = 0) -> DiT:
-    """A freshly initialised DiT of the named size."""
-    return DiT(dit_config(name, in_channels, num_classes))
+def build_dit(name: str, in_channels: int = 4, num_classes: int = 0, **fields) -> DiT:
+    """A freshly initialised DiT of the named size (`dit_config`)."""
+    return DiT(dit_config(name, in_channels, num_classes, **fields))

@@ -48,6 +48,7 @@ class DataConfig:
     min_area_ratio: float = 0.8  # bucket area is at least min_area_ratio × resolution²
     max_aspect: float = 4.0  # buckets range from 1:max_aspect to max_aspect:1
     use_classes: bool = False  # label = first-level sub-folder name
+    captions: bool = False  # text-to-image: NAME.txt sidecars or metadata.jsonl (see `text`)
     allow_upscale: bool = False  # upscale images smaller than their bucket instead of skipping
     max_image_pixels: int = 100_000_000  # larger images are skipped as decompression bombs
     merge_small_buckets: bool = True  # fold buckets smaller than a global batch into neighbours
@@ -142,6 +143,19 @@ class DiTStageConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text conditioning of a DiT trained on captions (`data.captions`)."""
+
+    encoder: str = "builtin"  # "builtin" (trained with the DiT) or a local Hugging Face folder
+    max_length: int = 120  # tokens kept per caption (built-in: bytes + 1; a CLIP: at most 77)
+    dropout: float = 0.1  # captions replaced by the empty one, for classifier-free guidance
+    dtype: str = "bf16"  # a frozen encoder's precision while caching: "bf16" or "fp32"
+    depth: int = 2  # blocks of the built-in encoder (its width and heads are the DiT's)
+    # prompts of the preview grids; empty: captions of the validation (else training) images
+    sample_prompts: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     """One training run: the data, optimisation, and the section of its stage (`vae` or `dit`)."""
 
@@ -154,6 +168,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     dit: DiTStageConfig = field(default_factory=DiTStageConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 def validate_config(cfg: Config) -> Config:
@@ -182,6 +197,20 @@ def validate_config(cfg: Config) -> Config:
                     "train.threads (0: chosen)": t.threads,
                     "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
                     "train.fid_every (0: off)": t.fid_every}
+    if cfg.text.dtype not in ("bf16", "fp32"):
+        raise ConfigError(f"text.dtype must be bf16 or fp32, got {cfg.text.dtype!r}")
+    if cfg.data.captions and cfg.data.use_classes:
+        raise ConfigError("data.captions and data.use_classes: a DiT is conditioned on captions "
+                          "or on classes, not both")
+    if cfg.data.captions and cfg.stage == "vae":
+        raise ConfigError("data.captions is for the DiT stage; a VAE trains on images alone")
+    if cfg.text.encoder != "builtin" and not cfg.data.captions:
+        raise ConfigError("text.encoder names a frozen encoder but data.captions is off (it would "
+                          "go unused); add --captions")
+    if not 0 <= cfg.text.dropout <= 1:
+        raise ConfigError(f"text.dropout must lie in [0, 1], got {cfg.text.dropout}")
+    at_least_one["text.max_length"] = cfg.text.max_length
+    at_least_one["text.depth"] = cfg.text.depth
     for key, value in at_least_one.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")

@@ -24,7 +24,7 @@ import copy
 from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from bucketing import BatchSchedule, ScheduleSampler, assign
 from inference.pipelines import generate, image_grid, parse_size, tensor_to_pil
-from models.conditioning import ClassCondition
 from models.dit import DiT, upgrade_state_dict
 from models.registry import MODEL_NAMES, build_dit
 from models.vae import AutoencoderKL
 from models.vae_weights import kept_vae_folder, load_vae, vae_fingerprint
 from training.checkpoint import load_checkpoint
+from training.conditions import RunCondition, check_text_resume, run_condition
 from training.config import Config, ConfigError, portable_path, resolve_path, validate_config
 from training.distributed import DistInfo, setup, teardown
 from training.flow import RectifiedFlow
@@ -76,12 +76,17 @@ def flow_generator(noise_gen: torch.Generator, device: torch.device) -> torch.Ge
 
 
 def check_resume_compatible(cfg: Config, state: dict, class_names: list[str],
-                            vae: AutoencoderKL, fingerprint: str, path: Path) -> None:
-    """Refuse a checkpoint of another model, class set or VAE (`fingerprint`, that of `vae`,
-    against the checkpoint's where it records one). When a VAE export replaced the recorded
-    VAE and kept it (`models.vae.kept_vae_folder`), the error names that folder for `--vae`."""
+                            vae: AutoencoderKL, fingerprint: str, path: Path,
+                            text: dict | None = None) -> None:
+    """Refuse a checkpoint of another model, class set, text encoder (`text`, this run's
+    `RunCondition.state`) or VAE (`fingerprint`, that of `vae`, against the checkpoint's where
+    it records one). When a VAE export replaced the recorded VAE and kept it
+    (`models.vae.kept_vae_folder`), the error names that folder for `--vae`."""
     saved = state.get("config", {})
     problems = []
+    text_problem = check_text_resume(state.get("text", {}), text or {})
+    if text_problem:
+        problems.append(text_problem)
     if saved.get("stage") != "dit":
         problems.append(f"stage {saved.get('stage')!r}")
     if saved.get("dit", {}).get("model") != cfg.dit.model:
@@ -152,21 +157,21 @@ class BatchPrefetcher:
     """Reads the next micro-batch from the latent cache on one background thread while the
     current one trains, and yields them as the loop's `Batch`es.
 
-    A batch's data is (x0 (B, C, h, w) on the device, its condition (`condition.batch` of the
-    samples' stored values; None without `values`) on the device, the noise generator that drew
-    x0 (`step_generator` of global micro-step k = start, start + 1, ...)). x0 and the condition
-    are read on the CPU and pinned when training on CUDA, so that both copies to the device are
-    asynchronous. (A tensor made on the device from a Python list is a synchronous copy: it
-    waits for every kernel queued before it, here the previous step's optimizer and EMA
-    updates.) One read is in flight at a time, so the reader and the schedule iterator are never
+    A batch's data is (x0 (B, C, h, w) on the device, its condition (`cond_of(sample indices,
+    augment seeds)`, `RunCondition.train`; None without) on the device, the noise generator
+    that drew x0 (`step_generator` of global micro-step k = start, start + 1, ...)). x0 and
+    the condition are read on the CPU and pinned when training on CUDA, so that both copies to
+    the device are asynchronous. (A tensor made on the device from a Python list is a
+    synchronous copy: it waits for every kernel queued before it, here the previous step's
+    optimizer and EMA updates.) One read is in flight at a time, so the reader and the schedule iterator are never
     used by two threads at once.
     """
 
     def __init__(self, reader: LatentReader, items: Iterator[list[ScheduleItem]],
-                 values: np.ndarray | None, condition: ClassCondition, seed: int,
+                 cond_of: Callable[[list[int], list[int]], Any] | None, seed: int,
                  part: tuple[int, int], flip: bool, device: torch.device, start: int) -> None:
-        self.reader, self.items, self.values = reader, items, values
-        self.condition, self.seed, self.part, self.flip = condition, seed, part, flip
+        self.reader, self.items, self.cond_of = reader, items, cond_of
+        self.seed, self.part, self.flip = seed, part, flip
         self.device, self.pin = device, device.type == "cuda"
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="latent-prefetch")
         self.pending = self.pool.submit(self._read, start)
@@ -178,7 +183,8 @@ class BatchPrefetcher:
         flips = [flip_from_seed(s) for _, s, _, _ in items] if self.flip else None
         indices = [i for i, _, _, _ in items]
         x0 = self.reader.batch(indices, noise_gen, flips, self.part)  # (B, C, h, w)
-        cond = None if self.values is None else self.condition.batch(self.values[indices])
+        cond = (None if self.cond_of is None
+                else self.cond_of(indices, [s for _, s, _, _ in items]))
         if self.pin:
             x0, cond = x0.pin_memory(), None if cond is None else cond.pin_memory()
         return k, items, noise_gen, x0, cond
@@ -213,8 +219,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     vae = load_stage_vae(cfg, device)
     fingerprint = vae_fingerprint(vae)  # once: the resume check and the cache keys use it
     plan = plan_data(cfg, info)
-    model = build_dit(d.model, vae.config.latent_channels, len(plan.class_names)).to(device)
-    model.condition = ClassCondition(len(plan.class_names), plan.class_names)
+    run = run_condition(cfg, plan, info)  # frozen text encoders cache every caption here
+    model = build_dit(d.model, vae.config.latent_channels, **run.model_fields).to(device)
+    model.condition = run.condition
     step_px = vae.downsample_factor * model.config.patch_size
     if cfg.data.step % step_px:
         raise ConfigError(f"data.step {cfg.data.step} must be a multiple of VAE factor × patch "
@@ -227,7 +234,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     if resume_path is not None:  # refuse another model before anything is written
         ckpt = load_checkpoint(resume_path)
         check_resume_compatible(cfg, ckpt.state, plan.class_names, vae, fingerprint,
-                                resume_path)
+                                resume_path, run.state)
         model.load_state_dict(ckpt.group("model"))
         ema.load_state_dict(upgrade_state_dict(ckpt.group("ema")), ckpt.state["ema_updates"])
         load_optimizer(opt, ckpt.torch_state["optimizer"])
@@ -239,11 +246,13 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     reader, fingerprint = cache_latents(cfg, plan, vae, info, fingerprint)
     epoch, index = (resume_position(saved_state, plan, resume_path, main)
                     if saved_state is not None else (0, 0))
-    val = validation_latents(cfg, plan, vae, info, fingerprint) if main else []
+    val = validation_latents(cfg, plan, vae, info, fingerprint, run.evaluate) if main else []
     if main:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{d.model}: {n_params / 1e6:.2f}M parameters, {len(plan.class_names) or 'no'} "
-              f"classes, {vae.config.latent_channels} latent channels", flush=True)
+        conditioned = (f"captions ({cfg.text.encoder} text encoder)" if cfg.data.captions
+                       else f"{len(plan.class_names) or 'no'} classes")
+        print(f"{d.model}: {n_params / 1e6:.2f}M parameters, {conditioned}, "
+              f"{vae.config.latent_channels} latent channels", flush=True)
     train_model = model
     if info.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -253,18 +262,17 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     logger = RunLogger(run_dir, main, resumed_step=step if resume_path is not None else None)
     batches = BatchPrefetcher(reader, iter(ScheduleSampler(plan.schedule, info.rank, cfg.seed,
                                                            epoch, index)),
-                              plan.records.label if plan.class_names else None,
-                              model.condition, cfg.seed, (info.rank, info.world_size),
+                              run.train, cfg.seed, (info.rank, info.world_size),
                               cfg.data.flip, device, start=step * cfg.train.grad_accum)
     extra = {"stage": "dit", "num_classes": len(plan.class_names),
              "latent_channels": vae.config.latent_channels, "class_names": plan.class_names,
              "model_config": model.config.to_dict(), "vae": portable_path(resolve_path(d.vae)),
-             "vae_fingerprint": fingerprint, **data_state(plan)}
+             "vae_fingerprint": fingerprint, "text": run.state, **data_state(plan)}
     meter = dit_quality(cfg, info, inception, plan.records,
                         preview_sizes([], plan.buckets, step_px)[0], len(plan.class_names), step,
                         autocast_dtype(cfg.train.precision, device), logger, run_dir)
-    steps = dit_steps(cfg, info, model, train_model, ema, opt, vae, plan, val, logger, run_dir,
-                      extra, meter)
+    steps = dit_steps(cfg, info, model, train_model, ema, opt, vae, plan, run, val, logger,
+                      run_dir, extra, meter)
     samples_per_step = cfg.train.grad_accum * cfg.batch_size * info.world_size
     try:
         train_loop(cfg, info, run_dir, step, batches, steps, model, opt, ema, logger,
@@ -293,6 +301,8 @@ def cache_latents(cfg: Config, plan: DataPlan, vae: AutoencoderKL, info: DistInf
     if summary.unusable:  # reported above; train on the rest
         keep = np.setdiff1d(np.arange(len(plan.records)), summary.unusable)
         plan.records = plan.records.take(keep)
+        if plan.captions is not None:
+            plan.captions = plan.captions.take(keep)
         plan.placements = plan.placements.take(keep)
         locations = locations.take(keep)
         plan.schedule = BatchSchedule(plan.placements.bucket, cfg.batch_size,
@@ -304,9 +314,11 @@ def cache_latents(cfg: Config, plan: DataPlan, vae: AutoencoderKL, info: DistInf
 
 
 def validation_latents(cfg: Config, plan: DataPlan, vae: AutoencoderKL, info: DistInfo,
-                       fingerprint: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                       fingerprint: str, cond_of: Callable[[list[int]], Any] | None
+                       ) -> list[tuple[torch.Tensor, Any]]:
     """The held-out images' normalised posterior means, cached like the training latents, in
-    chunks of one bucket each: [(x0 (n_k, C, h, w), labels (n_k,))] with n_k <= VAL_CHUNK."""
+    chunks of one bucket each: [(x0 (n_k, C, h, w), their condition (`cond_of` of their
+    validation rows; None without))] with n_k <= VAL_CHUNK."""
     if not len(plan.eval_records):
         return []
     n = min(cfg.dit.val_images, len(plan.eval_records))
@@ -329,21 +341,22 @@ def validation_latents(cfg: Config, plan: DataPlan, vae: AutoencoderKL, info: Di
         for j in range(0, len(members), VAL_CHUNK):
             chunk = members[j:j + VAL_CHUNK]
             mean, _ = val_reader.moments(chunk)  # the posterior mean: a fixed target
+            rows = [usable[p] for p in chunk]
             chunks.append((vae.normalize(mean),  # (len(chunk), C, h, w)
-                           torch.tensor([plan.eval_records[usable[p]].label for p in chunk])))
+                           None if cond_of is None else cond_of(rows)))
     val_reader.close()
     return chunks
 
 
-def validation_loss(flow: RectifiedFlow, model: DiT, val: list[tuple[torch.Tensor, torch.Tensor]],
-                    conditional: bool, bins: int, seed: int) -> torch.Tensor:
+def validation_loss(flow: RectifiedFlow, model: DiT, val: list[tuple[torch.Tensor, Any]],
+                    bins: int, seed: int) -> torch.Tensor:
     """The mean loss (bins,) of the validation chunks `val` (`validation_latents`) per timestep
     bin, each chunk weighted by its size."""
     device = next(model.parameters()).device
     per_bin, count = torch.zeros(bins), 0  # (bins,): sample-weighted loss sums
-    for x0, labels in val:  # (n_k, C, h, w), (n_k,)
+    for x0, cond in val:  # (n_k, C, h, w), n_k conditions or None
         losses = flow.validation_losses(model, x0.to(device),
-                                        labels.to(device) if conditional else None, bins,
+                                        None if cond is None else cond.to(device), bins,
                                         seed=seed)  # (bins,)
         per_bin += losses.float().cpu() * len(x0)
         count += len(x0)
@@ -351,8 +364,8 @@ def validation_loss(flow: RectifiedFlow, model: DiT, val: list[tuple[torch.Tenso
 
 
 def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Module, ema: EMA,
-              opt: torch.optim.Optimizer, vae: AutoencoderKL, plan: DataPlan,
-              val: list[tuple[torch.Tensor, torch.Tensor]], logger: RunLogger, run_dir: Path,
+              opt: torch.optim.Optimizer, vae: AutoencoderKL, plan: DataPlan, run: RunCondition,
+              val: list[tuple[torch.Tensor, Any]], logger: RunLogger, run_dir: Path,
               extra: dict, meter: SampleQuality | None) -> StageSteps:
     """The DiT stage's part of each step (`training/loop.py`): the flow loss of a micro-batch,
     the EMA update, the loss per bucket for the log, validation loss per timestep bin, EMA
@@ -360,9 +373,8 @@ def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Mod
     d, device, main = cfg.dit, info.device, info.is_main
     amp = autocast_dtype(cfg.train.precision, device)
     part = (info.rank, info.world_size)  # this rank's slice of every step's random draws
-    conditional = bool(plan.class_names)
-    flow = RectifiedFlow(model.condition if conditional else None, model.config.patch_size,
-                         d.base_tokens, d.logit_mean, d.logit_std, d.label_dropout)
+    flow = RectifiedFlow(model.condition if run.conditional else None, model.config.patch_size,
+                         d.base_tokens, d.logit_mean, d.logit_std, run.dropout)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # eager: previews, validation
     f = vae.downsample_factor
     grid_sizes = preview_sizes(d.sample_sizes, plan.buckets, f * model.config.patch_size)
@@ -396,7 +408,7 @@ def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Mod
             return
         ema.copy_to(ema_model)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            per_bin = validation_loss(flow, ema_model, val, conditional, d.val_bins, cfg.seed)
+            per_bin = validation_loss(flow, ema_model, val, d.val_bins, cfg.seed)
         # the loss at each bin's midpoint t (0: the clean latent, 1: pure noise)
         values = {f"loss_val_at_t/{(i + 0.5) / d.val_bins:.3f}": float(v)
                   for i, v in enumerate(per_bin)}
@@ -408,9 +420,9 @@ def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Mod
         ema.copy_to(ema_model)
         samples_dir = run_dir / "samples"
         samples_dir.mkdir(exist_ok=True)
-        n = len(plan.class_names)
-        cond = (model.condition.batch([i % n for i in range(d.num_samples)]) if conditional
-                else None)
+        cond = run.preview(d.num_samples) if run.preview is not None else None
+        if getattr(cond, "texts", None) is not None:  # which prompt each grid cell shows
+            (samples_dir / "prompts.txt").write_text("\n".join(cond.texts) + "\n")
         for k, (w, h) in enumerate(grid_sizes):
             if stop_requested():  # a stop request must not wait for the remaining grids
                 return

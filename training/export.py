@@ -4,11 +4,14 @@ An export, `checkpoints/NAME/` by default, holds
 
 - `model.safetensors`: the EMA weights (fp32), keyed like `models.dit.DiT.state_dict()`;
 - `config.json`: `{"format": "dit-export", "step", "model_config", "class_names", "base_tokens",
-  "resolution", "vae", "vae_fingerprint", "source"}`. `resolution` is the run's
-  `data.resolution` (the side of its square training size in pixels), `vae` a portable path
-  (repo-relative when inside the repository), `vae_fingerprint` the `models.vae.vae_fingerprint`
-  of that VAE at export time, so loading with another VAE is refused with a clear error instead
-  of decoding garbage; `source` the checkpoint folder exported.
+  "resolution", "vae", "vae_fingerprint", "text", "source"}`. `text` records a text-conditioned
+  model's encoder (`training/conditions.py`): "builtin" (inside the weights), or a frozen
+  encoder's folder, fingerprint and max_length, checked when the model is loaded.
+  `resolution` is the run's `data.resolution` (the side of its square training size in
+  pixels), `vae` a portable path (repo-relative when inside the repository),
+  `vae_fingerprint` the `models.vae.vae_fingerprint` of that VAE at export time, so loading
+  with another VAE is refused with a clear error instead of decoding garbage; `source` the
+  checkpoint folder exported.
 
 An export is written into a temporary sibling folder and renamed into place; an earlier export
 of the same run at the same place is replaced only once the new one is complete, and a folder
@@ -22,13 +25,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.conditioning import ClassCondition
+from models.conditioning import ClassCondition, TextCondition
 from models.dit import DiT, DiTConfig, upgrade_state_dict
 from models.vae import AutoencoderKL
 from models.vae_weights import kept_vae_folder, load_vae, state_dict_problems, vae_fingerprint
@@ -57,16 +61,18 @@ class GeneratorInfo:
     vae: Path  # the VAE loaded with it
     vae_fingerprint: str | None  # recorded in training (or at export); None for older runs
     resolution: int | None  # training data.resolution in pixels; None for older exports
+    text: dict[str, Any] = field(default_factory=dict)  # the text encoder; {} without captions
+    # what the model is conditioned on (`models/conditioning.py`); set by `load_generator`
+    condition: ClassCondition | TextCondition | None = None
+
+    def __post_init__(self) -> None:
+        if self.condition is None:
+            self.condition = ClassCondition(self.num_classes, self.class_names)
 
     @property
     def num_classes(self) -> int:
         """Number of real classes (0: unconditional)."""
         return len(self.class_names)
-
-    @property
-    def condition(self) -> ClassCondition:
-        """What the model is conditioned on, with the class names (`models/conditioning.py`)."""
-        return ClassCondition(self.num_classes, self.class_names)
 
 
 def is_export(folder: Path) -> bool:
@@ -146,7 +152,8 @@ def _read_source(path: Path, step: int | None) -> tuple[DiTConfig, dict[str, tor
         info = GeneratorInfo(source, int(fields["step"]), list(fields["class_names"]),
                              int(fields["base_tokens"]), resolve_path(fields["vae"]),
                              fields["vae_fingerprint"],
-                             None if resolution is None else int(resolution))
+                             None if resolution is None else int(resolution),
+                             dict(fields.get("text") or {}))
     except (KeyError, TypeError, ValueError) as exc:
         raise ExportError(f"{where}: missing or invalid entry ({exc})") from None
     if info.num_classes != config.num_classes:
@@ -176,7 +183,8 @@ def _build(config: DiTConfig, weights: dict[str, torch.Tensor], source: Path,
 
 def load_generator(path: str | os.PathLike, step: int | None = None,
                    device: torch.device | str = "cpu", vae: str | os.PathLike | None = None,
-                   vae_dtype: torch.dtype = torch.float32
+                   vae_dtype: torch.dtype = torch.float32,
+                   text_encoder: str | os.PathLike | None = None
                    ) -> tuple[DiT, AutoencoderKL, GeneratorInfo]:
     """Load EMA weights and their VAE for sampling.
 
@@ -185,9 +193,17 @@ def load_generator(path: str | os.PathLike, step: int | None = None,
     it must have the model's latent channels and the fingerprint recorded in training, where
     one was (runs from before that record none).
     `vae_dtype` applies unless the VAE's config sets force_upcast (then it stays fp32).
+    A frozen text encoder is the recorded one unless `text_encoder` names another folder; it
+    must have the recorded fingerprint, and is loaded when the first prompt is encoded.
     """
     config, weights, info = _read_source(Path(path), step)
     model = _build(config, weights, info.source, device)
+    if config.text == "frozen":
+        from training.conditions import frozen_text_condition
+
+        info.condition = frozen_text_condition(info.text, text_encoder, device, info.source)
+    elif config.text:  # the built-in encoder is part of the model
+        info.condition = model.condition
     model.condition = info.condition  # the same kind, with the names the classes had
     vae_path = Path(vae) if vae is not None else info.vae
     if not vae_path.exists():
@@ -270,7 +286,7 @@ def export_dit(checkpoint: str | os.PathLike, out: str | os.PathLike | None = No
                 load_vae(info.vae), info.vae, info,
                 ("it changed since training, so " if vae is None else "given by --vae: ")
                 + "an export would pair the model with the wrong latent space"),
-            "source": portable_path(folder)}
+            "text": info.text, "source": portable_path(folder)}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     aside = target.parent / f".old-{target.name}-{os.getpid()}"

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from models.conditioning import ClassCondition
+from models.conditioning import ClassCondition, TextCondition
 
 # model(x_t (B, C, H, W), t (B,), cond or None) -> v (B, C, H, W)
 VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -31,7 +31,7 @@ VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 class RectifiedFlow:
     """The training objective and its helpers; holds settings only, no state."""
 
-    condition: ClassCondition | None = None  # the condition's kind (its null), None: none
+    condition: ClassCondition | TextCondition | None = None  # the kind (its null); None: none
     patch_size: int = 2  # the DiT's patch size, for counting tokens
     base_tokens: int = 256  # token count with no shift (a 32x32 latent at patch 2)
     logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2)) before the shift

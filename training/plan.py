@@ -19,6 +19,7 @@ import torch
 
 from bucketing import (CHUNK_ROWS, BatchSchedule, PlacementTable, ScheduleSampler, make_buckets,
                        merge_small_buckets, nearest_buckets)
+from training.captions import Captions, read_captions
 from training.config import Config, ConfigError, DataConfig
 from training.data import PixelDataset
 from training.distributed import DistInfo, all_gather_objects, on_every_rank
@@ -150,6 +151,9 @@ class DataPlan:
     class_names: list[str]
     skipped: list
     duplicates: Duplicates = field(default_factory=Duplicates)  # of the training folder
+    # with `data.captions`: the captions of `records` and `eval_records`, row for row
+    captions: Captions | None = None
+    eval_captions: Captions | None = None
 
     def fingerprint(self) -> str:
         """sha256 of the training images in schedule order with their buckets.
@@ -188,6 +192,11 @@ def plan_data(cfg: Config, dist: DistInfo) -> DataPlan:
         raise ConfigError(f"the ranks see different training data ({seen}; or other names or "
                           "buckets); every machine must see the same dataset, unchanged while "
                           "the run starts")
+    if cfg.data.captions:  # read afresh every run: an edited caption takes effect at once
+        plan.captions = read_captions(plan.records, plan.records.root)
+        plan.eval_captions = read_captions(plan.eval_records, plan.eval_records.root)
+        if dist.is_main:
+            print(plan.captions.summary(), flush=True)
     return plan
 
 
