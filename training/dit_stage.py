@@ -163,8 +163,8 @@ class BatchPrefetcher:
     the condition are read on the CPU and pinned when training on CUDA, so that both copies to
     the device are asynchronous. (A tensor made on the device from a Python list is a
     synchronous copy: it waits for every kernel queued before it, here the previous step's
-    optimizer and EMA updates.) One read is in flight at a time, so the reader and the schedule iterator are never
-    used by two threads at once.
+    optimizer and EMA updates.) One read is in flight at a time, so the reader and the
+    schedule iterator are never used by two threads at once.
     """
 
     def __init__(self, reader: LatentReader, items: Iterator[list[ScheduleItem]],
