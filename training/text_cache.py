@@ -181,7 +181,10 @@ class TextEmbeddingCache:
         self._refresh()
 
     def get(self, captions: Sequence[str]) -> list[TextEmbedding]:
-        """The cached embeddings of `captions`, in order; ValueError naming an uncached one."""
+        """The cached embeddings of `captions`, in order; ValueError naming an uncached one.
+
+        The tensors are copies, independent of the shard files.
+        """
         out = []
         for caption in captions:
             key = self._key(caption)
@@ -190,8 +193,9 @@ class TextEmbeddingCache:
                                  "expected ensure() to have encoded it")
             shard, has_pooled = self._index[key]
             handle = self._handle(shard)
-            tokens = handle.get_tensor(f"{key}.tokens")  # (L, D)
-            pooled = handle.get_tensor(f"{key}.pooled") if has_pooled else None  # (P,)
+            # copies: get_tensor's results alias the shard's memory map
+            tokens = handle.get_tensor(f"{key}.tokens").clone()  # (L, D)
+            pooled = handle.get_tensor(f"{key}.pooled").clone() if has_pooled else None  # (P,)
             out.append(TextEmbedding(tokens, pooled))
         return out
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -182,10 +183,13 @@ def make_vision_model(folder: str | Path, seed: int = 0) -> Path:
 
 class StandInEncoder:
     """A deterministic stand-in for `FrozenTextEncoder` as the text cache uses it (fingerprint,
-    max_length, encode); each caption's tokens are seeded from its text, one token per word."""
+    max_length, encode); each caption's tokens are seeded from its text, one token per word.
+    `delay` seconds are slept per `encode` call, to let concurrent processes overlap."""
 
-    def __init__(self, fingerprint: str = "f" * 64, max_length: int = 8, dim: int = 4) -> None:
+    def __init__(self, fingerprint: str = "f" * 64, max_length: int = 8, dim: int = 4,
+                 delay: float = 0.0) -> None:
         self.fingerprint = fingerprint
+        self.delay = delay
         self.max_length = max_length
         self.dim = dim
         self.calls: list[list[str]] = []
@@ -193,6 +197,7 @@ class StandInEncoder:
     def encode(self, captions: list[str], batch_size: int = 64) -> list[TextEmbedding]:
         """Embeddings derived from each caption's sha256 (L = number of words, capped)."""
         self.calls.append(list(captions))
+        time.sleep(self.delay)
         out = []
         for caption in captions:
             seed = int.from_bytes(hashlib.sha256(caption.encode()).digest()[:8], "little")
