@@ -59,6 +59,12 @@ class TextEncoderError(ValueError):
     """A text encoder folder that cannot be used; the message is one line naming the folder."""
 
 
+def _reason(exc: Exception) -> str:
+    """The first line of an exception's message, or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _is_tokenizer_file(name: str) -> bool:
     return name in TOKENIZER_NAMES or name.startswith("tokenizer") or name.endswith(".tiktoken")
 
@@ -166,8 +172,8 @@ def _load_tokenizer(folder: Path) -> Any:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # transformers raises many types; report them as one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TextEncoderError(f"{folder}: tokenizer does not load ({reason}); {EXPECTED}") from None
+        raise TextEncoderError(
+            f"{folder}: tokenizer does not load ({_reason(exc)}); {EXPECTED}") from None
     tokenizer.padding_side = "right"  # valid tokens keep positions 0..L-1 in every batch
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -177,22 +183,28 @@ def _load_tokenizer(folder: Path) -> Any:
     return tokenizer
 
 
-def _load_model(folder: Path, kind: str) -> tuple[torch.nn.Module, bool]:
+def _load_model(folder: Path, kind: str,
+                config: dict[str, Any]) -> tuple[torch.nn.Module, bool]:
     """The encoder module for `kind` and whether it projects CLIP's pooled output."""
     import transformers
 
     projection = kind == "clip" and any(
         name.endswith("text_projection.weight") for name in _weight_names(folder))
+    overrides = {}
+    if projection and config.get("model_type") == "clip" and "projection_dim" in config:
+        # a full CLIP keeps the projection width at the top level; its text_config may not
+        overrides["projection_dim"] = config["projection_dim"]
     if kind == "clip":
         name = "CLIPTextModelWithProjection" if projection else "CLIPTextModel"
     else:
         name = "T5EncoderModel" if kind == "t5" else "AutoModel"
     try:
         with _quiet_transformers():
-            model = getattr(transformers, name).from_pretrained(folder, local_files_only=True)
+            model = getattr(transformers, name).from_pretrained(
+                folder, local_files_only=True, **overrides)
     except Exception as exc:  # transformers raises many types; report them as one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TextEncoderError(f"{folder}: {name} does not load ({reason}); {EXPECTED}") from None
+        raise TextEncoderError(
+            f"{folder}: {name} does not load ({_reason(exc)}); {EXPECTED}") from None
     return model, projection
 
 
@@ -287,7 +299,7 @@ def load_text_encoder(path: str | os.PathLike, max_length: int = 77, dtype: str 
         raise TextEncoderError(f"{folder}: max_length must be at least 1, got {max_length}")
     kind = _kind(folder, config)
     tokenizer = _load_tokenizer(folder)
-    model, projection = _load_model(folder, kind)
+    model, projection = _load_model(folder, kind, config)
     model = model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
     positions = getattr(model.config, "max_position_embeddings", None)
     if kind != "t5" and isinstance(positions, int) and max_length > positions:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.text_encoder_files import (make_clip_text, make_decoder_lm, make_t5_encoder,
-                                               make_vision_model)
+from tests.training.text_encoder_files import (make_clip_full, make_clip_text, make_decoder_lm,
+                                               make_t5_encoder, make_vision_model)
 from training.text_encoders import (FrozenTextEncoder, TextEncoderError, encoder_fingerprint,
                                     load_text_encoder)
 
@@ -82,6 +82,15 @@ def test_text_encoders_truncate_at_max_length_and_encode_empty_caption(
     assert empty.tokens.shape == (empty_length, 32)
     full = load_text_encoder(folders[name], max_length=16).encode([LONG])[0]
     assert full.tokens.shape[0] > 5
+
+
+def test_text_encoders_full_clip_folder_uses_its_projected_text_half(tmp_path: Path) -> None:
+    encoder = load_text_encoder(make_clip_full(tmp_path / "clip"), max_length=16)
+    assert (encoder.kind, encoder.dim, encoder.pooled_dim) == ("clip", 32, 16)
+    assert type(encoder.model).__name__ == "CLIPTextModelWithProjection"
+    cat, empty = encoder.encode(["a cat", ""])
+    assert cat.tokens.shape == (5, 32) and empty.tokens.shape == (2, 32)
+    assert cat.pooled.shape == (16,)
 
 
 def test_text_encoders_fingerprint_follows_weights_and_tokenizer_not_location(

@@ -7,6 +7,8 @@ load from disk:
 - `make_clip_text`: a CLIP text model (optionally with a text projection) and a CLIP tokenizer
   from a hand-written byte-level vocab.json + merges.txt (every byte, with and without the
   end-of-word mark, a few merges, then `<|startoftext|>` and `<|endoftext|>` last, as in CLIP).
+- `make_clip_full`: a whole CLIP (`clip` config with text and vision towers) whose text half is
+  the encoder.
 - `make_t5_encoder`: a T5 encoder and a BPE tokenizer trained with `tokenizers` on a few dozen
   sentences, with `<pad>` = 0, `</s>` = 1 appended to every caption and `<unk>` = 2.
 - `make_decoder_lm`: a GPT-2 language model and a trained byte-level BPE with no pad token.
@@ -105,6 +107,29 @@ def make_clip_text(folder: str | Path, hidden: int = 32, layers: int = 2, heads:
     _seeded(seed)
     model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
     model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_clip_full(folder: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2,
+                   seed: int = 0) -> Path:
+    """A full CLIP (text and vision towers, `clip` config) and the CLIP tokenizer in `folder`."""
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = make_clip_text(folder, hidden, layers, heads, projection=True, seed=seed)
+    text = json.loads((folder / "config.json").read_text())
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).unlink()
+    text_config = {k: text[k] for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "max_position_embeddings", "bos_token_id", "eos_token_id",
+        "pad_token_id")}
+    vision_config = {"hidden_size": hidden, "intermediate_size": 2 * hidden,
+                     "num_hidden_layers": 1, "num_attention_heads": heads, "image_size": 8,
+                     "patch_size": 4}
+    config = CLIPConfig(text_config=text_config, vision_config=vision_config,
+                        projection_dim=hidden // 2)
+    _seeded(seed)
+    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
     return folder
 
 
