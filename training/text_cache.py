@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from training.text_encoders import FrozenTextEncoder, TextEmbedding
 
-SHARD_CAPTIONS = 2048  # captions per shard: a killed build loses at most this many
+SHARD_CAPTIONS = 2048  # captions per shard, held in memory until written; a kill loses these
 TMP_PREFIX = ".tmp-shard-"
 
 
@@ -157,9 +157,10 @@ class TextEmbeddingCache:
                     texts = chunk[low:low + batch_size]
                     for text, emb in zip(texts, encoder.encode(texts, batch_size=batch_size)):
                         key = self._key(text)
-                        tensors[f"{key}.tokens"] = emb.tokens.half().contiguous()  # (L, D)
+                        # own copies: safetensors refuses tensors that share memory
+                        tensors[f"{key}.tokens"] = emb.tokens.half().clone()  # (L, D)
                         if emb.pooled is not None:
-                            tensors[f"{key}.pooled"] = emb.pooled.half().contiguous()  # (P,)
+                            tensors[f"{key}.pooled"] = emb.pooled.half().clone()  # (P,)
                     bar.update(len(texts))
                 self._write_shard(tensors)
         return len(todo)
