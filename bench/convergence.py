@@ -39,6 +39,14 @@ compare), `val_loss` their mean. `samples_per_s` is training samples over the tr
 The first recipe is the peer: every result also gives its accuracy minus the peer's and its
 validation loss over the peer's at the same budget.
 
+With `--captions` the recipes train text-to-image on the synthetic set's captions instead of
+its classes (the built-in text encoder unless a recipe sets `text.encoder`), and each budget's
+checkpoint draws 4 × `--samples-per-class` pictures of held-out prompts
+(training/synthetic.py `heldout_prompts`: combinations of family and colour pair that no
+training picture shows, families in turn): `accuracy` is then the share whose family is the
+prompt's, `colour` the share of the prompts' colours (background and foreground) found, and
+`both_colours` the share with both right (chance: 1/4, about 1/9 and 1/72).
+
 Progress lines go to stderr, the subprocesses' output to WORK/<stamp>/logs/; the last line on
 stdout is one JSON object. Each invocation writes a new folder WORK/<stamp>/ (runs, configs,
 logs), and deletes a checkpoint once it is evaluated unless `--keep-checkpoints`. `--plot
@@ -113,7 +121,8 @@ def recipe_config(args: argparse.Namespace, overrides: dict, run_dir: Path) -> C
 
     cfg = absolute_config(load_config(args.config))
     shared = {"stage": "dit", "seed": args.seed, "data.dataset": args.dataset,
-              "data.use_classes": True, "data.holdout": args.holdout,
+              "data.use_classes": not args.captions, "data.captions": args.captions,
+              "data.holdout": args.holdout,
               "data.resolution": args.resolution, "train.device": args.device,
               "train.threads": args.threads}
     if args.vae:
@@ -131,26 +140,31 @@ def recipe_config(args: argparse.Namespace, overrides: dict, run_dir: Path) -> C
 def prepare(cfg: Config, device: torch.device) -> tuple[list, list[str]]:
     """Build (or check) the latent cache of the training and held-out images in this process;
     returns the validation chunks (`training.dit_stage.validation_latents`) and the class
-    names."""
+    names (the families, for captions too)."""
     from models.vae_weights import vae_fingerprint
+    from training.conditions import run_condition
     from training.distributed import DistInfo
     from training.dit_stage import cache_latents, load_stage_vae, validation_latents
     from training.plan import plan_data
+    from training.synthetic import FAMILIES
 
     info = DistInfo(0, 1, 0, device)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report
         vae = load_stage_vae(cfg, info.device)
         fingerprint = vae_fingerprint(vae)
         plan = plan_data(cfg, info)
-        if not plan.class_names:
+        if not plan.class_names and not cfg.data.captions:
             raise ValueError(f"{cfg.data.dataset}: no classes found")
         reader, fingerprint = cache_latents(cfg, plan, vae, info, fingerprint)
         reader.close()
-        val = validation_latents(cfg, plan, vae, info, fingerprint)
+        # the validation images' conditions: classes, or captions (a frozen text encoder
+        # caches them here, and the runs reuse the cache)
+        val = validation_latents(cfg, plan, vae, info, fingerprint,
+                                 run_condition(cfg, plan, info).evaluate)
     if not val:
         raise ValueError(f"{cfg.data.dataset}: no held-out images for the validation loss "
                          "(--holdout)")
-    return val, plan.class_names
+    return val, plan.class_names or list(FAMILIES)
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -238,21 +252,33 @@ def evaluate(checkpoint: Path, cfg: Config, val: list, args: argparse.Namespace,
     d = cfg.dit
     model, vae, info = load_generator(checkpoint, device=device)
     amp = autocast_dtype(cfg.train.precision, device)
-    labels = [c for c in range(info.num_classes) for _ in range(args.samples_per_class)]
+    if args.captions:  # held-out prompts: combinations of family and colours never trained on
+        from training.synthetic import heldout_prompts
+
+        prompts = heldout_prompts(4 * args.samples_per_class, args.eval_seed)
+        cond = model.condition.batch([text for text, _ in prompts])
+        truths = [params for _, params in prompts]
+    else:
+        labels = [c for c in range(info.num_classes) for _ in range(args.samples_per_class)]
+        cond = model.condition.batch(labels)
+        truths = [Truth(info.class_names[c]) for c in labels]
     side = args.resolution
-    images = generate(model, vae, side, side, num_samples=len(labels),
-                      cond=model.condition.batch(labels), cfg_scale=d.cfg_scale,
-                      steps=d.sample_steps, sampler=d.sampler, seed=args.eval_seed,
-                      base_tokens=d.base_tokens, autocast_dtype=amp,
+    images = generate(model, vae, side, side, num_samples=len(truths), cond=cond,
+                      cfg_scale=d.cfg_scale, steps=d.sample_steps, sampler=d.sampler,
+                      seed=args.eval_seed, base_tokens=d.base_tokens, autocast_dtype=amp,
                       batch_size=args.eval_batch)  # (B, 3, side, side)
-    summary = accuracy(list(to_uint8(images)), [Truth(info.class_names[c]) for c in labels])
+    summary = accuracy(list(to_uint8(images)), truths)
+    dropout = cfg.text.dropout if args.captions else d.label_dropout
     flow = RectifiedFlow(model.condition, model.config.patch_size, d.base_tokens,
-                         d.logit_mean, d.logit_std, d.label_dropout)
+                         d.logit_mean, d.logit_std, dropout)
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        bins = validation_loss(flow, model, val, True, d.val_bins, cfg.seed)  # (val_bins,)
-    return {"accuracy": summary["family"], "per_class": summary["per_family"],
-            "val_loss": round(float(bins.mean()), 5),
-            "val_loss_bins": [round(float(v), 5) for v in bins]}
+        bins = validation_loss(flow, model, val, d.val_bins, cfg.seed)  # (val_bins,)
+    out = {"accuracy": summary["family"], "per_class": summary["per_family"],
+           "val_loss": round(float(bins.mean()), 5),
+           "val_loss_bins": [round(float(v), 5) for v in bins]}
+    if args.captions:  # colours named by the prompt, each and both
+        out.update(colour=summary["colour"], both_colours=summary["both_colours"])
+    return out
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -393,6 +419,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the config every recipe starts from")
     parser.add_argument("--dataset", default="synthetic",
                         help="synthetic or synthetic:N (the checker knows only that set)")
+    parser.add_argument("--captions", action="store_true",
+                        help="train text-to-image on the synthetic captions and judge samples "
+                        "of held-out prompts (family and colours) instead of classes")
     parser.add_argument("--holdout", type=int, default=16,
                         help="images held out for the validation loss")
     parser.add_argument("--resolution", type=int, default=128,

@@ -117,12 +117,21 @@ class TextBatch:
         with zeros to the longest (at least one position, masked when it is padding)."""
         longest = max([1] + [len(tokens) for tokens, _ in items])
         first = items[0][0]
-        tokens = first.new_zeros((len(items), longest, *first.shape[1:]))  # (B, L[, D])
+        # Features in fp32 (a cache stores fp16): CPU autocast refuses to concatenate fp16
+        # tensors, and the model casts them to its own dtype anyway.
+        dtype = torch.float32 if first.is_floating_point() else first.dtype
+        tokens = first.new_zeros((len(items), longest, *first.shape[1:]),
+                                 dtype=dtype)  # (B, L[, D])
         mask = torch.zeros(len(items), longest, dtype=torch.bool)
         for i, (row, _) in enumerate(items):
             tokens[i, :len(row)] = row
             mask[i, :len(row)] = True
-        pooled = (torch.stack([p for _, p in items]) if items[0][1] is not None else None)
+        pooled = None
+        if items[0][1] is not None:
+            pooled = items[0][1].new_zeros((len(items), *items[0][1].shape),
+                                           dtype=torch.float32)  # (B, P)
+            for i, (_, row) in enumerate(items):
+                pooled[i] = row
         return cls(tokens, mask, pooled, texts)
 
     def __len__(self) -> int:

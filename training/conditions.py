@@ -93,7 +93,7 @@ def _text_condition(cfg: Config, plan: DataPlan, info: DistInfo) -> RunCondition
         fields = {"text": "builtin", "text_max_length": limit, "text_depth": t.depth}
         condition = TextCondition(lambda caps: [(byte_tokens(c, limit), None) for c in caps],
                                   {"kind": "builtin", "max_length": limit})
-        state = {"kind": "builtin", "encoder": "builtin", "max_length": limit}
+        state = {"kind": "builtin", "max_length": limit}
     else:
         condition, fields, state = _frozen_condition(cfg, plan, info, prompts)
 
@@ -120,20 +120,25 @@ def _frozen_condition(cfg: Config, plan: DataPlan, info: DistInfo, prompts: list
     """A frozen encoder's condition: encode what is not cached yet (main process), then read
     every caption's embedding from the cache."""
     from training.text_cache import TextEmbeddingCache
-    from training.text_encoders import encoder_fingerprint, load_text_encoder
+    from training.text_encoders import encoder_fingerprint, load_text_encoder, position_limit
 
     t = cfg.text
     path = resolve_path(t.encoder)
     fingerprint = encoder_fingerprint(path)  # a missing or bad folder is refused here
-    key = f"{fingerprint}:{t.dtype}"  # embeddings computed in bf16 and fp32 differ
-    cache = TextEmbeddingCache(text_cache_root(cfg), key, t.max_length)
+    limit = position_limit(path)
+    max_length = min(t.max_length, limit or t.max_length)
+    if max_length < t.max_length and info.is_main:
+        print(f"text encoder {path}: takes at most {limit} tokens; captions are cut there "
+              f"(text.max_length {t.max_length})", flush=True)
+    root = text_cache_root(cfg) / t.dtype  # embeddings computed in bf16 and fp32 differ
+    cache = TextEmbeddingCache(root, fingerprint, max_length)
     if info.is_main:
         wanted = [*plan.captions.distinct(), *plan.eval_captions.distinct(), *prompts, ""]
         missing = cache.missing(wanted)
         if missing:
             print(f"text encoder {path}: encoding {len(missing)} caption(s) not cached yet",
                   flush=True)
-            encoder = load_text_encoder(path, t.max_length, t.dtype, info.device)
+            encoder = load_text_encoder(path, max_length, t.dtype, info.device)
             summary = cache.ensure(missing, encoder, progress=True)
             print(f"text cache: {summary['encoded']} encoded "
                   f"({summary['captions_per_s']:.0f} captions/s), {summary['reused']} reused",
@@ -143,17 +148,17 @@ def _frozen_condition(cfg: Config, plan: DataPlan, info: DistInfo, prompts: list
             print(f"text cache: all {len(set(wanted))} caption(s) cached", flush=True)
     barrier()
     if not info.is_main:
-        cache = TextEmbeddingCache(text_cache_root(cfg), key, t.max_length)
+        cache = TextEmbeddingCache(root, fingerprint, max_length)
     (empty,) = cache.get([""])
     info_json = {"kind": "frozen", "path": portable_path(path), "fingerprint": fingerprint,
-                 "max_length": t.max_length, "dtype": t.dtype,
+                 "max_length": max_length, "dtype": t.dtype,
                  "dim": int(empty.tokens.shape[-1]),
                  "pooled_dim": 0 if empty.pooled is None else int(empty.pooled.shape[-1])}
     condition = TextCondition(
         lambda caps: [(e.tokens, e.pooled) for e in cache.get(caps)], info_json)
     fields = {"text": "frozen", "text_dim": info_json["dim"],
               "text_pooled_dim": info_json["pooled_dim"]}
-    return condition, fields, {"encoder": info_json["path"], **info_json}
+    return condition, fields, info_json
 
 
 def check_text_resume(saved: dict[str, Any], current: dict[str, Any]) -> str | None:

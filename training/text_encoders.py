@@ -115,6 +115,21 @@ def encoder_fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def position_limit(path: str | os.PathLike) -> int | None:
+    """The most tokens the folder's encoder takes, from its config.json alone (a CLIP's 77, a
+    decoder's max_position_embeddings or n_positions); None when it has no fixed limit (T5's
+    relative positions) or the config names none."""
+    _, config = _read_config(path)
+    if config.get("model_type") in T5_TYPES:
+        return None
+    if config.get("model_type") == "clip":
+        config = config.get("text_config") or {}
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
 def _kind(folder: Path, config: dict[str, Any]) -> str:
     """"clip", "t5" or "decoder" from the config's model_type; TextEncoderError otherwise."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

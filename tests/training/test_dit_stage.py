@@ -536,8 +536,9 @@ def test_dit_stage_prefetcher_reads_each_batch_with_its_condition(tmp_path: Path
     assert not use_classes or len(set(labels.tolist())) > 1  # a wrong order would show
     items = ScheduleSampler(plan.schedule, 0, cfg.seed, 0, 0)
     expected = iter(ScheduleSampler(plan.schedule, 0, cfg.seed, 0, 0))
-    prefetcher = BatchPrefetcher(reader, iter(items), labels,
-                                 ClassCondition(len(plan.class_names)), cfg.seed, (0, 1),
+    condition = ClassCondition(len(plan.class_names))
+    cond_of = (lambda rows, seeds: condition.batch(labels[rows])) if use_classes else None
+    prefetcher = BatchPrefetcher(reader, iter(items), cond_of, cfg.seed, (0, 1),
                                  flip=False, device=torch.device("cpu"), start=0)
     try:
         for _ in range(6):
