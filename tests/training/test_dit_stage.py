@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from models.vae import AutoencoderKL, VAEConfig
+from models.vae import AutoencoderKL
 from models.vae_weights import load_vae, save_vae, vae_fingerprint
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.config import Config, ConfigError, TrainingStopped, from_dict
@@ -29,15 +29,6 @@ from training.quality import BEST_FILE, OFF_MESSAGE
 from tests.models.inception_file import random_inception_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4,
-                                  latent_channels=4, sample_size=32, force_upcast=False,
-                                  scaling_factor=1.0, shift_factor=0.0))
-    return save_vae(vae, tmp_path_factory.mktemp("vae") / "vae")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training import test_dit_stage
 from tests.training.test_dit_stage import _tiny_cfg
 from training.quality import BEST_FILE, BestFID, eval_mode, gather_rows
 
 
-tiny_vae = test_dit_stage.tiny_vae  # the DiT tests' tiny VAE (a fixture)
 
 
 @pytest.mark.parametrize("case", ["missing", "not_weights"])
