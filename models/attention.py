@@ -168,9 +168,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attend over the tokens `x` (B, N, dim); `rope` is `rope_2d`'s (cos, sin) for the grid."""
+        """Attend over the tokens `x` (B, N, dim); `rope` is `rope_2d`'s (cos, sin) for the grid;
+        `mask` (B, N) bool, if given, leaves out the keys where it is False (padding)."""
         B, N, C = x.shape
         H, hd = self.num_heads, self.head_dim
         qkv = self.qkv(x).view(B, N, 3, H, hd)  # (B, N, 3, heads, hd)
@@ -185,7 +187,8 @@ class Attention(nn.Module):
         # SDPA takes (B, heads, N, hd) views of the token-major layout and writes its output in
         # that layout too, so neither its inputs nor its output are copied.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
+        keep = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, N, hd)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, heads*hd), a view
         return self.proj(out)
 

@@ -44,6 +44,11 @@ class DiTConfig:
     text_pooled_dim: int = 0  # frozen: width of its pooled output (CLIP), 0 when it has none
     text_max_length: int = 0  # builtin: most tokens (bytes + 1) a caption keeps
     text_depth: int = 2  # builtin: transformer blocks of the byte encoder
+    # how image tokens read the caption: "cross" (cross-attention after self-attention, as
+    # PixArt-α) or "joint" (the caption's tokens join the self-attention sequence and pass
+    # through the same blocks, unrotated: in-context conditioning, MMDiT's joint attention
+    # with shared weights)
+    text_attention: str = "cross"
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
@@ -58,6 +63,9 @@ class DiTConfig:
                              f"{self.text!r}")
         if self.text and self.num_classes:
             raise ValueError("DiTConfig: a model is conditioned on classes or on text, not both")
+        if self.text_attention not in ("cross", "joint"):
+            raise ValueError(f"DiTConfig: text_attention must be 'cross' or 'joint', not "
+                             f"{self.text_attention!r}")
         if self.text == "frozen" and self.text_dim < 1:
             raise ValueError("DiTConfig: a frozen text encoder needs text_dim >= 1")
         if self.text == "builtin" and min(self.text_max_length, self.text_depth) < 1:
@@ -198,12 +206,15 @@ class DiTBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         ctx: torch.Tensor | None = None, ctx_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, N, hidden), c = SiLU(conditioning) (B, hidden), cos/sin (N, head_dim); with
-        cross-attention the caption's tokens ctx (B, L, hidden) and their mask (B, L)."""
+        cross-attention the caption's tokens ctx (B, L, hidden) and their mask (B, L); with
+        joint attention the mask (B, N) of the tokens x (False: padding)."""
         mods = self.modulation(c).unsqueeze(1).chunk(6, dim=-1)  # 6 x (B, 1, hidden)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
-        attn = self.attn(modulate(self.norm1(x), shift_a, scale_a), (cos, sin))  # (B, N, hidden)
+        attn = self.attn(modulate(self.norm1(x), shift_a, scale_a), (cos, sin),
+                         attn_mask)  # (B, N, hidden)
         x = torch.addcmul(x, gate_a, attn)  # x + gate * attn
         if ctx is not None:
             x = x + self.cross(self.norm_c(x), ctx, ctx_mask)  # (B, N, hidden)
@@ -265,7 +276,8 @@ class DiT(nn.Module):
             # mean of the projected tokens
             self.text_pool = nn.Linear(config.text_pooled_dim or hidden, hidden)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden, config.num_heads, config.mlp_ratio, cross_attention=bool(text))
+            DiTBlock(hidden, config.num_heads, config.mlp_ratio,
+                     cross_attention=bool(text) and config.text_attention == "cross")
             for _ in range(config.depth)
         )
         self.final = FinalLayer(hidden, p, config.in_channels)
@@ -283,8 +295,9 @@ class DiT(nn.Module):
         if self.config.text:
             nn.init.normal_(self.text_register, std=0.02)
             for block in self.blocks:  # each cross-attention starts as the identity
-                nn.init.zeros_(block.cross.proj.weight)
-                nn.init.zeros_(block.cross.proj.bias)
+                if hasattr(block, "cross"):
+                    nn.init.zeros_(block.cross.proj.weight)
+                    nn.init.zeros_(block.cross.proj.bias)
             if self.config.text == "builtin":  # its own initialisation, after the loop above
                 self.text.reset_parameters()
         else:
@@ -344,12 +357,22 @@ class DiT(nn.Module):
         autocast = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else tokens.dtype
         cos, sin = self._rope(h, w, device, dtype)  # each (N, head_dim)
+        attn_mask = None
+        if self.config.text_attention == "joint" and ctx is not None:
+            # the caption's tokens join the sequence, unrotated (cos 1, sin 0); padding masked
+            n_text = ctx.shape[1]
+            tokens = torch.cat([tokens, ctx.to(tokens.dtype)], dim=1)  # (B, N+1+L, hidden)
+            cos = torch.cat([cos, cos.new_ones(n_text, cos.shape[1])])  # (N+1+L, head_dim)
+            sin = torch.cat([sin, sin.new_zeros(n_text, sin.shape[1])])
+            attn_mask = torch.cat([ctx_mask.new_ones(B, h * w), ctx_mask], dim=1)  # (B, N+1+L)
+            ctx = ctx_mask = None
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, cos, sin, ctx, ctx_mask,
+                tokens = checkpoint(block, tokens, c, cos, sin, ctx, ctx_mask, attn_mask,
                                     use_reentrant=False)
             else:
-                tokens = block(tokens, c, cos, sin, ctx, ctx_mask)
+                tokens = block(tokens, c, cos, sin, ctx, ctx_mask, attn_mask)
+        tokens = tokens[:, :h * w]  # the image tokens (B, N, hidden)
         out = self.final(tokens, c)  # (B, N, p*p*C)
         out = out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         return out.reshape(B, C, H, W)

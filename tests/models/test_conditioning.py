@@ -67,10 +67,11 @@ def test_conditioning_text_encoder_ignores_padding() -> None:
     torch.testing.assert_close(both[0, :ids.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
 
 
-def test_conditioning_text_dit_padding_never_changes_the_output() -> None:
+@pytest.mark.parametrize("attention", ["cross", "joint"])
+def test_conditioning_text_dit_padding_never_changes_the_output(attention: str) -> None:
     """The same caption padded to two lengths (as two max_lengths or batch-mates would) gives
     the same velocity."""
-    model = _text_dit()
+    model = _text_dit(text_attention=attention)
     x, t = torch.randn(1, 4, 8, 8), torch.rand(1)
     cond = model.condition.batch(["three yellow discs"])
     v = model(x, t, cond)
@@ -78,8 +79,9 @@ def test_conditioning_text_dit_padding_never_changes_the_output() -> None:
         torch.testing.assert_close(model(x, t, cond.padded(length)), v, atol=1e-5, rtol=1e-5)
 
 
-def test_conditioning_text_dit_follows_the_caption_and_the_null_is_empty() -> None:
-    model = _text_dit()
+@pytest.mark.parametrize("attention", ["cross", "joint"])
+def test_conditioning_text_dit_follows_the_caption_and_the_null_is_empty(attention: str) -> None:
+    model = _text_dit(text_attention=attention)
     x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
     a = model(x, t, model.condition.batch(["red stripes", "red stripes"]))
     b = model(x, t, model.condition.batch(["blue checkers", "red stripes"]))
