@@ -555,6 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="count every copy of a picture (training folds exact duplicates "
                              "to one file unless data.keep_duplicates)")
     parser.add_argument("--num-workers", type=int, default=d.num_workers)
+    parser.add_argument("--captions", action="store_true",
+                        help="also count the images with and without captions (NAME.txt, "
+                        "metadata.jsonl)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
@@ -576,7 +579,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rep = report(scan, buckets, placements)
+    if args.captions:
+        from training.captions import read_captions
+
+        try:
+            captions = read_captions(scan.records, scan.records.root)
+        except ValueError as exc:  # CaptionError: an unreadable caption file, a bad line
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        rep["captions"] = {"captioned": len(captions) - captions.missing,
+                           "without": captions.missing, "summary": captions.summary()}
     print(json.dumps(rep) if args.json else format_report(rep))
+    if args.captions and not args.json:
+        print(rep["captions"]["summary"])
     return 0
 
 

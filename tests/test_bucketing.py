@@ -396,3 +396,19 @@ def test_bucketing_placement_table_gives_the_placements_place_gives(tmp_path: Pa
     assert stats.crop_loss_mean == pytest.approx(np.mean([p.crop_loss for p in expected]))
 
 
+
+
+def test_bucketing_cli_counts_images_without_captions(tmp_path: Path, capsys) -> None:
+    from bucketing import main
+
+    for i in range(3):
+        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "0.txt").write_text("a red square\n")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "1.png",
+                                                         "text": "a darker one"}) + "\n")
+    assert main(["--dataset", str(tmp_path), "--resolution", "64", "--captions", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert (rep["captions"]["captioned"], rep["captions"]["without"]) == (2, 1)
+    (tmp_path / "2.txt").write_bytes(b"\xff\xfe bad")
+    assert main(["--dataset", str(tmp_path), "--resolution", "64", "--captions"]) == 2
+    assert "2.txt" in capsys.readouterr().err
