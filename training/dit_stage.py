@@ -423,6 +423,8 @@ def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Mod
         cond = run.preview(d.num_samples) if run.preview is not None else None
         if getattr(cond, "texts", None) is not None:  # which prompt each grid cell shows
             (samples_dir / "prompts.txt").write_text("\n".join(cond.texts) + "\n")
+            logger.text("samples/prompts", "  \n".join(  # markdown: one line per grid cell
+                f"{i + 1}. {text}" for i, text in enumerate(cond.texts)), step)
         for k, (w, h) in enumerate(grid_sizes):
             if stop_requested():  # a stop request must not wait for the remaining grids
                 return

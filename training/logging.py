@@ -65,6 +65,11 @@ class RunLogger:
         if self.writer is not None:
             self.writer.add_image(name, image, step)
 
+    def text(self, name: str, text: str, step: int) -> None:
+        """Log a text (markdown) at `step`: TensorBoard's Text tab."""
+        if self.writer is not None:
+            self.writer.add_text(name, text, step)
+
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()

@@ -212,6 +212,12 @@ def test_conditions_text_quickstart_end_to_end(tmp_path: Path, tiny_vae: Path,
     prompts = (run / "samples" / "prompts.txt").read_text().splitlines()
     assert len(prompts) == 2 and all(" " in p for p in prompts)  # validation captions
     assert _scalars(run, "loss/val") and _scalars(run, "loss/train")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    (logged,) = events.Tensors("samples/prompts/text_summary")  # TensorBoard's Text tab
+    assert prompts[0] in logged.tensor_proto.string_val[0].decode()
     state = load_checkpoint(latest_checkpoint(run)).state
     assert state["text"] == {"kind": "builtin", "max_length": 48}
     assert any(k.startswith("text.") for k in _weights(run, 2, "ema"))  # the encoder is EMA'd
