@@ -266,10 +266,13 @@ class DiT(nn.Module):
             else:
                 self.condition = TextCondition(_no_encoder, {"kind": "frozen"})
             width = hidden if text == "builtin" else config.text_dim
-            # caption tokens -> the model's width (PixArt-α's caption projection)
+            # caption tokens -> the model's width: normalised, then one linear map. Not
+            # PixArt-α's two-layer GELU MLP: early in training, before the captions carry
+            # anything the model can use, that MLP's units all went negative and stayed dead
+            # (pre-activations about -5 at step 2600 of the text quickstart), cutting the
+            # caption off for good; a linear map cannot die.
             self.text_proj = nn.Sequential(nn.LayerNorm(width, elementwise_affine=False),
-                                           nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
-                                           nn.Linear(hidden, hidden))
+                                           nn.Linear(width, hidden))
             # always-valid first context token: the empty caption attends to it alone
             self.text_register = nn.Parameter(torch.zeros(1, 1, hidden))
             # the caption as one vector for adaLN: a frozen CLIP's pooled output, else the
