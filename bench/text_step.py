@@ -9,7 +9,7 @@ condition dropout, backward, fused AdamW) of the same DiT conditioned three ways
   and backward are part of every step);
 - `frozen`: a frozen encoder's cached token features (`--frozen-dim`, e.g. 768 for CLIP-L,
   4096 for T5-XXL) read from memory, as training reads the text cache: the encoder itself
-  costs nothing per step, only the cross-attention to its tokens.
+  costs nothing per step, only the joint attention over its tokens.
 
 Captions are the synthetic set's (`training/synthetic.py`, about 40 bytes; the frozen
 features get one token per word plus two). The last line printed is one JSON object.
@@ -43,11 +43,12 @@ KINDS = ("class", "builtin", "frozen")
 
 
 def build(kind: str, name: str, channels: int, frozen_dim: int, max_length: int,
-          seed: int) -> DiT:
+          depth: int, seed: int) -> DiT:
     """The named DiT conditioned on classes (4), built-in captions or frozen features."""
     torch.manual_seed(seed)
     fields = {"class": {"num_classes": 4},
-              "builtin": {"text": "builtin", "text_max_length": max_length},
+              "builtin": {"text": "builtin", "text_max_length": max_length,
+                          "text_depth": depth},
               "frozen": {"text": "frozen", "text_dim": frozen_dim}}[kind]
     model = DiT(dit_config(name, channels, **fields))
     if kind == "frozen":  # a feature table standing in for the text cache
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=16, help="latent channels")
     parser.add_argument("--frozen-dim", type=int, default=768)
     parser.add_argument("--max-length", type=int, default=120)
+    parser.add_argument("--text-depth", type=int, default=1, help="built-in encoder blocks")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
     parser.add_argument("--threads", type=int, default=None)
@@ -114,7 +116,7 @@ def main() -> None:
             steps = {}
             for kind in KINDS:
                 model = build(kind, name, args.channels, args.frozen_dim, args.max_length,
-                              args.seed)
+                              args.text_depth, args.seed)
                 steps[kind] = make_step(model, kind, args.batch, height, width, dtype,
                                         args.seed)
                 steps[kind]()  # warm-up: first-step allocations, AdamW state

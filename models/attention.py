@@ -192,33 +192,3 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, heads*hd), a view
         return self.proj(out)
 
-
-class CrossAttention(nn.Module):
-    """Multi-head attention of queries `x` (B, N, dim) over a context (B, L, ctx_dim) whose
-    padding is masked out: per-head QK RMSNorm, no rotary positions (the context's order is the
-    text's, and image tokens find text tokens by content). With `ctx = x` it is masked
-    self-attention (the built-in text encoder's)."""
-
-    def __init__(self, dim: int, num_heads: int, ctx_dim: int | None = None) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(ctx_dim or dim, 2 * dim)
-        self.q_norm = RMSNorm(self.head_dim)
-        self.k_norm = RMSNorm(self.head_dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (B, N, dim) attends over ctx (B, L, ctx_dim) where mask (B, L) is True; every row
-        of `mask` must have a True (a row of padding alone has nothing to attend to)."""
-        B, N, C = x.shape
-        H, hd, L = self.num_heads, self.head_dim, ctx.shape[1]
-        q = self.q_norm(self.q(x).view(B, N, H, hd)).transpose(1, 2)  # (B, heads, N, hd)
-        k, v = self.kv(ctx).view(B, L, 2, H, hd).unbind(2)  # each (B, L, heads, hd)
-        k = self.k_norm(k).transpose(1, 2)  # (B, heads, L, hd)
-        v = v.transpose(1, 2)
-        keep = mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))

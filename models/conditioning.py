@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import CrossAttention
+from models.attention import Attention
 
 
 class ClassCondition:
@@ -268,14 +268,14 @@ class TextBlock(nn.Module):
     def __init__(self, width: int, num_heads: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
-        self.attn = CrossAttention(width, num_heads)
+        self.attn = Attention(width, num_heads)  # no rotation: learned positions
         self.norm2 = nn.LayerNorm(width)
         self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (B, L, width), mask (B, L) bool -> (B, L, width)."""
         h = self.norm1(x)
-        x = x + self.attn(h, h, mask)
+        x = x + self.attn(h, mask=mask)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 

@@ -90,8 +90,7 @@ def _text_condition(cfg: Config, plan: DataPlan, info: DistInfo) -> RunCondition
     prompts = preview_prompts(cfg, plan)
     if t.encoder == "builtin":
         limit = t.max_length
-        fields = {"text": "builtin", "text_max_length": limit, "text_depth": t.depth,
-                  "text_attention": t.attention}
+        fields = {"text": "builtin", "text_max_length": limit, "text_depth": t.depth}
         condition = TextCondition(lambda caps: [(byte_tokens(c, limit), None) for c in caps],
                                   {"kind": "builtin", "max_length": limit})
         state = {"kind": "builtin", "max_length": limit}
@@ -158,7 +157,7 @@ def _frozen_condition(cfg: Config, plan: DataPlan, info: DistInfo, prompts: list
     condition = TextCondition(
         lambda caps: [(e.tokens, e.pooled) for e in cache.get(caps)], info_json)
     fields = {"text": "frozen", "text_dim": info_json["dim"],
-              "text_pooled_dim": info_json["pooled_dim"], "text_attention": cfg.text.attention}
+              "text_pooled_dim": info_json["pooled_dim"]}
     return condition, fields, info_json
 
 

@@ -150,8 +150,7 @@ class TextConfig:
     max_length: int = 120  # tokens kept per caption (built-in: bytes + 1; a CLIP: at most 77)
     dropout: float = 0.1  # captions replaced by the empty one, for classifier-free guidance
     dtype: str = "bf16"  # a frozen encoder's precision while caching: "bf16" or "fp32"
-    depth: int = 2  # blocks of the built-in encoder (its width and heads are the DiT's)
-    attention: str = "cross"  # "cross" (cross-attention) or "joint" (`DiTConfig.text_attention`)
+    depth: int = 1  # blocks of the built-in encoder (its width and heads are the DiT's)
     # prompts of the preview grids; empty: captions of the validation (else training) images
     sample_prompts: list[str] = field(default_factory=list)
 
@@ -198,8 +197,6 @@ def validate_config(cfg: Config) -> Config:
                     "train.threads (0: chosen)": t.threads,
                     "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
                     "train.fid_every (0: off)": t.fid_every}
-    if cfg.text.attention not in ("cross", "joint"):
-        raise ConfigError(f"text.attention must be cross or joint, got {cfg.text.attention!r}")
     if cfg.text.dtype not in ("bf16", "fp32"):
         raise ConfigError(f"text.dtype must be bf16 or fp32, got {cfg.text.dtype!r}")
     if cfg.data.captions and cfg.data.use_classes:

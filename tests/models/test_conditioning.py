@@ -1,5 +1,5 @@
 """Conditions as one value with their own null: class labels and captions (the built-in byte
-encoder, and the text-conditioned DiT's cross-attention)."""
+encoder, and the text-conditioned DiT's joint attention)."""
 
 from __future__ import annotations
 
@@ -67,11 +67,10 @@ def test_conditioning_text_encoder_ignores_padding() -> None:
     torch.testing.assert_close(both[0, :ids.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["cross", "joint"])
-def test_conditioning_text_dit_padding_never_changes_the_output(attention: str) -> None:
+def test_conditioning_text_dit_padding_never_changes_the_output() -> None:
     """The same caption padded to two lengths (as two max_lengths or batch-mates would) gives
     the same velocity."""
-    model = _text_dit(text_attention=attention)
+    model = _text_dit()
     x, t = torch.randn(1, 4, 8, 8), torch.rand(1)
     cond = model.condition.batch(["three yellow discs"])
     v = model(x, t, cond)
@@ -79,24 +78,13 @@ def test_conditioning_text_dit_padding_never_changes_the_output(attention: str) 
         torch.testing.assert_close(model(x, t, cond.padded(length)), v, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["cross", "joint"])
-def test_conditioning_text_dit_follows_the_caption_and_the_null_is_empty(attention: str) -> None:
-    model = _text_dit(text_attention=attention)
+def test_conditioning_text_dit_follows_the_caption_and_the_null_is_empty() -> None:
+    model = _text_dit()
     x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
     a = model(x, t, model.condition.batch(["red stripes", "red stripes"]))
     b = model(x, t, model.condition.batch(["blue checkers", "red stripes"]))
     assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
     torch.testing.assert_close(model(x, t, None), model(x, t, model.condition.batch(["", ""])))
-
-
-def test_conditioning_text_dit_fresh_cross_attention_is_the_identity() -> None:
-    """Cross-attention starts at zero (its projection), so a fresh model's tokens ignore the
-    caption until training moves it (adaLN-Zero's rule for the new branch)."""
-    torch.manual_seed(0)
-    model = DiT(DiTConfig(hidden_size=32, depth=2, num_heads=2, text="builtin",
-                          text_max_length=40))
-    for block in model.blocks:
-        assert not block.cross.proj.weight.any() and not block.cross.proj.bias.any()
 
 
 def test_conditioning_text_dit_trains_its_encoder_and_gradients_reach_it() -> None:
