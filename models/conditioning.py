@@ -311,3 +311,10 @@ class ByteTextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x)
+
+
+def byte_condition(max_length: int) -> TextCondition:
+    """The built-in encoder's condition: captions as byte tokens (`byte_tokens`), at most
+    `max_length` a caption."""
+    return TextCondition(lambda captions: [(byte_tokens(c, max_length), None) for c in captions],
+                         {"kind": "builtin", "max_length": max_length})

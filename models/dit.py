@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.attention import ROPE_BASE, Attention, rope_2d
 from models.conditioning import (ByteTextEncoder, ClassCondition, TextBatch, TextCondition,
-                                 byte_tokens)
+                                 byte_condition)
 
 TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] is scaled to [0, 1000] before the sinusoid
@@ -253,10 +253,7 @@ class DiT(nn.Module):
             if text == "builtin":
                 self.text = ByteTextEncoder(hidden, config.text_depth, config.num_heads,
                                             config.text_max_length)
-                limit = config.text_max_length
-                self.condition = TextCondition(
-                    lambda captions: [(byte_tokens(c, limit), None) for c in captions],
-                    {"kind": "builtin", "max_length": limit})
+                self.condition = byte_condition(config.text_max_length)
             else:
                 self.condition = TextCondition(_no_encoder, {"kind": "frozen"})
             width = hidden if text == "builtin" else config.text_dim

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from models.conditioning import ClassCondition, TextCondition, byte_tokens
+from models.conditioning import ClassCondition, TextCondition, byte_condition
 from training.config import Config, default_cache_dir, portable_path, resolve_path
 from training.distributed import DistInfo, barrier
 from training.plan import DataPlan
@@ -89,11 +89,9 @@ def _text_condition(cfg: Config, plan: DataPlan, info: DistInfo) -> RunCondition
     t = cfg.text
     prompts = preview_prompts(cfg, plan)
     if t.encoder == "builtin":
-        limit = t.max_length
-        fields = {"text": "builtin", "text_max_length": limit, "text_depth": t.depth}
-        condition = TextCondition(lambda caps: [(byte_tokens(c, limit), None) for c in caps],
-                                  {"kind": "builtin", "max_length": limit})
-        state = {"kind": "builtin", "max_length": limit}
+        fields = {"text": "builtin", "text_max_length": t.max_length, "text_depth": t.depth}
+        condition = byte_condition(t.max_length)
+        state = dict(condition.info)  # {"kind": "builtin", "max_length"}
     else:
         condition, fields, state = _frozen_condition(cfg, plan, info, prompts)
 
