@@ -166,10 +166,14 @@ class TextBatch:
         mask = torch.cat([self.mask, self.mask.new_zeros(len(self), extra)], dim=1)
         return TextBatch(tokens, mask, self.pooled, self.texts)
 
+    def _aligned(self, other: TextBatch) -> tuple[TextBatch, TextBatch]:
+        """This batch and `other`, both padded to the longer of the two."""
+        length = max(self.tokens.shape[1], other.tokens.shape[1])
+        return self.padded(length), other.padded(length)
+
     def where(self, rows: torch.Tensor, other: TextBatch) -> TextBatch:
         """This batch with the samples where `rows` (B,) bool is set taken from `other`."""
-        length = max(self.tokens.shape[1], other.tokens.shape[1])
-        a, b = self.padded(length), other.padded(length)
+        a, b = self._aligned(other)
         pick = rows.view(-1, *[1] * (a.tokens.ndim - 1))  # (B, 1[, 1])
         texts = None if a.texts is None or b.texts is None else [
             y if r else x for x, y, r in zip(a.texts, b.texts, rows.tolist())]
@@ -180,8 +184,7 @@ class TextBatch:
 
     def cat(self, other: TextBatch) -> TextBatch:
         """This batch followed by `other`, padded to the longer of the two."""
-        length = max(self.tokens.shape[1], other.tokens.shape[1])
-        a, b = self.padded(length), other.padded(length)
+        a, b = self._aligned(other)
         texts = None if a.texts is None or b.texts is None else a.texts + b.texts
         return TextBatch(torch.cat([a.tokens, b.tokens]), torch.cat([a.mask, b.mask]),
                          None if a.pooled is None else torch.cat([a.pooled, b.pooled]), texts)
