@@ -131,6 +131,8 @@ class DiTStageConfig:
     base_tokens: int = 256  # token count at which the timestep shift is 1
     logit_mean: float = 0.0  # training timesteps: sigmoid(N(logit_mean, logit_std²)), shifted
     logit_std: float = 1.0
+    route: float = 0.0  # TREAD: share of image tokens that skip the middle blocks in training
+    direction_loss: float = 0.0  # weight of LightningDiT's velocity-direction term
     adam_beta2: float = 0.95
     val_bins: int = 8  # validation loss is reported per timestep bin
     val_images: int = 64  # at most this many held-out images for the validation loss

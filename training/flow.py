@@ -37,6 +37,8 @@ class RectifiedFlow:
     logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2)) before the shift
     logit_std: float = 1.0
     dropout: float = 0.1  # probability of replacing a sample's condition by the null one
+    route: float = 0.0  # share of image tokens that skip the DiT's middle blocks (TREAD)
+    direction: float = 0.0  # weight of the velocity-direction term 1 - cos(v, target)
 
     def shift_for(self, height: int, width: int) -> float:
         """Shift s = sqrt(tokens / base_tokens) for a latent of height x width (SD3): the
@@ -93,7 +95,12 @@ class RectifiedFlow:
                             generator=generator)[rows]  # (B, C, H, W)
         if cond is not None:
             cond = self.drop_condition(cond, B, x0.device, generator, part)
-        return self._mse(model, x0, noise, t, cond)
+        keep = None
+        if self.route > 0:  # the same tokens for the whole global batch
+            n = (x0.shape[-2] // self.patch_size) * (x0.shape[-1] // self.patch_size)
+            order = torch.randperm(n, device=x0.device, generator=generator)
+            keep = order[:max(1, round(n * (1 - self.route)))].sort().values  # (K,)
+        return self._mse(model, x0, noise, t, cond, keep, self.direction)
 
     @staticmethod
     def _mse(
@@ -102,12 +109,21 @@ class RectifiedFlow:
         noise: torch.Tensor,
         t: torch.Tensor,
         cond: Any,
+        keep: torch.Tensor | None = None,
+        direction: float = 0.0,
     ) -> torch.Tensor:
-        """Per-sample MSE (B,) between the model's velocity at x_t and noise - x0."""
+        """Per-sample MSE (B,) between the model's velocity at x_t and noise - x0; `keep`
+        routes tokens (`DiT.forward`); `direction` > 0 adds that weight times 1 - the cosine
+        between the two (LightningDiT's velocity-direction term)."""
         t_ = t.to(x0.dtype).view(-1, 1, 1, 1)
         x_t = (1 - t_) * x0 + t_ * noise  # (B, C, H, W)
-        v = model(x_t, t, cond)
-        return (v.float() - (noise - x0).float()).square().mean(dim=(1, 2, 3))  # (B,)
+        v = model(x_t, t, cond) if keep is None else model(x_t, t, cond, keep=keep)
+        v, target = v.float(), (noise - x0).float()
+        loss = (v - target).square().mean(dim=(1, 2, 3))  # (B,)
+        if direction:
+            cos = torch.nn.functional.cosine_similarity(v.flatten(1), target.flatten(1), dim=1)
+            loss = loss + direction * (1 - cos)  # (B,)
+        return loss
 
     @torch.no_grad()
     def validation_losses(
