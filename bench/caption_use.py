@@ -56,8 +56,8 @@ def score(cfg, run_dir: Path) -> dict:
             noise = torch.randn(x0.shape, generator=generator)
             times = torch.full((len(x0),), t)
             with torch.no_grad():
-                right += float(flow._mse(model, x0, noise, times, cond).sum())
-                shuffled += float(flow._mse(model, x0, noise, times, other).sum())
+                right += float(flow._velocity_loss(model, x0, noise, times, cond).sum())
+                shuffled += float(flow._velocity_loss(model, x0, noise, times, other).sum())
             count += len(x0)
     return {"loss_right": round(right / count, 4), "loss_shuffled": round(shuffled / count, 4),
             "gain": round((shuffled - right) / count, 4)}

@@ -317,16 +317,12 @@ class DiT(nn.Module):
         return height // p, width // p
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-        keep: torch.Tensor | None = None,
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Velocity for latents x (B, C, H, W) at times t (B,) in [0, 1] with the condition
         `cond`: class labels (B,) (`models/conditioning.py: ClassCondition`).
 
-        `cond=None` means the null condition for every sample (unconditional). `keep` (K,)
-        long, training only, routes tokens as TREAD does: the middle blocks (all but the first
-        and the last) see only the image tokens `keep` (and the caption's); the others skip
-        them and rejoin unchanged. Sampling passes no `keep`: every token sees every block.
+        `cond=None` means the null condition for every sample (unconditional).
         """
         B, C, H, W = x.shape
         h, w = self._check_size(H, W)
@@ -358,31 +354,15 @@ class DiT(nn.Module):
             cos = torch.cat([cos, cos.new_ones(n_text, cos.shape[1])])  # (N+T, head_dim)
             sin = torch.cat([sin, sin.new_zeros(n_text, sin.shape[1])])
             mask = torch.cat([ctx_mask.new_ones(B, h * w), ctx_mask], dim=1)  # (B, N+T)
-        blocks = list(self.blocks)
-        if keep is None or len(blocks) < 3:
-            tokens = self._blocks(blocks, tokens, c, cos, sin, mask)
-        else:  # TREAD: the middle blocks see the kept tokens only
-            idx = torch.cat([keep, torch.arange(h * w, tokens.shape[1], device=device)])
-            tokens = self._blocks(blocks[:1], tokens, c, cos, sin, mask)
-            routed = self._blocks(blocks[1:-1], tokens[:, idx], c, cos[idx], sin[idx],
-                                  None if mask is None else mask[:, idx])  # (B, K+T, hidden)
-            tokens = tokens.index_copy(1, idx, routed)  # the skipped tokens rejoin unchanged
-            tokens = self._blocks(blocks[-1:], tokens, c, cos, sin, mask)
-        tokens = tokens[:, :h * w]  # the image tokens (B, N, hidden)
-        out = self.final(tokens, c)  # (B, N, p*p*C)
-        out = out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
-        return out.reshape(B, C, H, W)
-
-    def _blocks(self, blocks: list[DiTBlock], tokens: torch.Tensor, c: torch.Tensor,
-                cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Run `blocks` in turn over tokens (B, N, hidden), recomputed in backward when
-        gradient checkpointing is on."""
-        for block in blocks:
+        for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c, cos, sin, mask, use_reentrant=False)
             else:
                 tokens = block(tokens, c, cos, sin, mask)
-        return tokens
+        tokens = tokens[:, :h * w]  # the image tokens (B, N, hidden)
+        out = self.final(tokens, c)  # (B, N, p*p*C)
+        out = out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        return out.reshape(B, C, H, W)
 
     def _context(self, cond: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A caption batch as tokens for joint attention: (tokens (B, T, hidden), T = 1 + L,

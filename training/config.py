@@ -128,11 +128,12 @@ class DiTStageConfig:
     vae: str = "vae"  # VAE folder, config.json or single file used to build the latent cache
     cache_dir: str = ""  # latent cache folder (default: $LDM_CACHE_DIR/latents)
     label_dropout: float = 0.1  # labels replaced by the null class, for classifier-free guidance
-    base_tokens: int = 256  # token count at which the timestep shift is 1
+    # token count at which the timestep shift s = sqrt(tokens / base_tokens) is 1 (SD3's 256;
+    # configs/default.json: 4, i.e. s = 4 at 128 px, measured in docs/training.md)
+    base_tokens: int = 256
     logit_mean: float = 0.0  # training timesteps: sigmoid(N(logit_mean, logit_std²)), shifted
     logit_std: float = 1.0
-    route: float = 0.0  # TREAD: share of image tokens that skip the middle blocks in training
-    direction_loss: float = 0.0  # weight of LightningDiT's velocity-direction term
+    direction_loss: float = 0.0  # weight of the velocity-direction term 1 - cos (LightningDiT)
     adam_beta2: float = 0.95
     val_bins: int = 8  # validation loss is reported per timestep bin
     val_images: int = 64  # at most this many held-out images for the validation loss

@@ -374,7 +374,7 @@ def dit_steps(cfg: Config, info: DistInfo, model: DiT, train_model: torch.nn.Mod
     amp = autocast_dtype(cfg.train.precision, device)
     part = (info.rank, info.world_size)  # this rank's slice of every step's random draws
     flow = RectifiedFlow(model.condition if run.conditional else None, model.config.patch_size,
-                         d.base_tokens, d.logit_mean, d.logit_std, run.dropout, d.route,
+                         d.base_tokens, d.logit_mean, d.logit_std, run.dropout,
                          d.direction_loss)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # eager: previews, validation
     f = vae.downsample_factor

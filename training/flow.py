@@ -4,11 +4,13 @@ Training draws t from a logit-normal and shifts it towards noise for larger late
 t' = s t / (1 + (s - 1) t) with s = sqrt(tokens / base_tokens) (SD3). Sampling
 (`inference/samplers.py`) integrates dx/dt = v from t = 1 to 0 on the same shifted schedule.
 
-The condition (`cond`, see `models/conditioning.py`) is dropped to its null for a share of the
-samples, so that classifier-free guidance works at sampling. Under torchrun each rank passes
-`part` = (rank, world size) to `loss`: t, the noise and the condition dropout are drawn for the
-whole global batch and each rank keeps its own slice, so a run does not depend on how its batch
-is split across processes. The world size × more draws are negligible next to the model's
+The loss is the MSE between the predicted and the true velocity, plus, with `direction` > 0,
+that weight times 1 - their cosine (LightningDiT's velocity-direction term; the quickstart uses
+1, docs/training.md). The condition (`cond`, see `models/conditioning.py`) is dropped to its
+null for a share of the samples, so that classifier-free guidance works at sampling. Under
+torchrun each rank passes `part` = (rank, world size) to `loss`: t, the noise and the condition
+dropout are drawn for the whole global batch and each rank keeps its own slice, so a run does
+not depend on how its batch is split across processes. The world size × more draws are negligible next to the model's
 forward and backward.
 """
 
@@ -37,7 +39,6 @@ class RectifiedFlow:
     logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2)) before the shift
     logit_std: float = 1.0
     dropout: float = 0.1  # probability of replacing a sample's condition by the null one
-    route: float = 0.0  # share of image tokens that skip the DiT's middle blocks (TREAD)
     direction: float = 0.0  # weight of the velocity-direction term 1 - cos(v, target)
 
     def shift_for(self, height: int, width: int) -> float:
@@ -95,29 +96,23 @@ class RectifiedFlow:
                             generator=generator)[rows]  # (B, C, H, W)
         if cond is not None:
             cond = self.drop_condition(cond, B, x0.device, generator, part)
-        keep = None
-        if self.route > 0:  # the same tokens for the whole global batch
-            n = (x0.shape[-2] // self.patch_size) * (x0.shape[-1] // self.patch_size)
-            order = torch.randperm(n, device=x0.device, generator=generator)
-            keep = order[:max(1, round(n * (1 - self.route)))].sort().values  # (K,)
-        return self._mse(model, x0, noise, t, cond, keep, self.direction)
+        return self._velocity_loss(model, x0, noise, t, cond, self.direction)
 
     @staticmethod
-    def _mse(
+    def _velocity_loss(
         model: VelocityModel,
         x0: torch.Tensor,
         noise: torch.Tensor,
         t: torch.Tensor,
         cond: Any,
-        keep: torch.Tensor | None = None,
         direction: float = 0.0,
     ) -> torch.Tensor:
-        """Per-sample MSE (B,) between the model's velocity at x_t and noise - x0; `keep`
-        routes tokens (`DiT.forward`); `direction` > 0 adds that weight times 1 - the cosine
-        between the two (LightningDiT's velocity-direction term)."""
+        """Per-sample MSE (B,) between the model's velocity at x_t and noise - x0; `direction`
+        > 0 adds that weight times 1 - the cosine between the two (LightningDiT's
+        velocity-direction term)."""
         t_ = t.to(x0.dtype).view(-1, 1, 1, 1)
         x_t = (1 - t_) * x0 + t_ * noise  # (B, C, H, W)
-        v = model(x_t, t, cond) if keep is None else model(x_t, t, cond, keep=keep)
+        v = model(x_t, t, cond)
         v, target = v.float(), (noise - x0).float()
         loss = (v - target).square().mean(dim=(1, 2, 3))  # (B,)
         if direction:
@@ -144,5 +139,5 @@ class RectifiedFlow:
         for i in range(bins):
             noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
             t = torch.full((x0.shape[0],), (i + 0.5) / bins, device=x0.device)
-            losses.append(self._mse(model, x0, noise, t, cond).mean())
+            losses.append(self._velocity_loss(model, x0, noise, t, cond).mean())
         return torch.stack(losses)

@@ -138,30 +138,6 @@ def test_flow_loss_split_across_ranks_is_the_loss_of_the_whole_batch() -> None:
     assert torch.equal(torch.cat(halves), whole)
 
 
-def test_flow_routing_keeps_the_same_tokens_for_every_rank_and_sample() -> None:
-    # route r: one draw of round(N (1 - r)) sorted token indices per step, taken from the
-    # step's generator, so ranks of a torchrun agree and the loss splits as without routing
-    seen = []
-
-    def spy(x_t, t, y, keep=None):
-        seen.append(keep)
-        return torch.zeros_like(x_t)
-
-    flow = RectifiedFlow(condition=ClassCondition(3), patch_size=2, route=0.5)
-    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # 16 tokens
-    y = torch.tensor([0, 1, 2, 0])
-    whole = flow.loss(spy, x0, y, torch.Generator().manual_seed(5))
-    halves = [flow.loss(spy, x0[2 * r:2 * r + 2], y[2 * r:2 * r + 2],
-                        torch.Generator().manual_seed(5), part=(r, 2)) for r in range(2)]
-    assert torch.equal(torch.cat(halves), whole)
-    keep = seen[0]
-    assert keep.shape == (8,) and torch.equal(keep, keep.sort().values)
-    assert len(set(keep.tolist())) == 8 and all(torch.equal(k, keep) for k in seen)
-    flow.loss(spy, x0, y, torch.Generator().manual_seed(6))
-    assert not torch.equal(seen[-1], keep)  # another step, other tokens
-    assert RectifiedFlow(route=0.0).loss(lambda x_t, t, y: x_t, x0).shape == (4,)  # no keep
-
-
 def test_flow_direction_term_adds_one_minus_the_cosine() -> None:
     # LightningDiT's velocity-direction term: weight · (1 - cos(v, target)) per sample; a
     # velocity of the right direction and the wrong length pays the MSE only
