@@ -10,8 +10,8 @@ that weight times 1 - their cosine (LightningDiT's velocity-direction term; the 
 null for a share of the samples, so that classifier-free guidance works at sampling. Under
 torchrun each rank passes `part` = (rank, world size) to `loss`: t, the noise and the condition
 dropout are drawn for the whole global batch and each rank keeps its own slice, so a run does
-not depend on how its batch is split across processes. The world size × more draws are negligible next to the model's
-forward and backward.
+not depend on how its batch is split across processes. The world size × more draws are
+negligible next to the model's forward and backward.
 """
 
 from __future__ import annotations
