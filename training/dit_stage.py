@@ -213,7 +213,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
         raise ConfigError(f"unknown model {d.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     inception = open_inception(cfg, info)  # a bad file is refused before any work
     seed_everything(cfg.seed)
-    set_threads(cfg.train.threads, cfg.data.num_workers, main)
+    # The latent cache build decodes images in `data.num_workers` processes beside the encoder;
+    # training then reads the cache in a thread, so it takes every CPU (set below, printed).
+    set_threads(cfg.train.threads, cfg.data.num_workers, main=False)
     keep_freed_memory()  # no page faults re-zeroing activations every step
     resume_path = find_resume(cfg, resume, info.world_size)
     vae = load_stage_vae(cfg, device)
@@ -247,6 +249,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo) -> Path:
     epoch, index = (resume_position(saved_state, plan, resume_path, main)
                     if saved_state is not None else (0, 0))
     val = validation_latents(cfg, plan, vae, info, fingerprint, run.evaluate) if main else []
+    set_threads(cfg.train.threads, 0, main)  # no worker processes from here on
     if main:
         n_params = sum(p.numel() for p in model.parameters())
         conditioned = (f"captions ({cfg.text.encoder} text encoder)" if cfg.data.captions

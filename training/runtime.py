@@ -120,7 +120,8 @@ def choose_threads(setting: int, workers: int, local_ranks: int = 1) -> tuple[in
 
 def set_threads(setting: int, workers: int, main: bool) -> int:
     """Set torch's CPU threads as `choose_threads` says and print the choice once (on the
-    `main` process); returns the count."""
+    `main` process); returns the count. `workers`: data worker processes that will run beside
+    torch's threads (the VAE stage's pixel loader, the DiT stage's latent cache build)."""
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads, cpus = choose_threads(setting, workers, local_ranks)
     torch.set_num_threads(threads)

@@ -100,6 +100,24 @@ def test_dit_stage_one_mini_batch_smoke(tmp_path: Path, tiny_vae: Path, inceptio
     assert (best["step"], best["size"], best["n"]) == (1, "32x32", 3)  # the square bucket
 
 
+def test_dit_stage_trains_on_every_cpu_once_the_cache_is_built(
+        tmp_path: Path, tiny_vae: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    # The cache build's worker decodes images beside the encoder, so it leaves them a CPU;
+    # training reads the cache in a thread and takes all three CPUs this process may use.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    calls: list[int] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n))[1])
+    before = torch.get_num_threads()
+    cfg = json.loads(_config(tmp_path / "c.json", tmp_path / "run", tiny_vae,
+                             max_steps=1).read_text())
+    cfg["data"]["num_workers"] = 1
+    train_dit(from_dict(Config, cfg))
+    assert calls == [2, 3, before]  # cache build, training, restored on the way out
+    assert "using 3 CPU thread(s) (3 CPU(s) this process may use; " in capsys.readouterr().out
+
+
 def _tags(run: Path) -> list[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
