@@ -6,7 +6,8 @@ condition dropout, backward, fused AdamW) of the same DiT conditioned three ways
 
 - `class`: class labels (the peer: ratio = class step time / this step time, 1 = as fast);
 - `builtin`: captions through the built-in byte encoder, which trains with the DiT (its forward
-  and backward are part of every step);
+  and backward are part of every step), one token per word (`DiTConfig.text_tokens`);
+- `builtin_bytes`: the same with every byte state a token (the models before word pooling);
 - `frozen`: a frozen encoder's cached token features (`--frozen-dim`, e.g. 768 for CLIP-L,
   4096 for T5-XXL) read from memory, as training reads the text cache: the encoder itself
   costs nothing per step, only the joint attention over its tokens.
@@ -39,7 +40,7 @@ from models.registry import dit_config  # noqa: E402
 from training.flow import RectifiedFlow  # noqa: E402
 from training.synthetic import caption, draw_params  # noqa: E402
 
-KINDS = ("class", "builtin", "frozen")
+KINDS = ("class", "builtin", "builtin_bytes", "frozen")
 
 
 def build(kind: str, name: str, channels: int, frozen_dim: int, max_length: int,
@@ -49,6 +50,8 @@ def build(kind: str, name: str, channels: int, frozen_dim: int, max_length: int,
     fields = {"class": {"num_classes": 4},
               "builtin": {"text": "builtin", "text_max_length": max_length,
                           "text_depth": depth},
+              "builtin_bytes": {"text": "builtin", "text_max_length": max_length,
+                                "text_depth": depth, "text_tokens": "bytes"},
               "frozen": {"text": "frozen", "text_dim": frozen_dim}}[kind]
     model = DiT(dit_config(name, channels, **fields))
     if kind == "frozen":  # a feature table standing in for the text cache
@@ -122,7 +125,7 @@ def main() -> None:
                 steps[kind]()  # warm-up: first-step allocations, AdamW state
             times = {kind: [] for kind in KINDS}
             for r in range(args.repeats):
-                order = KINDS[r % 3:] + KINDS[:r % 3]
+                order = KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]
                 for kind in order:
                     times[kind].append(timed(steps[kind], args.steps, torch.device("cpu")))
             median = {kind: statistics.median(v) for kind, v in times.items()}
@@ -130,10 +133,14 @@ def main() -> None:
                    "batch": args.batch,
                    **{f"{k}_samples_per_s": round(args.batch / median[k], 2) for k in KINDS},
                    "builtin_over_class": round(median["class"] / median["builtin"], 3),
+                   "builtin_bytes_over_class": round(median["class"] / median["builtin_bytes"],
+                                                     3),
                    "frozen_over_class": round(median["class"] / median["frozen"], 3)}
             rows.append(row)
             print(f"{name} {dtype_name}: class {row['class_samples_per_s']} samples/s, "
                   f"builtin {row['builtin_samples_per_s']} ({row['builtin_over_class']}x), "
+                  f"builtin bytes {row['builtin_bytes_samples_per_s']} "
+                  f"({row['builtin_bytes_over_class']}x), "
                   f"frozen {row['frozen_samples_per_s']} ({row['frozen_over_class']}x)",
                   file=sys.stderr, flush=True)
     print(json.dumps({"bench": "text_step", "threads": torch.get_num_threads(),

@@ -316,6 +316,38 @@ class ByteTextEncoder(nn.Module):
         return self.norm(x)
 
 
+SPACES = (9, 10, 13, 32)  # the ASCII whitespace bytes that separate words
+WORD_BYTES = 12  # a longer run of bytes without a space (a long word, CJK text) splits here
+
+
+def pool_words(x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of each word's byte states: x (B, L, D), ids and mask (B, L) -> (B, W, D)
+    and its mask (B, W), W the most words of a caption in the batch plus one for BOS.
+
+    BOS is its own token; whitespace joins no word; a run of more than WORD_BYTES bytes
+    without whitespace is cut into pieces of WORD_BYTES. Padding joins nothing, so the result
+    does not depend on how far a batch is padded.
+    """
+    B, L = ids.shape
+    space = torch.isin(ids, ids.new_tensor(SPACES))
+    byte = mask & ~space & (ids != BOS)  # (B, L) bytes that belong to a word
+    prev = torch.cat([ids.new_full((B, 1), 32), ids[:, :-1]], dim=1)
+    starts_word = byte & (torch.isin(prev, ids.new_tensor(SPACES)) | (prev == BOS))
+    index = torch.arange(L, device=ids.device).expand(B, L)
+    first = torch.cummax(torch.where(starts_word, index, 0), dim=1).values
+    starts = starts_word | (byte & ((index - first) % WORD_BYTES == 0))
+    segment = torch.cumsum(starts.long(), dim=1) * byte  # (B, L): 1.. for words, 0 otherwise
+    words = int(segment.max()) + 1 if L else 1
+    keep = byte.to(x.dtype)[..., None]  # (B, L, 1)
+    sums = x.new_zeros(B, words, x.shape[-1]).scatter_add_(
+        1, segment[..., None].expand_as(x), x * keep)  # (B, W, D)
+    counts = keep.new_zeros(B, words, 1).scatter_add_(1, segment[..., None], keep)
+    sums[:, 0] = x[:, 0]  # BOS, always valid
+    counts[:, 0] = 1
+    return sums / counts.clamp(min=1), counts[..., 0] > 0
+
+
 def byte_condition(max_length: int) -> TextCondition:
     """The built-in encoder's condition: captions as byte tokens (`byte_tokens`), at most
     `max_length` a caption."""

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.attention import ROPE_BASE, Attention, rope_2d
 from models.conditioning import (ByteTextEncoder, ClassCondition, TextBatch, TextCondition,
-                                 byte_condition)
+                                 byte_condition, pool_words)
 
 TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] is scaled to [0, 1000] before the sinusoid
@@ -44,6 +44,10 @@ class DiTConfig:
     text_pooled_dim: int = 0  # frozen: width of its pooled output (CLIP), 0 when it has none
     text_max_length: int = 0  # builtin: most tokens (bytes + 1) a caption keeps
     text_depth: int = 1  # builtin: transformer blocks of the byte encoder
+    # builtin: the caption tokens the DiT attends to, "words" (the encoder's byte states averaged
+    # per word, `models/conditioning.pool_words`) or "bytes" (every byte state: the models
+    # before 2026-12-08, whose configs lack the key, load as that)
+    text_tokens: str = "words"
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
@@ -60,6 +64,9 @@ class DiTConfig:
             raise ValueError("DiTConfig: a model is conditioned on classes or on text, not both")
         if self.text == "frozen" and self.text_dim < 1:
             raise ValueError("DiTConfig: a frozen text encoder needs text_dim >= 1")
+        if self.text_tokens not in ("words", "bytes"):
+            raise ValueError(f"DiTConfig: text_tokens must be 'words' or 'bytes', not "
+                             f"{self.text_tokens!r}")
         if self.text == "builtin" and min(self.text_max_length, self.text_depth) < 1:
             raise ValueError("DiTConfig: the built-in text encoder needs text_max_length and "
                              "text_depth >= 1")
@@ -77,6 +84,8 @@ class DiTConfig:
             raise ValueError(
                 f"DiTConfig: unknown keys {unknown}; expected a subset of {sorted(known)}"
             )
+        if data.get("text") == "builtin" and "text_tokens" not in data:
+            data = {**data, "text_tokens": "bytes"}  # saved before word pooling existed
         return cls(**data)
 
 
@@ -367,12 +376,14 @@ class DiT(nn.Module):
     def _context(self, cond: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A caption batch as tokens for joint attention: (tokens (B, T, hidden), T = 1 + L,
         with the register first, their mask (B, T), the pooled vector (B, hidden) for adaLN).
-        Padded positions change nothing: they are masked in attention and left out of the
-        mean."""
+        L: a frozen encoder's tokens, or the built-in encoder's words (`text_tokens`). Padded
+        positions change nothing: they are masked in attention and left out of the mean."""
         mask = cond.mask  # (B, L)
         features = cond.tokens  # (B, L) byte ids or (B, L, D) frozen features
         if self.config.text == "builtin":
-            features = self.text(features, mask)  # (B, L, hidden)
+            states = self.text(features, mask)  # (B, L, hidden) byte states
+            features, mask = (pool_words(states, features, mask)  # (B, W, hidden), (B, W)
+                              if self.config.text_tokens == "words" else (states, mask))
         ctx = self.text_proj(features.to(self.text_register.dtype))  # (B, L, hidden)
         B = ctx.shape[0]
         ctx = torch.cat([self.text_register.expand(B, 1, -1).to(ctx.dtype), ctx], dim=1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.conditioning import (BOS, ByteTextEncoder, ClassCondition, TextBatch, TextCondition,
-                                 byte_tokens)
+                                 byte_tokens, pool_words)
 from models.dit import DiT, DiTConfig
 
 CLASSES = ["checkers", "clouds", "discs", "stripes"]
@@ -67,10 +67,22 @@ def test_conditioning_text_encoder_ignores_padding() -> None:
     torch.testing.assert_close(both[0, :ids.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
 
 
-def test_conditioning_text_dit_padding_never_changes_the_output() -> None:
+def test_conditioning_text_words_are_the_mean_of_their_bytes() -> None:
+    caption = "two  red\tdiscs " + "x" * 14  # runs of spaces and a tab; a 14-byte "word"
+    ids = byte_tokens(caption, 64)[None]  # (1, L)
+    states = torch.arange(ids.shape[1], dtype=torch.float32)[None, :, None]  # state = position
+    words, mask = pool_words(states, ids, torch.ones_like(ids, dtype=torch.bool))
+    # BOS at 0; "two" 1-3, "red" 6-8, "discs" 10-14, then 12 + 2 bytes of x at 16-27, 28-29
+    assert words[0, :, 0].tolist() == [0, 2, 7, 12, 21.5, 28.5] and mask.all()
+    empty, empty_mask = pool_words(states[:, :1], ids[:, :1], torch.ones(1, 1, dtype=torch.bool))
+    assert empty.shape == (1, 1, 1) and empty_mask.tolist() == [[True]]  # BOS alone
+
+
+@pytest.mark.parametrize("tokens", ["words", "bytes"])
+def test_conditioning_text_dit_padding_never_changes_the_output(tokens: str) -> None:
     """The same caption padded to two lengths (as two max_lengths or batch-mates would) gives
     the same velocity."""
-    model = _text_dit()
+    model = _text_dit(text_tokens=tokens)
     x, t = torch.randn(1, 4, 8, 8), torch.rand(1)
     cond = model.condition.batch(["three yellow discs"])
     v = model(x, t, cond)
@@ -129,3 +141,17 @@ def test_conditioning_text_condition_drop_guidance_pairs_and_slices() -> None:
     moved = cond.to("cpu", torch.float64)
     assert moved.tokens.dtype == torch.long and moved.mask.dtype == torch.bool
     assert condition.describe(cond, 1)["prompt"] == "a longer green caption"
+
+
+def test_conditioning_text_dit_configs_saved_before_word_pooling_load_as_bytes() -> None:
+    new = DiTConfig(hidden_size=32, depth=2, num_heads=2, text="builtin", text_max_length=40)
+    assert new.text_tokens == "words" and DiTConfig.from_dict(new.to_dict()) == new
+    old = {k: v for k, v in new.to_dict().items() if k != "text_tokens"}
+    assert DiTConfig.from_dict(old).text_tokens == "bytes"
+    # the two read the same caption differently: loading one as the other would be wrong
+    words, bytes_ = _text_dit(), _text_dit(text_tokens="bytes")
+    x, t = torch.randn(1, 4, 8, 8), torch.rand(1)
+    cond = words.condition.batch(["three yellow discs"])
+    assert not torch.allclose(words(x, t, cond), bytes_(x, t, cond), atol=1e-3)
+    with pytest.raises(ValueError, match="text_tokens"):
+        DiTConfig(**{**old, "text_tokens": "chars"})
