@@ -13,15 +13,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def test_startup_reports_every_figure_of_both_sizes(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "bench/startup.py", "--sizes", "30", "60", "--runs",
+    out = subprocess.run([sys.executable, "bench/startup.py", "--sizes", "40", "60", "--runs",
                           "second_start", "--work", str(tmp_path)], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["sizes"] == [30, 60] and report["vae"] == "tiny"
-    for size in (30, 60):
+    assert report["sizes"] == [40, 60] and report["vae"] == "tiny"
+    for size in (40, 60):
         run = report["results"][str(size)]["second_start"]
-        # 30 or 60 files, of which data.holdout (16) validate: the rest train
+        # 40 or 60 files, of which data.holdout (16) validate: the rest train
         assert run["images"] == size - 16
         assert 0 < run["index_read_bytes"] <= run["cache_read_bytes"] <= run["cache_bytes"] + 4096
         fraction = run["cache_read_bytes"] / run["cache_bytes"]
