@@ -338,7 +338,7 @@ def pool_words(x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
     first = torch.cummax(torch.where(starts_word, index, 0), dim=1).values
     starts = starts_word | (byte & ((index - first) % WORD_BYTES == 0))
     segment = torch.cumsum(starts.long(), dim=1) * byte  # (B, L): 1.. for words, 0 otherwise
-    words = int(segment.max()) + 1 if L else 1
+    words = int(segment.max()) + 1 if L else 1  # on a GPU, one small sync per batch
     keep = byte.to(x.dtype)[..., None]  # (B, L, 1)
     sums = x.new_zeros(B, words, x.shape[-1]).scatter_add_(
         1, segment[..., None].expand_as(x), x * keep)  # (B, W, D)
